@@ -1,0 +1,38 @@
+# The README's commands. Everything a fresh machine needs is installed from here.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.requirements-installed
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: venv build test demo study bench bench-cpu clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -r requirements.txt
+	touch $(STAMP)
+
+# Builds kepler._C in place (C++ CPU kernels always; CUDA kernels when a toolkit is found).
+build: venv
+	$(PIP) install --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest tests
+
+# The main job: train the sample Kepler tokenizer on the embedded photos, then evaluate it.
+demo: build
+	$(PY) -m kepler train configs/sample.yaml
+	$(PY) -m kepler eval runs/sample/checkpoints/last.pt --data sample --out runs/sample
+
+study: build
+	$(PY) -m kepler study configs/study_sample.yaml
+
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-json=bench_results/cpu.json
+
+clean:
+	rm -rf build kepler/_C*.so *.egg-info

@@ -1,0 +1,42 @@
+// Schemas of every kepler op, in one place. Kernels register their implementations with
+// TORCH_LIBRARY_IMPL(kepler, CPU|CUDA, m) in csrc/<op>/<op>_{cpu.cpp,cuda.cu}; the Python side
+// (kepler/ops/) adds fake implementations and autograd.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(kepler, m) {
+  // z: (G, N, D), codebook: (Gc, K, D) with Gc in {1, G}; float32/bfloat16/float16, same dtype.
+  // Returns indices (G, N) int64 and sq_dist (G, N) float32 = ||z - codebook[idx]||^2
+  // recomputed exactly for the winner. Ties go to the lowest index.
+  m.def("nearest_codeword(Tensor z, Tensor codebook) -> (Tensor indices, Tensor sq_dist)");
+
+  // x: (B, M) float, prior_logq: (Bp, M) float32 with Bp in {1, B} (log-softmax of the
+  // standardized prior). Returns loss (B,) float32 and stats (B, 3) float32 = (mean, scale,
+  // logsumexp of the standardized row) for the backward.
+  m.def("kepler_kl(Tensor x, Tensor prior_logq, bool use_std, float eps) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "kepler_kl_backward(Tensor grad_loss, Tensor x, Tensor prior_logq, Tensor stats, bool use_std, "
+      "float eps) -> Tensor");
+
+  // y: (G, K, d) float (already centred/scaled by the caller). Returns energy (G,) float32 and
+  // row_lse (G, K) float32 = log sum_{j != i} exp(-t ||y_i - y_j||^2) for the backward.
+  m.def("packing_energy(Tensor y, float t) -> (Tensor energy, Tensor row_lse)");
+  m.def(
+      "packing_energy_backward(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) "
+      "-> Tensor");
+}
+
+namespace kepler {
+bool cuda_built() {
+#ifdef KEPLER_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace kepler
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kepler C++/CUDA kernels; the ops live under torch.ops.kepler";
+  m.def("cuda_built", &kepler::cuda_built, "True when the CUDA kernels were compiled in");
+}

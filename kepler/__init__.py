@@ -1,0 +1,17 @@
+"""kepler: Triton- and CUDA-accelerated vector quantization with Kepler codebooks.
+
+Importing kepler never fails because the compiled extension ``kepler._C`` is missing; the
+reference and Triton backends work without it (see :func:`available_backends`).
+"""
+
+from kepler._backend import BACKENDS, available_backends
+from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "HAS_CPU_EXT",
+    "HAS_CUDA_EXT",
+    "available_backends",
+]

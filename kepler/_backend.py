@@ -1,0 +1,109 @@
+"""Backend choice for every kepler op: explicit argument > ``KEPLER_BACKEND`` > ``auto``.
+
+Backends, all with the same contract per op:
+
+* ``reference``: plain PyTorch (``kepler.reference``), the spec; runs anywhere.
+* ``cpu``: C++ kernels in ``kepler._C`` for CPU tensors.
+* ``cuda``: CUDA kernels in ``kepler._C`` for CUDA tensors.
+* ``triton``: Triton kernels (``kepler.kernels``) for CUDA tensors, and for CPU tensors when the
+  Triton interpreter is on (``TRITON_INTERPRET=1``), which is how CPU-only CI tests them.
+
+``auto`` picks the fastest available for the tensors' device: ``cuda`` > ``triton`` > ``reference``
+on a GPU, ``cpu`` > ``reference`` on the CPU. An explicit request that cannot be served raises;
+``auto`` falls back quietly and logs the choice at debug level.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from kepler import _ext
+
+log = logging.getLogger("kepler")
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "KEPLER_BACKEND"
+
+
+def triton_interpreter_on() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        log.debug("triton not importable: %s", exc)
+        return False
+    return True
+
+
+def _unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if ``backend`` can run on ``device_type`` here, else a human-readable reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, got {device_type} tensors"
+        if not _ext.HAS_CPU_EXT:
+            return f"kepler._C is not built ({_ext.EXT_IMPORT_ERROR}); {_ext.INSTALL_HINT}"
+        return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
+        if not _ext.HAS_CUDA_EXT:
+            return f"kepler._C was built without CUDA kernels; {_ext.INSTALL_HINT}"
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed (pip install triton)"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and triton_interpreter_on():
+            return None
+        return (
+            f"the 'triton' backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors; "
+            f"got {device_type} tensors"
+        )
+    return f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run here for tensors on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return [b for b in BACKENDS if _unavailable_reason(b, device_type) is None]
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """Pick the backend for tensors on ``device``.
+
+    ``requested`` (an op's ``backend=`` argument) wins, then ``KEPLER_BACKEND``, then ``auto``.
+    Raises ValueError for an unknown name and RuntimeError for a known backend that cannot serve
+    this device here.
+    """
+    choice = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
+    choice = choice.strip().lower()
+    device_type = device.type
+    if choice == "auto":
+        order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+        for backend in order:
+            if _unavailable_reason(backend, device_type) is None:
+                log.debug("kepler backend auto -> %s for %s tensors", backend, device_type)
+                return backend
+        return "reference"
+    if choice not in BACKENDS:
+        source = "backend argument" if requested is not None else ENV_VAR
+        raise ValueError(f"unknown {source} {choice!r}; expected 'auto' or one of {BACKENDS}")
+    reason = _unavailable_reason(choice, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {choice!r} is not available: {reason}")
+    return choice

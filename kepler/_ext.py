@@ -1,0 +1,37 @@
+"""Loads the compiled extension ``kepler._C`` when it was built.
+
+``import kepler`` never fails because the extension is missing: the reference and Triton backends
+work without it. Code that needs it calls :func:`require_ext`, which raises with an install hint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("kepler")
+
+try:
+    from kepler import _C  # noqa: F401  (registers torch.ops.kepler.* on import)
+
+    HAS_CPU_EXT = True
+    HAS_CUDA_EXT = bool(_C.cuda_built())
+    EXT_IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    HAS_CPU_EXT = False
+    HAS_CUDA_EXT = False
+    EXT_IMPORT_ERROR = exc
+    log.debug("kepler._C not available: %s", exc)
+
+INSTALL_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (or `make build`) in the kepler checkout; "
+    "the CUDA kernels need a CUDA toolkit and a CUDA build of torch"
+)
+
+
+def require_ext(cuda: bool = False) -> None:
+    """Raise RuntimeError if the C++ (or, with ``cuda=True``, the CUDA) kernels are not built."""
+    if not HAS_CPU_EXT:
+        raise RuntimeError(f"kepler._C is not built ({EXT_IMPORT_ERROR}); {INSTALL_HINT}")
+    if cuda and not HAS_CUDA_EXT:
+        raise RuntimeError(f"kepler._C was built without CUDA kernels; {INSTALL_HINT}")

@@ -1,0 +1,46 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels are tested in the Triton interpreter, which must be switched on
+before triton is imported (kernels are wrapped at decoration time), so this runs first.
+"""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kepler  # noqa: E402
+from kepler import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_params(device: str = "cpu"):
+    """pytest params for every backend, skipped with the reason where it cannot run on ``device``."""
+    params = []
+    for backend in _backend.BACKENDS:
+        reason = _backend._unavailable_reason(backend, torch.device(device).type)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(backend, marks=marks, id=backend))
+    return params
+
+
+def device_params():
+    """CPU always; CUDA when present (marked ``gpu``)."""
+    return [
+        pytest.param("cpu", id="cpu"),
+        pytest.param(
+            "cuda",
+            id="cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")],
+        ),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
