@@ -103,7 +103,8 @@ def extension_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: cpp_extension adds the standard that the installed torch needs (C++20 for 2.14).
+    cxx_flags = ["-O3", "-fopenmp"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         ext = CUDAExtension(
@@ -113,7 +114,7 @@ def extension_modules():
             define_macros=[("KEPLER_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+                "nvcc": ["-O3", "-lineinfo"],
             },
             extra_link_args=["-fopenmp"],
         )
