@@ -7,6 +7,7 @@ reference and Triton backends work without it (see :func:`available_backends`).
 from kepler._backend import BACKENDS, available_backends
 from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from kepler.ops.nearest_codeword import nearest_codeword
+from kepler import lattice
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = [
     "HAS_CUDA_EXT",
     "available_backends",
     "nearest_codeword",
+    "lattice",
 ]
