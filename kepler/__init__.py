@@ -8,11 +8,13 @@ from kepler._backend import BACKENDS, available_backends
 from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler import lattice
+from kepler.nn import KeplerQuantizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "KeplerQuantizer",
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",
     "available_backends",

@@ -1,0 +1,336 @@
+"""KeplerQuantizer: equivalence with the released quantizer's math, round trips, training
+machinery (EMA, dead codes, data inits), regularizers, autocast, compile and state dicts."""
+
+import math
+
+import pytest
+import torch
+
+import kepler
+from kepler.nn import KeplerQuantizer, QuantizerOutput
+from kepler.nn.quantizer import KMEANS_ITERATIONS
+
+
+# ------------------------------------------------------------------------------------------
+# A plain-PyTorch transcription of the released VectorQuantizer_kepler.forward with its
+# GroupPartition / CustomPartition (no remap, no Kepler loss): the oracle of the equivalence tests.
+
+
+def released_partition(name, z_bhwc, partitions):
+    batch, height, width, channels = z_bhwc.shape
+    if name == "group":
+        return z_bhwc.reshape(-1, channels // partitions)
+    paired = z_bhwc.reshape(batch, height, width, channels // 2, 2).permute(0, 1, 2, 4, 3).contiguous()
+    return paired.reshape(-1, channels // partitions)
+
+
+def released_unpartition(name, rows, shape_bhwc):
+    batch, height, width, channels = shape_bhwc
+    if name == "group":
+        return rows.reshape(shape_bhwc)
+    paired = rows.reshape(batch, height, width, 2, channels // 2).permute(0, 1, 2, 4, 3).contiguous()
+    return paired.reshape(batch, height, width, -1)
+
+
+def released_forward(z, weight, name, partitions, beta, legacy):
+    """(z_q after straight-through, loss, indices (rows,), codewords z_q before it (B, H, W, C))."""
+    z = z.permute(0, 2, 3, 1).contiguous()
+    rows = released_partition(name, z, partitions)
+    distances = (
+        torch.sum(rows**2, dim=1, keepdim=True)
+        + torch.sum(weight**2, dim=1)
+        - 2 * torch.einsum("bd,dn->bn", rows, weight.t())
+    )
+    indices = torch.argmin(distances, dim=1)
+    z_q = released_unpartition(name, torch.nn.functional.embedding(indices, weight), z.shape)
+    if legacy:
+        loss = torch.mean((z_q.detach() - z) ** 2) + beta * torch.mean((z_q - z.detach()) ** 2)
+    else:
+        loss = beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
+    codewords = z_q
+    z_q = z + (z_q - z).detach()
+    return z_q.permute(0, 3, 1, 2).contiguous(), loss, indices, codewords
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def make_quantizer(**kwargs):
+    options = dict(num_codes=32, dim=16, partitions=4)
+    options.update(kwargs)
+    return KeplerQuantizer(**options)
+
+
+def spread_codebook(quantizer):
+    """A codebook spread like the latents, so many codes are used (released init is tiny)."""
+    with torch.no_grad():
+        quantizer.codebook.normal_()
+    return quantizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("name", ["group", "custom"])
+def test_matches_released_quantizer(name, legacy, dtype):
+    quantizer = spread_codebook(make_quantizer(partition=name, legacy=legacy, beta=0.3)).to(dtype)
+    z = torch.randn(3, 16, 5, 7, dtype=dtype, requires_grad=True)
+    weight = quantizer.codebook.detach().clone().requires_grad_(True)
+    z_ref = z.detach().clone().requires_grad_(True)
+
+    out = quantizer(z)
+    ref_zq, ref_loss, ref_indices, ref_codewords = released_forward(z_ref, weight, name, 4, 0.3, legacy)
+
+    assert out.indices.shape == (3, 5, 7, 4) and out.indices.dtype == torch.int64
+    assert torch.equal(out.indices.reshape(-1), ref_indices)
+    # Our z_q is exactly the codewords; the released z + (z_q - z) rounds around them.
+    assert torch.equal(out.z_q, ref_codewords.permute(0, 3, 1, 2))
+    scale = z.detach().abs().max()
+    tol = dict(rtol=1e-6, atol=1e-6 * scale) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.z_q, ref_zq, **tol)
+    torch.testing.assert_close(out.loss.to(dtype), ref_loss, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+    upstream = torch.randn_like(ref_zq)
+    (out.loss + (out.z_q * upstream).sum()).backward()
+    (ref_loss + (ref_zq * upstream).sum()).backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, **tol)
+    grad_scale = weight.grad.abs().max()
+    torch.testing.assert_close(
+        quantizer.codebook.grad, weight.grad, rtol=tol["rtol"], atol=tol["rtol"] * grad_scale
+    )
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("name", ["group", "custom", "layer"])
+def test_get_codebook_entry_inverts_forward(name, shared):
+    quantizer = spread_codebook(make_quantizer(partition=name, shared_codebook=shared))
+    z = torch.randn(2, 16, 4, 4)
+    out = quantizer(z)
+    assert torch.equal(quantizer.get_codebook_entry(out.indices), out.z_q)
+    flat = out.indices.reshape(-1)
+    assert torch.equal(quantizer.get_codebook_entry(flat, shape=(2, 4, 4, 16)), out.z_q)
+    assert torch.equal(quantizer.get_codebook_entry(out.indices, (2, 4, 4, 16)), out.z_q)
+
+
+@pytest.mark.parametrize("name", ["group", "custom", "layer"])
+def test_per_partition_codebooks_search_their_own_partition(name):
+    quantizer = spread_codebook(make_quantizer(partition=name, shared_codebook=False))
+    assert quantizer.codebook.shape == (4, 32, 4)
+    z = torch.randn(2, 16, 4, 4)
+    out = quantizer(z)
+    parts = quantizer.partition.partition(z)  # (B, L, P, d)
+    for p in range(4):
+        distances = torch.cdist(parts[:, :, p].reshape(-1, 4).double(), quantizer.codebook[p].double())
+        expected = distances.argmin(dim=1).view(2, 4, 4)
+        assert torch.equal(out.indices[..., p], expected)
+
+
+def test_output_unpacks_like_taming_and_has_named_fields():
+    quantizer = make_quantizer()
+    out = quantizer(torch.randn(2, 16, 3, 3))
+    assert isinstance(out, QuantizerOutput)
+    z_q, loss, (perplexity, min_encodings, indices, utilization) = out
+    assert min_encodings is None
+    assert out.indices is indices and out.perplexity is perplexity and out.utilization is utilization
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert perplexity.shape == () and utilization.shape == ()
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_loss_weights_and_gradient_split(legacy):
+    beta = 0.4
+    quantizer = spread_codebook(make_quantizer(legacy=legacy, beta=beta))
+    z = torch.randn(2, 16, 3, 3, requires_grad=True)
+    out = quantizer(z)
+    out.loss.backward()
+    residual = z.detach() - out.z_q.detach()
+    mse = residual.square().mean()
+    commitment, codebook_term = (1.0, beta) if legacy else (beta, 1.0)
+    torch.testing.assert_close(out.loss, (commitment + codebook_term) * mse)
+    torch.testing.assert_close(z.grad, commitment * 2 * residual / residual.numel())
+    # The codebook term pulls each used code towards its sub-vectors.
+    parts = quantizer.partition.partition(residual).reshape(-1, 4)
+    expected = torch.zeros_like(quantizer.codebook).index_add_(0, out.indices.reshape(-1), parts)
+    torch.testing.assert_close(quantizer.codebook.grad, -codebook_term * 2 * expected / residual.numel())
+
+
+def test_scale_sets_the_real_codebook_size():
+    quantizer = spread_codebook(make_quantizer(num_codes=20, scale=1.5))
+    assert quantizer.codebook.shape == (30, 4) and quantizer.codebook_size == 30
+    assert quantizer.usage_counts.shape == (30,)
+    out = quantizer(torch.randn(4, 16, 4, 4))
+    assert int(out.indices.max()) < 30
+    used = int((quantizer.usage_counts > 0).sum())
+    assert out.utilization.item() == pytest.approx(used / 30)
+
+
+def test_usage_statistics_and_perplexity():
+    quantizer = spread_codebook(make_quantizer(shared_codebook=False))
+    out = quantizer(torch.randn(3, 16, 4, 4))
+    assert quantizer.usage_counts.shape == (4, 32)
+    assert int(quantizer.usage_counts.sum()) == 3 * 4 * 4 * 4
+    assert out.perplexity.shape == (4,)
+    for p in range(4):
+        counts = torch.bincount(out.indices[..., p].reshape(-1), minlength=32).double()
+        probs = counts / counts.sum()
+        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+        assert out.perplexity[p].item() == pytest.approx(math.exp(entropy.item()), rel=1e-5)
+    quantizer(torch.randn(3, 16, 4, 4))
+    assert int(quantizer.usage_counts.sum()) == 2 * 3 * 4 * 4 * 4
+    assert quantizer.codebook_utilization() == (quantizer.usage_counts > 0).float().mean()
+    quantizer.reset_usage()
+    assert int(quantizer.usage_counts.sum()) == 0
+    assert quantizer.codebook_utilization() == 0
+
+
+def test_empty_batch():
+    quantizer = make_quantizer()
+    z = torch.randn(0, 16, 3, 3, requires_grad=True)
+    out = quantizer(z)
+    assert out.z_q.shape == z.shape and out.indices.shape == (0, 3, 3, 4)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+
+
+def test_bfloat16_autocast():
+    quantizer = spread_codebook(make_quantizer())
+    z = torch.randn(2, 16, 3, 3, requires_grad=True)
+    reference = quantizer(z.detach().to(torch.bfloat16).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latent = torch.nn.functional.conv2d(z, torch.eye(16).view(16, 16, 1, 1))
+        assert latent.dtype == torch.bfloat16
+        out = quantizer(latent)
+    assert out.z_q.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert torch.equal(out.indices, reference.indices)
+    (out.loss + out.z_q.float().sum()).backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(quantizer.codebook.grad).all()
+
+
+def test_state_dict_round_trip():
+    options = dict(shared_codebook=False, ema_decay=0.9, dead_code_threshold=1, init="kmeans")
+    quantizer = make_quantizer(**options)
+    z = torch.randn(2, 16, 4, 4)
+    quantizer(z)
+    quantizer(z)
+    clone = make_quantizer(**options)
+    clone.load_state_dict(quantizer.state_dict())
+    for name, tensor in quantizer.state_dict().items():
+        assert torch.equal(clone.state_dict()[name], tensor), name
+    quantizer.eval()
+    clone.eval()
+    # The loaded quantizer is initialized: no second k-means on this batch.
+    other = torch.randn(2, 16, 4, 4) * 5
+    assert torch.equal(clone(other).z_q, quantizer(other).z_q)
+
+
+def test_ema_updates_codebook_towards_assigned_means():
+    decay = 0.8
+    quantizer = spread_codebook(make_quantizer(ema_decay=decay))
+    assert not quantizer.codebook.requires_grad
+    with torch.no_grad():
+        quantizer.ema_embed_sum.copy_(quantizer.codebook)
+    before = quantizer.codebook.detach().clone()
+    z = torch.randn(4, 16, 4, 4, requires_grad=True)
+    out = quantizer(z)
+    rows = quantizer.partition.partition(z.detach()).reshape(-1, 4)
+    index = out.indices.reshape(-1)
+    counts = torch.bincount(index, minlength=32).float()
+    sums = torch.zeros(32, 4).index_add_(0, index, rows)
+    cluster = decay * torch.ones(32) + (1 - decay) * counts
+    embed = decay * before + (1 - decay) * sums
+    total = cluster.sum()
+    smoothed = (cluster + 1e-5) / (total + 32 * 1e-5) * total
+    torch.testing.assert_close(quantizer.codebook.detach(), embed / smoothed.unsqueeze(1))
+    # Loss: the commitment term only; backward uses this step's codebook (taken before the update).
+    torch.testing.assert_close(out.loss, (z.detach() - out.z_q).square().mean())
+    out.loss.backward()
+    torch.testing.assert_close(z.grad, 2 * (z.detach() - out.z_q) / z.numel())
+    # Evaluation does not move the codebook.
+    quantizer.eval()
+    frozen = quantizer.codebook.detach().clone()
+    quantizer(z)
+    assert torch.equal(quantizer.codebook, frozen)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_dead_codes_are_reseeded_from_current_latents(shared):
+    quantizer = make_quantizer(shared_codebook=shared, dead_code_threshold=1, dead_code_window=2)
+    with torch.no_grad():
+        quantizer.codebook.fill_(100.0)
+        quantizer.codebook.view(-1, 32, 4)[:, 0] = 0.0  # only code 0 of each codebook is ever used
+    first = torch.randn(2, 16, 3, 3)
+    quantizer(first)
+    quantizer(first)
+    assert torch.equal(quantizer.codebook.view(-1, 32, 4)[:, 1:], torch.full((quantizer._groups, 31, 4), 100.0))
+    # Third forward starts a new window: codes 1.. were unused in the last two, they take rows of
+    # this batch; code 0 (used) stays.
+    current = torch.randn(2, 16, 3, 3)
+    quantizer(current)
+    rows = quantizer._rows_by_group(quantizer._search_rows(quantizer.partition.partition(current)))
+    codebook = quantizer.codebook.detach().view(-1, 32, 4)
+    assert torch.equal(codebook[:, 0], torch.zeros(quantizer._groups, 4))
+    for group in range(quantizer._groups):
+        for code in codebook[group, 1:]:
+            assert (rows[group] == code).all(dim=1).any()
+    assert int(quantizer.window_steps) == 1
+
+
+def test_kmeans_init_finds_separated_clusters():
+    quantizer = make_quantizer(num_codes=4, dim=4, partitions=1, init="kmeans")
+    centres = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0]])
+    labels = torch.arange(4).repeat(16)
+    z = (centres[labels] + 0.01 * torch.randn(64, 4)).view(4, 4, 4, 4).permute(0, 3, 1, 2)
+    out = quantizer(z)
+    assert bool(quantizer.codebook_initialized)
+    found = quantizer.codebook.detach()
+    assert torch.cdist(found, centres).min(dim=0).values.max() < 0.05
+    assert out.loss.item() < 1e-3
+    assert KMEANS_ITERATIONS >= 1
+
+
+def test_torch_compile_fullgraph():
+    quantizer = spread_codebook(make_quantizer(shared_codebook=False))
+    z = torch.randn(2, 16, 3, 3)
+    eager = quantizer(z)
+    compiled = torch.compile(quantizer, fullgraph=True, backend="aot_eager")
+    out = compiled(z)
+    assert torch.equal(out.indices, eager.indices) and torch.equal(out.z_q, eager.z_q)
+    torch.testing.assert_close(out.loss, eager.loss)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(dim=18), ValueError, r"dim=18 must be divisible by partitions=4"),
+        (dict(partition="rows"), ValueError, r"partition must be one of"),
+        (dict(scale=0.01), ValueError, r"leaves round\(num_codes \* scale\) = 0 codes"),
+        (dict(scale=-1.0), ValueError, r"scale must be > 0"),
+        (dict(beta=-0.1), ValueError, r"beta must be >= 0"),
+        (dict(init="random"), ValueError, r"init must be 'uniform', 'kmeans' or 'lattice:<name>'"),
+        (dict(kl_prior="flat"), ValueError, r"kl_prior must be 'grid' or 'lattice:<name>'"),
+        (dict(ema_decay=1.0), ValueError, r"ema_decay must be in \(0, 1\)"),
+        (dict(num_codes=2.5), TypeError, r"num_codes must be an int"),
+        (dict(dead_code_window=0), ValueError, r"dead_code_window must be >= 1"),
+    ],
+)
+def test_constructor_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        make_quantizer(**kwargs)
+
+
+def test_forward_errors():
+    with pytest.raises(ValueError, match=r"z has C=8 channels but the quantizer has dim=16"):
+        make_quantizer()(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match=r"z must be \(B, C, H, W\)"):
+        make_quantizer()(torch.randn(1, 16, 2))
+    with pytest.raises(ValueError, match=r"layer partition: sub-vectors of H\*W/partitions=2\*4/4"):
+        make_quantizer(partition="layer")(torch.randn(1, 16, 2, 4))
+    with pytest.raises(ValueError, match=r"must be divisible by partitions=4"):
+        make_quantizer(partition="layer")(torch.randn(1, 16, 3, 5))
+    with pytest.raises(ValueError, match=r"needs shape=\(B, H, W, C\)"):
+        make_quantizer().get_codebook_entry(torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"indices has 8 entries"):
+        make_quantizer().get_codebook_entry(torch.zeros(8, dtype=torch.int64), (1, 2, 2, 16))
+
+
+def test_top_level_export():
+    assert kepler.KeplerQuantizer is KeplerQuantizer
