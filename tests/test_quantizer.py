@@ -334,3 +334,26 @@ def test_forward_errors():
 
 def test_top_level_export():
     assert kepler.KeplerQuantizer is KeplerQuantizer
+
+
+def test_lattice_init_is_the_lattice_scaled_to_the_batch():
+    quantizer = make_quantizer(num_codes=25, init="lattice:D4")  # origin + the 24 minimal vectors
+    z = torch.randn(3, 16, 4, 4) * 2 + 1
+    quantizer(z)
+    rows = quantizer.partition.partition(z).reshape(-1, 4).double()
+    mean = rows.mean(dim=0)
+    spread = (rows - mean).square().sum(dim=1).mean().sqrt()
+    codebook = quantizer.codebook.detach().double()
+    torch.testing.assert_close(codebook[0], mean, rtol=1e-6, atol=1e-6)
+    offsets = codebook - mean
+    torch.testing.assert_close(offsets.square().sum(dim=1).mean().sqrt(), spread, rtol=1e-5, atol=0)
+    # D4's minimal vectors all have the same length and the same minimal distance to each other.
+    lengths = offsets[1:].norm(dim=1)
+    torch.testing.assert_close(lengths, lengths[0].expand(24), rtol=1e-5, atol=0)
+    distances = torch.cdist(codebook, codebook) + torch.eye(25, dtype=torch.float64) * 1e9
+    torch.testing.assert_close(distances.min(dim=1).values, lengths[0].expand(25), rtol=1e-5, atol=0)
+
+
+def test_lattice_init_needs_the_sub_vector_dimension():
+    with pytest.raises(ValueError, match=r"lattice 'E8' lives in dimension 8, but the codebook's sub-vectors have dim/partitions=4"):
+        make_quantizer(init="lattice:E8")

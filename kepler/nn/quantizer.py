@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kepler.lattice import official_grid_prior
+from kepler.lattice import get_lattice, official_grid_prior, prior_row
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import PARTITIONS, make_partition
 
@@ -139,16 +139,13 @@ def _lattice_points(name: str, count: int, dim: int | None) -> torch.Tensor:
 
     With ``dim`` given, the lattice must live in dimension ``n == dim``.
     """
-    from kepler.lattice import get_lattice
-
     lattice = get_lattice(name)
-    points = lattice.points(count)
-    if dim is not None and points.shape[-1] != dim:
+    if dim is not None and lattice.dim != dim:
         raise ValueError(
-            f"lattice {name!r} lives in dimension {points.shape[-1]}, but the codebook's "
+            f"lattice {name!r} lives in dimension {lattice.dim}, but the codebook's "
             f"sub-vectors have dim/partitions={dim} elements"
         )
-    return points
+    return lattice.points(count)
 
 
 def _check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -291,8 +288,8 @@ class KeplerQuantizer(nn.Module):
             torch.empty(codebook_shape).uniform_(-bound, bound), requires_grad=ema_decay is None
         )
         if init_kind == "lattice":
-            # Fail at construction, not at the first forward, for an unknown or mis-sized lattice.
-            _lattice_points(self._init_lattice, self.codebook_size, self.sub_dim)
+            # Enumerated now, so an unknown or mis-sized lattice fails at construction.
+            self._init_points = _lattice_points(self._init_lattice, self.codebook_size, self.sub_dim)
 
         counts_shape = codebook_shape[:-1]
         self.register_buffer("usage_counts", torch.zeros(counts_shape, dtype=torch.int64))
@@ -448,7 +445,6 @@ class KeplerQuantizer(nn.Module):
 
     def _kepler_kl(self, z_q: torch.Tensor) -> torch.Tensor:
         from kepler.losses import kepler_kl
-        from kepler.lattice import prior_row
 
         # The released loss flattens each image's (H, W, C) codewords.
         latent_rows = z_q.permute(0, 2, 3, 1).reshape(z_q.shape[0], -1)
@@ -568,8 +564,7 @@ class KeplerQuantizer(nn.Module):
     def _lattice_codebook(self, rows3: torch.Tensor) -> torch.Tensor:
         """The lattice's ``K`` points nearest the origin, centred on the batch mean sub-vector and
         scaled so their RMS norm is the batch's RMS distance to that mean. ``(G, K, d)``."""
-        points = _lattice_points(self._init_lattice, self.codebook_size, self.sub_dim)
-        points = points.to(device=rows3.device, dtype=torch.float64)
+        points = self._init_points.to(device=rows3.device)
         rows64 = rows3.to(torch.float64)
         count = _all_reduce_sum(torch.full((), rows3.shape[1], dtype=torch.float64, device=rows3.device))
         mean = _all_reduce_sum(rows64.sum(dim=1)) / count  # (G, d)
