@@ -287,14 +287,41 @@ def test_kmeans_init_finds_separated_clusters():
     assert KMEANS_ITERATIONS >= 1
 
 
-def test_torch_compile_fullgraph():
-    quantizer = spread_codebook(make_quantizer(shared_codebook=False))
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(shared_codebook=False),
+        dict(shared_codebook=False, ema_decay=0.9, dead_code_threshold=1, init="kmeans"),
+    ],
+    ids=["plain", "ema-deadcode-kmeans"],
+)
+def test_torch_compile_fullgraph_training_matches_eager(options):
+    eager = spread_codebook(make_quantizer(**options))
+    traced = make_quantizer(**options)
+    traced.load_state_dict(eager.state_dict())
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        z = torch.randn(2, 16, 3, 3)
+        torch.manual_seed(step)
+        expected = eager(z.clone().requires_grad_(True))
+        torch.manual_seed(step)
+        z_compiled = z.clone().requires_grad_(True)
+        out = compiled(z_compiled)
+        assert torch.equal(out.indices, expected.indices) and torch.equal(out.z_q, expected.z_q)
+        torch.testing.assert_close(out.loss, expected.loss)
+        (out.loss + out.z_q.sum()).backward()
+        assert z_compiled.grad is not None
+        torch.testing.assert_close(traced.codebook, eager.codebook)
+    assert torch.equal(traced.usage_counts, eager.usage_counts)
+
+
+def test_inference_mode():
+    quantizer = spread_codebook(make_quantizer()).eval()
     z = torch.randn(2, 16, 3, 3)
-    eager = quantizer(z)
-    compiled = torch.compile(quantizer, fullgraph=True, backend="aot_eager")
-    out = compiled(z)
-    assert torch.equal(out.indices, eager.indices) and torch.equal(out.z_q, eager.z_q)
-    torch.testing.assert_close(out.loss, eager.loss)
+    with torch.inference_mode():
+        out = quantizer(z)
+        assert torch.equal(quantizer.get_codebook_entry(out.indices), out.z_q)
+    assert int(quantizer.usage_counts.sum()) == 2 * 3 * 3 * 4
 
 
 @pytest.mark.parametrize(

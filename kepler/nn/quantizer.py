@@ -20,7 +20,7 @@ from torch import nn
 
 from kepler.lattice import get_lattice, official_grid_prior, prior_row
 from kepler.ops.nearest_codeword import nearest_codeword
-from kepler.partition import PARTITIONS, make_partition
+from kepler.partition import make_partition
 
 KMEANS_ITERATIONS = 10
 # Laplace smoothing of the EMA cluster sizes, so an unused code never divides by zero.
@@ -246,8 +246,6 @@ class KeplerQuantizer(nn.Module):
         self.partitions = _check_int("partitions", partitions, 1)
         if dim % partitions:
             raise ValueError(f"dim={dim} must be divisible by partitions={partitions}")
-        if partition not in PARTITIONS:
-            raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
         self.partition = make_partition(partition, partitions)
         self.shared_codebook = bool(shared_codebook)
         self.scale = _check_number("scale", scale, strict=True)
