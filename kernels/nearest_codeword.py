@@ -182,7 +182,7 @@ def nearest_codeword_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[to
     # Triton launches on the current CUDA device: make it z's.
     device_guard = torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext()
     with device_guard:
-        torch.library.wrap_triton(_nearest_codeword_kernel)[grid](
+        _nearest_codeword_kernel[grid](
             z,
             codebook,
             indices,

@@ -7,7 +7,7 @@ Backends (see ``kepler._backend``), all following the numerics of
 * ``cpu`` / ``cuda``: ``torch.ops.kepler.nearest_codeword`` from ``kepler._C``.
 * ``triton``: ``torch.ops.kepler.nearest_codeword_triton`` (``kepler.kernels.nearest_codeword``).
 
-Both registered ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
+Both registered ops (custom ops) have fake implementations, so ``torch.compile(fullgraph=True)`` traces through
 them. Gradients flow through the recomputed distance only; indices are not differentiable.
 """
 
@@ -25,24 +25,30 @@ log = logging.getLogger("kepler")
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-if _ext.HAS_CPU_EXT:
 
-    @torch.library.register_fake("kepler::nearest_codeword")
-    def _nearest_codeword_fake(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        groups, rows, _ = z.shape
-        return z.new_empty(groups, rows, dtype=torch.int64), z.new_empty(groups, rows, dtype=torch.float32)
+def _nearest_codeword_fake(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and dtypes of both registered ops' outputs: indices (G, N) int64, sq_dist (G, N) float32."""
+    groups, rows, _ = z.shape
+    return z.new_empty(groups, rows, dtype=torch.int64), z.new_empty(groups, rows, dtype=torch.float32)
+
+
+if _ext.HAS_CPU_EXT:
+    torch.library.register_fake("kepler::nearest_codeword", _nearest_codeword_fake)
 
 
 if _backend._triton_importable():
     from kepler.kernels.nearest_codeword import nearest_codeword_triton
 
-    # triton_op registers the launcher itself as the fake implementation (it is traceable: it only
-    # allocates and launches), and lets torch.compile see the kernel behind it.
-    torch.library.triton_op(
+    # custom_op rather than triton_op: triton_op uses the launcher as its own fake implementation,
+    # and under TRITON_INTERPRET=1 (how CPU-only CI runs this kernel) wrap_triton hands back the
+    # interpreted kernel, which would then run on fake tensors and fail.
+    _nearest_codeword_triton_op = torch.library.custom_op(
         "kepler::nearest_codeword_triton",
+        nearest_codeword_triton,
         mutates_args=(),
         schema="(Tensor z, Tensor codebook) -> (Tensor indices, Tensor sq_dist)",
-    )(nearest_codeword_triton)
+    )
+    _nearest_codeword_triton_op.register_fake(_nearest_codeword_fake)
 
 
 def _compiled_kernel_registered(device_type: str) -> bool:
@@ -55,20 +61,23 @@ def _compiled_kernel_registered(device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("kepler::nearest_codeword", dispatch_key)
 
 
-def _choose_backend(requested: str | None, z: torch.Tensor) -> str:
+# torch.compile runs this once while tracing and keeps the answer (it logs, which dynamo would not
+# trace); a later change of KEPLER_BACKEND does not reach an already compiled function.
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     explicit_name = requested if requested is not None else os.environ.get(_backend.ENV_VAR)
     explicit = bool(explicit_name) and explicit_name.strip().lower() != "auto"
-    backend = _backend.resolve_backend(requested, z.device)
+    backend = _backend.resolve_backend(requested, device)
     fallback_reason = None
-    if backend in ("cpu", "cuda") and not _compiled_kernel_registered(z.device.type):
+    if backend in ("cpu", "cuda") and not _compiled_kernel_registered(device.type):
         fallback_reason = f"kepler._C has no nearest_codeword kernel for {backend}; rebuild it ({_ext.INSTALL_HINT})"
         if explicit:
             raise RuntimeError(f"backend {backend!r} is not available: {fallback_reason}")
-    elif backend != "reference" and z.dtype == torch.float64:
+    elif backend != "reference" and dtype == torch.float64:
         fallback_reason = "float64 runs only on backend='reference'"
         if explicit:
             raise TypeError(
-                f"backend {backend!r} takes float32, bfloat16 or float16 inputs; {fallback_reason}, got z of {z.dtype}"
+                f"backend {backend!r} takes float32, bfloat16 or float16 inputs; {fallback_reason}, got z of {dtype}"
             )
     if fallback_reason is not None:
         log.debug("kepler nearest_codeword: %s; using 'reference'", fallback_reason)
@@ -183,7 +192,7 @@ def nearest_codeword(
     ``N == 0`` gives empty results.
     """
     _check_inputs(z, codebook)
-    chosen = _choose_backend(backend, z)
+    chosen = _choose_backend(backend, z.device, z.dtype)
     grouped = z.dim() == 3
     z3 = z if grouped else z.unsqueeze(0)
     codebook3 = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
