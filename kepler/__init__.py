@@ -7,7 +7,7 @@ reference and Triton backends work without it (see :func:`available_backends`).
 from kepler._backend import BACKENDS, available_backends
 from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from kepler.ops.nearest_codeword import nearest_codeword
-from kepler import lattice
+from kepler import lattice, metrics
 from kepler.nn import KeplerQuantizer
 
 __version__ = "0.1.0"
@@ -20,4 +20,5 @@ __all__ = [
     "available_backends",
     "nearest_codeword",
     "lattice",
+    "metrics",
 ]
