@@ -22,7 +22,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["LATTICES", "Lattice", "cubic_lattice", "get_lattice", "official_grid_prior", "prior_row"]
+__all__ = [
+    "LATTICES",
+    "Lattice",
+    "cubic_lattice",
+    "get_lattice",
+    "golay_code_basis",
+    "golay_codewords",
+    "leech_minimal_vectors",
+    "official_grid_prior",
+    "prior_row",
+]
 
 # int64 holds row numbers of a {0,1}^sub_dim grid up to sub_dim = 62 (2**62 rows).
 _MAX_GRID_SUB_DIM = 62
@@ -322,7 +332,7 @@ def cubic_lattice(n: int) -> Lattice:
 
 
 def _d_lattice_generator(n: int) -> torch.Tensor:
-    """Basis of the checkerboard lattice ``D_n`` (integer vectors with even sum), as in SPLAG 4.7.2."""
+    """Basis of the checkerboard lattice ``D_n`` (integer vectors with even sum), SPLAG ch. 4."""
     generator = torch.zeros(n, n, dtype=torch.float64)
     generator[0, :2] = torch.tensor([-1.0, -1.0])
     for i in range(1, n):
@@ -331,7 +341,7 @@ def _d_lattice_generator(n: int) -> torch.Tensor:
 
 
 def _e8_generator() -> torch.Tensor:
-    """Basis of ``E8 = D8 u (D8 + (1/2)^8)`` (SPLAG 4.8.1, figure 4.6): minimal norm 2, det 1."""
+    """Basis of ``E8 = D8 u (D8 + (1/2)^8)`` (SPLAG ch. 4): minimal norm 2, det 1."""
     generator = torch.zeros(8, 8, dtype=torch.float64)
     generator[0, 0] = 2.0
     for i in range(1, 7):
@@ -397,7 +407,7 @@ def _integer_row_basis(generators: np.ndarray) -> np.ndarray:
     return np.array(rows[:top], dtype=np.int64)
 
 
-# The Leech lattice in integer coordinates (SPLAG 4.11, scaled by sqrt(8)): x in Z^24 with all
+# The Leech lattice in integer coordinates (SPLAG ch. 4, scaled by sqrt(8)): x in Z^24 with all
 # x_i of one parity m, sum(x) = 4m (mod 8), and for each residue a the set {i : x_i = a (mod 4)}
 # a Golay-code set. It is spanned by 2c (c in a Golay basis), 4e_1 + 4e_i, 8e_1 and (-3, 1^23).
 def _leech_integer_basis() -> np.ndarray:
