@@ -1,0 +1,7 @@
+"""``python -m kepler ...`` is the ``kepler`` command."""
+
+import sys
+
+from kepler.cli import main
+
+sys.exit(main())

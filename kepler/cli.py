@@ -1,0 +1,259 @@
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, study.
+
+Examples::
+
+    kepler train configs/sample.yaml optim.base_lr=2e-5 train.max_steps=500
+    kepler train configs/sample.yaml --resume          # continue runs/sample/checkpoints/last.pt
+    torchrun --nproc_per_node 4 -m kepler train configs/celebahq_f16.yaml
+    kepler eval runs/sample/checkpoints/last.pt --data sample --resolution 64 128
+    kepler reconstruct runs/sample/checkpoints/last.pt photo.jpg --out recon/
+    kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
+    kepler decode runs/sample/checkpoints/last.pt codes/photo.npy --out decoded/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A user error: printed as ``kepler <command>: error: <message>``, exit status 2."""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a tokenizer from a YAML config",
+                       description="Train a Kepler image tokenizer. Runs under torchrun for DDP.")
+    p.add_argument("config", help="YAML config (see configs/); unknown keys are an error")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides in dot notation, e.g. optim.base_lr=1e-5 data.batch_size=8")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or (no value) from the run's checkpoints/last.pt")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_checkpoint_args(p) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (PSNR, SSIM, L1, utilization, LPIPS, rFID)",
+                       description="Evaluate a checkpoint on the validation split of a data set.")
+    _add_checkpoint_args(p)
+    p.add_argument("--data", default="sample", help="sample, faces, a folder of images or a list file")
+    p.add_argument("--resolution", type=int, nargs="+", default=None,
+                   help="crop sides to evaluate at (default: the training size)")
+    p.add_argument("--out", default=None, help="folder for eval.json")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--lpips-vgg", default=None, help="local VGG16 weights (torchvision layout) for LPIPS")
+    p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-layer weights (lpips v0.1 vgg.pth)")
+    p.add_argument("--inception", default=None, help="local FID Inception weights (pt_inception-2015-12-05)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_image_io(sub) -> None:
+    for name, helptext in (
+        ("reconstruct", "write original | reconstruction PNGs side by side"),
+        ("encode", "turn images into .npy code-index maps (H/f, W/f, P)"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        _add_checkpoint_args(p)
+        p.add_argument("images", nargs="+", help="image files")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--size", type=int, default=None,
+                       help="resize the shorter side to SIZE and centre-crop SIZE x SIZE "
+                            "(default: keep the image, cropped to a multiple of the downsampling factor)")
+        p.set_defaults(func=_cmd_reconstruct if name == "reconstruct" else _cmd_encode)
+    p = sub.add_parser("decode", help="turn .npy code-index maps back into PNG images",
+                       description="Turn .npy code-index maps (from kepler encode) back into PNG images.")
+    _add_checkpoint_args(p)
+    p.add_argument("codes", nargs="+", help=".npy files of (H, W, P) int code indices")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_decode)
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="run a codebook study (see kepler.study)",
+                       description="Run a codebook study.")
+    try:
+        from kepler import study
+    except ImportError:
+        study = None
+    if study is not None:
+        study.add_arguments(p)
+    p.set_defaults(func=_cmd_study)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kepler", description="Train, evaluate and use Kepler image tokenizers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::", 1)[1],
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_image_io(sub)
+    _add_study(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args) -> int:
+    from kepler.train.config import load_config
+    from kepler.train.trainer import TrainingInterrupted, train
+
+    cfg = load_config(args.config, args.overrides)
+    resume = args.resume
+    if isinstance(resume, str) and not Path(resume).is_file():
+        raise CLIError(f"--resume: checkpoint {resume} does not exist")
+    try:
+        train(cfg, resume=resume)
+    except TrainingInterrupted as stop:
+        print(f"kepler train: {stop}; continue with --resume", file=sys.stderr)
+        return 128 + stop.signum
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from kepler.train.evaluate import evaluate
+
+    resolutions = args.resolution if args.resolution else [None]
+    evaluate(
+        args.checkpoint, data=args.data, resolutions=resolutions, out=args.out, batch_size=args.batch_size,
+        device=args.device, lpips_vgg_path=args.lpips_vgg, lpips_lin_path=args.lpips_lin,
+        inception_path=args.inception, max_images=args.max_images,
+    )
+    return 0
+
+
+def _load_images(paths, size: int | None, factor: int):
+    """Image files -> list of (name, (1, 3, H, W) tensor in [-1, 1]); H, W multiples of ``factor``."""
+    from PIL import Image
+
+    from kepler.data import ImageTransform, to_tensor
+
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"cannot read image {path}: {exc}") from None
+        if size is not None:
+            if size % factor:
+                raise CLIError(f"--size {size} must be a multiple of the downsampling factor {factor}")
+            x = ImageTransform(size, random_crop=False, flip=False)(image)
+        else:
+            import numpy as np
+
+            array = np.asarray(image, dtype=np.float32)
+            h, w = (array.shape[0] // factor) * factor, (array.shape[1] // factor) * factor
+            if h == 0 or w == 0:
+                raise CLIError(f"image {path} is smaller than the downsampling factor {factor}")
+            x = to_tensor(array[:h, :w])
+        out.append((Path(path).stem, x[None]))
+    return out
+
+
+def _model(args):
+    from kepler.train.distributed import resolve_device
+    from kepler.train.evaluate import load_model
+
+    device = resolve_device(args.device)
+    model, _ = load_model(args.checkpoint, device)
+    return model, device
+
+
+def _save_png(array, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def _cmd_reconstruct(args) -> int:
+    import numpy as np
+    import torch
+
+    from kepler.data import to_uint8
+
+    model, device = _model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for name, x in _load_images(args.images, args.size, model.downsample_factor):
+            x_rec = model(x.to(device))[0].cpu()
+            pair = np.concatenate([to_uint8(x[0]), to_uint8(x_rec[0])], axis=1)
+            _save_png(pair, out / f"{name}_recon.png")
+            print(out / f"{name}_recon.png")
+    return 0
+
+
+def _cmd_encode(args) -> int:
+    import numpy as np
+
+    model, device = _model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, x in _load_images(args.images, args.size, model.downsample_factor):
+        indices = model.encode_to_indices(x.to(device))[0].cpu().numpy()
+        np.save(out / f"{name}.npy", indices.astype(np.int64))
+        print(f"{out / f'{name}.npy'}: codes {indices.shape}")
+    return 0
+
+
+def _cmd_decode(args) -> int:
+    import numpy as np
+    import torch
+
+    from kepler.data import to_uint8
+
+    model, device = _model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    q = model.quantize
+    for path in args.codes:
+        try:
+            codes = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"cannot read code map {path}: {exc}") from None
+        if codes.ndim != 3 or codes.shape[-1] != q.partitions or not np.issubdtype(codes.dtype, np.integer):
+            raise CLIError(f"{path}: expected an integer (H, W, {q.partitions}) code map, got {codes.dtype} {codes.shape}")
+        if codes.min() < 0 or codes.max() >= q.codebook_size:
+            raise CLIError(f"{path}: code indices must be in [0, {q.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        image = model.decode_indices(torch.from_numpy(codes.astype(np.int64))[None].to(device))[0].cpu()
+        target = out / f"{Path(path).stem}.png"
+        _save_png(to_uint8(image), target)
+        print(target)
+    return 0
+
+
+def _cmd_study(args) -> int:
+    try:
+        from kepler import study
+    except ImportError as exc:
+        raise CLIError(f"kepler study is not available: {exc}") from None
+    return study.main(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (CLIError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"kepler {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Image data for the tokenizer: folders and list files of images, and embedded data sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from kepler.data.embedded import LFWFaces, SamplePhotos
+from kepler.data.images import IMAGE_EXTENSIONS, ImagePaths
+from kepler.data.sampler import SeededSampler, collate
+from kepler.data.transforms import ImageTransform, to_tensor, to_uint8
+
+EMBEDDED = ("sample", "faces")
+
+
+def build_dataset(
+    spec: str | os.PathLike,
+    split: str,
+    size: int,
+    resize: int | None = None,
+    random_crop: bool = True,
+    flip: bool = True,
+    samples_per_epoch: int = 1024,
+) -> Dataset:
+    """The data set named by ``spec``: ``"sample"``, ``"faces"``, a folder of images (recursive) or a
+    list file of image paths. ``split="val"`` turns random crops and flips off (and picks the
+    held-out part of the embedded sets). Items are ``(image (3, size, size) in [-1, 1], skipped)``.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    train = split == "train"
+    spec = str(spec)
+    if spec == "sample":
+        return SamplePhotos(split, size, resize, samples_per_epoch=samples_per_epoch, flip=flip)
+    if spec == "faces":
+        return LFWFaces(split, size, resize, flip=flip)
+    transform = ImageTransform(size, resize, random_crop=random_crop and train, flip=flip and train)
+    path = Path(spec)
+    if path.is_dir():
+        return ImagePaths.from_folder(path, transform)
+    if path.is_file():
+        return ImagePaths.from_list(path, transform)
+    raise ValueError(
+        f"data {spec!r} is neither an embedded data set {EMBEDDED}, a folder of images nor a list file "
+        "(no such file or folder)"
+    )
+
+
+__all__ = [
+    "EMBEDDED",
+    "IMAGE_EXTENSIONS",
+    "ImagePaths",
+    "ImageTransform",
+    "LFWFaces",
+    "SamplePhotos",
+    "SeededSampler",
+    "build_dataset",
+    "collate",
+    "to_tensor",
+    "to_uint8",
+]

@@ -1,0 +1,126 @@
+"""Data sets that need no download: real photos shipped by scikit-image and scikit-learn, and
+scikit-image's 200 LFW patches.
+
+``sample``: training draws random crops from 16 photos; validation takes fixed crops of 3 other
+photos that training never sees (a cat, a rocket launch, a flower), so its numbers measure
+generalization. ``faces``: the 200 25x25 LFW patches of ``skimage.data.lfw_subset`` (100 faces,
+100 non-faces), upsampled; every tenth is held out for validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from kepler.data.images import SampleKey, split_key
+from kepler.data.transforms import ImageTransform
+
+# scikit-image loader names (skimage.data.<name>()), then scikit-learn sample image file names.
+TRAIN_PHOTOS = (
+    "astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "motorcycle_left",
+    "motorcycle_right", "retina", "camera", "coins", "moon", "grass", "gravel", "brick", "cell",
+    "clock", "china.jpg",
+)
+VAL_PHOTOS = ("chelsea", "rocket", "flower.jpg")
+
+
+def load_photo(name: str) -> Image.Image:
+    """One embedded photo as an RGB PIL image (greyscale photos are replicated to 3 channels)."""
+    if name.endswith(".jpg"):
+        from sklearn.datasets import load_sample_image
+
+        array = load_sample_image(name)
+    else:
+        import skimage.data
+
+        if name.startswith("motorcycle_"):
+            left, right, _ = skimage.data.stereo_motorcycle()
+            array = left if name == "motorcycle_left" else right
+        else:
+            array = getattr(skimage.data, name)()
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return Image.fromarray(array[..., :3]).convert("RGB")
+
+
+def grid_offsets(length: int, size: int, max_per_axis: int = 3) -> list[int]:
+    """Evenly spaced crop offsets covering ``length`` with crops of ``size`` (both ends included)."""
+    n = min(max_per_axis, math.ceil(length / size))
+    if n <= 1:
+        return [(length - size) // 2]
+    return [round(i * (length - size) / (n - 1)) for i in range(n)]
+
+
+class SamplePhotos(Dataset):
+    """The embedded ``sample`` photos; items are ``(image (3, size, size) in [-1, 1], ())``.
+
+    Args:
+        split: ``"train"``: ``samples_per_epoch`` random crops (photo ``i mod 16``), flipped at
+            random; ``"val"``: fixed crops on a grid (at most 3 x 3 per photo) of the held-out photos.
+        size, resize: crop side, and the photos' shorter side before cropping (default ``2 * size``).
+    """
+
+    def __init__(self, split: str, size: int, resize: int | None = None, samples_per_epoch: int = 1024,
+                 flip: bool = True):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.split = split
+        train = split == "train"
+        self.transform = ImageTransform(size, resize or 2 * size, random_crop=train, flip=flip and train)
+        names = TRAIN_PHOTOS if train else VAL_PHOTOS
+        self.photos = [self.transform.resize_shorter_side(load_photo(n)) for n in names]
+        self.samples_per_epoch = samples_per_epoch
+        self.crops = []
+        if not train:
+            for p, photo in enumerate(self.photos):
+                w, h = photo.size
+                self.crops += [(p, x, y) for y in grid_offsets(h, size) for x in grid_offsets(w, size)]
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch if self.split == "train" else len(self.crops)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, tuple[str, ...]]:
+        index, rng = split_key(key)
+        if self.split == "train":
+            if rng is None:
+                rng = np.random.default_rng(index)
+            return self.transform(self.photos[index % len(self.photos)], rng), ()
+        p, x, y = self.crops[index]
+        s = self.transform.size
+        crop = self.photos[p].crop((x, y, x + s, y + s))
+        return self.transform(crop), ()
+
+
+class LFWFaces(Dataset):
+    """``skimage.data.lfw_subset()`` upsampled to ``resize`` (default ``size``) and cropped to ``size``;
+    ``split="val"`` is every tenth patch (20), ``"train"`` the other 180."""
+
+    def __init__(self, split: str, size: int, resize: int | None = None, flip: bool = True):
+        import skimage.data
+
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        train = split == "train"
+        self.transform = ImageTransform(size, resize, random_crop=train, flip=flip and train)
+        patches = skimage.data.lfw_subset()
+        keep = [i for i in range(len(patches)) if (i % 10 == 9) != train]
+        self.images = [
+            self.transform.resize_shorter_side(
+                Image.fromarray((np.clip(patches[i], 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+            )
+            for i in keep
+        ]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, tuple[str, ...]]:
+        index, rng = split_key(key)
+        return self.transform(self.images[index], rng), ()

@@ -1,0 +1,93 @@
+"""Datasets of image files: every image under a folder (recursive) or the paths in a list file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from kepler.data.transforms import ImageTransform
+
+log = logging.getLogger("kepler")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# What PIL raises for a missing, truncated, undecodable or absurdly large file.
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+SampleKey = int | tuple[int, Sequence[int]]
+
+
+def split_key(key: SampleKey) -> tuple[int, np.random.Generator | None]:
+    """A dataset key is an index, or ``(index, seed)`` from :class:`kepler.data.SeededSampler`."""
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), np.random.default_rng(list(seed))
+    return int(key), None
+
+
+class ImagePaths(Dataset):
+    """Images at ``paths``; item ``key`` -> ``(image (3, S, S) float32 in [-1, 1], skipped paths)``.
+
+    An unreadable or corrupt file is skipped with a warning naming it: the next readable image takes
+    its place and the skipped path is returned with the sample, so the trainer counts them.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: ImageTransform, source: str = "paths"):
+        if len(paths) == 0:
+            raise ValueError(f"empty dataset: no images in {source}")
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.source = source
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, transform: ImageTransform) -> ImagePaths:
+        """Every .jpg/.jpeg/.png/.webp file under ``root``, recursively, in sorted order."""
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"image folder {root} does not exist or is not a folder")
+        paths = sorted(
+            str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not paths:
+            raise ValueError(f"empty dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        return cls(paths, transform, source=str(root))
+
+    @classmethod
+    def from_list(cls, list_file: str | os.PathLike, transform: ImageTransform) -> ImagePaths:
+        """One image path per line (blank lines and ``#`` comments ignored); relative paths are
+        relative to the list file's folder (taming's ``training_images_list_file``)."""
+        list_file = Path(list_file)
+        base = list_file.parent
+        paths = []
+        for line in list_file.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line)
+                paths.append(p if p.is_absolute() else base / p)
+        if not paths:
+            raise ValueError(f"empty dataset: list file {list_file} names no images")
+        return cls(paths, transform, source=str(list_file))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, tuple[str, ...]]:
+        index, rng = split_key(key)
+        skipped: list[str] = []
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    return self.transform(image, rng), tuple(skipped)
+            except _UNREADABLE as exc:
+                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+                skipped.append(path)
+        raise RuntimeError(f"no readable image in {self.source}: all {len(self.paths)} files failed to load")

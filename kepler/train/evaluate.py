@@ -1,0 +1,314 @@
+"""Evaluation of a tokenizer the way the paper reports it: PSNR, SSIM, L1, codebook utilization and
+perplexity, the codebook's packing report, and LPIPS and rFID where their weights are on disk.
+
+Images are compared in [0, 1] (reconstructions clamped). PSNR and SSIM are averaged per image.
+``baseline_psnr`` is the PSNR of the trivial reconstruction that paints each image with its own mean
+colour: a tokenizer that does not beat it clearly has learned nothing.
+
+rFID uses torchmetrics' ``FrechetInceptionDistance`` with the FID Inception network (the
+pytorch-fid / torch-fidelity weights ``pt_inception-2015-12-05-6726825d.pth``, by default looked up
+in ``<torch hub dir>/checkpoints``); it is skipped, saying why, when the weights or the
+``torch-fidelity`` package are missing. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from kepler.data import build_dataset, collate
+from kepler.train.distributed import all_reduce_sum
+
+log = logging.getLogger("kepler")
+
+INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped, float32."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1]: (B,) float32."""
+    mse = (x.float() - y.float()).square().flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (11x11 Gaussian window, sigma 1.5) of images in [0, 1]: (B,) float32."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(y.float(), x.float(), data_range=1.0, reduction="none")
+
+
+def mean_colour(x: torch.Tensor) -> torch.Tensor:
+    """The trivial baseline: each image replaced by its per-channel mean colour."""
+    return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+
+
+def default_inception_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+
+
+def load_fid(weights_path: str | os.PathLike | None = None):
+    """torchmetrics ``FrechetInceptionDistance`` on the local FID Inception weights: ``(metric, None)``
+    or ``(None, reason)``."""
+    path = Path(weights_path) if weights_path else default_inception_path()
+    if not path.is_file():
+        return None, f"no weights at {path}"
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        return None, "the torch-fidelity package (FID Inception network) is not installed"
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path)), None
+
+
+class _Sums:
+    """Running sums of per-image metrics, reduced over ranks at the end."""
+
+    def __init__(self, names: Sequence[str], device: torch.device):
+        self.names = list(names)
+        self.values = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
+
+    def add(self, weight: torch.Tensor, **metrics: torch.Tensor) -> None:
+        self.values[-1] += weight.sum()
+        for i, name in enumerate(self.names):
+            self.values[i] += (metrics[name].double() * weight).sum()
+
+    def means(self) -> dict[str, float]:
+        all_reduce_sum(self.values)
+        count = self.values[-1].item()
+        out = {name: self.values[i].item() / max(count, 1.0) for i, name in enumerate(self.names)}
+        out["images"] = int(round(count))
+        return out
+
+
+def _shard(n: int, batch_size: int, rank: int, world_size: int) -> list[list[tuple[int, bool]]]:
+    """This rank's batches of ``(index, counted)``; every rank gets the same number of batches (the
+    quantizer all-reduces its statistics in each forward), padded with uncounted repeats."""
+    mine = list(range(rank, n, world_size))
+    per_rank = math.ceil(n / world_size)
+    items = [(i, True) for i in mine] + [(mine[0] if mine else 0, False)] * (per_rank - len(mine))
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+@torch.no_grad()
+def run_validation(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    lpips: torch.nn.Module | None = None,
+    fid=None,
+    grid_images: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Metrics of ``model`` (a :class:`kepler.models.VQModel`, unwrapped) over ``dataset``, sharded
+    over ranks and reduced; returns ``(metrics, (originals, reconstructions) or None)`` where the
+    images are this rank's first ``grid_images`` in [-1, 1].
+
+    The quantizer's usage counts are saved and restored around the pass, so evaluating does not
+    disturb the training statistics; utilization and perplexity here are over this data set.
+    """
+    was_training = model.training
+    model.eval()
+    quantizer = model.quantize
+    saved_usage = quantizer.usage_counts.clone()
+    quantizer.reset_usage()
+    names = ["psnr", "ssim", "l1", "baseline_psnr"] + (["lpips"] if lpips is not None else [])
+    sums = _Sums(names, device)
+    originals, recons = [], []
+    try:
+        for batch in _shard(len(dataset), batch_size, rank, world_size):
+            images, _ = collate([dataset[i] for i, _ in batch])
+            weight = torch.tensor([float(c) for _, c in batch], device=device, dtype=torch.float64)
+            x = images.to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                x_rec, _, _ = model(x)
+            x_rec = x_rec.float()
+            xu, ru = to_unit(x), to_unit(x_rec)
+            metrics = {
+                "psnr": psnr(xu, ru),
+                "ssim": ssim(xu, ru),
+                "l1": (x - x_rec.clamp(-1, 1)).abs().flatten(1).mean(dim=1),
+                "baseline_psnr": psnr(xu, mean_colour(xu)),
+            }
+            if lpips is not None:
+                metrics["lpips"] = lpips(x, x_rec.clamp(-1, 1)).flatten()
+            sums.add(weight, **metrics)
+            if fid is not None:
+                counted = weight.bool()
+                fid.update(xu[counted], real=True)
+                fid.update(ru[counted], real=False)
+            if sum(len(o) for o in originals) < grid_images:
+                originals.append(x.cpu())
+                recons.append(x_rec.clamp(-1, 1).cpu())
+        out = sums.means()
+        out["utilization"] = quantizer.codebook_utilization().item()
+        out["perplexity"] = quantizer.usage_perplexity().float().mean().item()
+        out["codebook_entries"] = quantizer.usage_counts.numel()
+        if fid is not None:
+            out["rfid"] = float(fid.compute())
+            fid.reset()
+    finally:
+        quantizer.usage_counts.copy_(saved_usage)
+        model.train(was_training)
+    grid = None
+    if grid_images > 0 and originals:
+        grid = (torch.cat(originals)[:grid_images], torch.cat(recons)[:grid_images])
+    return out, grid
+
+
+def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, columns: int = 4) -> Path:
+    """PNG grid: pairs (original | reconstruction) side by side, ``columns`` pairs per row."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
+    grid = make_grid(to_unit(pairs), nrow=2 * min(columns, len(originals)), padding=2, pad_value=1.0)
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def packing_stats(model: torch.nn.Module) -> dict | str:
+    """:func:`kepler.metrics.packing_report` of the codebook, or why it is unavailable."""
+    try:
+        from kepler.metrics import packing_report
+    except ImportError as exc:
+        return f"unavailable: {exc}"
+    report = packing_report(model.quantize.codebook.detach().float().cpu())
+    return _jsonable(report)
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() != 1 else value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "_asdict"):
+        return _jsonable(value._asdict())
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return _jsonable(dataclasses.asdict(value))
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def format_table(results: dict) -> str:
+    """The per-resolution metrics as an aligned text table."""
+    columns = ["psnr", "baseline_psnr", "ssim", "l1", "utilization", "perplexity", "lpips", "rfid", "images"]
+    rows = [["resolution"] + columns]
+    for res, m in results["resolutions"].items():
+        row = [res]
+        for c in columns:
+            v = m.get(c)
+            row.append("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+
+
+def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"):
+    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``)."""
+    from kepler.models import VQModel
+    from kepler.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    model = VQModel.from_config(state["config"]["model"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data: str = "sample",
+    resolutions: Sequence[int | None] = (None,),
+    out: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 16,
+    device: str = "auto",
+    lpips_vgg_path: str | None = None,
+    lpips_lin_path: str | None = None,
+    inception_path: str | None = None,
+    max_images: int | None = None,
+    print_table: bool = True,
+) -> dict:
+    """Evaluate a checkpoint on the validation split of ``data`` at each resolution.
+
+    Args:
+        checkpoint: a ``.pt`` written by :func:`kepler.train.trainer.train`.
+        data: ``"sample"``, ``"faces"``, a folder of images or a list file (validation split:
+            centre crops, no flips; held-out photos for ``sample``).
+        resolutions: crop sides to evaluate at; None is the training crop size. For the embedded
+            ``sample`` the photos are resized in proportion, so the content of a crop is the same
+            at every resolution.
+        out: folder for ``eval.json`` (None: nothing written).
+
+    Returns:
+        ``{"checkpoint", "step", "data", "resolutions": {res: metrics}, "packing", "lpips", "rfid"}``.
+    """
+    from kepler.models.lpips import load_lpips
+    from kepler.train.distributed import resolve_device
+
+    dev = resolve_device(device)
+    model, state = load_model(checkpoint, dev)
+    data_cfg = state["config"]["data"]
+    train_size = data_cfg["size"]
+    lpips_model, lpips_reason = load_lpips(lpips_vgg_path, lpips_lin_path)
+    fid, fid_reason = load_fid(inception_path)
+    if lpips_model is not None:
+        lpips_model = lpips_model.to(dev)
+    if fid is not None:
+        fid = fid.to(dev)
+    results: dict = {
+        "checkpoint": str(checkpoint),
+        "step": int(state.get("step", 0)),
+        "data": str(data),
+        "lpips": "on" if lpips_model is not None else f"off: {lpips_reason}",
+        "rfid": "on" if fid is not None else f"off: {fid_reason}",
+        "resolutions": {},
+    }
+    for res in resolutions:
+        size = int(res) if res is not None else train_size
+        if size % model.downsample_factor:
+            raise ValueError(f"resolution {size} is not a multiple of the downsampling factor {model.downsample_factor}")
+        resize = data_cfg.get("resize")
+        if resize is not None:
+            resize = round(resize * size / train_size)
+        dataset = build_dataset(data, "val", size, resize)
+        if max_images is not None:
+            dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+        metrics, _ = run_validation(model, dataset, batch_size=batch_size, device=dev, lpips=lpips_model, fid=fid)
+        results["resolutions"][str(size)] = metrics
+    results["packing"] = packing_stats(model)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=2))
+    if print_table:
+        print(format_table(results))
+        print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
+        if out is not None:
+            print(f"wrote {out / 'eval.json'}")
+    return results
+

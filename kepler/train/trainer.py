@@ -1,0 +1,522 @@
+"""The training loop: a plain PyTorch loop over a :class:`kepler.models.VQModel` and its GAN loss.
+
+One optimizer step = ``grad_accum`` micro-batches through the autoencoder (generator update), then,
+from ``loss.disc_start`` on, the same micro-batches through the discriminator. Runs on one CPU/GPU
+or under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs).
+
+Everything a run needs to continue exactly is in ``checkpoints/last.pt``: weights, optimizers,
+schedulers, grad scaler, every rank's RNG states, the step and the position in the data (epoch and
+batch; augmentations are seeded per sample, see :class:`kepler.data.SeededSampler`), and the
+quantizer's statistics (buffers of the model). SIGINT/SIGTERM finish the current step, save, and
+raise :class:`TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset
+
+from kepler.data import SeededSampler, build_dataset, collate
+from kepler.models import VQGANLoss, VQModel
+from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from kepler.train.config import to_dict
+from kepler.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
+from kepler.train.evaluate import run_validation, save_grid
+
+log = logging.getLogger("kepler")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a SIGINT/SIGTERM stopped a run and its checkpoint was saved."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
+
+
+def learning_rate(cfg: DictConfig, world_size: int) -> float:
+    """``base_lr``, times ``batch_size * grad_accum * world_size`` when ``scale_lr`` (taming's rule)."""
+    lr = float(cfg.optim.base_lr)
+    if cfg.optim.scale_lr:
+        lr *= cfg.data.batch_size * cfg.optim.grad_accum * world_size
+    return lr
+
+
+def _lr_lambda(cfg: DictConfig, progress):
+    """LR factor per step: linear warmup, then constant or cosine to ``min_lr_ratio``; ``progress()``
+    is the fraction of the run done (steps, or time under ``train.time_limit_minutes``)."""
+    warmup = int(cfg.optim.warmup_steps)
+    schedule = cfg.optim.schedule
+    floor = float(cfg.optim.min_lr_ratio)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress())))
+
+    return factor
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise ValueError(f"train.precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
+    return choices[precision]
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Trainer:
+    """Holds the run's state; :meth:`run` trains to ``train.max_steps`` and returns the run folder."""
+
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo, resume: str | None = None):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.run_dir = run_dir_of(cfg)
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        if cfg.train.threads:
+            torch.set_num_threads(int(cfg.train.threads))
+        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
+        self.model = VQModel.from_config(to_dict(cfg.model)).to(self.device)
+        self.loss = VQGANLoss(**to_dict(cfg.loss)).to(self.device)
+        self.autocast_dtype = _autocast_dtype(cfg.train.precision, self.device)
+
+        data = cfg.data
+        self.train_set = build_dataset(
+            data.train, "train", data.size, data.resize, data.random_crop, data.flip, data.samples_per_epoch
+        )
+        self.val_set = build_dataset(data.val, "val", data.size, data.resize)
+        if data.val_max_images is not None:
+            self.val_set = Subset(self.val_set, range(min(int(data.val_max_images), len(self.val_set))))
+        self.sampler = SeededSampler(self.train_set, cfg.seed, dist_info.rank, dist_info.world_size)
+        self.batches_per_epoch = len(self.sampler) // data.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(self.train_set)} images, fewer than one batch of "
+                f"{data.batch_size} per process ({dist_info.world_size} processes)"
+            )
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.images_seen = 0
+        self.skipped_images = 0
+        self.train_seconds = 0.0
+
+        self.lr = learning_rate(cfg, dist_info.world_size)
+        optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.optim.name)
+        if optim_cls is None:
+            raise ValueError(f"optim.name must be 'adam' or 'adamw', got {cfg.optim.name!r}")
+        opt_kwargs = dict(lr=self.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        self.opt_ae = optim_cls([p for p in self.model.parameters() if p.requires_grad], **opt_kwargs)
+        self.opt_disc = optim_cls(self.loss.discriminator.parameters(), **opt_kwargs)
+        lr_factor = _lr_lambda(cfg, self.progress)
+        self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_factor)
+        # The discriminator only steps from disc_start on; its rate follows the generator's step.
+        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lambda _: lr_factor(self.step))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        if resume:
+            self._load(resume)
+
+        if dist_info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # The quantizer all-reduces its own statistics; broadcasting buffers would overwrite them.
+            self.model_ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+            self.disc_ddp = DDP(self.loss.discriminator, device_ids=ids)
+        else:
+            self.model_ddp = self.model
+            self.disc_ddp = self.loss.discriminator
+
+        self.tb = None
+        self.log_file = None
+        if dist_info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step if resume else None)
+            self.log_file = open(self.run_dir / "log.jsonl", "a")
+
+    def progress(self) -> float:
+        """Fraction of the run done: steps of ``max_steps``, or time of ``time_limit_minutes`` if larger."""
+        done = self.step / max(1, self.cfg.train.max_steps)
+        limit = self.cfg.train.time_limit_minutes
+        if limit:
+            done = max(done, self.train_seconds / (60.0 * limit))
+        return done
+
+    def out_of_time(self) -> bool:
+        limit = self.cfg.train.time_limit_minutes
+        if not limit:
+            return False
+        # Every rank must agree: rank 0's clock decides.
+        flag = torch.tensor([float(self.train_seconds >= 60.0 * limit)], device=self.device)
+        if self.dist.enabled:
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        rng = all_gather_objects(capture_rng())
+        return {
+            "model": self.model.state_dict(),
+            "discriminator": self.loss.discriminator.state_dict(),
+            "opt_ae": self.opt_ae.state_dict(),
+            "opt_disc": self.opt_disc.state_dict(),
+            "sched_ae": self.sched_ae.state_dict(),
+            "sched_disc": self.sched_disc.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "step": self.step,
+            "data": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "counters": {
+                "images_seen": self.images_seen,
+                "skipped_images": self.skipped_images,
+                "train_seconds": self.train_seconds,
+            },
+            "quantizer": {
+                "utilization": self.model.quantize.codebook_utilization().item(),
+                "usage_counts": self.model.quantize.usage_counts.cpu(),
+            },
+            "world_size": self.dist.world_size,
+            "config": to_dict(self.cfg),
+        }
+
+    def save(self) -> Path:
+        state = self.state_dict()  # collective (RNG gather): every rank calls it
+        if self.dist.is_main:
+            save_checkpoint(state, self.ckpt_path)
+        barrier()
+        return self.ckpt_path
+
+    def _load(self, path: str) -> None:
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.loss.discriminator.load_state_dict(state["discriminator"])
+        self.opt_ae.load_state_dict(state["opt_ae"])
+        self.opt_disc.load_state_dict(state["opt_disc"])
+        self.sched_ae.load_state_dict(state["sched_ae"])
+        self.sched_disc.load_state_dict(state["sched_disc"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["data"]["epoch"])
+        self.batch_in_epoch = int(state["data"]["batch_in_epoch"])
+        counters = state["counters"]
+        self.images_seen = int(counters["images_seen"])
+        self.skipped_images = int(counters["skipped_images"])
+        self.train_seconds = float(counters["train_seconds"])
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            restore_rng(rng[self.dist.rank])
+        else:
+            log.warning(
+                "checkpoint was written by %d processes, this run has %d: RNG states not restored",
+                len(rng), self.dist.world_size,
+            )
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ data
+
+    def _batches(self):
+        """Training batches forever, from the saved position; keeps ``epoch``/``batch_in_epoch``."""
+        cfg = self.cfg.data
+        while True:
+            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
+            loader = DataLoader(
+                self.train_set,
+                batch_size=cfg.batch_size,
+                sampler=self.sampler,
+                collate_fn=collate,
+                num_workers=cfg.num_workers,
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+                # Its own generator: creating an iterator must not draw from the global RNG, or a
+                # resumed run (one more iterator) would diverge.
+                generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + self.epoch),
+            )
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ one step
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _clip_and_step(self, optimizer, params) -> None:
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        self.scaler.step(optimizer)
+
+    def train_step(self, batches) -> dict:
+        accum = int(self.cfg.optim.grad_accum)
+        gan = self.loss.gan_active(self.step)
+        disc = self.loss.discriminator
+        totals: dict[str, float] = {}
+        micro = []
+
+        def add(logs: dict) -> None:
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / accum
+
+        # Generator (autoencoder) update. The discriminator only scores here: no grads into it.
+        disc.requires_grad_(False)
+        self.opt_ae.zero_grad(set_to_none=True)
+        for i in range(accum):
+            images, skipped = next(batches)
+            self.skipped_images += len(skipped)
+            x = images.to(self.device, non_blocking=True)
+            sync = i == accum - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.model_ddp.no_sync():
+                with self._autocast():
+                    x_rec, q_loss, info = self.model_ddp(x)
+                    loss, logs = self.loss.generator_loss(
+                        q_loss, x, x_rec.float(), self.step, self.model.last_layer, discriminator=disc
+                    )
+                self.scaler.scale(loss / accum).backward()
+            logs["perplexity"] = info.perplexity.float().mean()
+            add(logs)
+            micro.append((x, x_rec.detach()))
+        disc.requires_grad_(True)
+        self._clip_and_step(self.opt_ae, self.model.parameters())
+
+        if gan:
+            self.opt_disc.zero_grad(set_to_none=True)
+            for i, (x, x_rec) in enumerate(micro):
+                sync = i == accum - 1 or not self.dist.enabled
+                with contextlib.nullcontext() if sync else self.disc_ddp.no_sync():
+                    with self._autocast():
+                        d_loss, logs = self.loss.discriminator_loss(x, x_rec, self.step, discriminator=self.disc_ddp)
+                    self.scaler.scale(d_loss / accum).backward()
+                add(logs)
+            self._clip_and_step(self.opt_disc, disc.parameters())
+        self.scaler.update()
+        self.step += 1
+        self.sched_ae.step()
+        if gan:
+            self.sched_disc.step()
+        self.images_seen += accum * self.cfg.data.batch_size * self.dist.world_size
+        totals["utilization"] = float(info.utilization)
+        return totals
+
+    # ------------------------------------------------------------------ logging and eval
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        prefix = record["event"]
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("step", "event"):
+                self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def validate(self) -> dict:
+        cfg = self.cfg
+        metrics, grid = run_validation(
+            self.model,
+            self.val_set,
+            batch_size=cfg.data.val_batch_size,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+            grid_images=cfg.train.grid_images if self.dist.is_main else 0,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        record = {"event": "eval", "step": self.step, **metrics}
+        self._log(record)
+        if self.dist.is_main and grid is not None:
+            path = save_grid(*grid, self.run_dir / f"recon_step{self.step}.png")
+            (self.run_dir / "reconstructions.png").write_bytes(path.read_bytes())
+            self.tb.add_images("val/originals_and_reconstructions",
+                               (torch.cat(grid, dim=-1) + 1) / 2, self.step)
+        return record
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Path:
+        cfg = self.cfg.train
+        is_main = self.dist.is_main
+        if is_main:
+            log.info(
+                "training %s: %d steps, lr %.3g, %d process(es) on %s, perceptual loss %s",
+                self.run_dir, cfg.max_steps, self.lr, self.dist.world_size, self.device,
+                self.loss.perceptual_status,
+            )
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, disable=not (is_main and cfg.progress),
+            desc=self.cfg.name, dynamic_ncols=True,
+        )
+        batches = self._batches()
+        window_images, window_start = 0, time.perf_counter()
+        record: dict = {}
+        with _StopSignal() as stop:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                logs = self.train_step(batches)
+                self.train_seconds += time.perf_counter() - t0
+                window_images += self.cfg.optim.grad_accum * self.cfg.data.batch_size * self.dist.world_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "event": "train",
+                        "step": self.step,
+                        "loss": logs["ae_loss"],
+                        **{k: v for k, v in logs.items() if k != "ae_loss"},
+                        "lr": self.sched_ae.get_last_lr()[0],
+                        "images_per_s": window_images / max(elapsed, 1e-9),
+                        "epoch": self.epoch,
+                        "skipped_images": self.skipped_images,
+                    }
+                    self._log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", util=f"{record['utilization']:.2f}",
+                        img_s=f"{record['images_per_s']:.1f}",
+                    )
+                    # Utilization in the logs is over the last log_every steps.
+                    self.model.quantize.reset_usage()
+                    window_images, window_start = 0, time.perf_counter()
+                if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    self.validate()
+                if self.step % cfg.ckpt_every == 0:
+                    self.save()
+                if self.out_of_time():
+                    log.info("time limit of %s minutes reached at step %d", cfg.time_limit_minutes, self.step)
+                    break
+                if self._should_stop(stop):
+                    bar.close()
+                    path = self.save()
+                    self._log({"event": "interrupted", "step": self.step})
+                    self._close()
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path, self.step)
+        bar.close()
+        final = self.validate()
+        self.save()
+        if is_main:
+            self._write_metrics(final)
+        self._close()
+        return self.run_dir
+
+    def _should_stop(self, stop: _StopSignal) -> bool:
+        """Every rank stops at the same step when any rank got a signal."""
+        flag = torch.tensor([0.0 if stop.signum is None else float(stop.signum)])
+        if self.dist.enabled:
+            flag = all_reduce_sum(flag.to(self.device)).cpu()
+            if stop.signum is None and flag.item() > 0:
+                stop.signum = signal.SIGTERM
+        return flag.item() > 0
+
+    def _write_metrics(self, final: dict) -> None:
+        metrics = {k: v for k, v in final.items() if k != "event"}
+        metrics.update(
+            run=str(self.run_dir),
+            val_data=str(self.cfg.data.val),
+            images_seen=self.images_seen,
+            skipped_images=self.skipped_images,
+            train_seconds=round(self.train_seconds, 2),
+            train_images_per_s=self.images_seen / max(self.train_seconds, 1e-9),
+            perceptual_loss=self.loss.perceptual_status,
+            stopped_by_time_limit=self.step < self.cfg.train.max_steps,
+        )
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(
+            f"kepler train: {self.run_dir}: {self.step} steps, {self.images_seen} images in "
+            f"{self.train_seconds / 60:.1f} min ({metrics['train_images_per_s']:.1f} img/s)\n"
+            f"  validation ({final['images']} held-out images): PSNR {final['psnr']:.2f} dB "
+            f"(mean-colour baseline {final['baseline_psnr']:.2f} dB), SSIM {final['ssim']:.3f}, "
+            f"L1 {final['l1']:.4f}\n"
+            f"  codebook: utilization {100 * final['utilization']:.1f}% of {final['codebook_entries']} "
+            f"entries, perplexity {final['perplexity']:.1f}\n"
+            f"  wrote {self.run_dir / 'metrics.json'}, {self.run_dir / 'reconstructions.png'}, "
+            f"{self.ckpt_path}, {self.run_dir / 'tb'}"
+        )
+
+    def _close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.log_file is not None:
+            self.log_file.close()
+
+
+def train(cfg: DictConfig, resume: str | bool | None = None) -> Path:
+    """Train per ``cfg`` (see :mod:`kepler.train.config`); returns the run folder.
+
+    Args:
+        resume: a checkpoint path to continue from, or True for the run's own ``checkpoints/last.pt``
+            (a fresh start when it does not exist yet).
+
+    Raises:
+        TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is saved.
+    """
+    dist_info = init_distributed(cfg.device)
+    try:
+        if resume is True:
+            last = run_dir_of(cfg) / "checkpoints" / "last.pt"
+            resume = str(last) if last.is_file() else None
+        trainer = Trainer(cfg, dist_info, resume=resume or None)
+        return trainer.run()
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,256 @@
+"""Training end to end: outputs, exact resume, signals, DDP on 2 gloo processes, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kepler.cli import main
+from kepler.train.checkpoint import load_checkpoint, save_checkpoint
+from kepler.train.config import load_config
+from kepler.train.trainer import Trainer, TrainingInterrupted, learning_rate, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+name: tiny
+seed: 1
+model:
+  ch: 8
+  ch_mult: [1, 2]
+  num_res_blocks: 1
+  attn_resolutions: [16]
+  z_channels: 8
+  resolution: 32
+  norm_groups: 4
+  embed_dim: 8
+  quantizer: {{num_codes: 16, partitions: 4}}
+loss: {{perceptual_weight: 0.0, disc_start: {disc_start}, disc_ndf: 8, disc_num_layers: 2}}
+data: {{train: {train}, val: {val}, size: 32, resize: 40, batch_size: 2, val_batch_size: 4, val_max_images: 4}}
+optim: {{base_lr: 1.0e-4, grad_accum: {accum}, grad_clip: 1.0, warmup_steps: 2, schedule: cosine}}
+train: {{max_steps: {steps}, eval_every: 2, ckpt_every: 2, log_every: 1, grid_images: 2, progress: false, threads: 1}}
+"""
+
+
+def random_images(folder: Path, count: int = 6, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def tiny_config(tmp_path: Path, steps: int = 4, disc_start: int = 1, accum: int = 1, train_data=None,
+                val_data=None) -> Path:
+    if train_data is None:
+        train_data = random_images(tmp_path / "train_images")
+    if val_data is None:
+        val_data = random_images(tmp_path / "val_images", count=3, seed=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(steps=steps, disc_start=disc_start, accum=accum, train=train_data, val=val_data))
+    return path
+
+
+def test_tiny_run_end_to_end_through_the_cli(tmp_path, capsys):
+    config = tiny_config(tmp_path, train_data="sample", val_data="sample")
+    run = tmp_path / "run"
+    assert main(["train", str(config), f"run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "mean-colour baseline" in out and "utilization" in out
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["event"] == "train"]
+    eval_records = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert [r["step"] for r in eval_records] == [2, 4]
+    for key in ("loss", "l1", "utilization", "perplexity", "images_per_s", "lr"):
+        assert np.isfinite(train_records[-1][key]), key
+    assert "d_loss" in train_records[-1]  # the GAN is on from step 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("psnr", "ssim", "l1", "baseline_psnr", "utilization", "perplexity"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["step"] == 4 and metrics["images_seen"] == 8
+    assert (run / "recon_step2.png").is_file() and (run / "recon_step4.png").is_file()
+    assert (run / "reconstructions.png").read_bytes() == (run / "recon_step4.png").read_bytes()
+    # 2 (original, reconstruction) pairs in one row, 2-pixel padding
+    assert Image.open(run / "reconstructions.png").size == (4 * 32 + 5 * 2, 32 + 2 * 2)
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["name"] == "tiny"
+    for key in ("model", "discriminator", "opt_ae", "opt_disc", "sched_ae", "sched_disc", "scaler", "rng", "data"):
+        assert key in state, key
+    assert "quantize.usage_counts" in state["model"]
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # atomic write left no temporary file
+
+
+def _flat_state(state: dict) -> dict:
+    out = {}
+    for key in ("model", "discriminator"):
+        for name, tensor in state[key].items():
+            out[f"{key}.{name}"] = tensor
+    for key in ("opt_ae", "opt_disc"):
+        for pid, pstate in state[key]["state"].items():
+            for name, value in pstate.items():
+                out[f"{key}.{pid}.{name}"] = torch.as_tensor(value)
+    return out
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, steps=4, disc_start=1, accum=2)
+    full = train(load_config(config, [f"run_dir={tmp_path / 'full'}"]))
+    half = load_config(config, [f"run_dir={tmp_path / 'half'}"])
+    original_step = Trainer.train_step
+
+    def step_then_interrupt(self, batches):
+        logs = original_step(self, batches)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the real path: the handler, then a checkpoint
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 2"):
+        train(half)
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    resumed = train(half, resume=True)
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    assert a["data"] == b["data"]
+    flat_a, flat_b = _flat_state(a), _flat_state(b)
+    assert flat_a.keys() == flat_b.keys()
+    for name in flat_a:
+        assert torch.equal(flat_a[name], flat_b[name]), name
+    assert a["sched_ae"]["last_epoch"] == b["sched_ae"]["last_epoch"] == 4
+    torch.testing.assert_close(a["rng"][0]["torch"], b["rng"][0]["torch"], rtol=0, atol=0)
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for training to start")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
+    config = tiny_config(tmp_path, steps=100000, disc_start=1000000)
+    run = tmp_path / "run"
+    log = run / "log.jsonl"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kepler", "train", str(config), f"run_dir={run}", "train.ckpt_every=100000",
+         "train.eval_every=100000"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    _wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, 240, proc)
+    proc.send_signal(signum)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert "continue with --resume" in stderr
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert 2 <= state["step"] < 100000
+    assert json.loads(log.read_text().splitlines()[-1]) == {"event": "interrupted", "step": state["step"]}
+    # and the run continues from there
+    assert main(["train", str(config), f"run_dir={run}", f"train.max_steps={state['step'] + 1}",
+                 "train.eval_every=1000", "--resume"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == state["step"] + 1
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    config = tiny_config(tmp_path, steps=3, disc_start=2, accum=2)
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kepler", "train", str(config), f"run_dir={run}", "device=cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["step"] == 3
+    assert state["counters"]["images_seen"] == 3 * 2 * 2 * 2  # steps x accum x batch x ranks
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["images"] == 3  # the 3 validation images, sharded over 2 ranks, counted once
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "train" for r in records) == 3  # only rank 0 logs
+
+
+def test_corrupt_training_images_are_skipped_and_counted(tmp_path):
+    images = random_images(tmp_path / "train_images", count=4)
+    (images / "img1.png").write_bytes(b"broken")
+    config = tiny_config(tmp_path, steps=2, disc_start=100, train_data=images)
+    with pytest.warns(UserWarning, match="skipping unreadable image .*img1.png"):
+        run = train(load_config(config, [f"run_dir={tmp_path / 'run'}"]))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["skipped_images"] >= 1
+
+
+def test_empty_training_folder_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = tiny_config(tmp_path, train_data=empty)
+    assert main(["train", str(config)]) == 2
+    assert f"empty dataset: no images (.jpg, .jpeg, .png, .webp) found under {empty}" in capsys.readouterr().err
+
+
+def test_learning_rate_scaling():
+    cfg = load_config(None, ["optim.base_lr=1e-5", "data.batch_size=4", "optim.grad_accum=2"])
+    assert learning_rate(cfg, world_size=3) == pytest.approx(1e-5 * 4 * 2 * 3)
+    cfg = load_config(None, ["optim.base_lr=1e-5", "optim.scale_lr=false"])
+    assert learning_rate(cfg, world_size=3) == pytest.approx(1e-5)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  chanels: 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'model.chanels'"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="unknown config key 'train.max_step'"):
+        load_config(None, ["train.max_step=3"])
+    with pytest.raises(ValueError, match="config key 'optim.base_lr' must be a number"):
+        load_config(None, ["optim.base_lr=fast"])
+    with pytest.raises(ValueError, match="override 'seed' must look like key=value"):
+        load_config(None, ["seed"])
+    with pytest.raises(FileNotFoundError, match="config file .*missing.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    for name in ("sample", "celebahq_f16", "ade20k_f16"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.name
+    paper = load_config(REPO / "configs" / "ade20k_f16.yaml")
+    assert paper.model.quantizer.num_codes == 1024 and paper.model.quantizer.partitions == 4
+    assert 2 ** (len(paper.model.ch_mult) - 1) == 16
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {}, "config": {}, "step": 1}, path)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
