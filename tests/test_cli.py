@@ -1,0 +1,127 @@
+"""The ``kepler`` command line: every command's help, errors, and the image/code round trip."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_train import random_images, tiny_config
+
+from kepler.cli import main
+from kepler.train.config import load_config
+from kepler.train.trainer import train
+
+COMMANDS = ["train", "eval", "reconstruct", "encode", "decode", "study"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_cli")
+    config = tiny_config(tmp, steps=2, disc_start=100)
+    return train(load_config(config, [f"run_dir={tmp / 'run'}"])) / "checkpoints" / "last.pt"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: kepler {command}" in capsys.readouterr().out
+
+
+def test_python_dash_m_kepler():
+    proc = subprocess.run([sys.executable, "-m", "kepler", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: kepler" in proc.stdout
+
+
+def test_no_command_and_unknown_command_are_usage_errors(capsys):
+    for argv in ([], ["fly"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert "invalid choice: 'fly'" in capsys.readouterr().err
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_train_errors(tmp_path, capsys):
+    err = _error(["train", str(tmp_path / "missing.yaml")], capsys)
+    assert err.startswith("kepler train: error: config file") and "missing.yaml does not exist" in err
+    config = tiny_config(tmp_path)
+    assert "unknown config key 'optim.lr'" in _error(["train", str(config), "optim.lr=1"], capsys)
+    assert "override 'optim.base_lr' must look like key=value" in _error(["train", str(config), "optim.base_lr"], capsys)
+    err = _error(["train", str(config), "--resume", str(tmp_path / "nope.pt")], capsys)
+    assert "--resume: checkpoint" in err and "nope.pt does not exist" in err
+
+
+def test_eval_errors(tmp_path, checkpoint, capsys):
+    err = _error(["eval", str(tmp_path / "missing.pt")], capsys)
+    assert "kepler eval: error: checkpoint" in err and "missing.pt does not exist" in err
+    err = _error(["eval", str(checkpoint), "--data", str(tmp_path / "nowhere")], capsys)
+    assert "is neither an embedded data set" in err
+    err = _error(["eval", str(checkpoint), "--data", "faces", "--resolution", "31"], capsys)
+    assert "resolution 31 is not a multiple of the downsampling factor 2" in err
+
+
+def test_eval_command(tmp_path, checkpoint, capsys):
+    images = random_images(tmp_path / "val", count=2)
+    assert main(["eval", str(checkpoint), "--data", str(images), "--resolution", "32", "40",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "psnr" in out and "LPIPS off: no weights at" in out
+    assert (tmp_path / "out" / "eval.json").is_file()
+
+
+def test_reconstruct_encode_decode_round_trip(tmp_path, checkpoint, capsys):
+    images = random_images(tmp_path / "images", count=2)
+    photo = images / "img0.png"  # 48 x 40
+    assert main(["reconstruct", str(checkpoint), str(photo), "--out", str(tmp_path / "recon")]) == 0
+    pair = np.asarray(Image.open(tmp_path / "recon" / "img0_recon.png"))
+    assert pair.shape == (40, 96, 3)
+    np.testing.assert_array_equal(pair[:, :48], np.asarray(Image.open(photo)))
+
+    assert main(["encode", str(checkpoint), str(photo), "--out", str(tmp_path / "codes")]) == 0
+    codes = np.load(tmp_path / "codes" / "img0.npy")
+    assert codes.shape == (20, 24, 4) and codes.dtype == np.int64
+    assert main(["decode", str(checkpoint), str(tmp_path / "codes" / "img0.npy"), "--out", str(tmp_path / "dec")]) == 0
+    decoded = np.asarray(Image.open(tmp_path / "dec" / "img0.png"))
+    np.testing.assert_array_equal(decoded, pair[:, 48:])
+
+    assert main(["encode", str(checkpoint), str(photo), "--size", "32", "--out", str(tmp_path / "c32")]) == 0
+    assert np.load(tmp_path / "c32" / "img0.npy").shape == (16, 16, 4)
+
+
+def test_image_command_errors(tmp_path, checkpoint, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    err = _error(["reconstruct", str(checkpoint), str(broken), "--out", str(tmp_path / "o")], capsys)
+    assert f"cannot read image {broken}" in err
+    good = random_images(tmp_path / "images", count=1) / "img0.png"
+    err = _error(["encode", str(checkpoint), str(good), "--size", "33", "--out", str(tmp_path / "o")], capsys)
+    assert "--size 33 must be a multiple of the downsampling factor 2" in err
+    wrong_shape = tmp_path / "wrong.npy"
+    np.save(wrong_shape, np.zeros((4, 4), dtype=np.int64))
+    err = _error(["decode", str(checkpoint), str(wrong_shape), "--out", str(tmp_path / "o")], capsys)
+    assert "expected an integer (H, W, 4) code map" in err
+    out_of_range = tmp_path / "range.npy"
+    np.save(out_of_range, np.full((2, 2, 4), 16, dtype=np.int64))
+    err = _error(["decode", str(checkpoint), str(out_of_range), "--out", str(tmp_path / "o")], capsys)
+    assert "code indices must be in [0, 16)" in err
+    err = _error(["decode", str(checkpoint), str(tmp_path / "absent.npy"), "--out", str(tmp_path / "o")], capsys)
+    assert "cannot read code map" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", str(checkpoint), str(good)])  # --out is required
+    assert exit_info.value.code == 2

@@ -1,0 +1,141 @@
+"""Evaluation: metrics, the Frechet distance against scipy, evaluate() on a tiny checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from test_train import tiny_config
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from kepler.data import build_dataset
+from kepler.train.config import load_config
+from kepler.train.evaluate import (
+    _shard,
+    evaluate,
+    format_table,
+    load_fid,
+    load_model,
+    mean_colour,
+    psnr,
+    run_validation,
+    ssim,
+)
+from kepler.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_eval")
+    config = tiny_config(tmp, steps=2, disc_start=100)
+    run = train(load_config(config, [f"run_dir={tmp / 'run'}"]))
+    return run / "checkpoints" / "last.pt", tmp / "val_images"
+
+
+class _Features(nn.Module):
+    """Stand-in feature extractor: the input rows are the features."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+@pytest.mark.parametrize("dim", [3, 7])
+def test_frechet_distance_matches_scipy(dim):
+    rng = np.random.default_rng(dim)
+    real = rng.normal(size=(400, dim))
+    mixing = rng.normal(size=(dim, dim)) * 0.5 + np.eye(dim)
+    fake = rng.normal(size=(300, dim)) @ mixing + 0.3
+    fid = FrechetInceptionDistance(feature=_Features(dim))
+    fid.update(torch.from_numpy(real), real=True)
+    fid.update(torch.from_numpy(fake), real=False)
+    assert float(fid.compute()) == pytest.approx(_scipy_frechet(real, fake), rel=1e-6, abs=1e-8)
+
+
+def test_psnr_ssim_and_baseline():
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.all(ssim(x, x) > 0.999)
+    y = (x + 0.1).clamp(0, 1)
+    mse = (x - y).square().flatten(1).mean(1)
+    torch.testing.assert_close(psnr(x, y), 10 * torch.log10(1 / mse))
+    flat = mean_colour(x)
+    assert flat.shape == x.shape and torch.allclose(flat[:, :, 3, 5], x.mean(dim=(2, 3)))
+
+
+def test_shards_have_equal_batch_counts_and_count_each_image_once():
+    for n, world in [(3, 2), (10, 4), (1, 2), (8, 2)]:
+        shards = [_shard(n, 2, r, world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        counted = sorted(i for s in shards for batch in s for i, c in batch if c)
+        assert counted == list(range(n))
+
+
+def test_missing_inception_weights_say_where(tmp_path):
+    metric, reason = load_fid(tmp_path / "inception.pth")
+    assert metric is None and reason == f"no weights at {tmp_path / 'inception.pth'}"
+
+
+def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path, capsys):
+    checkpoint, val_images = tiny_checkpoint
+    results = evaluate(checkpoint, data=str(val_images), resolutions=(None, 48), out=tmp_path,
+                       lpips_vgg_path=str(tmp_path / "no_vgg.pth"), inception_path=str(tmp_path / "no_inc.pth"))
+    assert set(results["resolutions"]) == {"32", "48"}
+    for metrics in results["resolutions"].values():
+        assert metrics["images"] == 3
+        for key in ("psnr", "ssim", "l1", "baseline_psnr", "utilization", "perplexity"):
+            assert np.isfinite(metrics[key])
+        assert 0 < metrics["utilization"] <= 1
+    assert results["lpips"] == f"off: no weights at {tmp_path / 'no_vgg.pth'}"
+    assert results["rfid"] == f"off: no weights at {tmp_path / 'no_inc.pth'}"
+    assert "packing" in results
+    assert json.loads((tmp_path / "eval.json").read_text())["resolutions"]["48"]["images"] == 3
+    table = capsys.readouterr().out
+    assert "resolution" in table and "baseline_psnr" in table
+    assert format_table(results).count("\n") == 2
+
+
+def test_validation_keeps_training_usage_and_computes_rfid(tiny_checkpoint):
+    checkpoint, val_images = tiny_checkpoint
+    model, _ = load_model(checkpoint)
+    before = model.quantize.usage_counts.clone()
+    dataset = build_dataset(val_images, "val", 32)
+
+    class ColourStats(nn.Module):
+        num_features = 6
+
+        def forward(self, x):
+            return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+    fid = FrechetInceptionDistance(feature=ColourStats())
+    metrics, grid = run_validation(model, dataset, batch_size=2, device=torch.device("cpu"), fid=fid,
+                                   grid_images=2)
+    assert torch.equal(model.quantize.usage_counts, before)
+    assert np.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0
+    assert grid[0].shape == grid[1].shape == (2, 3, 32, 32)
+
+
+def test_evaluate_bad_resolution(tiny_checkpoint):
+    checkpoint, val_images = tiny_checkpoint
+    with pytest.raises(ValueError, match="resolution 33 is not a multiple of the downsampling factor 2"):
+        evaluate(checkpoint, data=str(val_images), resolutions=(33,), print_table=False)
+
+
+def test_evaluate_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*missing.pt does not exist"):
+        evaluate(tmp_path / "missing.pt")
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(1)}, bogus)
+    with pytest.raises(ValueError, match="is not a kepler checkpoint"):
+        evaluate(bogus)
