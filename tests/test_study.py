@@ -1,0 +1,243 @@
+"""kepler study: the statistics by hand, the config checks, and the --quick mode end to end."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kepler import study
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY_CONFIG = ROOT / "configs" / "study_sample.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def test_summarize_matches_hand_computed_mean_and_sample_sd():
+    s = study.summarize([1.0, 2.0, 4.0])
+    assert s["mean"] == pytest.approx(7 / 3)
+    # ((1 - 7/3)^2 + (2 - 7/3)^2 + (4 - 7/3)^2) / (3 - 1) = (16 + 1 + 25) / 9 / 2 = 7/3
+    assert s["sd"] == pytest.approx(math.sqrt(7 / 3))
+    assert (s["min"], s["max"], s["n"], s["values"]) == (1.0, 4.0, 3, [1.0, 2.0, 4.0])
+
+
+def test_summarize_two_seeds_and_one_seed():
+    two = study.summarize([20.0, 22.0])
+    assert two["mean"] == 21.0
+    assert two["sd"] == pytest.approx(math.sqrt(2.0))  # |a - b| / sqrt(2)
+    one = study.summarize([5.0])
+    assert one["mean"] == 5.0 and one["sd"] is None and one["n"] == 1
+
+
+def test_summarize_keeps_a_diverged_seed_visible():
+    assert math.isnan(study.summarize([1.0, float("nan")])["mean"])
+
+
+def test_summarize_rejects_no_values():
+    with pytest.raises(ValueError, match="at least one value"):
+        study.summarize([])
+
+
+def test_aggregate_groups_by_variant_in_run_order():
+    runs = [
+        {"variant": "a", "metrics": {"psnr": 20.0, "utilization": 0.5}},
+        {"variant": "b", "metrics": {"psnr": 10.0, "utilization": 1.0}},
+        {"variant": "a", "metrics": {"psnr": 22.0, "utilization": 0.7}},
+        {"variant": "b", "metrics": {"psnr": 13.0, "utilization": 1.0}},
+    ]
+    out = study.aggregate(runs, ["psnr", "utilization"])
+    assert out["a"]["psnr"]["values"] == [20.0, 22.0]
+    assert out["a"]["psnr"]["mean"] == 21.0
+    assert out["a"]["utilization"]["mean"] == pytest.approx(0.6)
+    assert out["a"]["utilization"]["sd"] == pytest.approx(math.sqrt(0.02))
+    assert out["b"]["psnr"]["mean"] == 11.5
+    assert out["b"]["psnr"]["sd"] == pytest.approx(1.5 * math.sqrt(2.0))
+    assert out["b"]["utilization"]["sd"] == 0.0
+
+
+def test_aggregate_skips_a_metric_missing_in_any_run():
+    runs = [{"variant": "a", "metrics": {"psnr": 1.0, "min_nn": None}}, {"variant": "a", "metrics": {"psnr": 2.0}}]
+    assert set(study.aggregate(runs, ["psnr", "min_nn"])["a"]) == {"psnr"}
+
+
+def test_outside_seed_noise_is_range_overlap():
+    a = study.summarize([1.0, 2.0])
+    assert study.outside_seed_noise(a, study.summarize([2.5, 3.0])) is True
+    assert study.outside_seed_noise(study.summarize([2.5, 3.0]), a) is True
+    assert study.outside_seed_noise(a, study.summarize([1.5, 3.0])) is False
+    assert study.outside_seed_noise(a, study.summarize([3.0])) is None
+
+
+def test_bits_per_position():
+    assert study.bits_per_position(4096, 1) == 12.0
+    assert study.bits_per_position(8, 4) == 12.0
+    assert study.bits_per_position(16, 3) == 12.0
+    assert study.bits_per_position(1024, 4) == 40.0
+    assert study.bits_per_position(16, 2, scale=0.5) == 6.0
+    with pytest.raises(ValueError, match="partitions >= 1"):
+        study.bits_per_position(8, 0)
+
+
+def test_effective_bits_sums_per_partition_entropy():
+    # partition 0: two codes equally often (1 bit); partition 1: one code (0 bits);
+    # partition 2: 1/2, 1/4, 1/4 (1.5 bits)
+    counts = [[3, 3, 0, 0], [5, 0, 0, 0], [2, 1, 1, 0]]
+    assert study.effective_bits(counts) == pytest.approx(2.5)
+    assert study.effective_bits([[0, 0]]) == 0.0
+
+
+# ------------------------------------------------------------------------------ weight choice
+
+BASELINE = {"psnr": 20.0, "perplexity": 6.0, "utilization": 0.9}
+THRESHOLDS = {"psnr_db": 0.1, "perplexity_rel": 0.05, "utilization_abs": 0.05}
+
+
+def test_visible_change_names_each_metric_that_moved():
+    assert study.visible_change(dict(BASELINE), BASELINE, THRESHOLDS) == []
+    moved = study.visible_change({"psnr": 19.8, "perplexity": 6.6, "utilization": 0.96}, BASELINE, THRESHOLDS)
+    assert moved == ["PSNR -0.20 dB", "perplexity +10.0%", "utilization +0.060"]
+
+
+def test_select_weight_best_psnr_among_visible_changes():
+    candidates = [
+        (1e-3, {"psnr": 20.05, "perplexity": 6.0, "utilization": 0.9}),  # invisible, though best PSNR
+        (1e-2, {"psnr": 19.5, "perplexity": 7.0, "utilization": 0.9}),
+        (1e-1, {"psnr": 19.9, "perplexity": 6.0, "utilization": 1.0}),
+        (1.0, {"psnr": 15.0, "perplexity": 3.0, "utilization": 0.5}),
+    ]
+    choice = study.select_weight(candidates, BASELINE, THRESHOLDS)
+    assert choice["weight"] == 1e-1
+    assert choice["visible"][repr(1e-3)] == []
+    assert "visibly change" in choice["rule"]
+
+
+def test_select_weight_without_visible_change_takes_the_largest():
+    candidates = [(w, dict(BASELINE)) for w in (1e-3, 1e-1, 1e-2)]
+    choice = study.select_weight(candidates, BASELINE, THRESHOLDS)
+    assert choice["weight"] == 1e-1
+    assert choice["rule"].startswith("no swept weight")
+
+
+def test_select_weight_needs_candidates():
+    with pytest.raises(ValueError, match="at least one candidate"):
+        study.select_weight([], BASELINE, THRESHOLDS)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_override_strings_round_trip_through_the_trainer_config():
+    from kepler.train.config import load_config
+
+    overrides = [
+        study.override_string("model.quantizer.kepler_kl_weight", 1e-8),
+        study.override_string("model.quantizer.ema_decay", None),
+        study.override_string("model.quantizer.shared_codebook", False),
+        study.override_string("model.quantizer.init", "lattice:fcc"),
+        study.override_string("model.ch_mult", [1, 2]),
+    ]
+    cfg = load_config(None, overrides)
+    q = cfg.model.quantizer
+    assert q.kepler_kl_weight == 1e-8 and q.ema_decay is None and q.shared_codebook is False
+    assert q.init == "lattice:fcc" and list(cfg.model.ch_mult) == [1, 2]
+
+
+def test_default_study_variants_all_spend_12_bits():
+    from kepler.train.config import load_config
+
+    cfg = study.load_study_config(STUDY_CONFIG)
+    assert len(cfg["seeds"]) == 2
+    for name, variant in cfg["variants"].items():
+        settings = {k: (1.0 if v == study.SWEEP_MARKER else v) for k, v in variant["set"].items()}
+        overrides = [study.override_string(k, v) for k, v in {**cfg["common"], **settings}.items()]
+        layout = study.quantizer_layout(load_config(cfg["base"], overrides))
+        assert layout["bits"] == 12.0, name
+    assert cfg["variants"]["kepler_kl_released"]["set"]["model.quantizer.kepler_kl_weight"] == 1e-8
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_load_study_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        study.load_study_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="no 'variants' entry"):
+        study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: [0]\n"))
+    with pytest.raises(ValueError, match="takes 'model.quantizer.packing_weight' from the sweep"):
+        study.load_study_config(_write(
+            tmp_path, "base: x.yaml\nseeds: [0]\nvariants:\n  a:\n    set: {model.quantizer.packing_weight: sweep}\n"))
+    with pytest.raises(ValueError, match="compares to unknown variant 'b'"):
+        study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: [0]\nvariants:\n  a: {set: {}, compare_to: b}\n"))
+    with pytest.raises(ValueError, match=r"write 1.0e-3, not 1e-3"):
+        study.load_study_config(_write(
+            tmp_path,
+            "base: x.yaml\nseeds: [0]\nvariants:\n  a: {set: {}}\n"
+            "sweep: {variant: a, weights: {model.quantizer.packing_weight: ['1e-3']}}\n"))
+    with pytest.raises(ValueError, match="'seeds' must be a non-empty list of ints"):
+        study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: []\nvariants:\n  a: {set: {}}\n"))
+
+
+def test_quick_block_replaces_budget_and_keeps_variants():
+    full = study.load_study_config(STUDY_CONFIG)
+    quick = study.load_study_config(STUDY_CONFIG, quick=True)
+    assert quick["quick"] and not full["quick"]
+    assert list(quick["variants"]) == list(full["variants"])
+    assert quick["common"]["train.max_steps"] < full["common"]["train.max_steps"]
+    assert quick["common"]["model.quantizer.init"] == "uniform"  # merged, not replaced
+    assert set(quick["sweep"]["weights"]) == set(full["sweep"]["weights"])
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    assert study.main(parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(out)])) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_study_writes_every_output(quick_study):
+    result = json.loads((quick_study / "study.json").read_text())
+    variants = list(study.load_study_config(STUDY_CONFIG)["variants"])
+    assert list(result["variants"]) == variants
+    assert sorted({(r["variant"], r["seed"]) for r in result["runs"]}) == sorted((v, s) for v in variants for s in (0, 1))
+    table = (quick_study / "study.md").read_text()
+    for name in variants:
+        assert f"| `{name}` | 12.0 |" in table
+    for plot in ["curves.png", "usage.png", "codewords_kepler_3d.png", "codewords_kepler_fcc.png"]:
+        data = (quick_study / plot).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
+    for name in variants:
+        stats = result["summary"][name]
+        for metric, _, _ in study.TABLE_METRICS:
+            assert stats[metric]["n"] == 2 and math.isfinite(stats[metric]["mean"]), (name, metric)
+
+
+@pytest.mark.slow
+def test_quick_study_weights_come_from_the_sweep(quick_study):
+    result = json.loads((quick_study / "study.json").read_text())
+    sweep = result["sweep"]
+    for variant, key in [("kepler_kl", "model.quantizer.kepler_kl_weight"), ("kepler_packing", "model.quantizer.packing_weight")]:
+        chosen = sweep["params"][key]["weight"]
+        assert chosen in [c["weight"] for c in sweep["params"][key]["candidates"]]
+        field = key.rsplit(".", 1)[-1]
+        assert result["variants"][variant]["layout"][field] == chosen
+    assert "## Weight sweep" in (quick_study / "study.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_study_reuses_finished_runs(quick_study):
+    cfg = study.load_study_config(STUDY_CONFIG, quick=True)
+    again = study.run_study(cfg, quick_study)
+    assert all(r.get("reused") for r in again["runs"])
