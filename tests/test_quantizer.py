@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kepler
+from conftest import backend_params
 from kepler.nn import KeplerQuantizer, QuantizerOutput
 from kepler.nn.quantizer import KMEANS_ITERATIONS
 
@@ -68,11 +69,19 @@ def spread_codebook(quantizer):
     return quantizer
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# float32 on every backend; float64 runs on the reference backend only.
+BACKEND_DTYPES = [
+    pytest.param(param.values[0], torch.float32, marks=param.marks, id=f"{param.id}-float32")
+    for param in backend_params()
+] + [pytest.param("reference", torch.float64, id="reference-float64")]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("legacy", [True, False])
 @pytest.mark.parametrize("name", ["group", "custom"])
-def test_matches_released_quantizer(name, legacy, dtype):
-    quantizer = spread_codebook(make_quantizer(partition=name, legacy=legacy, beta=0.3)).to(dtype)
+def test_matches_released_quantizer(name, legacy, backend, dtype):
+    quantizer = make_quantizer(partition=name, legacy=legacy, beta=0.3, backend=backend)
+    quantizer = spread_codebook(quantizer).to(dtype)
     z = torch.randn(3, 16, 5, 7, dtype=dtype, requires_grad=True)
     weight = quantizer.codebook.detach().clone().requires_grad_(True)
     z_ref = z.detach().clone().requires_grad_(True)
@@ -99,10 +108,11 @@ def test_matches_released_quantizer(name, legacy, dtype):
     )
 
 
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("name", ["group", "custom", "layer"])
-def test_get_codebook_entry_inverts_forward(name, shared):
-    quantizer = spread_codebook(make_quantizer(partition=name, shared_codebook=shared))
+def test_get_codebook_entry_inverts_forward(name, shared, backend):
+    quantizer = spread_codebook(make_quantizer(partition=name, shared_codebook=shared, backend=backend))
     z = torch.randn(2, 16, 4, 4)
     out = quantizer(z)
     assert torch.equal(quantizer.get_codebook_entry(out.indices), out.z_q)
