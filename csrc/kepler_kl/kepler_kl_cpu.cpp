@@ -1,0 +1,601 @@
+// Fused Kepler KL regularizer on the CPU: per row, standardize, softmax, and
+// sum_i p_i * log(p_i / q_i + eps), without materializing any (B, M) intermediate.
+//
+// Passes over a row (fp32 math, fp64 accumulation across blocks of kBlock elements):
+//   forward:  (1) mean / M2 (Chan's merge of per-block two-pass moments), max, min
+//             (2) sum of exp(s - max s)  -> logsumexp
+//             (3) sum of p_i * log(p_i / q_i + eps)
+//   backward: (1) sum p, sum p g, sum p s, sum p s g, sum s   (g = dL/dp)
+//             (2) write dL/dx
+// Rows are spread over threads; when there are fewer rows than threads a long row is cut into
+// chunks whose partial sums are combined per row between passes (two-level reduction).
+// The math (standardization rule for degenerate rows, gradient formula) is documented in
+// kepler/ops/kepler_kl.py; kepler/reference/kepler_kl.py is the spec.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace kepler {
+namespace {
+
+// Elements handled at a time: converted to fp32 (bf16/fp16 inputs) into an L1-resident buffer.
+constexpr int64_t kBlock = 512;
+// Smallest piece of a row worth its own task when a row is split across threads.
+constexpr int64_t kMinChunk = 32768;
+
+// The block loops are compiled twice, for AVX2+FMA and for the baseline, and picked at load
+// time (GCC function multi-versioning): the exp/log below vectorize 8 wide on AVX2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KEPLER_KL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KEPLER_KL_CLONES
+#endif
+
+inline float bits_to_float(int32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline int32_t float_to_bits(float value) {
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// exp(x), branch-free so that loops over it vectorize (the libm call does not without
+// -ffast-math). Cephes' expf polynomial, about 2 ulp; 0 below -87.3 (the subnormal range),
+// NaN propagates.
+inline float vec_exp(float x) {
+  constexpr float kLow = -87.3f;
+  constexpr float kHigh = 88.0f;
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
+  float clamped = x < kLow ? kLow : x;
+  clamped = clamped > kHigh ? kHigh : clamped;
+  const float shifted = clamped * 1.44269504088896341f + kRoundShift;
+  const float n = shifted - kRoundShift;
+  const int32_t n_int = float_to_bits(shifted) - float_to_bits(kRoundShift);
+  const float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const float result = y * bits_to_float((n_int + 127) << 23);
+  return x < kLow ? 0.0f : result;
+}
+
+// log(x) for positive normal x, branch-free (Cephes' logf polynomial, about 1 ulp).
+inline float vec_log(float x) {
+  const int32_t bits = float_to_bits(x);
+  int32_t exponent = (bits >> 23) - 127;
+  float mantissa = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const bool upper = mantissa > 1.41421356f;
+  mantissa = upper ? mantissa * 0.5f : mantissa;
+  exponent = upper ? exponent + 1 : exponent;
+  const float e = static_cast<float>(exponent);
+  const float f = mantissa - 1.0f;  // in [sqrt(1/2) - 1, sqrt(2) - 1]
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+// log(r + eps) and r / (r + eps) from log_ratio = log r and log_eps = log eps, without forming r
+// (which overflows when q is tiny): log(r + eps) = max(a, b) + log(1 + exp(-|a - b|)).
+struct EpsTerm {
+  float log_ratio_eps;  // log(r + eps)
+  float ratio_share;    // r / (r + eps)
+};
+
+inline EpsTerm eps_term(float log_ratio, float log_eps) {
+  const float diff = log_ratio - log_eps;
+  const float e = vec_exp(-std::fabs(diff));
+  const float one_plus = 1.0f + e;
+  EpsTerm term;
+  // log1p(e) as log(1 + e) * e / ((1 + e) - 1): exact to fp32 rounding even for tiny e.
+  const float rounded_e = one_plus - 1.0f;
+  const float log1p_e = rounded_e == 0.0f ? e : vec_log(one_plus) * (e / rounded_e);
+  term.log_ratio_eps = (log_ratio > log_eps ? log_ratio : log_eps) + log1p_e;
+  term.ratio_share = (diff >= 0.0f ? 1.0f : e) / one_plus;
+  return term;
+}
+
+// ---- block kernels (fp32 data, fp32 accumulation over at most kBlock elements) ----
+
+struct BlockMoments {
+  float mean, m2, max, min;
+};
+
+KEPLER_KL_CLONES BlockMoments block_moments(const float* x, int64_t n) {
+  float sum = 0.0f, hi = x[0], lo = x[0];
+#pragma omp simd reduction(+ : sum) reduction(max : hi) reduction(min : lo)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += x[i];
+    hi = x[i] > hi ? x[i] : hi;
+    lo = x[i] < lo ? x[i] : lo;
+  }
+  const float mean = sum / static_cast<float>(n);
+  float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = x[i] - mean;
+    m2 += d * d;
+  }
+  return {mean, m2, hi, lo};
+}
+
+KEPLER_KL_CLONES float block_sum_exp(const float* x, int64_t n, float mean, float inv_scale, float shift) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += vec_exp((x[i] - mean) * inv_scale - shift);
+  return acc;
+}
+
+KEPLER_KL_CLONES float block_loss(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
+                                  float lse, float log_eps, bool has_eps) {
+  float acc = 0.0f;
+  if (has_eps) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) {
+      const float log_p = (x[i] - mean) * inv_scale - lse;
+      acc += vec_exp(log_p) * eps_term(log_p - logq[i], log_eps).log_ratio_eps;
+    }
+  } else {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) {
+      const float log_p = (x[i] - mean) * inv_scale - lse;
+      acc += vec_exp(log_p) * (log_p - logq[i]);
+    }
+  }
+  return acc;
+}
+
+// dL/dp_i = log(r_i + eps) + r_i / (r_i + eps), r_i = p_i / q_i.
+inline float dloss_dp(float log_ratio, float log_eps, bool has_eps) {
+  if (!has_eps) return log_ratio + 1.0f;
+  const EpsTerm term = eps_term(log_ratio, log_eps);
+  return term.log_ratio_eps + term.ratio_share;
+}
+
+struct GradSums {
+  float p, pg, ps, psg, s;
+};
+
+KEPLER_KL_CLONES GradSums block_grad_sums(const float* x, const float* logq, int64_t n, float mean,
+                                          float inv_scale, float lse, float log_eps, bool has_eps) {
+  float sp = 0.0f, spg = 0.0f, sps = 0.0f, spsg = 0.0f, ss = 0.0f;
+#pragma omp simd reduction(+ : sp, spg, sps, spsg, ss)
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = (x[i] - mean) * inv_scale;
+    const float p = vec_exp(s - lse);
+    const float g = dloss_dp(s - lse - logq[i], log_eps, has_eps);
+    sp += p;
+    spg += p * g;
+    sps += p * s;
+    spsg += p * s * g;
+    ss += s;
+  }
+  return {sp, spg, sps, spsg, ss};
+}
+
+// grad_i = coef_p * p_i * (g_i - g_mean) - coef_s * (s_i - s_mean)
+KEPLER_KL_CLONES void block_grad(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
+                                 float lse, float log_eps, bool has_eps, float coef_p, float g_mean,
+                                 float coef_s, float s_mean, float* grad) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = (x[i] - mean) * inv_scale;
+    const float p = vec_exp(s - lse);
+    const float g = dloss_dp(s - lse - logq[i], log_eps, has_eps);
+    grad[i] = coef_p * p * (g - g_mean) - coef_s * (s - s_mean);
+  }
+}
+
+// ---- row pieces: [begin, end) of one row, any input dtype, fp64 accumulation across blocks ----
+
+// Calls fn(offset, n, fp32 pointer) for each block of x[begin:end).
+template <typename scalar_t, typename Fn>
+void for_each_block(const scalar_t* x, int64_t begin, int64_t end, Fn&& fn) {
+  float buffer[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = std::min(kBlock, end - start);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      fn(start, n, x + start);
+    } else {
+      for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(x[start + i]);
+      fn(start, n, static_cast<const float*>(buffer));
+    }
+  }
+}
+
+struct Moments {
+  double count = 0.0, mean = 0.0, m2 = 0.0;
+  float max = -std::numeric_limits<float>::infinity();
+  float min = std::numeric_limits<float>::infinity();
+
+  // Chan et al.'s pairwise update: exact merge of two (count, mean, M2) summaries.
+  void merge(double other_count, double other_mean, double other_m2, float other_max, float other_min) {
+    if (other_count == 0.0) return;
+    const double total = count + other_count;
+    const double delta = other_mean - mean;
+    mean += delta * other_count / total;
+    m2 += other_m2 + delta * delta * count * other_count / total;
+    count = total;
+    max = std::max(max, other_max);
+    min = std::min(min, other_min);
+  }
+  void merge(const Moments& other) { merge(other.count, other.mean, other.m2, other.max, other.min); }
+};
+
+template <typename scalar_t>
+Moments row_moments(const scalar_t* x, int64_t begin, int64_t end) {
+  Moments moments;
+  for_each_block(x, begin, end, [&](int64_t, int64_t n, const float* xf) {
+    const BlockMoments block = block_moments(xf, n);
+    moments.merge(static_cast<double>(n), block.mean, block.m2, block.max, block.min);
+  });
+  return moments;
+}
+
+// What the passes after the moments need about a row.
+struct RowParams {
+  float mean;       // fp32 row mean
+  float scale;      // divisor (variance or std); 0 for a degenerate row (standardizes to 0)
+  float inv_scale;  // 1 / scale, 0 for a degenerate row
+  float shift;      // max of s over the row (softmax shift)
+};
+
+inline float inverse_scale(float scale) { return scale == 0.0f ? 0.0f : 1.0f / scale; }
+
+RowParams row_params(const Moments& moments, int64_t num_cols, bool use_std) {
+  const double variance = num_cols > 1 ? moments.m2 / static_cast<double>(num_cols - 1) : 0.0;
+  float scale = static_cast<float>(use_std ? std::sqrt(variance) : variance);
+  // One element, all elements equal, or a divisor that is zero in fp32: s = 0 (uniform softmax).
+  // A NaN row keeps its NaN scale so the loss is NaN.
+  const bool degenerate =
+      !std::isnan(scale) && (num_cols == 1 || moments.max == moments.min || scale == 0.0f);
+  if (degenerate) scale = 0.0f;
+  RowParams params;
+  params.mean = static_cast<float>(moments.mean);
+  params.scale = scale;
+  params.inv_scale = inverse_scale(scale);
+  params.shift = (moments.max - params.mean) * params.inv_scale;
+  return params;
+}
+
+template <typename scalar_t>
+double row_sum_exp(const scalar_t* x, int64_t begin, int64_t end, const RowParams& params) {
+  double acc = 0.0;
+  for_each_block(x, begin, end, [&](int64_t, int64_t n, const float* xf) {
+    acc += block_sum_exp(xf, n, params.mean, params.inv_scale, params.shift);
+  });
+  return acc;
+}
+
+template <typename scalar_t>
+double row_loss(const scalar_t* x, const float* logq, int64_t begin, int64_t end, const RowParams& params,
+                float lse, float log_eps, bool has_eps) {
+  double acc = 0.0;
+  for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
+    acc += block_loss(xf, logq + start, n, params.mean, params.inv_scale, lse, log_eps, has_eps);
+  });
+  return acc;
+}
+
+struct GradTotals {
+  double p = 0.0, pg = 0.0, ps = 0.0, psg = 0.0, s = 0.0;
+  void add(const GradTotals& other) {
+    p += other.p;
+    pg += other.pg;
+    ps += other.ps;
+    psg += other.psg;
+    s += other.s;
+  }
+};
+
+// Per-row state read back from the forward's stats.
+struct BackwardRow {
+  float mean, inv_scale, lse;
+};
+
+template <typename scalar_t>
+GradTotals row_grad_sums(const scalar_t* x, const float* logq, int64_t begin, int64_t end, const BackwardRow& row,
+                         float log_eps, bool has_eps) {
+  GradTotals totals;
+  for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
+    const GradSums b = block_grad_sums(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps, has_eps);
+    totals.add({b.p, b.pg, b.ps, b.psg, b.s});
+  });
+  return totals;
+}
+
+// Coefficients of grad_i = coef_p * p_i * (g_i - g_mean) - coef_s * (s_i - s_mean).
+struct GradCoefs {
+  float coef_p, g_mean, coef_s, s_mean;
+};
+
+// With p normalized by its computed sum, d_i = dL/ds_i = G p_i (g_i - g_mean) / sum p, and with
+// S = sum_i d_i s_i (sum_i d_i = 0), back through s = (x - mean) / scale (unbiased, M - 1):
+//   official (scale = var): dx_k = d_k / var - 2 S s_k / (M - 1)
+//   std (scale = std):      dx_k = (d_k - S s_k / (M - 1)) / std
+// s_k is taken relative to the row mean of s, which undoes the fp32 rounding of the mean.
+GradCoefs grad_coefs(const GradTotals& t, double grad_loss, const BackwardRow& row, int64_t num_cols,
+                     bool use_std) {
+  if (row.inv_scale == 0.0f || num_cols < 2) return {0.0f, 0.0f, 0.0f, 0.0f};  // degenerate: zero grad
+  const double g_mean = t.pg / t.p;
+  const double s_dot_d = grad_loss * (t.psg - g_mean * t.ps) / t.p;
+  const double inv_scale = row.inv_scale;
+  const double per_dof = s_dot_d / static_cast<double>(num_cols - 1);
+  GradCoefs coefs;
+  coefs.coef_p = static_cast<float>(grad_loss / t.p * inv_scale);
+  coefs.g_mean = static_cast<float>(g_mean);
+  coefs.coef_s = static_cast<float>(use_std ? per_dof * inv_scale : 2.0 * per_dof);
+  coefs.s_mean = static_cast<float>(t.s / static_cast<double>(num_cols));
+  return coefs;
+}
+
+template <typename scalar_t>
+void row_grad(const scalar_t* x, const float* logq, int64_t begin, int64_t end, const BackwardRow& row, float log_eps,
+              bool has_eps, const GradCoefs& c, scalar_t* grad) {
+  float buffer[kBlock];
+  for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
+    float* out = buffer;
+    if constexpr (std::is_same_v<scalar_t, float>) out = grad + start;
+    block_grad(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps, has_eps, c.coef_p, c.g_mean,
+               c.coef_s, c.s_mean, out);
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      for (int64_t i = 0; i < n; ++i) grad[start + i] = static_cast<scalar_t>(buffer[i]);
+    }
+  });
+}
+
+// ---- scheduling: whole rows per task, or rows cut into chunks when rows are fewer than threads ----
+
+struct Split {
+  int64_t chunks;     // chunks per row
+  int64_t chunk_len;  // elements per chunk (a multiple of kBlock)
+};
+
+Split split_rows(int64_t num_rows, int64_t num_cols) {
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (num_rows < threads) {
+    const int64_t wanted = (threads + num_rows - 1) / num_rows;
+    const int64_t possible = std::max<int64_t>(1, num_cols / kMinChunk);
+    chunks = std::min(wanted, possible);
+  }
+  int64_t chunk_len = (num_cols + chunks - 1) / chunks;
+  chunk_len = (chunk_len + kBlock - 1) / kBlock * kBlock;
+  chunks = (num_cols + chunk_len - 1) / chunk_len;
+  return {chunks, chunk_len};
+}
+
+inline float log_of_eps(double eps) { return eps > 0.0 ? static_cast<float>(std::log(eps)) : 0.0f; }
+
+template <typename scalar_t>
+void forward_rows(const scalar_t* x, int64_t stride_x, const float* logq, int64_t stride_q, int64_t num_rows,
+                  int64_t num_cols, bool use_std, double eps, float* loss, float* stats) {
+  const bool has_eps = eps > 0.0;
+  const float log_eps = log_of_eps(eps);
+  auto finish_row = [&](int64_t b, const RowParams& params, double sum_exp) {
+    const float lse = static_cast<float>(params.shift + std::log(sum_exp));
+    stats[b * 3 + 0] = params.mean;
+    stats[b * 3 + 1] = params.scale;
+    stats[b * 3 + 2] = lse;
+    return lse;
+  };
+  const Split split = split_rows(num_rows, num_cols);
+  if (split.chunks == 1) {
+    // Each task runs all passes over its rows while they are still in cache.
+    at::parallel_for(0, num_rows, 1, [&](int64_t row_begin, int64_t row_end) {
+      for (int64_t b = row_begin; b < row_end; ++b) {
+        const scalar_t* xb = x + b * stride_x;
+        const float* qb = logq + b * stride_q;
+        const RowParams params = row_params(row_moments(xb, 0, num_cols), num_cols, use_std);
+        const float lse = finish_row(b, params, row_sum_exp(xb, 0, num_cols, params));
+        loss[b] = static_cast<float>(row_loss(xb, qb, 0, num_cols, params, lse, log_eps, has_eps));
+      }
+    });
+    return;
+  }
+  const int64_t pieces = num_rows * split.chunks;
+  auto piece_range = [&](int64_t piece) {
+    const int64_t begin = (piece % split.chunks) * split.chunk_len;
+    return std::make_pair(begin, std::min(num_cols, begin + split.chunk_len));
+  };
+  std::vector<Moments> moments(pieces);
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t piece = p0; piece < p1; ++piece) {
+      const auto [begin, end] = piece_range(piece);
+      moments[piece] = row_moments(x + (piece / split.chunks) * stride_x, begin, end);
+    }
+  });
+  std::vector<RowParams> params(num_rows);
+  for (int64_t b = 0; b < num_rows; ++b) {
+    Moments total;
+    for (int64_t c = 0; c < split.chunks; ++c) total.merge(moments[b * split.chunks + c]);
+    params[b] = row_params(total, num_cols, use_std);
+  }
+  std::vector<double> partial(pieces);
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t piece = p0; piece < p1; ++piece) {
+      const auto [begin, end] = piece_range(piece);
+      const int64_t b = piece / split.chunks;
+      partial[piece] = row_sum_exp(x + b * stride_x, begin, end, params[b]);
+    }
+  });
+  std::vector<float> lse(num_rows);
+  for (int64_t b = 0; b < num_rows; ++b) {
+    double sum_exp = 0.0;
+    for (int64_t c = 0; c < split.chunks; ++c) sum_exp += partial[b * split.chunks + c];
+    lse[b] = finish_row(b, params[b], sum_exp);
+  }
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t piece = p0; piece < p1; ++piece) {
+      const auto [begin, end] = piece_range(piece);
+      const int64_t b = piece / split.chunks;
+      partial[piece] =
+          row_loss(x + b * stride_x, logq + b * stride_q, begin, end, params[b], lse[b], log_eps, has_eps);
+    }
+  });
+  for (int64_t b = 0; b < num_rows; ++b) {
+    double total = 0.0;
+    for (int64_t c = 0; c < split.chunks; ++c) total += partial[b * split.chunks + c];
+    loss[b] = static_cast<float>(total);
+  }
+}
+
+template <typename scalar_t>
+void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, const float* logq, int64_t stride_q,
+                   const float* stats, int64_t num_rows, int64_t num_cols, bool use_std, double eps, scalar_t* grad) {
+  const bool has_eps = eps > 0.0;
+  const float log_eps = log_of_eps(eps);
+  auto backward_row = [&](int64_t b) {
+    return BackwardRow{stats[b * 3 + 0], inverse_scale(stats[b * 3 + 1]), stats[b * 3 + 2]};
+  };
+  const Split split = split_rows(num_rows, num_cols);
+  if (split.chunks == 1) {
+    at::parallel_for(0, num_rows, 1, [&](int64_t row_begin, int64_t row_end) {
+      for (int64_t b = row_begin; b < row_end; ++b) {
+        const scalar_t* xb = x + b * stride_x;
+        const float* qb = logq + b * stride_q;
+        const BackwardRow row = backward_row(b);
+        const GradTotals totals = row_grad_sums(xb, qb, 0, num_cols, row, log_eps, has_eps);
+        const GradCoefs coefs = grad_coefs(totals, grad_loss[b], row, num_cols, use_std);
+        row_grad(xb, qb, 0, num_cols, row, log_eps, has_eps, coefs, grad + b * num_cols);
+      }
+    });
+    return;
+  }
+  const int64_t pieces = num_rows * split.chunks;
+  auto piece_range = [&](int64_t piece) {
+    const int64_t begin = (piece % split.chunks) * split.chunk_len;
+    return std::make_pair(begin, std::min(num_cols, begin + split.chunk_len));
+  };
+  std::vector<GradTotals> partial(pieces);
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t piece = p0; piece < p1; ++piece) {
+      const auto [begin, end] = piece_range(piece);
+      const int64_t b = piece / split.chunks;
+      partial[piece] = row_grad_sums(x + b * stride_x, logq + b * stride_q, begin, end, backward_row(b), log_eps,
+                                     has_eps);
+    }
+  });
+  std::vector<GradCoefs> coefs(num_rows);
+  for (int64_t b = 0; b < num_rows; ++b) {
+    GradTotals totals;
+    for (int64_t c = 0; c < split.chunks; ++c) totals.add(partial[b * split.chunks + c]);
+    coefs[b] = grad_coefs(totals, grad_loss[b], backward_row(b), num_cols, use_std);
+  }
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t piece = p0; piece < p1; ++piece) {
+      const auto [begin, end] = piece_range(piece);
+      const int64_t b = piece / split.chunks;
+      row_grad(x + b * stride_x, logq + b * stride_q, begin, end, backward_row(b), log_eps, has_eps, coefs[b],
+               grad + b * num_cols);
+    }
+  });
+}
+
+// ---- launchers ----
+
+// The input dtypes the kernels take (fp32 math inside): float32, bfloat16, float16.
+#define KEPLER_KL_DISPATCH_CASES(...)            \
+  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
+  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)   \
+  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prior_logq, double eps) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (B, M), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one column");
+  TORCH_CHECK(prior_logq.dim() == 2 && prior_logq.size(1) == x.size(1) &&
+                  (prior_logq.size(0) == 1 || prior_logq.size(0) == x.size(0)),
+              op, ": prior_logq must be (1, M) or (B, M) for x of shape ", x.sizes(), ", got ", prior_logq.sizes());
+  TORCH_CHECK(prior_logq.scalar_type() == at::kFloat, op, ": prior_logq must be float32, got ",
+              prior_logq.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && prior_logq.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+}
+
+// Columns must be unit-stride for the block loops; any row stride is fine.
+at::Tensor unit_column_stride(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> kepler_kl_cpu(const at::Tensor& x_in, const at::Tensor& prior_logq_in,
+                                                 bool use_std, double eps) {
+  check_inputs("kepler_kl", x_in, prior_logq_in, eps);
+  const at::Tensor x = unit_column_stride(x_in);
+  const at::Tensor logq = unit_column_stride(prior_logq_in);
+  const int64_t num_rows = x.size(0), num_cols = x.size(1);
+  at::Tensor loss = at::empty({num_rows}, x.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({num_rows, 3}, x.options().dtype(at::kFloat));
+  if (num_rows == 0) return {loss, stats};
+  const int64_t stride_q = logq.size(0) == 1 ? 0 : logq.stride(0);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "kepler_kl_cpu", KEPLER_KL_DISPATCH_CASES([&] {
+    forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), x.stride(0), logq.const_data_ptr<float>(), stride_q,
+                           num_rows, num_cols, use_std, eps, loss.mutable_data_ptr<float>(),
+                           stats.mutable_data_ptr<float>());
+  }));
+  return {loss, stats};
+}
+
+at::Tensor kepler_kl_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& x_in,
+                                  const at::Tensor& prior_logq_in, const at::Tensor& stats_in, bool use_std,
+                                  double eps) {
+  check_inputs("kepler_kl_backward", x_in, prior_logq_in, eps);
+  const int64_t num_rows = x_in.size(0), num_cols = x_in.size(1);
+  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == num_rows,
+              "kepler_kl_backward: grad_loss must be (B,) = (", num_rows, ",), got ", grad_loss_in.sizes());
+  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == num_rows && stats_in.size(1) == 3 &&
+                  stats_in.scalar_type() == at::kFloat,
+              "kepler_kl_backward: stats must be float32 (B, 3), got ", stats_in.scalar_type(), " ",
+              stats_in.sizes());
+  const at::Tensor x = unit_column_stride(x_in);
+  const at::Tensor logq = unit_column_stride(prior_logq_in);
+  const at::Tensor grad_loss = grad_loss_in.to(at::kFloat).contiguous();
+  const at::Tensor stats = stats_in.contiguous();
+  at::Tensor grad = at::empty({num_rows, num_cols}, x.options());
+  if (num_rows == 0) return grad;
+  const int64_t stride_q = logq.size(0) == 1 ? 0 : logq.stride(0);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "kepler_kl_backward_cpu", KEPLER_KL_DISPATCH_CASES([&] {
+    backward_rows<scalar_t>(grad_loss.const_data_ptr<float>(), x.const_data_ptr<scalar_t>(), x.stride(0),
+                            logq.const_data_ptr<float>(), stride_q, stats.const_data_ptr<float>(), num_rows,
+                            num_cols, use_std, eps, grad.mutable_data_ptr<scalar_t>());
+  }));
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kepler, CPU, m) {
+  m.impl("kepler_kl", &kepler_kl_cpu);
+  m.impl("kepler_kl_backward", &kepler_kl_backward_cpu);
+}
+
+}  // namespace kepler
