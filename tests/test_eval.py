@@ -99,7 +99,8 @@ def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path, caps
         assert 0 < metrics["utilization"] <= 1
     assert results["lpips"] == f"off: no weights at {tmp_path / 'no_vgg.pth'}"
     assert results["rfid"] == f"off: no weights at {tmp_path / 'no_inc.pth'}"
-    assert "packing" in results
+    packing = results["packing"]
+    assert packing["num_codes"] == 16 and packing["mean_quantization_error"] > 0
     assert json.loads((tmp_path / "eval.json").read_text())["resolutions"]["48"]["images"] == 3
     table = capsys.readouterr().out
     assert "resolution" in table and "baseline_psnr" in table

@@ -186,32 +186,37 @@ def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str 
     return path
 
 
-def packing_stats(model: torch.nn.Module) -> dict | str:
-    """:func:`kepler.metrics.packing_report` of the codebook, or why it is unavailable."""
+@torch.no_grad()
+def quantizer_inputs(model: torch.nn.Module, dataset: Dataset, device: torch.device, max_rows: int = 8192,
+                     batch_size: int = 16) -> torch.Tensor:
+    """The sub-vectors the quantizer searches for the first images of ``dataset``: (N, d) with a
+    shared codebook, (P, N, d) with per-partition codebooks (float32, CPU)."""
+    q = model.quantize
+    parts = []
+    rows = 0
+    for start in range(0, len(dataset), batch_size):
+        images, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        z = model.quant_conv(model.encoder(images.to(device))).float()
+        p = q.partition.partition(z)  # (B, L, P, d)
+        parts.append(p.reshape(-1, p.shape[-2], p.shape[-1]).cpu())
+        rows += parts[-1].shape[0] * (p.shape[-2] if q.shared_codebook else 1)
+        if rows >= max_rows:
+            break
+    sub = torch.cat(parts)  # (B*L, P, d)
+    if q.shared_codebook:
+        return sub.reshape(-1, sub.shape[-1])[:max_rows]
+    return sub.permute(1, 0, 2)[:, :max_rows].contiguous()
+
+
+def packing_stats(model: torch.nn.Module, data: torch.Tensor | None = None) -> dict | str:
+    """:func:`kepler.metrics.packing_report` of the codebook (and how it covers ``data`` when
+    given), or why it is unavailable."""
     try:
         from kepler.metrics import packing_report
     except ImportError as exc:
         return f"unavailable: {exc}"
-    report = packing_report(model.quantize.codebook.detach().float().cpu())
-    return _jsonable(report)
-
-
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() != 1 else value.item()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "_asdict"):
-        return _jsonable(value._asdict())
-    if hasattr(value, "__dataclass_fields__"):
-        import dataclasses
-
-        return _jsonable(dataclasses.asdict(value))
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
+    codebook = model.quantize.codebook.detach().float().cpu()
+    return packing_report(codebook, data).to_dict()
 
 
 def format_table(results: dict) -> str:
@@ -300,7 +305,9 @@ def evaluate(
             dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
         metrics, _ = run_validation(model, dataset, batch_size=batch_size, device=dev, lpips=lpips_model, fid=fid)
         results["resolutions"][str(size)] = metrics
-    results["packing"] = packing_stats(model)
+        if res == resolutions[0]:
+            rows = quantizer_inputs(model, dataset, dev)
+    results["packing"] = packing_stats(model, rows)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +315,10 @@ def evaluate(
     if print_table:
         print(format_table(results))
         print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
+        packing = results["packing"]
+        if isinstance(packing, dict):
+            keys = ("min_nn_distance", "mean_nn_distance", "nn_distance_cv", "covering_radius", "mean_quantization_error")
+            print("codebook packing: " + ", ".join(f"{k} {packing[k]}" for k in keys if packing.get(k) is not None))
         if out is not None:
             print(f"wrote {out / 'eval.json'}")
     return results
