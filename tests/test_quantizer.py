@@ -347,6 +347,7 @@ def test_inference_mode():
         (dict(ema_decay=1.0), ValueError, r"ema_decay must be in \(0, 1\)"),
         (dict(num_codes=2.5), TypeError, r"num_codes must be an int"),
         (dict(dead_code_window=0), ValueError, r"dead_code_window must be >= 1"),
+        (dict(ema_decay=0.9, packing_weight=0.1), ValueError, r"need a gradient-trained codebook"),
     ],
 )
 def test_constructor_errors(kwargs, error, message):
@@ -394,3 +395,77 @@ def test_lattice_init_is_the_lattice_scaled_to_the_batch():
 def test_lattice_init_needs_the_sub_vector_dimension():
     with pytest.raises(ValueError, match=r"lattice 'E8' lives in dimension 8, but the codebook's sub-vectors have dim/partitions=4"):
         make_quantizer(init="lattice:E8")
+
+
+# A transcription of the released KeplerLoss.forward (its kl_weight applied by the caller).
+def released_kepler_kl(z_q_bhwc, prior_points):
+    p = z_q_bhwc.reshape(z_q_bhwc.shape[0], -1)
+    p = (p - p.mean(dim=1, keepdim=True)) / p.var(dim=1, keepdim=True)
+    p = torch.softmax(p, dim=1)
+    q = prior_points.reshape(1, -1).repeat(p.shape[0], 1)
+    q = (q - q.mean(dim=1, keepdim=True)) / q.var(dim=1, keepdim=True)
+    q = torch.softmax(q[:, : p.shape[1]], dim=1)
+    return torch.sum(p * torch.log(p / q + 1e-5), dim=1).mean()
+
+
+def loss_and_grads(quantizer, z):
+    z = z.clone().requires_grad_(True)
+    quantizer.codebook.grad = None
+    out = quantizer(z)
+    (out.loss + out.z_q.sum()).backward()
+    return out, z.grad, quantizer.codebook.grad.clone()
+
+
+# 16 codes x 64 prior columns = 1024 values: a latent of 8x8x16 uses all of them (the released
+# setting), 4x4x16 the first 256 (cropped after standardizing the whole prior, as released).
+@pytest.mark.parametrize("side", [8, 4])
+def test_kepler_kl_term_matches_released_kepler_loss(side):
+    weight = 0.7
+    plain = spread_codebook(make_quantizer(num_codes=16))
+    regularized = make_quantizer(num_codes=16, kepler_kl_weight=weight)
+    assert regularized.kl_prior_points.shape == (16, 64)
+    regularized.codebook.data.copy_(plain.codebook.data)
+    z = torch.randn(2, 16, side, side)
+    base, base_z_grad, base_codebook_grad = loss_and_grads(plain, z)
+    out, z_grad, codebook_grad = loss_and_grads(regularized, z)
+
+    codebook = plain.codebook.detach().double().requires_grad_(True)
+    codewords = torch.nn.functional.embedding(base.indices.reshape(-1), codebook)
+    z_q = codewords.view(2, side, side, 16)  # group partition: (b, h, w, p) rows are (B, H, W, C)
+    expected = released_kepler_kl(z_q, regularized.kl_prior_points.double())
+    expected.backward()
+    torch.testing.assert_close(out.loss - base.loss, weight * expected.float(), rtol=1e-4, atol=1e-6)
+    # The KL reaches the codebook only.
+    assert torch.equal(z_grad, base_z_grad)
+    scale = codebook.grad.abs().max().item() * weight
+    torch.testing.assert_close(
+        codebook_grad - base_codebook_grad, weight * codebook.grad.float(), rtol=1e-3, atol=1e-4 * scale
+    )
+
+
+def test_kepler_kl_prior_tiles_past_its_end_and_takes_lattices():
+    regularized = make_quantizer(num_codes=4, kepler_kl_weight=1.0, kl_prior="lattice:D4")
+    assert regularized.kl_prior_points.shape == (4, 4)  # 16 prior values for 16 * 3 * 3 latents
+    out = regularized(torch.randn(2, 16, 3, 3))
+    assert torch.isfinite(out.loss)
+    logq = regularized._kl_prior_logq(40)
+    assert logq.shape == (1, 40)
+    torch.testing.assert_close(logq.exp().sum(), torch.tensor(1.0))
+
+
+def test_packing_term_is_the_codebook_packing_energy():
+    from kepler.reference.packing_energy import packing_energy_ref
+
+    weight, t = 0.3, 2.0
+    plain = spread_codebook(make_quantizer(shared_codebook=False))
+    regularized = make_quantizer(shared_codebook=False, packing_weight=weight, packing_t=t)
+    regularized.codebook.data.copy_(plain.codebook.data)
+    z = torch.randn(2, 16, 3, 3)
+    base, base_z_grad, base_codebook_grad = loss_and_grads(plain, z)
+    out, z_grad, codebook_grad = loss_and_grads(regularized, z)
+    codebook = plain.codebook.detach().double().requires_grad_(True)
+    expected = packing_energy_ref(codebook, t=t).mean()
+    expected.backward()
+    torch.testing.assert_close(out.loss - base.loss, weight * expected.float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(z_grad, base_z_grad)
+    torch.testing.assert_close(codebook_grad - base_codebook_grad, weight * codebook.grad.float(), rtol=1e-4, atol=1e-6)

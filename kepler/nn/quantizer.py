@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kepler.lattice import get_lattice, official_grid_prior, prior_row
+from kepler.losses import kepler_kl, packing_energy
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import make_partition
+from kepler.reference.kepler_kl import standardize_rows
 
 KMEANS_ITERATIONS = 10
 # Laplace smoothing of the EMA cluster sizes, so an unused code never divides by zero.
@@ -205,7 +207,8 @@ class KeplerQuantizer(nn.Module):
             the first batch's sub-vectors). Data-dependent inits run at the first forward.
         ema_decay: None (the codebook learns from the codebook loss) or a decay in (0, 1): the
             codebook follows Laplace-smoothed exponential moving averages of its assigned
-            sub-vectors instead, and the loss keeps only the commitment term.
+            sub-vectors instead, and the loss keeps only the commitment term (weight 1 with
+            ``legacy=True``, ``beta`` with ``legacy=False``). Excludes the two regularizers.
         dead_code_threshold: 0 (off) or a count: at the start of a training forward that ends a
             window of ``dead_code_window`` training forwards, codes used fewer times than this
             in that window are re-seeded from random sub-vectors of the current batch.
@@ -270,6 +273,11 @@ class KeplerQuantizer(nn.Module):
             if ema_decay >= 1:
                 raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
+        if ema_decay is not None and (self.kepler_kl_weight > 0 or self.packing_weight > 0):
+            # Both regularizers act through the codebook's gradient, which EMA codebooks do not take.
+            raise ValueError(
+                "kepler_kl_weight and packing_weight need a gradient-trained codebook (ema_decay=None)"
+            )
         self.dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
         self.dead_code_window = _check_int("dead_code_window", dead_code_window, 1)
         if backend is not None and not isinstance(backend, str):
@@ -400,7 +408,7 @@ class KeplerQuantizer(nn.Module):
             gather_from = codebook if kl_active else codebook.detach()
             codes = F.embedding(flat_index, gather_from.reshape(-1, self.sub_dim))
             z_q = self.partition.unpartition(self._codes_to_parts(codes, batch, slots), shape)
-            if kl_active:
+            if kl_active and batch > 0:
                 loss = loss + self.kepler_kl_weight * self._kepler_kl(z_q)
             if self.packing_weight > 0:
                 loss = loss + self.packing_weight * self._packing_energy()
@@ -442,16 +450,22 @@ class KeplerQuantizer(nn.Module):
         return indices, loss
 
     def _kepler_kl(self, z_q: torch.Tensor) -> torch.Tensor:
-        from kepler.losses import kepler_kl
-
-        # The released loss flattens each image's (H, W, C) codewords.
+        # The released loss flattens each image's (H, W, C) codewords to one row.
         latent_rows = z_q.permute(0, 2, 3, 1).reshape(z_q.shape[0], -1)
-        prior = prior_row(self.kl_prior_points, latent_rows.shape[1]).to(latent_rows.dtype)
-        return kepler_kl(latent_rows, prior, backend=self.backend)
+        prior_logq = self._kl_prior_logq(latent_rows.shape[1]).to(latent_rows.device)
+        return kepler_kl(latent_rows, prior_logq=prior_logq, backend=self.backend)
+
+    def _kl_prior_logq(self, length: int) -> torch.Tensor:
+        """``log q`` for latent rows of ``length``, ``(1, length)`` float32.
+
+        As released: the *whole* flattened prior is standardized, then laid out to ``length``
+        (cropped, or tiled where the released code would crash), then soft-maxed.
+        """
+        flat = self.kl_prior_points.reshape(-1).to(torch.float64)
+        standardized = prior_row(standardize_rows(flat, "official"), length)
+        return torch.log_softmax(standardized, dim=-1).to(torch.float32).unsqueeze(0)
 
     def _packing_energy(self) -> torch.Tensor:
-        from kepler.losses import packing_energy
-
         return packing_energy(self.codebook, t=self.packing_t, backend=self.backend).mean()
 
     # ---------------------------------------------------------------------------- statistics
