@@ -12,16 +12,13 @@ shared codebook) for K=1024 and K=16384.
   of 64-dimensional codes (no projection, no EMA, no k-means), commitment weight 0.25.
 
 Each round is one forward and one backward of ``loss + mean(z_q)``. ``extra_info`` holds the
-peak memory of one step above what the inputs and the module already hold (CUDA: the caching
-allocator's peak; CPU: the peak resident set of a fresh process running the step) and the
+peak memory of one step above what the inputs, the module and the gradients already hold
+(CUDA: the caching allocator's peak; CPU: the resident-set peak, Linux only) and the
 throughput of the search in GFLOP/s (``2 * rows * K * d`` for the forward's distances).
 """
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -93,21 +90,35 @@ def build_step(implementation: str, num_codes: int, device: str):
     return step
 
 
-def peak_step_memory_mb(implementation: str, num_codes: int, device: str) -> float:
-    """Peak memory of one step above the inputs and module, in MiB (see the module docstring)."""
+def _process_memory_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process, in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, value = line.split(":", 1)
+            if name == field:
+                return int(value.split()[0])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_step_memory_mb(step, device: str) -> float:
+    """Peak memory of one ``step`` above what is held before it, in MiB (after a warm-up step).
+
+    CUDA: the caching allocator's peak. CPU: the resident-set peak, whose high-water mark Linux
+    resets on writing 5 to ``/proc/self/clear_refs``.
+    """
+    step()  # lazy initializations, allocator warm-up, gradients allocated
     if device == "cuda":
-        step = build_step(implementation, num_codes, device)
-        step()  # allocator warm-up, lazy initializations
         torch.cuda.synchronize()
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    # The resident-set peak only grows within a process: measure in a fresh one.
-    command = [sys.executable, __file__, "--peak-rss", implementation, str(num_codes)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+    baseline = _process_memory_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    step()
+    return (_process_memory_kib("VmHWM") - baseline) / 1024
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,19 +137,4 @@ def test_quantizer_forward_backward(benchmark, implementation, num_codes, device
     rows = BATCH * SIDE * SIDE * PARTITIONS
     search_gflop = 2 * rows * num_codes * SUB_DIM / 1e9
     benchmark.extra_info["search_gflop_per_s"] = search_gflop / benchmark.stats.stats.median
-    benchmark.extra_info["peak_memory_mb"] = peak_step_memory_mb(implementation, num_codes, device)
-
-
-def _report_peak_rss(implementation: str, num_codes: int) -> None:
-    step = build_step(implementation, num_codes, "cpu")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--peak-rss":
-        _report_peak_rss(sys.argv[2], int(sys.argv[3]))
-    else:
-        sys.exit(f"usage: {sys.argv[0]} --peak-rss IMPLEMENTATION NUM_CODES")
+    benchmark.extra_info["peak_memory_mb"] = peak_step_memory_mb(step, device)
