@@ -14,7 +14,9 @@ The study config (``configs/study_sample.yaml``) names a trainer config every ru
 compared to) and the ``sweep``: a variant whose regularizer weight is ``sweep`` takes the weight the
 sweep chose, never one written by hand. The sweep trains the sweep's base variant once per candidate
 weight (and once with weight 0) for a shorter budget, and picks, per regularizer, the weight with
-the best held-out PSNR among those that visibly change training (see :func:`select_weight`).
+the best held-out PSNR among those that visibly change training (see :func:`select_weight`),
+judged against a reference run of the same variant at weight 0 or at the sweep's ``reference``
+weight for that key.
 
 Runs are independent processes (``jobs`` at a time, each with ``cores // jobs`` threads); a run
 whose ``result.json`` matches its configuration is reused, so an interrupted study continues where
@@ -132,6 +134,12 @@ def _check_study(study: dict, path: Path) -> None:
     if sweep is not None:
         if sweep.get("variant") not in variants:
             raise ValueError(f"study config {path}: the sweep's 'variant' must name a variant, got {sweep.get('variant')!r}")
+        for key, weight in (sweep.get("reference") or {}).items():
+            if key not in sweep.get("weights", {}) or weight in sweep["weights"][key]:
+                raise ValueError(
+                    f"study config {path}: the sweep's reference for {key!r} must name a swept key "
+                    f"and a weight that is not one of its candidates, got {weight!r}"
+                )
         for key, weights in sweep.get("weights", {}).items():
             if not isinstance(weights, list) or not weights or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights
@@ -452,18 +460,29 @@ class _Done:
         return self.value
 
 
+def sweep_references(sweep: Mapping) -> dict:
+    """Per swept key, the weight its candidates are judged against: the config's ``reference`` for
+    that key, else 0 (the regularizer off)."""
+    references = sweep.get("reference") or {}
+    return {key: float(references.get(key, 0.0)) for key in sweep["weights"]}
+
+
 def sweep_jobs(study: dict, run_root: Path) -> list[tuple[str, float, dict]]:
-    """``(swept key, weight, job)`` per sweep run; weight 0 (key ``""``) is the shared baseline."""
+    """``(swept key, weight, job)`` per sweep run: each key's candidate weights and its reference
+    weight (one shared run, key ``""``, for the keys judged against weight 0)."""
     sweep = study["sweep"]
     base_settings = {k: v for k, v in study["variants"][sweep["variant"]]["set"].items() if v != SWEEP_MARKER}
     extra = [f"train.max_steps={sweep['max_steps']}"] if "max_steps" in sweep else []
     if "eval_every" in sweep:
         extra.append(f"train.eval_every={sweep['eval_every']}")
     seeds = sweep.get("seeds", [study["seeds"][0]])
-    jobs = [("", 0.0, job) for job in _jobs_for(study, "weight0", base_settings, seeds, run_root / "sweep", extra)]
+    references = sweep_references(sweep)
+    jobs = []
+    if 0.0 in references.values():
+        jobs += [("", 0.0, job) for job in _jobs_for(study, "weight0", base_settings, seeds, run_root / "sweep", extra)]
     for key, weights in sweep["weights"].items():
         short = key.rsplit(".", 1)[-1]
-        for weight in weights:
+        for weight in weights + ([references[key]] if references[key] else []):
             settings = {**base_settings, key: weight}
             name = f"{short}={weight:g}"
             jobs += [(key, float(weight), job) for job in _jobs_for(study, name, settings, seeds, run_root / "sweep", extra)]
@@ -476,20 +495,20 @@ def _seed_mean(results: Sequence[Mapping]) -> dict:
 
 
 def summarize_sweep(study: dict, sweep_results: Sequence[tuple[str, float, dict]]) -> dict:
-    """Per swept key: every weight's held-out metrics (seed mean) and the selection."""
-    thresholds = {**DEFAULT_VISIBLE, **study["sweep"].get("visible", {})}
+    """Per swept key: every weight's held-out metrics (seed mean), the reference run's, and the selection."""
+    sweep = study["sweep"]
+    thresholds = {**DEFAULT_VISIBLE, **sweep.get("visible", {})}
     by_weight: dict[tuple[str, float], list[dict]] = {}
     for key, weight, result in sweep_results:
         by_weight.setdefault((key, weight), []).append(result)
-    baseline = _seed_mean(by_weight[("", 0.0)])
-    out = {"variant": study["sweep"]["variant"], "thresholds": thresholds, "baseline": baseline,
-           "max_steps": study["sweep"].get("max_steps"), "seeds": study["sweep"].get("seeds", [study["seeds"][0]]),
-           "params": {}}
-    for key in study["sweep"]["weights"]:
-        candidates = [(w, _seed_mean(rs)) for (k, w), rs in by_weight.items() if k == key]
-        candidates.sort(key=lambda wm: wm[0])
+    out = {"variant": sweep["variant"], "thresholds": thresholds, "max_steps": sweep.get("max_steps"),
+           "seeds": sweep.get("seeds", [study["seeds"][0]]), "params": {}}
+    for key, reference in sweep_references(sweep).items():
+        baseline = _seed_mean(by_weight[(key, reference)] if reference else by_weight[("", 0.0)])
+        candidates = sorted((w, _seed_mean(by_weight[(key, float(w))])) for w in sweep["weights"][key])
         selection = select_weight(candidates, baseline, thresholds)
-        out["params"][key] = {"candidates": [{"weight": w, **m} for w, m in candidates], **selection}
+        out["params"][key] = {"reference_weight": reference, "reference": baseline,
+                              "candidates": [{"weight": w, **m} for w, m in candidates], **selection}
     return out
 
 
@@ -595,56 +614,29 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
-def render_markdown(result: Mapping, command: str) -> str:
-    """``study.md`` from :func:`run_study`'s result."""
-    study, machine, summary = result["config"], result["machine"], result["summary"]
+def _header_lines(result: Mapping, command: str) -> list[str]:
+    study, machine = result["config"], result["machine"]
     seeds = study["seeds"]
-    lines = [f"# Codebook study: {result['name']}" + (" (quick mode: a smoke test, not a result)" if result["quick"] else ""), ""]
-    lines += [
+    return [
         f"Command: `{command}`  ",
-        f"Machine: {machine['processor']}, {machine['cpu_count']} cores; {machine['parallel_runs']} runs at a time, "
+        f"Machine: {machine['processor']}, {machine['cpu_count']} cores; {machine['parallel_runs']} run(s) at a time, "
         f"{machine['threads_per_run']} thread(s) each; torch {machine['torch']}, Python {machine['python']}.  ",
         f"Wall time: {result['wall_minutes']:.1f} min. Seeds: {', '.join(map(str, seeds))}. "
         f"Values are mean ± sample standard deviation over the {len(seeds)} seeds.",
         "",
     ]
-    if study.get("description"):
-        lines += [study["description"].strip(), ""]
-    lines += ["## Variants", ""]
-    rows = []
-    for name, v in result["variants"].items():
-        layout = v["layout"]
-        rows.append([f"`{name}`", v["label"], _layout_text(layout), f"{layout['bits']:.1f}", layout["init"],
-                     _regularizer_text(layout), f"`{v['compare_to']}`" if v["compare_to"] else "-"])
-    lines += _table(["variant", "what", "code layout (P x d, K)", "bits/position", "init", "regularizer", "compared to"], rows)
-    lines.append("")
-    sweep = result["sweep"]
-    if sweep is not None:
-        lines += ["## Weight sweep", "",
-                  f"Variant `{sweep['variant']}`, {sweep['max_steps'] or 'full'} steps, seed(s) "
-                  f"{', '.join(map(str, sweep['seeds']))}. A weight *visibly changes training* when a held-out "
-                  f"metric moves from the weight-0 run by at least {sweep['thresholds']['psnr_db']} dB PSNR, "
-                  f"{100 * sweep['thresholds']['perplexity_rel']:.0f}% perplexity or "
-                  f"{sweep['thresholds']['utilization_abs']} utilization. "
-                  f"Weight 0: PSNR {sweep['baseline']['psnr']:.2f} dB, utilization {sweep['baseline']['utilization']:.3f}, "
-                  f"perplexity {sweep['baseline']['perplexity']:.2f}.", ""]
-        for key, param in sweep["params"].items():
-            rows = []
-            for c in param["candidates"]:
-                reasons = param["visible"][repr(c["weight"])]
-                chosen = " **chosen**" if c["weight"] == param["weight"] else ""
-                rows.append([f"{c['weight']:g}{chosen}", f"{c['psnr']:.2f}", f"{c['utilization']:.3f}",
-                             f"{c['perplexity']:.2f}", f"{c['effective_bits']:.2f}", "; ".join(reasons) or "no"])
-            lines += [f"`{key}`: chosen {param['weight']:g} ({param['rule']}).", ""]
-            lines += _table(["weight", "PSNR dB", "util.", "perplexity", "eff. bits", "visible change"], rows)
-            lines.append("")
-    lines += ["## Results", "", f"Held-out images per run: {result['runs'][0]['held_out_images']}.", ""]
+
+
+def _results_lines(result: Mapping, heading: str) -> list[str]:
+    """The results table and the differences to each reference, under ``heading``-level titles."""
+    summary = result["summary"]
+    lines = [f"{heading} Results", "", f"Held-out images per run: {result['runs'][0]['held_out_images']}.", ""]
     rows = []
     for name, v in result["variants"].items():
         stats = summary[name]
         rows.append([f"`{name}`", f"{v['layout']['bits']:.1f}"] + [_fmt(stats.get(m), d) for m, _, d in TABLE_METRICS])
     lines += _table(["variant", "bits"] + [h for _, h, _ in TABLE_METRICS], rows)
-    lines += ["", "## Differences to the reference variant", "",
+    lines += ["", f"{heading} Differences to the reference variant", "",
               "Outside seed noise = the seeds' [min, max] ranges of the two variants do not overlap "
               "(with 2 seeds this is weak evidence either way).", ""]
     rows = []
@@ -660,6 +652,49 @@ def render_markdown(result: Mapping, command: str) -> str:
             row.append(f"{a['mean'] - b['mean']:+.{d}f} ({tag})")
         rows.append(row)
     lines += _table(["variant vs reference"] + [f"Δ {h}" for _, h, _ in COMPARED_METRICS], rows)
+    return lines
+
+
+def render_markdown(result: Mapping, command: str) -> str:
+    """``study.md`` from :func:`run_study`'s result."""
+    study, summary = result["config"], result["summary"]
+    lines = [f"# Codebook study: {result['name']}" + (" (quick mode: a smoke test, not a result)" if result["quick"] else ""), ""]
+    lines += _header_lines(result, command)
+    if study.get("description"):
+        lines += [study["description"].strip(), ""]
+    lines += ["## Variants", ""]
+    rows = []
+    for name, v in result["variants"].items():
+        layout = v["layout"]
+        rows.append([f"`{name}`", v["label"], _layout_text(layout), f"{layout['bits']:.1f}", layout["init"],
+                     _regularizer_text(layout), f"`{v['compare_to']}`" if v["compare_to"] else "-"])
+    lines += _table(["variant", "what", "code layout (P x d, K)", "bits/position", "init", "regularizer", "compared to"], rows)
+    lines.append("")
+    sweep = result["sweep"]
+    if sweep is not None:
+        lines += ["## Weight sweep", "",
+                  f"Variant `{sweep['variant']}`, {sweep['max_steps'] or 'full'} steps, seed(s) "
+                  f"{', '.join(map(str, sweep['seeds']))}. A weight *visibly changes training* when a held-out "
+                  f"metric moves from the reference run (same variant, seed and budget at the reference weight) "
+                  f"by at least {sweep['thresholds']['psnr_db']} dB PSNR, "
+                  f"{100 * sweep['thresholds']['perplexity_rel']:.0f}% perplexity or "
+                  f"{sweep['thresholds']['utilization_abs']} utilization.", ""]
+        if study.get("sweep", {}).get("note"):
+            lines += [study["sweep"]["note"].strip(), ""]
+        for key, param in sweep["params"].items():
+            ref = param["reference"]
+            lines += [f"`{key}`: reference weight {param['reference_weight']:g} (PSNR {ref['psnr']:.2f} dB, "
+                      f"utilization {ref['utilization']:.3f}, perplexity {ref['perplexity']:.2f}); "
+                      f"chosen {param['weight']:g} ({param['rule']}).", ""]
+            rows = []
+            for c in param["candidates"]:
+                reasons = param["visible"][repr(c["weight"])]
+                chosen = " **chosen**" if c["weight"] == param["weight"] else ""
+                rows.append([f"{c['weight']:g}{chosen}", f"{c['psnr']:.2f}", f"{c['utilization']:.3f}",
+                             f"{c['perplexity']:.2f}", f"{c['effective_bits']:.2f}", "; ".join(reasons) or "no"])
+            lines += _table(["weight", "PSNR dB", "util.", "perplexity", "eff. bits", "visible change"], rows)
+            lines.append("")
+    lines += _results_lines(result, "##")
     lines += ["", "## Plots", "", "![validation curves](curves.png)", "", "![code usage](usage.png)", ""]
     for name, v in result["variants"].items():
         if v["layout"]["sub_dim"] == 3:
@@ -777,6 +812,27 @@ def plot_codewords(result: Mapping, name: str, path: Path) -> Path:
     return path
 
 
+README_BEGIN = "<!-- kepler-study:begin (generated by `kepler study --readme`; edit outside these markers) -->"
+README_END = "<!-- kepler-study:end -->"
+
+
+def update_readme(readme: Path, result: Mapping, command: str, out: Path) -> Path:
+    """Write the study's command, machine, results and differences between the README's
+    ``README_BEGIN``/``README_END`` markers (appended under a "Results" heading when absent); the
+    text around the markers (the reading of the results) is left alone."""
+    body = _header_lines(result, command) + _results_lines(result, "###")
+    body += ["", f"Full report with the design, the weight sweep and the plots: `{out / 'study.md'}`."]
+    block = "\n".join([README_BEGIN, *body, README_END])
+    text = readme.read_text() if readme.exists() else ""
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + block + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Results\n\n" + block + "\n"
+    readme.write_text(text)
+    return readme
+
+
 def write_outputs(result: dict, out: Path, command: str) -> list[Path]:
     """``study.json``, ``study.md`` and the plots into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -800,6 +856,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the config's quick block: tiny model, a few steps per variant (a smoke test)")
     parser.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the config's 'jobs')")
+    parser.add_argument("--readme", default=None, metavar="README",
+                        help="also write the results between the kepler-study markers of this README "
+                             "(finished runs are reused, so this is quick after a study)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -814,9 +873,17 @@ def main(args: argparse.Namespace) -> int:
         + ([f"--jobs {args.jobs}"] if args.jobs is not None else [])
     )
     print(f"kepler study: {len(study['variants'])} variants x {len(study['seeds'])} seeds"
-          + (f" + a weight sweep" if study["sweep"] else "") + f", {study['jobs']} run(s) at a time -> {out}",
+          + (" + a weight sweep" if study["sweep"] else "") + f", {study['jobs']} run(s) at a time -> {out}",
           flush=True)
+    previous_path = out / "study.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
     result = run_study(study, out)
+    if previous is not None and all(r.get("reused") for r in result["runs"]):
+        # Nothing was trained: report the study that did the work, not this bookkeeping pass.
+        result["wall_minutes"], result["machine"] = previous["wall_minutes"], previous["machine"]
+        command = previous.get("command", command)
     written = write_outputs(result, out, command)
+    if args.readme:
+        written.append(update_readme(Path(args.readme), result, command, out))
     print(f"kepler study: done in {result['wall_minutes']:.1f} min; wrote " + ", ".join(str(p) for p in written))
     return 0

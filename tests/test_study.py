@@ -241,3 +241,20 @@ def test_quick_study_reuses_finished_runs(quick_study):
     cfg = study.load_study_config(STUDY_CONFIG, quick=True)
     again = study.run_study(cfg, quick_study)
     assert all(r.get("reused") for r in again["runs"])
+
+
+@pytest.mark.slow
+def test_readme_section_is_generated_between_markers(quick_study, tmp_path):
+    before = json.loads((quick_study / "study.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# kepler\n\nintro\n\n## Results\n\n{study.README_BEGIN}\nold table\n{study.README_END}\n\nOur reading.\n")
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--readme", str(readme)])
+    assert study.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# kepler\n\nintro\n\n## Results\n\n") and text.endswith("\n\nOur reading.\n")
+    assert "old table" not in text and "| `kepler_fcc` | 12.0 |" in text
+    # every run was reused: the README reports the study that trained them
+    assert f"Wall time: {before['wall_minutes']:.1f} min" in text
+    assert f"Command: `{before['command']}`" in text
