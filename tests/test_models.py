@@ -163,3 +163,16 @@ def test_lpips_missing_linear_weights(tmp_path):
     (tmp_path / "vgg.pth").write_bytes(b"")
     model, reason = load_lpips(tmp_path / "vgg.pth", tmp_path / "missing_lin.pth")
     assert model is None and reason == f"no weights at {tmp_path / 'missing_lin.pth'}"
+
+
+def test_zero_init_residual_blocks_start_as_identity():
+    enc = Encoder(in_channels=3, zero_init_residual=True, **ARCH)
+    block = enc.down[0].block[0]
+    x = torch.randn(1, 8, 8, 8)
+    torch.testing.assert_close(block(x), x)
+    attn = enc.mid.attn_1
+    y = torch.randn(1, 16, 4, 4)
+    torch.testing.assert_close(attn(y), y)
+    model = VQModel(embed_dim=8, quantizer=dict(num_codes=16, partitions=4), zero_init_residual=True, **ARCH)
+    assert torch.all(model.decoder.up[0].block[0].conv2.weight == 0)
+    assert model.decoder.conv_out.weight.abs().sum() > 0

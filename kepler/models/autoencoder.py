@@ -3,6 +3,11 @@
 Both are fully convolutional: the configured ``resolution`` only decides at which feature-map sizes
 self-attention blocks are placed; any input whose sides are multiples of ``2 ** (len(ch_mult) - 1)``
 works, so a model trained at one resolution reconstructs others.
+
+``zero_init_residual=True`` starts every residual branch (a ResNet block's second conv, an attention
+block's output projection) at zero, as guided-diffusion's ``zero_module`` does: each block starts as
+the identity, which makes small models on small budgets learn much faster. taming initializes them
+like every other conv (the default, False).
 """
 
 from __future__ import annotations
@@ -107,6 +112,15 @@ class _Middle(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+def zero_init_residual_branches(module: nn.Module) -> None:
+    """Zero the last layer of every residual branch under ``module`` (blocks start as identities)."""
+    for block in module.modules():
+        last = block.conv2 if isinstance(block, ResnetBlock) else block.proj_out if isinstance(block, AttnBlock) else None
+        if last is not None:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+
 def _check_architecture(ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int) -> None:
     if ch <= 0:
         raise ValueError(f"ch must be positive, got {ch}")
@@ -133,6 +147,7 @@ class Encoder(nn.Module):
         in_channels: int = 3,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         _check_architecture(ch, ch_mult, num_res_blocks, resolution)
@@ -156,6 +171,8 @@ class Encoder(nn.Module):
         self.mid = _Middle(block_in, dropout, norm_groups)
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, padding=1)
+        if zero_init_residual:
+            zero_init_residual_branches(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -180,6 +197,7 @@ class Decoder(nn.Module):
         out_ch: int = 3,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         _check_architecture(ch, ch_mult, num_res_blocks, resolution)
@@ -203,6 +221,8 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, padding=1)
+        if zero_init_residual:
+            zero_init_residual_branches(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

@@ -16,8 +16,8 @@ class VQModel(nn.Module):
 
     Args:
         ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution, in_channels, out_ch,
-            dropout, norm_groups: the encoder/decoder architecture (taming's ``ddconfig``); the
-            downsampling factor is ``f = 2 ** (len(ch_mult) - 1)``.
+            dropout, norm_groups, zero_init_residual: the encoder/decoder architecture (taming's
+            ``ddconfig``); the downsampling factor is ``f = 2 ** (len(ch_mult) - 1)``.
         embed_dim: width of the quantized latent (the codeword dimension before partitioning).
         quantizer: keyword arguments of :class:`kepler.nn.KeplerQuantizer` (``num_codes``,
             ``partitions``, ``beta``, ...); ``dim`` is ``embed_dim``.
@@ -39,6 +39,7 @@ class VQModel(nn.Module):
         out_ch: int = 3,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        zero_init_residual: bool = False,
         embed_dim: int = 256,
         quantizer: Mapping[str, Any] | None = None,
     ):
@@ -54,6 +55,7 @@ class VQModel(nn.Module):
             resolution=resolution,
             dropout=dropout,
             norm_groups=norm_groups,
+            zero_init_residual=zero_init_residual,
         )
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.embed_dim = embed_dim

@@ -30,6 +30,7 @@ DEFAULTS: dict = {
         "out_ch": 3,
         "dropout": 0.0,
         "norm_groups": 32,
+        "zero_init_residual": False,  # True: residual branches start at zero (fast small-model training)
         "embed_dim": 256,
         "quantizer": {
             "num_codes": 1024,
