@@ -18,6 +18,9 @@ the best held-out PSNR among those that visibly change training (see :func:`sele
 judged against a reference run of the same variant at weight 0 or at the sweep's ``reference``
 weight for that key.
 
+``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
+the results between the README's ``kepler-study`` markers.
+
 Runs are independent processes (``jobs`` at a time, each with ``cores // jobs`` threads); a run
 whose ``result.json`` matches its configuration is reused, so an interrupted study continues where
 it stopped. ``--quick`` swaps in the config's ``quick`` block (a tiny model, a few steps) so every
@@ -29,18 +32,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import platform
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-log = logging.getLogger("kepler")
 
 SWEEP_MARKER = "sweep"
 QUANTIZER_PREFIX = "model.quantizer."
@@ -329,7 +330,7 @@ def _curves(log_path: Path) -> dict:
 def run_one(job: Mapping) -> dict:
     """Train, evaluate and summarize one run; writes and returns its ``result.json``.
 
-    ``job``: ``{"variant", "seed", "base", "overrides", "run_dir"}`` (plain values: it crosses a
+    ``job``: ``{"variant", "seed", "base", "overrides", "runtime", "run_dir"}`` (plain values: it crosses a
     process boundary). A ``result.json`` already in ``run_dir`` with the same base config path and
     overrides is reused; anything else there is deleted and the run starts from scratch.
     """
@@ -351,7 +352,8 @@ def run_one(job: Mapping) -> dict:
     if run_dir.exists():  # a stale or interrupted run: start it again from scratch
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cfg = load_config(job["base"], list(job["overrides"]) + [f"run_dir={run_dir}", f"seed={job['seed']}"])
+    overrides = list(job["overrides"]) + list(job.get("runtime", ())) + [f"run_dir={run_dir}", f"seed={job['seed']}"]
+    cfg = load_config(job["base"], overrides)
     started = time.perf_counter()
     with open(run_dir / "console.log", "w") as console, contextlib.redirect_stdout(console):
         train(cfg)
@@ -418,9 +420,11 @@ def _jobs_for(study: dict, variant: str, settings: Mapping, seeds: Iterable[int]
               extra: Sequence[str] = ()) -> list[dict]:
     overrides = [override_string(k, v) for k, v in study["common"].items()]
     overrides += [override_string(k, v) for k, v in settings.items()]
-    overrides += list(extra) + [f"train.threads={threads_per_run(study)}", "train.progress=false", f"name={variant}"]
+    overrides += list(extra) + [f"name={variant}"]
+    # How the run is executed, not what it computes: not part of the reuse check.
+    runtime = [f"train.threads={threads_per_run(study)}", "train.progress=false"]
     return [
-        {"variant": variant, "seed": seed, "base": study["base"], "overrides": overrides,
+        {"variant": variant, "seed": seed, "base": study["base"], "overrides": overrides, "runtime": runtime,
          "run_dir": str(run_root / variant / f"seed{seed}")}
         for seed in seeds
     ]
@@ -435,7 +439,8 @@ class _Runner:
     def submit(self, job: dict):
         if self.pool is not None:
             return self.pool.submit(run_one, job)
-        done = _Done(run_one(job))
+        done = Future()
+        done.set_result(run_one(job))
         return done
 
     @staticmethod
@@ -450,14 +455,6 @@ class _Runner:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
-
-
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
 
 
 def sweep_references(sweep: Mapping) -> dict:
@@ -502,6 +499,7 @@ def summarize_sweep(study: dict, sweep_results: Sequence[tuple[str, float, dict]
     for key, weight, result in sweep_results:
         by_weight.setdefault((key, weight), []).append(result)
     out = {"variant": sweep["variant"], "thresholds": thresholds, "max_steps": sweep.get("max_steps"),
+           "note": sweep.get("note", ""),
            "seeds": sweep.get("seeds", [study["seeds"][0]]), "params": {}}
     for key, reference in sweep_references(sweep).items():
         baseline = _seed_mean(by_weight[(key, reference)] if reference else by_weight[("", 0.0)])
@@ -510,6 +508,20 @@ def summarize_sweep(study: dict, sweep_results: Sequence[tuple[str, float, dict]
         out["params"][key] = {"reference_weight": reference, "reference": baseline,
                               "candidates": [{"weight": w, **m} for w, m in candidates], **selection}
     return out
+
+
+def run_sweep_only(study: dict, out: Path) -> dict:
+    """Only the weight sweep (``--sweep-only``): its summary, as :func:`summarize_sweep` gives it.
+    A later full study reuses these runs."""
+    if study["sweep"] is None:
+        raise ValueError("the study config has no 'sweep' section")
+    runner = _Runner(study["jobs"])
+    try:
+        pending = [(k, w, job, runner.submit(job)) for k, w, job in sweep_jobs(study, out / "runs")]
+        results = [(k, w, runner.result(f, job)) for k, w, job, f in pending]
+    finally:
+        runner.close()
+    return summarize_sweep(study, results)
 
 
 def run_study(study: dict, out: Path) -> dict:
@@ -655,6 +667,33 @@ def _results_lines(result: Mapping, heading: str) -> list[str]:
     return lines
 
 
+def _sweep_lines(sweep: Mapping) -> list[str]:
+    """The weight sweep section: the rule, each key's reference run, candidates and choice."""
+    lines = ["## Weight sweep", "",
+             f"Variant `{sweep['variant']}`, {sweep['max_steps'] or 'full'} steps, seed(s) "
+             f"{', '.join(map(str, sweep['seeds']))}. A weight *visibly changes training* when a held-out "
+             f"metric moves from the reference run (same variant, seed and budget at the reference weight) "
+             f"by at least {sweep['thresholds']['psnr_db']} dB PSNR, "
+             f"{100 * sweep['thresholds']['perplexity_rel']:.0f}% perplexity or "
+             f"{sweep['thresholds']['utilization_abs']} utilization.", ""]
+    if sweep.get("note"):
+        lines += [sweep["note"].strip(), ""]
+    for key, param in sweep["params"].items():
+        ref = param["reference"]
+        lines += [f"`{key}`: reference weight {param['reference_weight']:g} (PSNR {ref['psnr']:.2f} dB, "
+                  f"utilization {ref['utilization']:.3f}, perplexity {ref['perplexity']:.2f}); "
+                  f"chosen {param['weight']:g} ({param['rule']}).", ""]
+        rows = []
+        for c in param["candidates"]:
+            reasons = param["visible"][repr(c["weight"])]
+            chosen = " **chosen**" if c["weight"] == param["weight"] else ""
+            rows.append([f"{c['weight']:g}{chosen}", f"{c['psnr']:.2f}", f"{c['utilization']:.3f}",
+                         f"{c['perplexity']:.2f}", f"{c['effective_bits']:.2f}", "; ".join(reasons) or "no"])
+        lines += _table(["weight", "PSNR dB", "util.", "perplexity", "eff. bits", "visible change"], rows)
+        lines.append("")
+    return lines
+
+
 def render_markdown(result: Mapping, command: str) -> str:
     """``study.md`` from :func:`run_study`'s result."""
     study, summary = result["config"], result["summary"]
@@ -670,30 +709,8 @@ def render_markdown(result: Mapping, command: str) -> str:
                      _regularizer_text(layout), f"`{v['compare_to']}`" if v["compare_to"] else "-"])
     lines += _table(["variant", "what", "code layout (P x d, K)", "bits/position", "init", "regularizer", "compared to"], rows)
     lines.append("")
-    sweep = result["sweep"]
-    if sweep is not None:
-        lines += ["## Weight sweep", "",
-                  f"Variant `{sweep['variant']}`, {sweep['max_steps'] or 'full'} steps, seed(s) "
-                  f"{', '.join(map(str, sweep['seeds']))}. A weight *visibly changes training* when a held-out "
-                  f"metric moves from the reference run (same variant, seed and budget at the reference weight) "
-                  f"by at least {sweep['thresholds']['psnr_db']} dB PSNR, "
-                  f"{100 * sweep['thresholds']['perplexity_rel']:.0f}% perplexity or "
-                  f"{sweep['thresholds']['utilization_abs']} utilization.", ""]
-        if study.get("sweep", {}).get("note"):
-            lines += [study["sweep"]["note"].strip(), ""]
-        for key, param in sweep["params"].items():
-            ref = param["reference"]
-            lines += [f"`{key}`: reference weight {param['reference_weight']:g} (PSNR {ref['psnr']:.2f} dB, "
-                      f"utilization {ref['utilization']:.3f}, perplexity {ref['perplexity']:.2f}); "
-                      f"chosen {param['weight']:g} ({param['rule']}).", ""]
-            rows = []
-            for c in param["candidates"]:
-                reasons = param["visible"][repr(c["weight"])]
-                chosen = " **chosen**" if c["weight"] == param["weight"] else ""
-                rows.append([f"{c['weight']:g}{chosen}", f"{c['psnr']:.2f}", f"{c['utilization']:.3f}",
-                             f"{c['perplexity']:.2f}", f"{c['effective_bits']:.2f}", "; ".join(reasons) or "no"])
-            lines += _table(["weight", "PSNR dB", "util.", "perplexity", "eff. bits", "visible change"], rows)
-            lines.append("")
+    if result["sweep"] is not None:
+        lines += _sweep_lines(result["sweep"])
     lines += _results_lines(result, "##")
     lines += ["", "## Plots", "", "![validation curves](curves.png)", "", "![code usage](usage.png)", ""]
     for name, v in result["variants"].items():
@@ -856,6 +873,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the config's quick block: tiny model, a few steps per variant (a smoke test)")
     parser.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the config's 'jobs')")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="run only the weight sweep; writes sweep.json and sweep.md (the study reuses its runs)")
     parser.add_argument("--readme", default=None, metavar="README",
                         help="also write the results between the kepler-study markers of this README "
                              "(finished runs are reused, so this is quick after a study)")
@@ -875,6 +894,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"kepler study: {len(study['variants'])} variants x {len(study['seeds'])} seeds"
           + (" + a weight sweep" if study["sweep"] else "") + f", {study['jobs']} run(s) at a time -> {out}",
           flush=True)
+    if args.sweep_only:
+        summary = run_sweep_only(study, out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(summary, indent=1))
+        (out / "sweep.md").write_text("\n".join([f"# Weight sweep: {study['name']}", "", f"Command: `{command} --sweep-only`", ""]
+                                                + _sweep_lines(summary)[2:]))
+        for key, param in summary["params"].items():
+            print(f"kepler study: {key} = {param['weight']:g} ({param['rule']})")
+        print(f"kepler study: wrote {out / 'sweep.json'}, {out / 'sweep.md'}")
+        return 0
     previous_path = out / "study.json"
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
     result = run_study(study, out)

@@ -258,3 +258,15 @@ def test_readme_section_is_generated_between_markers(quick_study, tmp_path):
     # every run was reused: the README reports the study that trained them
     assert f"Wall time: {before['wall_minutes']:.1f} min" in text
     assert f"Command: `{before['command']}`" in text
+
+
+@pytest.mark.slow
+def test_sweep_only_reuses_the_study_sweep_and_agrees(quick_study, capsys):
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    assert study.main(parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--sweep-only"])) == 0
+    assert "(reused)" in capsys.readouterr().out
+    sweep = json.loads((quick_study / "sweep.json").read_text())
+    full = json.loads((quick_study / "study.json").read_text())["sweep"]
+    assert {k: p["weight"] for k, p in sweep["params"].items()} == {k: p["weight"] for k, p in full["params"].items()}
+    assert (quick_study / "sweep.md").read_text().startswith("# Weight sweep")
