@@ -34,7 +34,11 @@ def _log_ratio_eps(log_ratio, log_eps):
     return log_term, share
 
 
-@triton.jit
+# Runtime ints that may equal 1 are kept as i32 (Triton would otherwise specialize them to constexpr).
+_NOT_SPECIALIZED = ["num_cols", "has_eps", "use_std"]
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _kepler_kl_fwd_kernel(
     x_ptr,
     logq_ptr,
@@ -56,11 +60,11 @@ def _kepler_kl_fwd_kernel(
     cols = tl.arange(0, BLOCK)
 
     # (1) moments: per-chunk two-pass mean/M2 merged with Chan's update; max and min.
-    count = tl.zeros((), tl.float32)
-    mean = tl.zeros((), tl.float32)
-    m2 = tl.zeros((), tl.float32)
-    hi = tl.full((), float("-inf"), tl.float32)
-    lo = tl.full((), float("inf"), tl.float32)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    hi = float("-inf")
+    lo = float("inf")
     for start in range(0, num_cols, BLOCK):
         offs = start + cols
         mask = offs < num_cols
@@ -114,7 +118,7 @@ def _kepler_kl_fwd_kernel(
     tl.store(stats_ptr + row * 3 + 2, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _kepler_kl_bwd_kernel(
     grad_loss_ptr,
     x_ptr,

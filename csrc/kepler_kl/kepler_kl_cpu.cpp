@@ -25,6 +25,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kepler_kl/kepler_kl_checks.h"
+
 namespace kepler {
 namespace {
 
@@ -522,26 +524,6 @@ void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, 
 
 // ---- launchers ----
 
-// The input dtypes the kernels take (fp32 math inside): float32, bfloat16, float16.
-#define KEPLER_KL_DISPATCH_CASES(...)            \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)      \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)   \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& prior_logq, double eps) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be (B, M), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one column");
-  TORCH_CHECK(prior_logq.dim() == 2 && prior_logq.size(1) == x.size(1) &&
-                  (prior_logq.size(0) == 1 || prior_logq.size(0) == x.size(0)),
-              op, ": prior_logq must be (1, M) or (B, M) for x of shape ", x.sizes(), ", got ", prior_logq.sizes());
-  TORCH_CHECK(prior_logq.scalar_type() == at::kFloat, op, ": prior_logq must be float32, got ",
-              prior_logq.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && prior_logq.device().is_cpu(), op, ": expected CPU tensors");
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
-}
-
 // Columns must be unit-stride for the block loops; any row stride is fine.
 at::Tensor unit_column_stride(const at::Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
@@ -549,7 +531,7 @@ at::Tensor unit_column_stride(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> kepler_kl_cpu(const at::Tensor& x_in, const at::Tensor& prior_logq_in,
                                                  bool use_std, double eps) {
-  check_inputs("kepler_kl", x_in, prior_logq_in, eps);
+  kepler_kl_check_inputs("kepler_kl", x_in, prior_logq_in, eps, c10::DeviceType::CPU);
   const at::Tensor x = unit_column_stride(x_in);
   const at::Tensor logq = unit_column_stride(prior_logq_in);
   const int64_t num_rows = x.size(0), num_cols = x.size(1);
@@ -568,14 +550,9 @@ std::tuple<at::Tensor, at::Tensor> kepler_kl_cpu(const at::Tensor& x_in, const a
 at::Tensor kepler_kl_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& x_in,
                                   const at::Tensor& prior_logq_in, const at::Tensor& stats_in, bool use_std,
                                   double eps) {
-  check_inputs("kepler_kl_backward", x_in, prior_logq_in, eps);
+  kepler_kl_check_inputs("kepler_kl_backward", x_in, prior_logq_in, eps, c10::DeviceType::CPU);
+  kepler_kl_check_backward(grad_loss_in, stats_in, x_in);
   const int64_t num_rows = x_in.size(0), num_cols = x_in.size(1);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == num_rows,
-              "kepler_kl_backward: grad_loss must be (B,) = (", num_rows, ",), got ", grad_loss_in.sizes());
-  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == num_rows && stats_in.size(1) == 3 &&
-                  stats_in.scalar_type() == at::kFloat,
-              "kepler_kl_backward: stats must be float32 (B, 3), got ", stats_in.scalar_type(), " ",
-              stats_in.sizes());
   const at::Tensor x = unit_column_stride(x_in);
   const at::Tensor logq = unit_column_stride(prior_logq_in);
   const at::Tensor grad_loss = grad_loss_in.to(at::kFloat).contiguous();

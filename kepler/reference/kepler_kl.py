@@ -29,10 +29,13 @@ def standardize_rows(x: torch.Tensor, mode: str) -> torch.Tensor:
     num_cols = x.shape[-1]
     deviation = x - x.mean(dim=-1, keepdim=True)
     variance = deviation.square().sum(dim=-1, keepdim=True) / max(num_cols - 1, 1)
-    scale = variance if mode == "official" else variance.sqrt()
     # amax == amin rather than variance == 0: the mean of a constant row is rounded, so its
     # deviations (and variance) can be tiny but nonzero; NaN rows are never "constant".
-    constant = (x.amax(dim=-1, keepdim=True) == x.amin(dim=-1, keepdim=True)) | (scale == 0)
+    constant = x.amax(dim=-1, keepdim=True) == x.amin(dim=-1, keepdim=True)
+    # Masked before sqrt and division so no inf/NaN gradient leaks through torch.where.
+    safe_variance = torch.where(constant, torch.ones_like(variance), variance)
+    scale = safe_variance if mode == "official" else safe_variance.sqrt()
+    constant = constant | (scale == 0)
     safe_scale = torch.where(constant, torch.ones_like(scale), scale)
     return torch.where(constant, torch.zeros_like(deviation), deviation / safe_scale)
 
