@@ -19,6 +19,7 @@ throughput of the search in GFLOP/s (``2 * rows * K * d`` for the forward's dist
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -103,8 +104,8 @@ def _process_memory_kib(field: str) -> int:
 def peak_step_memory_mb(step, device: str) -> float:
     """Peak memory of one ``step`` above what is held before it, in MiB (after a warm-up step).
 
-    CUDA: the caching allocator's peak. CPU: the resident-set peak, whose high-water mark Linux
-    resets on writing 5 to ``/proc/self/clear_refs``.
+    CUDA: the caching allocator's peak. CPU (Linux, glibc): the resident-set peak, whose
+    high-water mark Linux resets on writing 5 to ``/proc/self/clear_refs``.
     """
     step()  # lazy initializations, allocator warm-up, gradients allocated
     if device == "cuda":
@@ -114,6 +115,8 @@ def peak_step_memory_mb(step, device: str) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    # Hand freed heap pages back first, or the step could reuse them without raising the RSS.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     baseline = _process_memory_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
