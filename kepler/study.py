@@ -21,7 +21,8 @@ weight for that key.
 ``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
 the results between the README's ``kepler-study`` markers.
 
-Runs are independent processes (``jobs`` at a time, each with ``cores // jobs`` threads); a run
+Runs are independent processes (``jobs`` at a time, each with ``threads`` threads, by default
+``cores // jobs``); a run
 whose ``result.json`` matches its configuration is reused, so an interrupted study continues where
 it stopped. ``--quick`` swaps in the config's ``quick`` block (a tiny model, a few steps) so every
 variant and the sweep run end to end in a minute; the tests use it.
@@ -42,9 +43,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-
 SWEEP_MARKER = "sweep"
-QUANTIZER_PREFIX = "model.quantizer."
 
 # (key in a run's result, column header, digits): the results table, in order.
 TABLE_METRICS = (
