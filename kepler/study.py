@@ -717,7 +717,9 @@ def render_markdown(result: Mapping, command: str) -> str:
             lines += [f"![codewords of {name}](codewords_{name}.png)", ""]
     lines += ["## How to read the columns", "",
               "- PSNR, SSIM, L1: held-out reconstructions in [0, 1] (L1 in [-1, 1] units), averaged per image. "
-              f"The mean-colour baseline PSNR is {summary[next(iter(summary))]['baseline_psnr']['mean']:.2f} dB.",
+              f"The mean-colour baseline (each image painted its own mean colour) scores "
+              f"{summary[next(iter(summary))]['baseline_psnr']['mean']:.2f} dB: a variant below it reconstructs worse than that trivial "
+              "baseline, so differences between such variants say little about converged tokenizers.",
               "- util.: fraction of codebook entries used at least once on the held-out images; perplexity: "
               "exp(entropy) of the code distribution as the quantizer reports it (pooled over partitions for a "
               "shared codebook, mean over partitions otherwise). Both are bounded by the number of held-out "
