@@ -696,7 +696,8 @@ def _sweep_lines(sweep: Mapping) -> list[str]:
 def render_markdown(result: Mapping, command: str) -> str:
     """``study.md`` from :func:`run_study`'s result."""
     study, summary = result["config"], result["summary"]
-    lines = [f"# Codebook study: {result['name']}" + (" (quick mode: a smoke test, not a result)" if result["quick"] else ""), ""]
+    title = f"# Codebook study: {result['name']}"
+    lines = [title + (" (quick mode: a smoke test, not a result)" if result["quick"] else ""), ""]
     lines += _header_lines(result, command)
     if study.get("description"):
         lines += [study["description"].strip(), ""]
@@ -706,7 +707,8 @@ def render_markdown(result: Mapping, command: str) -> str:
         layout = v["layout"]
         rows.append([f"`{name}`", v["label"], _layout_text(layout), f"{layout['bits']:.1f}", layout["init"],
                      _regularizer_text(layout), f"`{v['compare_to']}`" if v["compare_to"] else "-"])
-    lines += _table(["variant", "what", "code layout (P x d, K)", "bits/position", "init", "regularizer", "compared to"], rows)
+    header = ["variant", "what", "code layout (P x d, K)", "bits/position", "init", "regularizer", "compared to"]
+    lines += _table(header, rows)
     lines.append("")
     if result["sweep"] is not None:
         lines += _sweep_lines(result["sweep"])
@@ -718,8 +720,9 @@ def render_markdown(result: Mapping, command: str) -> str:
     lines += ["## How to read the columns", "",
               "- PSNR, SSIM, L1: held-out reconstructions in [0, 1] (L1 in [-1, 1] units), averaged per image. "
               f"The mean-colour baseline (each image painted its own mean colour) scores "
-              f"{summary[next(iter(summary))]['baseline_psnr']['mean']:.2f} dB: a variant below it reconstructs worse than that trivial "
-              "baseline, so differences between such variants say little about converged tokenizers.",
+              f"{summary[next(iter(summary))]['baseline_psnr']['mean']:.2f} dB: a variant below it reconstructs "
+              "worse than that trivial baseline, so differences between such variants say little about "
+              "converged tokenizers.",
               "- util.: fraction of codebook entries used at least once on the held-out images; perplexity: "
               "exp(entropy) of the code distribution as the quantizer reports it (pooled over partitions for a "
               "shared codebook, mean over partitions otherwise). Both are bounded by the number of held-out "
@@ -899,8 +902,8 @@ def main(args: argparse.Namespace) -> int:
         summary = run_sweep_only(study, out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(summary, indent=1))
-        (out / "sweep.md").write_text("\n".join([f"# Weight sweep: {study['name']}", "", f"Command: `{command} --sweep-only`", ""]
-                                                + _sweep_lines(summary)[2:]))
+        title = [f"# Weight sweep: {study['name']}", "", f"Command: `{command} --sweep-only`", ""]
+        (out / "sweep.md").write_text("\n".join(title + _sweep_lines(summary)[2:]))
         for key, param in summary["params"].items():
             print(f"kepler study: {key} = {param['weight']:g} ({param['rule']})")
         print(f"kepler study: wrote {out / 'sweep.json'}, {out / 'sweep.md'}")

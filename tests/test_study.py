@@ -228,7 +228,8 @@ def test_quick_study_writes_every_output(quick_study):
 def test_quick_study_weights_come_from_the_sweep(quick_study):
     result = json.loads((quick_study / "study.json").read_text())
     sweep = result["sweep"]
-    for variant, key in [("kepler_kl", "model.quantizer.kepler_kl_weight"), ("kepler_packing", "model.quantizer.packing_weight")]:
+    swept = [("kepler_kl", "model.quantizer.kepler_kl_weight"), ("kepler_packing", "model.quantizer.packing_weight")]
+    for variant, key in swept:
         chosen = sweep["params"][key]["weight"]
         assert chosen in [c["weight"] for c in sweep["params"][key]["candidates"]]
         field = key.rsplit(".", 1)[-1]
@@ -247,7 +248,8 @@ def test_quick_study_reuses_finished_runs(quick_study):
 def test_readme_section_is_generated_between_markers(quick_study, tmp_path):
     before = json.loads((quick_study / "study.json").read_text())
     readme = tmp_path / "README.md"
-    readme.write_text(f"# kepler\n\nintro\n\n## Results\n\n{study.README_BEGIN}\nold table\n{study.README_END}\n\nOur reading.\n")
+    markers = f"{study.README_BEGIN}\nold table\n{study.README_END}"
+    readme.write_text(f"# kepler\n\nintro\n\n## Results\n\n{markers}\n\nOur reading.\n")
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
     args = parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--readme", str(readme)])
