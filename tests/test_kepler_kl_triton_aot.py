@@ -1,25 +1,17 @@
 """Every configuration the kepler_kl Triton launchers can pick compiles for sm_80 and sm_90.
 
-Both kernels, every ``(BLOCK, num_warps)`` in ``BLOCK_CONFIGS`` and every input dtype. Without a
-GPU the session runs with ``TRITON_INTERPRET=1``, which turns triton.language's own ``@jit``
-helpers (``tl.sum``'s combine function, ...) into interpreter objects the compiler cannot lower;
-the compiles then run in one child process started with ``TRITON_INTERPRET=0``.
+Both kernels, every ``(BLOCK, num_warps)`` in ``BLOCK_CONFIGS`` and every input dtype, with the
+launchers' num_warps; see ``triton_aot`` for why the compiles run in a child process on a CPU-only
+machine.
 """
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from kepler._backend import triton_interpreter_on
-from triton_aot import GPU_CAPABILITIES, as_jit_function
+from triton_aot import GPU_CAPABILITIES, aot_compile, check_compiled, compile_all, compile_results
 
 kernels = pytest.importorskip("kepler.kernels.kepler_kl")
-triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 TRITON_DTYPES = ("fp32", "bf16", "fp16")
 KERNEL_NAMES = ("fwd", "bwd")
@@ -38,11 +30,14 @@ VARIANTS = [
 ]
 
 
-def _variant_id(name, block, num_warps, dtype, capability) -> str:
+def _variant_id(variant) -> str:
+    name, block, num_warps, dtype, capability = variant
     return f"{name}-B{block}-w{num_warps}-{dtype}-sm{capability}"
 
 
-def _compile(name, block, num_warps, dtype, capability) -> None:
+def _shared_memory_bytes(variant) -> int:
+    """Compile one variant; the shared memory it needs per block."""
+    name, block, num_warps, dtype, capability = variant
     if name == "fwd":
         kernel = kernels._kepler_kl_fwd_kernel
         pointers = {"x_ptr": f"*{dtype}", "logq_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32"}
@@ -52,46 +47,19 @@ def _compile(name, block, num_warps, dtype, capability) -> None:
             "grad_loss_ptr": "*fp32", "x_ptr": f"*{dtype}", "logq_ptr": "*fp32", "stats_ptr": "*fp32",
             "grad_ptr": f"*{dtype}",
         }  # fmt: skip
-    source = triton.compiler.ASTSource(
-        fn=as_jit_function(kernel), signature={**pointers, **SCALARS}, constexprs={"BLOCK": block}
-    )
-    # As triton_aot.aot_compile, plus the launcher's num_warps.
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
-    assert compiled.asm["cubin"], f"no cubin for sm_{capability}"
+    signature = {**pointers, **SCALARS}
+    options = {"num_warps": num_warps}
+    return aot_compile(kernel, signature, {"BLOCK": block}, capability, options).metadata.shared
 
 
 def compile_every_variant() -> dict:
-    """{variant id: "ok" or the error}; what the child process prints."""
-    results = {}
-    for variant in VARIANTS:
-        try:
-            _compile(*variant)
-            results[_variant_id(*variant)] = "ok"
-        except Exception as exc:  # reported by the test of that variant
-            results[_variant_id(*variant)] = f"{type(exc).__name__}: {exc}"
-    return results
+    """What the AOT child process prints (see ``triton_aot.compile_results``)."""
+    return compile_all(VARIANTS, _variant_id, _shared_memory_bytes)
 
 
 @pytest.fixture(scope="module")
-def compile_outcome():
-    if not triton_interpreter_on():
-
-        def compile_here(variant):
-            _compile(*variant)
-            return "ok"
-
-        return compile_here
-    child = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-        f"import {Path(__file__).stem} as aot\n"
-        "print(json.dumps(aot.compile_every_variant()))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    return lambda variant: results[_variant_id(*variant)]
+def compiled():
+    return compile_results(sys.modules[__name__])
 
 
 def test_block_configs_cover_every_row_length():
@@ -99,7 +67,6 @@ def test_block_configs_cover_every_row_length():
     assert picked == set(kernels.BLOCK_CONFIGS)
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[_variant_id(*v) for v in VARIANTS])
-def test_kernel_compiles_for_gpu(variant, compile_outcome):
-    outcome = compile_outcome(variant)
-    assert outcome == "ok", outcome
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_kernel_compiles_for_gpu(variant, compiled):
+    check_compiled(compiled, _variant_id(variant))
