@@ -1,9 +1,10 @@
 """Data sets that need no download: real photos shipped by scikit-image and scikit-learn, and
 scikit-image's 200 LFW patches.
 
-``sample``: training draws random crops from 16 photos; validation takes fixed crops of 3 other
-photos that training never sees (a cat, a rocket launch, a flower), so its numbers measure
-generalization. ``faces``: the 200 25x25 LFW patches of ``skimage.data.lfw_subset`` (100 faces,
+``sample``: training draws random crops from 16 photos, each at a random scale (shorter side
+between ``resize`` and ``2 * resize``: 16 small photos alone are memorized, not learned from);
+validation takes fixed crops of 3 other photos at shorter side ``resize``, photos that training
+never sees (a cat, a rocket launch, a flower), so its numbers measure generalization. ``faces``: the 200 25x25 LFW patches of ``skimage.data.lfw_subset`` (100 faces,
 100 non-faces), upsampled; every tenth is held out for validation.
 """
 
@@ -17,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kepler.data.images import SampleKey, split_key
-from kepler.data.transforms import ImageTransform
+from kepler.data.transforms import ImageTransform, to_tensor
 
 # scikit-image loader names (skimage.data.<name>()), then scikit-learn sample image file names.
 TRAIN_PHOTOS = (
@@ -73,9 +74,11 @@ class SamplePhotos(Dataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.split = split
         train = split == "train"
-        self.transform = ImageTransform(size, resize or 2 * size, random_crop=train, flip=flip and train)
+        resize = resize or 2 * size
+        self.transform = ImageTransform(size, resize, random_crop=train, flip=flip and train)
         names = TRAIN_PHOTOS if train else VAL_PHOTOS
-        self.photos = [self.transform.resize_shorter_side(load_photo(n)) for n in names]
+        largest = ImageTransform(size, 2 * resize if train else resize)
+        self.photos = [largest.resize_shorter_side(load_photo(n)) for n in names]
         self.samples_per_epoch = samples_per_epoch
         self.crops = []
         if not train:
@@ -91,11 +94,13 @@ class SamplePhotos(Dataset):
         if self.split == "train":
             if rng is None:
                 rng = np.random.default_rng(index)
-            return self.transform(self.photos[index % len(self.photos)], rng), ()
+            shorter = int(rng.integers(self.transform.resize, 2 * self.transform.resize + 1))
+            scaled = ImageTransform(self.transform.size, shorter, random_crop=True, flip=self.transform.flip)
+            return scaled(self.photos[index % len(self.photos)], rng), ()
         p, x, y = self.crops[index]
         s = self.transform.size
-        crop = self.photos[p].crop((x, y, x + s, y + s))
-        return self.transform(crop), ()
+        crop = self.photos[p].crop((x, y, x + s, y + s))  # the photo is already resized
+        return to_tensor(np.asarray(crop, dtype=np.float32)), ()
 
 
 class LFWFaces(Dataset):
