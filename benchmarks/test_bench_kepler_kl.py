@@ -26,6 +26,7 @@ import sys
 
 import pytest
 import torch
+from memory import peak_step_memory_mb
 
 from kepler.losses import kepler_kl
 
@@ -63,37 +64,16 @@ def _inputs(device: str, num_cols: int):
     return x, prior
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _report_peak_rss(implementation: str, num_cols: int) -> None:
     """Child process: print the peak resident memory of one step above the inputs, in MiB."""
     x, prior = _inputs("cpu", num_cols)
-    step = _step_fn(implementation, x, prior)
-    step()  # warm up (thread pools, lazy inits)
-    x.grad = None
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident set
-    before = _status_kib("VmRSS")
-    step()
-    print(json.dumps({"peak_mb": max(_status_kib("VmHWM") - before, 0) / 1024}))
+    print(json.dumps({"peak_mb": peak_step_memory_mb(_step_fn(implementation, x, prior), "cpu")}))
 
 
 def peak_memory_mb(implementation: str, device: str, num_cols: int) -> float:
     if device == "cuda":
         x, prior = _inputs(device, num_cols)
-        step = _step_fn(implementation, x, prior)
-        step()
-        x.grad = None
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        return peak_step_memory_mb(_step_fn(implementation, x, prior), device)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     command = [sys.executable, __file__, "--peak-rss", implementation, str(num_cols)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=600)

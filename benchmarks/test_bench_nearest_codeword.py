@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from memory import peak_step_memory_mb
 
 import kepler
 
@@ -127,29 +127,12 @@ def _params():
     return params
 
 
-def _status_kib(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (its high-water mark) of this process, in KiB."""
-    with open("/proc/self/status") as status:
-        return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1))
-
-
 def _report_peak_rss(method: str, rows: int, codes: int, dim: int, layout: str) -> None:
-    """Child process: print the peak resident memory of one call above the inputs, in MiB.
-
-    Reads ``VmHWM``, not ``ru_maxrss``: the latter also keeps the parent's resident set at the
-    fork (the kernel folds it in at exec), so a big pytest parent would show up as the child's peak.
-    """
+    """Child process: print the peak resident memory of one call above the inputs, in MiB."""
     fn = method_fn(method)
     fn(*make_inputs(64, 16, dim, layout, "cpu"))  # libraries, thread pools, lazy initializations
     z, codebook = make_inputs(rows, codes, dim, layout, "cpu")
-    try:  # reset the high-water mark to the current resident set (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        before = _status_kib("VmRSS")
-    except OSError:  # no reset: only growth past the earlier high-water mark shows (a lower bound)
-        before = _status_kib("VmHWM")
-    fn(z, codebook)
-    print(json.dumps({"peak_mb": max(_status_kib("VmHWM") - before, 0) / 1024}))
+    print(json.dumps({"peak_mb": peak_step_memory_mb(lambda: fn(z, codebook), "cpu")}))
 
 
 def peak_memory_mb(method: str, device: str, rows: int, codes: int, dim: int, layout: str) -> float:
@@ -157,13 +140,7 @@ def peak_memory_mb(method: str, device: str, rows: int, codes: int, dim: int, la
     if device == "cuda":
         fn = method_fn(method)
         z, codebook = make_inputs(rows, codes, dim, layout, device)
-        fn(z, codebook)
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(z, codebook)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        return peak_step_memory_mb(lambda: fn(z, codebook), device)
     command = [sys.executable, __file__, "--peak-rss", method, str(rows), str(codes), str(dim), layout]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]

@@ -20,12 +20,12 @@ allocator's peak; CPU, Linux: the resident-set high-water mark, reset by writing
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 
 import pytest
 import torch
+from memory import peak_step_memory_mb
 
 from kepler.losses import packing_energy
 from kepler.reference.packing_energy import normalize_codebook
@@ -83,29 +83,6 @@ def _params():
                         )  # fmt: skip
                     )
     return params
-
-
-def _process_memory_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_step_memory_mb(step, device: str) -> float:
-    """Peak memory of one ``step`` above what is held before it, in MiB (see the module docstring)."""
-    if device == "cuda":
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = _process_memory_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    step()
-    return (_process_memory_kib("VmHWM") - baseline) / 1024
 
 
 @pytest.mark.parametrize("device, num_codewords, dim, implementation", _params())

@@ -19,12 +19,12 @@ throughput of the search in GFLOP/s (``2 * rows * K * d`` for the forward's dist
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from memory import peak_step_memory_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_quantizer import released_forward  # noqa: E402  (the transcription the tests trust)
@@ -89,39 +89,6 @@ def build_step(implementation: str, num_codes: int, device: str):
     else:
         raise ValueError(f"unknown implementation {implementation!r}")
     return step
-
-
-def _process_memory_kib(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process, in KiB (Linux)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            name, value = line.split(":", 1)
-            if name == field:
-                return int(value.split()[0])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def peak_step_memory_mb(step, device: str) -> float:
-    """Peak memory of one ``step`` above what is held before it, in MiB (after a warm-up step).
-
-    CUDA: the caching allocator's peak. CPU (Linux, glibc): the resident-set peak, whose
-    high-water mark Linux resets on writing 5 to ``/proc/self/clear_refs``.
-    """
-    step()  # lazy initializations, allocator warm-up, gradients allocated
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    # Hand freed heap pages back first, or the step could reuse them without raising the RSS.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = _process_memory_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    step()
-    return (_process_memory_kib("VmHWM") - baseline) / 1024
 
 
 @pytest.mark.parametrize("device", DEVICES)

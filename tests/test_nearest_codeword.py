@@ -64,21 +64,6 @@ def _shape_params():
     return params
 
 
-@pytest.fixture
-def poisoned_empty():
-    """New tensors start as NaN (floats) / the largest int64, so an output a kernel never writes fails.
-
-    ``torch.utils.deterministic.fill_uninitialized_memory`` fills every ``empty`` (also the C++
-    ``at::empty``) while deterministic algorithms are on.
-    """
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_filling = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = was_filling
-    torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
 def _as_groups(z, codebook):
