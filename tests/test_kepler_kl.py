@@ -117,13 +117,14 @@ def test_non_contiguous_and_offset_inputs(device, backend):
         _check_against_oracle(x, prior, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("mode", ["official", "std"])
 def test_long_row_2_pow_20(backend, mode):
-    # One row of 2**20 elements: B=1 splits the row across threads on the CPU backend. The
-    # Triton interpreter is covered up to 65536 elements above (2**20 takes minutes there).
-    if backend == "cpu" and not _ext.HAS_CPU_EXT:
-        pytest.skip("kepler._C is not built")
+    # One row of 2**20 elements: B=1 splits the row across threads on the CPU backend.
+    if backend not in kepler_available():
+        pytest.skip(f"backend {backend} unavailable here")
+    if backend == "triton" and triton_interpreter_on() and mode == "std":
+        pytest.skip("the Triton interpreter takes ~20 s per 2**20-element row (measured); official covers the loop")
     x = torch.randn(1, 2**20) * 3 + 1
     prior = torch.rand(2**20)
     _check_against_oracle(x, prior, backend, mode=mode)

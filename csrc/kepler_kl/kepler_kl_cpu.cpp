@@ -35,6 +35,13 @@ constexpr int64_t kBlock = 512;
 // Smallest piece of a row worth its own task when a row is split across threads.
 constexpr int64_t kMinChunk = 32768;
 
+// Without -fno-trapping-math GCC will not if-convert the selects in exp/log below, and the loops
+// stay scalar; FP exceptions are never inspected here, so the block kernels are built without it.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 // The block loops are compiled twice, for AVX2+FMA and for the baseline, and picked at load
 // time (GCC function multi-versioning): the exp/log below vectorize 8 wide on AVX2.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -43,13 +50,18 @@ constexpr int64_t kMinChunk = 32768;
 #define KEPLER_KL_CLONES
 #endif
 
-inline float bits_to_float(int32_t bits) {
+// Helpers are forced inline: the block kernels are built with other optimization options (see
+// above), and GCC does not inline across an options mismatch (a libm call such as std::fabs in the
+// loop would stay a call and stop vectorization).
+#define KEPLER_KL_INLINE inline __attribute__((always_inline))
+
+KEPLER_KL_INLINE float bits_to_float(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
   return value;
 }
 
-inline int32_t float_to_bits(float value) {
+KEPLER_KL_INLINE int32_t float_to_bits(float value) {
   int32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   return bits;
@@ -58,7 +70,9 @@ inline int32_t float_to_bits(float value) {
 // exp(x), branch-free so that loops over it vectorize (the libm call does not without
 // -ffast-math). Cephes' expf polynomial, about 2 ulp; 0 below -87.3 (the subnormal range),
 // NaN propagates.
-inline float vec_exp(float x) {
+KEPLER_KL_INLINE float vec_abs(float x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
+
+KEPLER_KL_INLINE float vec_exp(float x) {
   constexpr float kLow = -87.3f;
   constexpr float kHigh = 88.0f;
   constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
@@ -80,14 +94,13 @@ inline float vec_exp(float x) {
 }
 
 // log(x) for positive normal x, branch-free (Cephes' logf polynomial, about 1 ulp).
-inline float vec_log(float x) {
+KEPLER_KL_INLINE float vec_log(float x) {
   const int32_t bits = float_to_bits(x);
-  int32_t exponent = (bits >> 23) - 127;
-  float mantissa = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
-  const bool upper = mantissa > 1.41421356f;
-  mantissa = upper ? mantissa * 0.5f : mantissa;
-  exponent = upper ? exponent + 1 : exponent;
-  const float e = static_cast<float>(exponent);
+  const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f800000;  // the mantissa as a float in [1, 2)
+  // Above sqrt(2): halve it (one less in the float's exponent field) and count one more power of 2.
+  const int32_t upper = static_cast<int32_t>(bits_to_float(mantissa_bits) > 1.41421356f);
+  const float mantissa = bits_to_float(mantissa_bits - (upper << 23));
+  const float e = static_cast<float>((bits >> 23) - 127 + upper);
   const float f = mantissa - 1.0f;  // in [sqrt(1/2) - 1, sqrt(2) - 1]
   const float z = f * f;
   float y = 7.0376836292e-2f;
@@ -112,14 +125,15 @@ struct EpsTerm {
   float ratio_share;    // r / (r + eps)
 };
 
-inline EpsTerm eps_term(float log_ratio, float log_eps) {
+KEPLER_KL_INLINE EpsTerm eps_term(float log_ratio, float log_eps) {
   const float diff = log_ratio - log_eps;
-  const float e = vec_exp(-std::fabs(diff));
+  const float e = vec_exp(-vec_abs(diff));
   const float one_plus = 1.0f + e;
   EpsTerm term;
   // log1p(e) as log(1 + e) * e / ((1 + e) - 1): exact to fp32 rounding even for tiny e.
   const float rounded_e = one_plus - 1.0f;
-  const float log1p_e = rounded_e == 0.0f ? e : vec_log(one_plus) * (e / rounded_e);
+  const float correction = e / (rounded_e == 0.0f ? 1.0f : rounded_e);
+  const float log1p_e = rounded_e == 0.0f ? e : vec_log(one_plus) * correction;
   term.log_ratio_eps = (log_ratio > log_eps ? log_ratio : log_eps) + log1p_e;
   term.ratio_share = (diff >= 0.0f ? 1.0f : e) / one_plus;
   return term;
@@ -156,44 +170,52 @@ KEPLER_KL_CLONES float block_sum_exp(const float* x, int64_t n, float mean, floa
   return acc;
 }
 
-KEPLER_KL_CLONES float block_loss(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
-                                  float lse, float log_eps, bool has_eps) {
-  float acc = 0.0f;
-  if (has_eps) {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) {
-      const float log_p = (x[i] - mean) * inv_scale - lse;
-      acc += vec_exp(log_p) * eps_term(log_p - logq[i], log_eps).log_ratio_eps;
-    }
+// log(p_i / q_i + eps); kHasEps is a template argument so that each loop has no branch in it.
+template <bool kHasEps>
+KEPLER_KL_INLINE float loss_term(float log_ratio, float log_eps) {
+  if constexpr (kHasEps) {
+    return eps_term(log_ratio, log_eps).log_ratio_eps;
   } else {
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) {
-      const float log_p = (x[i] - mean) * inv_scale - lse;
-      acc += vec_exp(log_p) * (log_p - logq[i]);
-    }
+    return log_ratio;
   }
-  return acc;
 }
 
 // dL/dp_i = log(r_i + eps) + r_i / (r_i + eps), r_i = p_i / q_i.
-inline float dloss_dp(float log_ratio, float log_eps, bool has_eps) {
-  if (!has_eps) return log_ratio + 1.0f;
-  const EpsTerm term = eps_term(log_ratio, log_eps);
-  return term.log_ratio_eps + term.ratio_share;
+template <bool kHasEps>
+KEPLER_KL_INLINE float dloss_dp(float log_ratio, float log_eps) {
+  if constexpr (kHasEps) {
+    const EpsTerm term = eps_term(log_ratio, log_eps);
+    return term.log_ratio_eps + term.ratio_share;
+  } else {
+    return log_ratio + 1.0f;
+  }
+}
+
+template <bool kHasEps>
+KEPLER_KL_CLONES float block_loss(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
+                                  float lse, float log_eps) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const float log_p = (x[i] - mean) * inv_scale - lse;
+    acc += vec_exp(log_p) * loss_term<kHasEps>(log_p - logq[i], log_eps);
+  }
+  return acc;
 }
 
 struct GradSums {
   float p, pg, ps, psg, s;
 };
 
+template <bool kHasEps>
 KEPLER_KL_CLONES GradSums block_grad_sums(const float* x, const float* logq, int64_t n, float mean,
-                                          float inv_scale, float lse, float log_eps, bool has_eps) {
+                                          float inv_scale, float lse, float log_eps) {
   float sp = 0.0f, spg = 0.0f, sps = 0.0f, spsg = 0.0f, ss = 0.0f;
 #pragma omp simd reduction(+ : sp, spg, sps, spsg, ss)
   for (int64_t i = 0; i < n; ++i) {
     const float s = (x[i] - mean) * inv_scale;
     const float p = vec_exp(s - lse);
-    const float g = dloss_dp(s - lse - logq[i], log_eps, has_eps);
+    const float g = dloss_dp<kHasEps>(s - lse - logq[i], log_eps);
     sp += p;
     spg += p * g;
     sps += p * s;
@@ -204,17 +226,22 @@ KEPLER_KL_CLONES GradSums block_grad_sums(const float* x, const float* logq, int
 }
 
 // grad_i = coef_p * p_i * (g_i - g_mean) - coef_s * (s_i - s_mean)
+template <bool kHasEps>
 KEPLER_KL_CLONES void block_grad(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
-                                 float lse, float log_eps, bool has_eps, float coef_p, float g_mean,
-                                 float coef_s, float s_mean, float* grad) {
+                                 float lse, float log_eps, float coef_p, float g_mean, float coef_s, float s_mean,
+                                 float* grad) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float s = (x[i] - mean) * inv_scale;
     const float p = vec_exp(s - lse);
-    const float g = dloss_dp(s - lse - logq[i], log_eps, has_eps);
+    const float g = dloss_dp<kHasEps>(s - lse - logq[i], log_eps);
     grad[i] = coef_p * p * (g - g_mean) - coef_s * (s - s_mean);
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // ---- row pieces: [begin, end) of one row, any input dtype, fp64 accumulation across blocks ----
 
@@ -302,7 +329,8 @@ double row_loss(const scalar_t* x, const float* logq, int64_t begin, int64_t end
                 float lse, float log_eps, bool has_eps) {
   double acc = 0.0;
   for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
-    acc += block_loss(xf, logq + start, n, params.mean, params.inv_scale, lse, log_eps, has_eps);
+    acc += has_eps ? block_loss<true>(xf, logq + start, n, params.mean, params.inv_scale, lse, log_eps)
+                   : block_loss<false>(xf, logq + start, n, params.mean, params.inv_scale, lse, log_eps);
   });
   return acc;
 }
@@ -328,7 +356,9 @@ GradTotals row_grad_sums(const scalar_t* x, const float* logq, int64_t begin, in
                          float log_eps, bool has_eps) {
   GradTotals totals;
   for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
-    const GradSums b = block_grad_sums(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps, has_eps);
+    const GradSums b =
+        has_eps ? block_grad_sums<true>(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps)
+                : block_grad_sums<false>(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps);
     totals.add({b.p, b.pg, b.ps, b.psg, b.s});
   });
   return totals;
@@ -366,8 +396,9 @@ void row_grad(const scalar_t* x, const float* logq, int64_t begin, int64_t end, 
   for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
     float* out = buffer;
     if constexpr (std::is_same_v<scalar_t, float>) out = grad + start;
-    block_grad(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps, has_eps, c.coef_p, c.g_mean,
-               c.coef_s, c.s_mean, out);
+    auto* block = has_eps ? &block_grad<true> : &block_grad<false>;
+    block(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps, c.coef_p, c.g_mean, c.coef_s, c.s_mean,
+          out);
     if constexpr (!std::is_same_v<scalar_t, float>) {
       for (int64_t i = 0; i < n; ++i) grad[start + i] = static_cast<scalar_t>(buffer[i]);
     }
