@@ -11,10 +11,11 @@
 Each round is one forward and one backward, ``mode="official"``, ``eps=1e-5``, a shared ``(M,)``
 prior. ``extra_info``: ``effective_gb_per_s`` = (bytes of x read once + bytes of the gradient
 written) / median time (the kernels actually read x five times, so this understates their memory
-traffic on purpose), and ``peak_memory_mb``, the peak memory of one step above its inputs: on CUDA
-the caching allocator's peak; on the CPU the peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``) of a fresh process, with glibc's mmap threshold lowered so freed
-temporaries go back to the OS instead of hiding in the heap.
+traffic on purpose), and ``peak_memory_mb`` (``benchmarks/memory.py``): the peak of one step
+above what is held before it, i.e. above the inputs and the gradient left by the warm-up step, so
+it counts the temporaries beyond the gradient (the fused backends' target is ~0); on the CPU it is
+measured in a fresh process with glibc's mmap threshold lowered so that freed temporaries go back
+to the OS instead of hiding in the heap.
 """
 
 from __future__ import annotations

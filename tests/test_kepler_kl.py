@@ -32,19 +32,6 @@ def _device_backend_params():
 DEVICE_BACKENDS = _device_backend_params()
 
 
-@pytest.fixture
-def poisoned_empty():
-    """torch.empty (Python and C++) returns NaN-filled memory, so an unwritten output fails."""
-    import torch.utils.deterministic
-
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous[0])
-    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
-
-
 def _loss_and_grad(x, prior, backend, **kwargs):
     x = x.detach().clone().requires_grad_(True)
     loss = kepler_kl(x, prior, backend=backend, **kwargs)
