@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.requirements-installed
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: venv build test demo study bench bench-cpu clean
+.PHONY: venv build test demo study bench clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,8 @@ study: build
 	$(PY) -m kepler study configs/study_sample.yaml
 
 bench: build
-	$(PY) -m pytest benchmarks --benchmark-json=bench_results/cpu.json
+	mkdir -p bench_results
+	$(PY) -m pytest benchmarks -m "not gpu" --benchmark-json=bench_results/cpu.json
 
 clean:
 	rm -rf build kepler/_C*.so *.egg-info
