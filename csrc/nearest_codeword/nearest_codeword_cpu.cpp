@@ -4,7 +4,8 @@
 // searches do tile by tile). Rows of z are split into tasks of up to kMaxRowsPerTask rows of one
 // group, claimed one at a time by the at::parallel_for workers. A task upcasts its rows to
 // float32 into a thread-local buffer, then walks the codebook in blocks sized to stay in the L2
-// cache: each block is upcast, scaled by -2 (exact) and packed into panels of 16 codes, and a
+// cache: each block is upcast, scaled by -2 (exact) and packed into panels of 16 codes (once per
+// call for a shared codebook that fits in one block, else per task), and a
 // register-blocked micro-kernel computes the search score ||e||^2 - 2 z.e with float32
 // accumulation (starting from the precomputed ||e||^2) and merges it into a per-row, per-lane
 // running (score, panel) with a strict `<`. The lane winners are reduced with the lowest-index
@@ -49,6 +50,7 @@ namespace {
 
 constexpr int64_t kCodesPerPanel = 16;       // codes per packed panel (two 8-float vectors)
 constexpr int64_t kMaxRowsPerTask = 1024;     // z rows that share one packing of each code block
+constexpr int64_t kMaxRowsPerTaskPrepacked = 256;  // when the whole codebook is packed once per call
 constexpr int64_t kCodeBlockFloats = 1 << 16;  // 256 KiB of packed codes: stays in L2
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -310,12 +312,18 @@ class NearestCodewordCpu {
   void run() {
     compute_code_norms();
     plan_tasks();
+    if (prepacked_) {
+      const int64_t padded_codes = round_up(codes_, kCodesPerPanel);
+      prepacked_panels_storage_ = at::empty({padded_codes * std::max<int64_t>(dim_, 1)}, at::kFloat);
+      prepacked_norms_storage_ = at::empty({padded_codes}, at::kFloat);
+      pack_codes(0, 0, codes_, prepacked_panels_storage_.data_ptr<float>(), prepacked_norms_storage_.data_ptr<float>());
+    }
     // Workers claim tasks one at a time, so a worker slowed down by other processes on the
     // machine does not hold the others back (a static split would).
     std::atomic<int64_t> next_task{0};
     const int64_t workers = std::min<int64_t>(at::get_num_threads(), task_count_);
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      TaskBuffers buffers(rows_per_task_, codes_per_block_, dim_);
+      TaskBuffers buffers(rows_per_task_, prepacked_ ? 0 : codes_per_block_, dim_);
       for (int64_t task = next_task++; task < task_count_; task = next_task++) run_task(task, buffers);
     });
   }
@@ -343,19 +351,23 @@ class NearestCodewordCpu {
     });
   }
 
-  // Tasks of at most kMaxRowsPerTask rows of one group (packing a code block costs about as
-  // much as scoring it against 16 rows, so tasks should be long), at least a few per thread.
+  // Code blocks of about kCodeBlockFloats. A shared codebook that fits in one block is packed
+  // once per call (at most 256 KiB); otherwise every task packs each block into its own buffer,
+  // which costs about as much as scoring the block against 16 rows, so those tasks are long
+  // (kMaxRowsPerTask rows). Shorter tasks balance the workers better at the end of the call.
   void plan_tasks() {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t micro_rows = kernel_.rows_per_micro_block;
-    const int64_t wanted_tasks = std::max((groups_ * rows_ + kMaxRowsPerTask - 1) / kMaxRowsPerTask, 2 * threads);
-    const int64_t tasks_per_group = std::max<int64_t>(1, (wanted_tasks + groups_ - 1) / groups_);
-    rows_per_task_ = std::clamp(round_up((rows_ + tasks_per_group - 1) / tasks_per_group, micro_rows), micro_rows,
-                                round_up(kMaxRowsPerTask, micro_rows));
-    tasks_per_group_ = (rows_ + rows_per_task_ - 1) / rows_per_task_;
-    task_count_ = groups_ * tasks_per_group_;
     const int64_t block_codes = kCodeBlockFloats / std::max<int64_t>(dim_, 1) / kCodesPerPanel * kCodesPerPanel;
     codes_per_block_ = std::min(round_up(codes_, kCodesPerPanel), std::max(kCodesPerPanel, block_codes));
+    prepacked_ = codebook_groups_ == 1 && codes_ <= codes_per_block_;
+    const int64_t max_rows = prepacked_ ? kMaxRowsPerTaskPrepacked : kMaxRowsPerTask;
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t micro_rows = kernel_.rows_per_micro_block;
+    const int64_t wanted_tasks = std::max((groups_ * rows_ + max_rows - 1) / max_rows, 2 * threads);
+    const int64_t tasks_per_group = std::max<int64_t>(1, (wanted_tasks + groups_ - 1) / groups_);
+    rows_per_task_ = std::clamp(round_up((rows_ + tasks_per_group - 1) / tasks_per_group, micro_rows), micro_rows,
+                                round_up(max_rows, micro_rows));
+    tasks_per_group_ = (rows_ + rows_per_task_ - 1) / rows_per_task_;
+    task_count_ = groups_ * tasks_per_group_;
   }
 
   // Rows `rows[0..count)` of the group, upcast into micro-blocks of layout [d][row]; the rows
@@ -403,10 +415,14 @@ class NearestCodewordCpu {
     reset(buffers.best.data(), micro_blocks * micro_rows);
     for (int64_t first = 0; first < codes_; first += codes_per_block_) {
       const int64_t block_count = std::min(codes_per_block_, codes_ - first);
-      pack_codes(group, first, block_count, buffers.panels, buffers.panel_norms);
-      const int64_t panels = (block_count + kCodesPerPanel - 1) / kCodesPerPanel;
+      const float* panels = prepacked_panels_storage_.defined() ? prepacked_panels_storage_.data_ptr<float>()
+                                                                 : buffers.panels;
+      const float* panel_norms = prepacked_norms_storage_.defined() ? prepacked_norms_storage_.data_ptr<float>()
+                                                                     : buffers.panel_norms;
+      if (!prepacked_) pack_codes(group, first, block_count, buffers.panels, buffers.panel_norms);
+      const int64_t panel_count = (block_count + kCodesPerPanel - 1) / kCodesPerPanel;
       for (int64_t m = 0; m < micro_blocks; ++m) {
-        kernel.scan(buffers.z_blocks + m * micro_rows * dim_, dim_, buffers.panels, buffers.panel_norms, panels,
+        kernel.scan(buffers.z_blocks + m * micro_rows * dim_, dim_, panels, panel_norms, panel_count,
                     static_cast<int32_t>(first / kCodesPerPanel), buffers.best.data() + m * micro_rows);
       }
     }
@@ -479,6 +495,8 @@ class NearestCodewordCpu {
   const ScanKernel kernel_excluding_neg_inf_;
   at::Tensor code_norms_storage_;
   float* code_norms_ = nullptr;
+  bool prepacked_ = false;  // the codebook is one block, packed once in prepacked_*_storage_
+  at::Tensor prepacked_panels_storage_, prepacked_norms_storage_;
   int64_t rows_per_task_ = 0, codes_per_block_ = 0, tasks_per_group_ = 0, task_count_ = 0;
 };
 
