@@ -27,6 +27,8 @@ log = logging.getLogger("kepler")
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "KEPLER_BACKEND"
+# What every compiled and Triton kernel takes; float64 (gradcheck, oracles) is the reference's.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_interpreter_on() -> bool:
@@ -107,3 +109,51 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {choice!r} is not available: {reason}")
     return choice
+
+
+def _explicitly_requested(requested: str | None) -> bool:
+    """Whether the caller or ``KEPLER_BACKEND`` named a backend (anything but ``auto``)."""
+    choice = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
+    return choice.strip().lower() != "auto"
+
+
+def compiled_kernel_registered(op: str, device_type: str) -> bool:
+    """Whether ``kepler._C`` holds a kernel of ``kepler::<op>`` for ``device_type``.
+
+    A ``kepler._C`` built before the op had kernels (a stale editable build) loads fine but would
+    fail on the first call; :func:`choose_backend` treats it as an unavailable backend instead.
+    """
+    dispatch_key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kepler::{op}", dispatch_key)
+
+
+# torch.compile runs this once while tracing and keeps the answer (it logs, which dynamo would not
+# trace); a later change of KEPLER_BACKEND does not reach an already compiled function.
+@torch.compiler.assume_constant_result
+def choose_backend(
+    op: str,
+    requested: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    float64_backends: tuple[str, ...] = ("reference",),
+) -> str:
+    """The backend that runs op ``kepler::<op>`` on ``dtype`` tensors on ``device``.
+
+    :func:`resolve_backend`, then the two checks every op shares: the compiled backends need the
+    op's kernel in ``kepler._C``, and float64 runs only on ``float64_backends``. When a check
+    fails, a backend the caller named raises (RuntimeError for a missing kernel, TypeError for the
+    dtype) and ``auto`` falls back to ``reference``, logging why at debug level.
+    """
+    backend = resolve_backend(requested, device)
+    if backend in ("cpu", "cuda") and not compiled_kernel_registered(op, device.type):
+        reason = f"kepler._C has no {op} kernel for {backend}; rebuild it ({_ext.INSTALL_HINT})"
+        if _explicitly_requested(requested):
+            raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    elif dtype == torch.float64 and backend not in float64_backends:
+        reason = f"it takes float32, bfloat16 or float16, got {dtype}; float64 runs on {float64_backends}"
+        if _explicitly_requested(requested):
+            raise TypeError(f"backend {backend!r} cannot run {op} on {dtype} inputs: {reason}")
+    else:
+        return backend
+    log.debug("kepler %s: %s; using 'reference'", op, reason)
+    return "reference"

@@ -40,6 +40,21 @@ def device_params():
     ]
 
 
+def device_backend_params():
+    """pytest params ``(device, backend)`` for every pair that makes sense together (no 'cpu' backend
+    on CUDA tensors and vice versa), skipped with the reason where the pair cannot run here."""
+    params = []
+    for device_param in device_params():
+        device = device_param.values[0]
+        for backend_param in backend_params(device):
+            backend = backend_param.values[0]
+            if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue
+            marks = list(device_param.marks) + list(backend_param.marks)
+            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return params
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

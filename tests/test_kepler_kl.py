@@ -312,7 +312,7 @@ def test_errors():
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         kepler_kl(x, prior, backend="cuda")
     if _ext.HAS_CPU_EXT:
-        with pytest.raises(TypeError, match="the 'cpu' backend takes float32/bfloat16/float16 x, got float64"):
+        with pytest.raises(TypeError, match="backend 'cpu' cannot run kepler_kl on torch.float64 inputs: it takes float32, bfloat16 or float16"):
             kepler_kl(x.double(), prior, backend="cpu")
         with pytest.raises(RuntimeError, match=r"kepler_kl: prior_logq must be \(1, M\) or \(B, M\)"):
             torch.ops.kepler.kepler_kl(x, torch.zeros(1, 4), False, 0.0)

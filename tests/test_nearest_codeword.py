@@ -13,32 +13,17 @@ import torch
 
 import kepler
 from kepler import _backend
-from kepler.ops import nearest_codeword as ncw_ops
 from kepler.ops.nearest_codeword import NearestCodewordFunction
 from kepler.reference.nearest_codeword import nearest_codeword_ref
 
-from conftest import backend_params, device_params
+from conftest import device_backend_params, device_params
 
 # Unit roundoff of float32: every backend accumulates in float32.
 F32_UNIT = 2.0**-24
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _device_backend_params():
-    """(device, backend) pairs that make sense together, skipped with the reason where they cannot run."""
-    params = []
-    for device_param in device_params():
-        device = device_param.values[0]
-        for backend_param in backend_params(device):
-            backend = backend_param.values[0]
-            if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
-            marks = list(device_param.marks) + list(backend_param.marks)
-            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
-    return params
-
-
-DEVICE_BACKENDS = _device_backend_params()
+DEVICE_BACKENDS = device_backend_params()
 
 ROWS = (1, 7, 131)
 CODES = (1, 3, 67, 1000)  # 67 and 1000 are no multiple of any block size
@@ -385,14 +370,14 @@ def test_float64_runs_on_the_reference_only(monkeypatch):
     torch.testing.assert_close(indices, nearest_codeword_ref(z, codebook)[0], rtol=0, atol=0)
     explicit = [b for b in kepler.available_backends("cpu") if b != "reference"]
     for backend in explicit:
-        with pytest.raises(TypeError, match=f"backend '{backend}' takes float32, bfloat16 or float16 inputs"):
+        with pytest.raises(TypeError, match=f"backend '{backend}' cannot run nearest_codeword on torch.float64 inputs: it takes float32, bfloat16 or float16"):
             kepler.nearest_codeword(z, codebook, backend=backend)
 
 
 @pytest.mark.skipif(not kepler.HAS_CPU_EXT, reason="kepler._C is not built")
 def test_missing_compiled_kernel_is_an_unavailable_backend(monkeypatch):
     monkeypatch.delenv("KEPLER_BACKEND", raising=False)
-    monkeypatch.setattr(ncw_ops, "_compiled_kernel_registered", lambda device_type: False)
+    monkeypatch.setattr(_backend, "compiled_kernel_registered", lambda op, device_type: False)
     z, codebook = torch.randn(5, 3), torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="backend 'cpu' is not available: kepler._C has no nearest_codeword kernel"):
         kepler.nearest_codeword(z, codebook, backend="cpu")

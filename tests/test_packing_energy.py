@@ -16,30 +16,15 @@ import torch
 import kepler
 from kepler import _backend
 from kepler.losses import packing_energy
-from kepler.ops import packing_energy as pe_ops
 from kepler.ops.packing_energy import PackingEnergyFunction
 from kepler.reference.packing_energy import MIN_SPREAD_SQ, normalize_codebook, packing_energy_raw_ref, packing_energy_ref
 
-from conftest import backend_params, device_params
+from conftest import device_backend_params, device_params
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _device_backend_params():
-    """(device, backend) pairs that make sense together, skipped with the reason where they cannot run."""
-    params = []
-    for device_param in device_params():
-        device = device_param.values[0]
-        for backend_param in backend_params(device):
-            backend = backend_param.values[0]
-            if (backend, device) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
-            marks = list(device_param.marks) + list(backend_param.marks)
-            params.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
-    return params
-
-
-DEVICE_BACKENDS = _device_backend_params()
+DEVICE_BACKENDS = device_backend_params()
 FUSED_DEVICE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "reference"]
 
 GROUPS = (1, 8)
@@ -336,14 +321,14 @@ def test_triton_refuses_float64(monkeypatch):
     if _backend._unavailable_reason("triton", "cpu") is not None:
         pytest.skip("the triton backend cannot run on CPU tensors here")
     codebook = torch.randn(5, 3, dtype=torch.float64)
-    with pytest.raises(TypeError, match="backend 'triton' cannot run torch.float64 points"):
+    with pytest.raises(TypeError, match="backend 'triton' cannot run packing_energy on torch.float64 inputs: it takes float32, bfloat16 or float16"):
         packing_energy(codebook, backend="triton")
 
 
 @pytest.mark.skipif(not kepler.HAS_CPU_EXT, reason="kepler._C is not built")
 def test_missing_compiled_kernel_is_an_unavailable_backend(monkeypatch):
     monkeypatch.delenv("KEPLER_BACKEND", raising=False)
-    monkeypatch.setattr(pe_ops, "_compiled_kernel_registered", lambda device_type: False)
+    monkeypatch.setattr(_backend, "compiled_kernel_registered", lambda op, device_type: False)
     codebook = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="backend 'cpu' is not available: kepler._C has no packing_energy kernel"):
         packing_energy(codebook, backend="cpu")

@@ -443,6 +443,27 @@ def test_kepler_kl_term_matches_released_kepler_loss(side):
     )
 
 
+def test_kepler_kl_prior_leaves_the_global_rng_alone_and_follows_the_seed():
+    torch.manual_seed(3)
+    plain = make_quantizer(num_codes=16)
+    after_plain = torch.rand(4)
+    torch.manual_seed(3)
+    regularized = make_quantizer(num_codes=16, kepler_kl_weight=1.0)
+    # Same codebook init and the same next random numbers: the prior drew nothing from torch.
+    assert torch.equal(regularized.codebook, plain.codebook)
+    assert torch.equal(torch.rand(4), after_plain)
+    torch.manual_seed(3)
+    assert torch.equal(make_quantizer(num_codes=16, kepler_kl_weight=1.0).kl_prior_points, regularized.kl_prior_points)
+    starts = {
+        int(make_quantizer(num_codes=16, kepler_kl_weight=1.0, kl_prior_seed=seed).kl_prior_points[0, :16]
+            @ (2 ** torch.arange(15, -1, -1)).float())
+        for seed in range(4)
+    }
+    assert len(starts) > 1  # the seed picks the prior's start row
+    with pytest.raises(ValueError, match="kl_prior_seed must be >= 0"):
+        make_quantizer(num_codes=16, kepler_kl_weight=1.0, kl_prior_seed=-1)
+
+
 def test_kepler_kl_prior_tiles_past_its_end_and_takes_lattices():
     regularized = make_quantizer(num_codes=4, kepler_kl_weight=1.0, kl_prior="lattice:D4")
     assert regularized.kl_prior_points.shape == (4, 4)  # 16 prior values for 16 * 3 * 3 latents

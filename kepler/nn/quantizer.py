@@ -197,7 +197,11 @@ class KeplerQuantizer(nn.Module):
             (:func:`kepler.lattice.official_grid_prior` with ``num_codes`` rows), or
             ``"lattice:<name>"``, the ``num_codes`` points of that lattice nearest the origin;
             either laid out to the row length by :func:`kepler.lattice.prior_row`. Drawn once at
-            construction (from torch's global RNG) and kept in the state dict.
+            construction and kept in the state dict.
+        kl_prior_seed: seed of the ``"grid"`` prior's random start row; None takes
+            ``torch.initial_seed()``, so a run seeded with ``torch.manual_seed`` gets the same
+            prior every time. The prior never draws from torch's global RNG: switching the KL on
+            leaves the initialization of every other layer as it was.
         packing_weight: weight of :func:`kepler.losses.packing_energy` of the codebook (the mean
             over sub-codebooks with ``shared_codebook=False``).
         packing_t: the packing energy's temperature.
@@ -235,6 +239,7 @@ class KeplerQuantizer(nn.Module):
         legacy: bool = True,
         kepler_kl_weight: float = 0.0,
         kl_prior: str = "grid",
+        kl_prior_seed: int | None = None,
         packing_weight: float = 0.0,
         packing_t: float = 1.0,
         init: str = "uniform",
@@ -311,7 +316,7 @@ class KeplerQuantizer(nn.Module):
             self.register_buffer("window_steps", torch.zeros((), dtype=torch.int64))
         if self.kepler_kl_weight > 0:
             if kl_lattice is None:
-                seed = int(torch.randint(0, 2**62, ()).item())
+                seed = torch.initial_seed() if kl_prior_seed is None else _check_int("kl_prior_seed", kl_prior_seed, 0)
                 prior = official_grid_prior(num_codes, seed=seed)
             else:
                 prior = _lattice_points(kl_lattice, num_codes, None).to(torch.float32)

@@ -29,15 +29,13 @@ The prior enters as ``prior_logq = log q`` in float32, computed once in float64 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from kepler import _backend, _ext
 from kepler.reference.kepler_kl import MODES, kepler_kl_prior_logq_ref, kepler_kl_rows_ref
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+_FLOAT_DTYPES = _backend.KERNEL_DTYPES + (torch.float64,)
 
 
 def kepler_kl_prior_logq(prior: torch.Tensor, mode: str = "official") -> torch.Tensor:
@@ -144,11 +142,6 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _backend_explicit(backend: str | None) -> bool:
-    choice = backend if backend is not None else os.environ.get(_backend.ENV_VAR) or "auto"
-    return choice.strip().lower() != "auto"
-
-
 def kepler_kl(
     x: torch.Tensor,
     prior: torch.Tensor | None = None,
@@ -210,14 +203,7 @@ def kepler_kl(
     if prior_logq is not None and prior_logq.dtype != torch.float32:
         raise TypeError(f"prior_logq must be float32 (from kepler_kl_prior_logq), got {prior_logq.dtype}")
 
-    chosen = _backend.resolve_backend(backend, x.device)
-    if x.dtype == torch.float64 and chosen != "reference":
-        if _backend_explicit(backend):
-            raise TypeError(
-                f"the {chosen!r} backend takes float32/bfloat16/float16 x, got float64; "
-                "use backend='reference' for float64"
-            )
-        chosen = "reference"
+    chosen = _backend.choose_backend("kepler_kl", backend, x.device, x.dtype)
 
     if chosen == "reference":
         compute_dtype = torch.promote_types(x.dtype, torch.float32)

@@ -13,17 +13,10 @@ them. Gradients flow through the recomputed distance only; indices are not diffe
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
 from kepler import _backend, _ext
 from kepler.reference.nearest_codeword import nearest_codeword_ref
-
-log = logging.getLogger("kepler")
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _nearest_codeword_fake(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,40 +42,6 @@ if _backend._triton_importable():
         schema="(Tensor z, Tensor codebook) -> (Tensor indices, Tensor sq_dist)",
     )
     _nearest_codeword_triton_op.register_fake(_nearest_codeword_fake)
-
-
-def _compiled_kernel_registered(device_type: str) -> bool:
-    """Whether ``kepler._C`` holds this op's kernel for ``device_type``.
-
-    A ``kepler._C`` built before the op had kernels (a stale editable build) loads fine but would
-    fail on the first call; treat it as an unavailable backend instead.
-    """
-    dispatch_key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("kepler::nearest_codeword", dispatch_key)
-
-
-# torch.compile runs this once while tracing and keeps the answer (it logs, which dynamo would not
-# trace); a later change of KEPLER_BACKEND does not reach an already compiled function.
-@torch.compiler.assume_constant_result
-def _choose_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    explicit_name = requested if requested is not None else os.environ.get(_backend.ENV_VAR)
-    explicit = bool(explicit_name) and explicit_name.strip().lower() != "auto"
-    backend = _backend.resolve_backend(requested, device)
-    fallback_reason = None
-    if backend in ("cpu", "cuda") and not _compiled_kernel_registered(device.type):
-        fallback_reason = f"kepler._C has no nearest_codeword kernel for {backend}; rebuild it ({_ext.INSTALL_HINT})"
-        if explicit:
-            raise RuntimeError(f"backend {backend!r} is not available: {fallback_reason}")
-    elif backend != "reference" and dtype == torch.float64:
-        fallback_reason = "float64 runs only on backend='reference'"
-        if explicit:
-            raise TypeError(
-                f"backend {backend!r} takes float32, bfloat16 or float16 inputs; {fallback_reason}, got z of {dtype}"
-            )
-    if fallback_reason is not None:
-        log.debug("kepler nearest_codeword: %s; using 'reference'", fallback_reason)
-        return "reference"
-    return backend
 
 
 def _run_backend(backend: str, z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +97,7 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
     for name, tensor in (("z", z), ("codebook", codebook)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in KERNEL_DTYPES and tensor.dtype != torch.float64:
+        if tensor.dtype not in _backend.KERNEL_DTYPES + (torch.float64,):
             raise TypeError(
                 f"{name} must be float32, bfloat16 or float16 (float64 on backend='reference'), got {tensor.dtype}"
             )
@@ -192,7 +151,7 @@ def nearest_codeword(
     ``N == 0`` gives empty results.
     """
     _check_inputs(z, codebook)
-    chosen = _choose_backend(backend, z.device, z.dtype)
+    chosen = _backend.choose_backend("nearest_codeword", backend, z.device, z.dtype)
     grouped = z.dim() == 3
     z3 = z if grouped else z.unsqueeze(0)
     codebook3 = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)

@@ -17,20 +17,15 @@ traces through them.
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
-import os
 
 import torch
 
 from kepler import _backend, _ext
 from kepler.reference.packing_energy import compute_dtype, normalize_codebook, packing_energy_ref
 
-log = logging.getLogger("kepler")
-
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _packing_energy_fake(y: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,34 +67,6 @@ if _backend._triton_importable():
         schema="(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) -> Tensor",
     )
     _packing_energy_backward_triton_op.register_fake(_packing_energy_backward_fake)
-
-
-def _compiled_kernel_registered(device_type: str) -> bool:
-    """Whether ``kepler._C`` holds this op's kernel for ``device_type`` (not a stale build)."""
-    dispatch_key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("kepler::packing_energy", dispatch_key)
-
-
-# torch.compile runs this once while tracing and keeps the answer (it logs, which dynamo would not
-# trace); a later change of KEPLER_BACKEND does not reach an already compiled function.
-@torch.compiler.assume_constant_result
-def _choose_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    explicit_name = requested if requested is not None else os.environ.get(_backend.ENV_VAR)
-    explicit = bool(explicit_name) and explicit_name.strip().lower() != "auto"
-    backend = _backend.resolve_backend(requested, device)
-    fallback_reason = None
-    if backend in ("cpu", "cuda") and not _compiled_kernel_registered(device.type):
-        fallback_reason = f"kepler._C has no packing_energy kernel for {backend}; rebuild it ({_ext.INSTALL_HINT})"
-        if explicit:
-            raise RuntimeError(f"backend {backend!r} is not available: {fallback_reason}")
-    elif backend == "triton" and dtype not in TRITON_DTYPES:
-        fallback_reason = "the triton kernels take float32, bfloat16 or float16"
-        if explicit:
-            raise TypeError(f"backend 'triton' cannot run {dtype} points: {fallback_reason}")
-    if fallback_reason is not None:
-        log.debug("kepler packing_energy: %s; using 'reference'", fallback_reason)
-        return "reference"
-    return backend
 
 
 class PackingEnergyFunction(torch.autograd.Function):
@@ -184,7 +151,9 @@ def packing_energy(
     _check_inputs(codebook, t, normalize)
     t = float(t)
     points_dtype = compute_dtype(codebook.dtype) if normalize else codebook.dtype
-    chosen = _choose_backend(backend, codebook.device, points_dtype)
+    chosen = _backend.choose_backend(
+        "packing_energy", backend, codebook.device, points_dtype, float64_backends=("reference", "cpu", "cuda")
+    )
     if chosen == "reference":
         return packing_energy_ref(codebook, t, normalize)
     grouped = codebook.dim() == 3

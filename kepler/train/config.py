@@ -42,6 +42,7 @@ DEFAULTS: dict = {
             "legacy": True,
             "kepler_kl_weight": 0.0,
             "kl_prior": "grid",
+            "kl_prior_seed": None,  # None: torch.initial_seed(), i.e. the run's seed
             "packing_weight": 0.0,
             "packing_t": 1.0,
             "init": "uniform",
