@@ -410,6 +410,18 @@ void row_grad(const scalar_t* x, const float* logq, int64_t begin, int64_t end, 
 struct Split {
   int64_t chunks;     // chunks per row
   int64_t chunk_len;  // elements per chunk (a multiple of kBlock)
+  int64_t num_cols;
+
+  // fn(piece, b, begin, end) for every piece = b * chunks + c: row b's columns [begin, end), in parallel.
+  template <typename Fn>
+  void for_each_piece(int64_t num_rows, const Fn& fn) const {
+    at::parallel_for(0, num_rows * chunks, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t piece = p0; piece < p1; ++piece) {
+        const int64_t begin = (piece % chunks) * chunk_len;
+        fn(piece, piece / chunks, begin, std::min(num_cols, begin + chunk_len));
+      }
+    });
+  }
 };
 
 Split split_rows(int64_t num_rows, int64_t num_cols) {
@@ -423,7 +435,7 @@ Split split_rows(int64_t num_rows, int64_t num_cols) {
   int64_t chunk_len = (num_cols + chunks - 1) / chunks;
   chunk_len = (chunk_len + kBlock - 1) / kBlock * kBlock;
   chunks = (num_cols + chunk_len - 1) / chunk_len;
-  return {chunks, chunk_len};
+  return {chunks, chunk_len, num_cols};
 }
 
 inline float log_of_eps(double eps) { return eps > 0.0 ? static_cast<float>(std::log(eps)) : 0.0f; }
@@ -455,16 +467,9 @@ void forward_rows(const scalar_t* x, int64_t stride_x, const float* logq, int64_
     return;
   }
   const int64_t pieces = num_rows * split.chunks;
-  auto piece_range = [&](int64_t piece) {
-    const int64_t begin = (piece % split.chunks) * split.chunk_len;
-    return std::make_pair(begin, std::min(num_cols, begin + split.chunk_len));
-  };
   std::vector<Moments> moments(pieces);
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t piece = p0; piece < p1; ++piece) {
-      const auto [begin, end] = piece_range(piece);
-      moments[piece] = row_moments(x + (piece / split.chunks) * stride_x, begin, end);
-    }
+  split.for_each_piece(num_rows, [&](int64_t piece, int64_t b, int64_t begin, int64_t end) {
+    moments[piece] = row_moments(x + b * stride_x, begin, end);
   });
   std::vector<RowParams> params(num_rows);
   for (int64_t b = 0; b < num_rows; ++b) {
@@ -473,12 +478,8 @@ void forward_rows(const scalar_t* x, int64_t stride_x, const float* logq, int64_
     params[b] = row_params(total, num_cols, use_std);
   }
   std::vector<double> partial(pieces);
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t piece = p0; piece < p1; ++piece) {
-      const auto [begin, end] = piece_range(piece);
-      const int64_t b = piece / split.chunks;
-      partial[piece] = row_sum_exp(x + b * stride_x, begin, end, params[b]);
-    }
+  split.for_each_piece(num_rows, [&](int64_t piece, int64_t b, int64_t begin, int64_t end) {
+    partial[piece] = row_sum_exp(x + b * stride_x, begin, end, params[b]);
   });
   std::vector<float> lse(num_rows);
   for (int64_t b = 0; b < num_rows; ++b) {
@@ -486,13 +487,9 @@ void forward_rows(const scalar_t* x, int64_t stride_x, const float* logq, int64_
     for (int64_t c = 0; c < split.chunks; ++c) sum_exp += partial[b * split.chunks + c];
     lse[b] = finish_row(b, params[b], sum_exp);
   }
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t piece = p0; piece < p1; ++piece) {
-      const auto [begin, end] = piece_range(piece);
-      const int64_t b = piece / split.chunks;
-      partial[piece] =
-          row_loss(x + b * stride_x, logq + b * stride_q, begin, end, params[b], lse[b], log_eps, has_eps);
-    }
+  split.for_each_piece(num_rows, [&](int64_t piece, int64_t b, int64_t begin, int64_t end) {
+    partial[piece] =
+        row_loss(x + b * stride_x, logq + b * stride_q, begin, end, params[b], lse[b], log_eps, has_eps);
   });
   for (int64_t b = 0; b < num_rows; ++b) {
     double total = 0.0;
@@ -524,18 +521,10 @@ void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, 
     return;
   }
   const int64_t pieces = num_rows * split.chunks;
-  auto piece_range = [&](int64_t piece) {
-    const int64_t begin = (piece % split.chunks) * split.chunk_len;
-    return std::make_pair(begin, std::min(num_cols, begin + split.chunk_len));
-  };
   std::vector<GradTotals> partial(pieces);
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t piece = p0; piece < p1; ++piece) {
-      const auto [begin, end] = piece_range(piece);
-      const int64_t b = piece / split.chunks;
-      partial[piece] = row_grad_sums(x + b * stride_x, logq + b * stride_q, begin, end, backward_row(b), log_eps,
-                                     has_eps);
-    }
+  split.for_each_piece(num_rows, [&](int64_t piece, int64_t b, int64_t begin, int64_t end) {
+    partial[piece] = row_grad_sums(x + b * stride_x, logq + b * stride_q, begin, end, backward_row(b), log_eps,
+                                   has_eps);
   });
   std::vector<GradCoefs> coefs(num_rows);
   for (int64_t b = 0; b < num_rows; ++b) {
@@ -543,13 +532,9 @@ void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, 
     for (int64_t c = 0; c < split.chunks; ++c) totals.add(partial[b * split.chunks + c]);
     coefs[b] = grad_coefs(totals, grad_loss[b], backward_row(b), num_cols, use_std);
   }
-  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t piece = p0; piece < p1; ++piece) {
-      const auto [begin, end] = piece_range(piece);
-      const int64_t b = piece / split.chunks;
-      row_grad(x + b * stride_x, logq + b * stride_q, begin, end, backward_row(b), log_eps, has_eps, coefs[b],
-               grad + b * num_cols);
-    }
+  split.for_each_piece(num_rows, [&](int64_t /*piece*/, int64_t b, int64_t begin, int64_t end) {
+    row_grad(x + b * stride_x, logq + b * stride_q, begin, end, backward_row(b), log_eps, has_eps, coefs[b],
+             grad + b * num_cols);
   });
 }
 
