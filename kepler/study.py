@@ -231,19 +231,31 @@ def outside_seed_noise(a: Mapping, b: Mapping) -> bool | None:
     return a["max"] < b["min"] or b["max"] < a["min"]
 
 
+def _apart(run: Mapping, baseline: Mapping, key: str) -> bool:
+    """False when both carry seed ranges (``seed_range``, from 2+ seeds) and those of ``key``
+    overlap: the change is within seed noise. True otherwise (one seed: no noise estimate)."""
+    a, b = run.get("seed_range"), baseline.get("seed_range")
+    if a is None or b is None:
+        return True
+    (low_a, high_a), (low_b, high_b) = a[key], b[key]
+    return high_a < low_b or high_b < low_a
+
+
 def visible_change(run: Mapping, baseline: Mapping, thresholds: Mapping) -> list[str]:
     """The held-out metrics in which ``run`` differs from ``baseline`` by at least ``thresholds``
-    (``psnr_db`` absolute dB, ``perplexity_rel`` relative, ``utilization_abs`` absolute)."""
+    (``psnr_db`` absolute dB, ``perplexity_rel`` relative, ``utilization_abs`` absolute), comparing
+    seed means; when both come from 2+ seeds (a ``seed_range`` per metric), a metric also counts
+    only if the two seed ranges do not overlap, so a change within seed noise is not "visible"."""
     reasons = []
     d_psnr = run["psnr"] - baseline["psnr"]
-    if abs(d_psnr) >= thresholds["psnr_db"]:
+    if abs(d_psnr) >= thresholds["psnr_db"] and _apart(run, baseline, "psnr"):
         reasons.append(f"PSNR {d_psnr:+.2f} dB")
     if baseline["perplexity"] > 0:
         rel = run["perplexity"] / baseline["perplexity"] - 1.0
-        if abs(rel) >= thresholds["perplexity_rel"]:
+        if abs(rel) >= thresholds["perplexity_rel"] and _apart(run, baseline, "perplexity"):
             reasons.append(f"perplexity {100 * rel:+.1f}%")
     d_util = run["utilization"] - baseline["utilization"]
-    if abs(d_util) >= thresholds["utilization_abs"]:
+    if abs(d_util) >= thresholds["utilization_abs"] and _apart(run, baseline, "utilization"):
         reasons.append(f"utilization {d_util:+.3f}")
     return reasons
 
@@ -254,7 +266,7 @@ def select_weight(candidates: Sequence[tuple[float, Mapping]], baseline: Mapping
     Args:
         candidates: ``(weight, metrics)`` per swept weight; metrics hold held-out ``psnr``,
             ``perplexity`` and ``utilization``.
-        baseline: the same metrics of the weight-0 run (same variant, seed and budget).
+        baseline: the same metrics of the weight-0 run (same variant, seeds and budget).
         thresholds: see :func:`visible_change`.
 
     Returns ``{"weight", "rule", "visible": {weight: reasons}}``: the weight with the best PSNR among
@@ -486,8 +498,13 @@ def sweep_jobs(study: dict, run_root: Path) -> list[tuple[str, float, dict]]:
 
 
 def _seed_mean(results: Sequence[Mapping]) -> dict:
+    """Seed means of the sweep metrics; with 2+ seeds also each one's ``seed_range`` ``[min, max]``."""
     keys = ("psnr", "perplexity", "utilization", "effective_bits", "ssim", "l1")
-    return {k: math.fsum(r["metrics"][k] for r in results) / len(results) for k in keys}
+    out = {k: math.fsum(r["metrics"][k] for r in results) / len(results) for k in keys}
+    if len(results) > 1:
+        out["seed_range"] = {k: [min(r["metrics"][k] for r in results), max(r["metrics"][k] for r in results)]
+                             for k in keys}
+    return out
 
 
 def summarize_sweep(study: dict, sweep_results: Sequence[tuple[str, float, dict]]) -> dict:
@@ -671,10 +688,12 @@ def _sweep_lines(sweep: Mapping) -> list[str]:
     lines = ["## Weight sweep", "",
              f"Variant `{sweep['variant']}`, {sweep['max_steps'] or 'full'} steps, seed(s) "
              f"{', '.join(map(str, sweep['seeds']))}. A weight *visibly changes training* when a held-out "
-             f"metric moves from the reference run (same variant, seed and budget at the reference weight) "
+             f"metric moves from the reference run (same variant, seeds and budget at the reference weight) "
              f"by at least {sweep['thresholds']['psnr_db']} dB PSNR, "
              f"{100 * sweep['thresholds']['perplexity_rel']:.0f}% perplexity or "
-             f"{sweep['thresholds']['utilization_abs']} utilization.", ""]
+             f"{sweep['thresholds']['utilization_abs']} utilization"
+             + (" (seed means), and the two runs' seed ranges of that metric do not overlap."
+                if len(sweep["seeds"]) > 1 else "."), ""]
     if sweep.get("note"):
         lines += [sweep["note"].strip(), ""]
     for key, param in sweep["params"].items():

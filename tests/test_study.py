@@ -102,6 +102,24 @@ def test_visible_change_names_each_metric_that_moved():
     assert moved == ["PSNR -0.20 dB", "perplexity +10.0%", "utilization +0.060"]
 
 
+def test_visible_change_within_seed_noise_does_not_count():
+    def seeds(psnr_range, perplexity_range):
+        low, high = psnr_range
+        return {"psnr": (low + high) / 2, "perplexity": sum(perplexity_range) / 2, "utilization": 0.9,
+                "seed_range": {"psnr": list(psnr_range), "perplexity": list(perplexity_range),
+                               "utilization": [0.9, 0.9]}}
+
+    baseline = seeds((19.5, 20.5), (5.9, 6.1))
+    # PSNR mean -0.5 dB, but the seed ranges overlap; perplexity +20% with disjoint ranges.
+    run = seeds((19.2, 19.8), (7.1, 7.3))
+    assert study.visible_change(run, baseline, THRESHOLDS) == ["perplexity +20.0%"]
+    # Disjoint PSNR ranges count.
+    assert study.visible_change(seeds((18.0, 19.0), (5.9, 6.1)), baseline, THRESHOLDS) == ["PSNR -1.50 dB"]
+    # One seed on either side: means and thresholds alone.
+    one_seed = {k: v for k, v in run.items() if k != "seed_range"}
+    assert study.visible_change(one_seed, baseline, THRESHOLDS) == ["PSNR -0.50 dB", "perplexity +20.0%"]
+
+
 def test_select_weight_best_psnr_among_visible_changes():
     candidates = [
         (1e-3, {"psnr": 20.05, "perplexity": 6.0, "utilization": 0.9}),  # invisible, though best PSNR
