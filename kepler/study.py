@@ -83,7 +83,9 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     for key in ("base", "variants", "seeds"):
         if key not in study:
             raise ValueError(f"study config {path} has no {key!r} entry")
-    study["base"] = str((path.parent / study["base"]).resolve()) if study["base"] else None
+    # Relative to the study config's folder, kept as relative as the config path was given: the
+    # path lands in study.json and in each run's result.json (the reuse check compares it).
+    study["base"] = os.path.normpath(path.parent / study["base"]) if study["base"] else None
     study.setdefault("name", path.stem)
     study.setdefault("out", f"runs/{study['name']}")
     study.setdefault("jobs", 1)

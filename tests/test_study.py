@@ -202,6 +202,14 @@ def test_load_study_config_errors(tmp_path):
         study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: []\nvariants:\n  a: {set: {}}\n"))
 
 
+def test_base_is_relative_to_the_study_config_and_stays_relative(monkeypatch):
+    # The path is written into study.json and every run's result.json: no machine paths there.
+    monkeypatch.chdir(STUDY_CONFIG.parent.parent)
+    loaded = study.load_study_config(STUDY_CONFIG.relative_to(STUDY_CONFIG.parent.parent))
+    assert loaded["base"] == str(Path("configs") / "sample.yaml")
+    assert Path(loaded["base"]).is_file()
+
+
 def test_quick_block_replaces_budget_and_keeps_variants():
     full = study.load_study_config(STUDY_CONFIG)
     quick = study.load_study_config(STUDY_CONFIG, quick=True)
