@@ -29,6 +29,8 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "KEPLER_BACKEND"
 # What every compiled and Triton kernel takes; float64 (gradcheck, oracles) is the reference's.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What every op's functional accepts: the kernel dtypes, and float64 where choose_backend allows it.
+INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def triton_interpreter_on() -> bool:
@@ -85,6 +87,12 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if _unavailable_reason(b, device_type) is None]
 
 
+def _requested_choice(requested: str | None) -> str:
+    """The backend asked for: the ``backend=`` argument, else ``KEPLER_BACKEND``, else ``auto``."""
+    choice = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
+    return choice.strip().lower()
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """Pick the backend for tensors on ``device``.
 
@@ -92,8 +100,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     Raises ValueError for an unknown name and RuntimeError for a known backend that cannot serve
     this device here.
     """
-    choice = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
-    choice = choice.strip().lower()
+    choice = _requested_choice(requested)
     device_type = device.type
     if choice == "auto":
         order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
@@ -109,12 +116,6 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {choice!r} is not available: {reason}")
     return choice
-
-
-def _explicitly_requested(requested: str | None) -> bool:
-    """Whether the caller or ``KEPLER_BACKEND`` named a backend (anything but ``auto``)."""
-    choice = requested if requested is not None else os.environ.get(ENV_VAR) or "auto"
-    return choice.strip().lower() != "auto"
 
 
 def compiled_kernel_registered(op: str, device_type: str) -> bool:
@@ -147,11 +148,11 @@ def choose_backend(
     backend = resolve_backend(requested, device)
     if backend in ("cpu", "cuda") and not compiled_kernel_registered(op, device.type):
         reason = f"kepler._C has no {op} kernel for {backend}; rebuild it ({_ext.INSTALL_HINT})"
-        if _explicitly_requested(requested):
+        if _requested_choice(requested) != "auto":
             raise RuntimeError(f"backend {backend!r} is not available: {reason}")
     elif dtype == torch.float64 and backend not in float64_backends:
         reason = f"it takes float32, bfloat16 or float16, got {dtype}; float64 runs on {float64_backends}"
-        if _explicitly_requested(requested):
+        if _requested_choice(requested) != "auto":
             raise TypeError(f"backend {backend!r} cannot run {op} on {dtype} inputs: {reason}")
     else:
         return backend

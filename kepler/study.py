@@ -233,31 +233,28 @@ def outside_seed_noise(a: Mapping, b: Mapping) -> bool | None:
     return a["max"] < b["min"] or b["max"] < a["min"]
 
 
-def _apart(run: Mapping, baseline: Mapping, key: str) -> bool:
-    """False when both carry seed ranges (``seed_range``, from 2+ seeds) and those of ``key``
-    overlap: the change is within seed noise. True otherwise (one seed: no noise estimate)."""
-    a, b = run.get("seed_range"), baseline.get("seed_range")
-    if a is None or b is None:
-        return True
-    (low_a, high_a), (low_b, high_b) = a[key], b[key]
-    return high_a < low_b or high_b < low_a
+def _within_seed_noise(run: Mapping, baseline: Mapping, key: str) -> bool:
+    """Whether both carry per-seed summaries (``"seeds"``, from :func:`summarize`) and
+    :func:`outside_seed_noise` finds the change of ``key`` inside them; False with one seed."""
+    a, b = run.get("seeds"), baseline.get("seeds")
+    return a is not None and b is not None and outside_seed_noise(a[key], b[key]) is False
 
 
 def visible_change(run: Mapping, baseline: Mapping, thresholds: Mapping) -> list[str]:
     """The held-out metrics in which ``run`` differs from ``baseline`` by at least ``thresholds``
     (``psnr_db`` absolute dB, ``perplexity_rel`` relative, ``utilization_abs`` absolute), comparing
-    seed means; when both come from 2+ seeds (a ``seed_range`` per metric), a metric also counts
-    only if the two seed ranges do not overlap, so a change within seed noise is not "visible"."""
+    seed means; when both come from 2+ seeds (per-seed summaries under ``"seeds"``), a metric also
+    counts only if the two seed ranges do not overlap, so a change within seed noise is not "visible"."""
     reasons = []
     d_psnr = run["psnr"] - baseline["psnr"]
-    if abs(d_psnr) >= thresholds["psnr_db"] and _apart(run, baseline, "psnr"):
+    if abs(d_psnr) >= thresholds["psnr_db"] and not _within_seed_noise(run, baseline, "psnr"):
         reasons.append(f"PSNR {d_psnr:+.2f} dB")
     if baseline["perplexity"] > 0:
         rel = run["perplexity"] / baseline["perplexity"] - 1.0
-        if abs(rel) >= thresholds["perplexity_rel"] and _apart(run, baseline, "perplexity"):
+        if abs(rel) >= thresholds["perplexity_rel"] and not _within_seed_noise(run, baseline, "perplexity"):
             reasons.append(f"perplexity {100 * rel:+.1f}%")
     d_util = run["utilization"] - baseline["utilization"]
-    if abs(d_util) >= thresholds["utilization_abs"] and _apart(run, baseline, "utilization"):
+    if abs(d_util) >= thresholds["utilization_abs"] and not _within_seed_noise(run, baseline, "utilization"):
         reasons.append(f"utilization {d_util:+.3f}")
     return reasons
 
@@ -500,13 +497,10 @@ def sweep_jobs(study: dict, run_root: Path) -> list[tuple[str, float, dict]]:
 
 
 def _seed_mean(results: Sequence[Mapping]) -> dict:
-    """Seed means of the sweep metrics; with 2+ seeds also each one's ``seed_range`` ``[min, max]``."""
+    """Seed means of the sweep metrics, and each one's :func:`summarize` over seeds under ``"seeds"``."""
     keys = ("psnr", "perplexity", "utilization", "effective_bits", "ssim", "l1")
-    out = {k: math.fsum(r["metrics"][k] for r in results) / len(results) for k in keys}
-    if len(results) > 1:
-        out["seed_range"] = {k: [min(r["metrics"][k] for r in results), max(r["metrics"][k] for r in results)]
-                             for k in keys}
-    return out
+    per_seed = {k: summarize([r["metrics"][k] for r in results]) for k in keys}
+    return {**{k: v["mean"] for k, v in per_seed.items()}, "seeds": per_seed}
 
 
 def summarize_sweep(study: dict, sweep_results: Sequence[tuple[str, float, dict]]) -> dict:

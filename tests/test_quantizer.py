@@ -462,6 +462,8 @@ def test_kepler_kl_prior_leaves_the_global_rng_alone_and_follows_the_seed():
     assert len(starts) > 1  # the seed picks the prior's start row
     with pytest.raises(ValueError, match="kl_prior_seed must be >= 0"):
         make_quantizer(num_codes=16, kepler_kl_weight=1.0, kl_prior_seed=-1)
+    with pytest.raises(ValueError, match="kl_prior_seed must be >= 0"):
+        make_quantizer(num_codes=16, kl_prior_seed=-1)  # checked even while the KL is off
 
 
 def test_kepler_kl_prior_tiles_past_its_end_and_takes_lattices():

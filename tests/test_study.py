@@ -103,20 +103,19 @@ def test_visible_change_names_each_metric_that_moved():
 
 
 def test_visible_change_within_seed_noise_does_not_count():
-    def seeds(psnr_range, perplexity_range):
-        low, high = psnr_range
-        return {"psnr": (low + high) / 2, "perplexity": sum(perplexity_range) / 2, "utilization": 0.9,
-                "seed_range": {"psnr": list(psnr_range), "perplexity": list(perplexity_range),
-                               "utilization": [0.9, 0.9]}}
+    def seeds(psnr_values, perplexity_values):
+        per_seed = {"psnr": study.summarize(psnr_values), "perplexity": study.summarize(perplexity_values),
+                    "utilization": study.summarize([0.9, 0.9])}
+        return {**{k: v["mean"] for k, v in per_seed.items()}, "seeds": per_seed}
 
-    baseline = seeds((19.5, 20.5), (5.9, 6.1))
+    baseline = seeds([19.5, 20.5], [5.9, 6.1])
     # PSNR mean -0.5 dB, but the seed ranges overlap; perplexity +20% with disjoint ranges.
-    run = seeds((19.2, 19.8), (7.1, 7.3))
+    run = seeds([19.2, 19.8], [7.1, 7.3])
     assert study.visible_change(run, baseline, THRESHOLDS) == ["perplexity +20.0%"]
     # Disjoint PSNR ranges count.
-    assert study.visible_change(seeds((18.0, 19.0), (5.9, 6.1)), baseline, THRESHOLDS) == ["PSNR -1.50 dB"]
+    assert study.visible_change(seeds([18.0, 19.0], [5.9, 6.1]), baseline, THRESHOLDS) == ["PSNR -1.50 dB"]
     # One seed on either side: means and thresholds alone.
-    one_seed = {k: v for k, v in run.items() if k != "seed_range"}
+    one_seed = {k: v for k, v in run.items() if k != "seeds"}
     assert study.visible_change(one_seed, baseline, THRESHOLDS) == ["PSNR -0.50 dB", "perplexity +20.0%"]
 
 

@@ -266,6 +266,8 @@ class KeplerQuantizer(nn.Module):
         self.kepler_kl_weight = _check_number("kepler_kl_weight", kepler_kl_weight)
         self.kl_prior = kl_prior
         _, kl_lattice = _parse_prefixed(kl_prior, "kl_prior", ("grid",))
+        if kl_prior_seed is not None:
+            _check_int("kl_prior_seed", kl_prior_seed, 0)
         self.packing_weight = _check_number("packing_weight", packing_weight)
         self.packing_t = _check_number("packing_t", packing_t, strict=True)
         if self.packing_weight > 0 and self.codebook_size < 2:
@@ -316,7 +318,7 @@ class KeplerQuantizer(nn.Module):
             self.register_buffer("window_steps", torch.zeros((), dtype=torch.int64))
         if self.kepler_kl_weight > 0:
             if kl_lattice is None:
-                seed = torch.initial_seed() if kl_prior_seed is None else _check_int("kl_prior_seed", kl_prior_seed, 0)
+                seed = torch.initial_seed() if kl_prior_seed is None else kl_prior_seed
                 prior = official_grid_prior(num_codes, seed=seed)
             else:
                 prior = _lattice_points(kl_lattice, num_codes, None).to(torch.float32)

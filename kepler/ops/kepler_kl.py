@@ -35,8 +35,6 @@ import torch
 from kepler import _backend, _ext
 from kepler.reference.kepler_kl import MODES, kepler_kl_prior_logq_ref, kepler_kl_rows_ref
 
-_FLOAT_DTYPES = _backend.KERNEL_DTYPES + (torch.float64,)
-
 
 def kepler_kl_prior_logq(prior: torch.Tensor, mode: str = "official") -> torch.Tensor:
     """``log q`` for the kernels: log-softmax of the standardized prior, float32, no grad.
@@ -46,7 +44,7 @@ def kepler_kl_prior_logq(prior: torch.Tensor, mode: str = "official") -> torch.T
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(prior, torch.Tensor) or prior.dtype not in _FLOAT_DTYPES:
+    if not isinstance(prior, torch.Tensor) or prior.dtype not in _backend.INPUT_DTYPES:
         raise TypeError(f"prior must be a floating-point tensor, got {_describe(prior)}")
     if prior.ndim not in (1, 2) or prior.shape[-1] == 0:
         raise ValueError(f"prior must be (M,) or (B, M) with M >= 1, got shape {tuple(prior.shape)}")
@@ -174,7 +172,7 @@ def kepler_kl(
         The released code standardizes the whole prior and then keeps its first ``M`` entries when
         the prior is longer than the latent; pass that slice (or a prior of exactly ``M``) here.
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _backend.INPUT_DTYPES:
         raise TypeError(f"x must be a float32, bfloat16, float16 or float64 tensor, got {_describe(x)}")
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-D tensor (B, M), one flattened latent per row, got shape {tuple(x.shape)}")
@@ -191,7 +189,7 @@ def kepler_kl(
         raise ValueError("pass exactly one of prior and prior_logq")
     given = prior if prior is not None else prior_logq
     name = "prior" if prior is not None else "prior_logq"
-    if not isinstance(given, torch.Tensor) or given.dtype not in _FLOAT_DTYPES:
+    if not isinstance(given, torch.Tensor) or given.dtype not in _backend.INPUT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {_describe(given)}")
     if given.device != x.device:
         raise ValueError(f"{name} is on {given.device} but x is on {x.device}; put them on the same device")

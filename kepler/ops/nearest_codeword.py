@@ -97,7 +97,7 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
     for name, tensor in (("z", z), ("codebook", codebook)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in _backend.KERNEL_DTYPES + (torch.float64,):
+        if tensor.dtype not in _backend.INPUT_DTYPES:
             raise TypeError(
                 f"{name} must be float32, bfloat16 or float16 (float64 on backend='reference'), got {tensor.dtype}"
             )

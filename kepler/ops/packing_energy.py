@@ -25,8 +25,6 @@ import torch
 from kepler import _backend, _ext
 from kepler.reference.packing_energy import compute_dtype, normalize_codebook, packing_energy_ref
 
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
 
 def _packing_energy_fake(y: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """energy (G,) and row_lse (G, K), float32 (float64 for float64 y)."""
@@ -105,7 +103,7 @@ def _check_inputs(codebook: torch.Tensor, t: float, normalize: bool) -> None:
         raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
     if codebook.dim() not in (2, 3):
         raise ValueError(f"codebook must be (K, d) or (G, K, d), got shape {tuple(codebook.shape)}")
-    if codebook.dtype not in INPUT_DTYPES:
+    if codebook.dtype not in _backend.INPUT_DTYPES:
         raise TypeError(f"codebook must be float32, bfloat16, float16 or float64, got {codebook.dtype}")
     if codebook.shape[-2] < 2:
         raise ValueError(f"codebook needs at least 2 codewords (K >= 2) for pairwise energies, got K={codebook.shape[-2]}")
