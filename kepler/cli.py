@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -114,22 +115,48 @@ def _cmd_train(args) -> int:
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
     try:
-        train(cfg, resume=resume)
+        metrics = train(cfg, resume=resume)
     except TrainingInterrupted as stop:
         print(f"kepler train: {stop}; continue with --resume", file=sys.stderr)
         return 128 + stop.signum
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_train_summary(metrics))
     return 0
 
 
+def _train_summary(m: dict) -> str:
+    """What ``kepler train`` prints at the end: the run's metrics.json in a few lines."""
+    run = Path(m["run"])
+    return (
+        f"kepler train: {run}: {m['step']} steps, {m['images_seen']} images in "
+        f"{m['train_seconds'] / 60:.1f} min ({m['train_images_per_s']:.1f} img/s)\n"
+        f"  validation ({m['images']} held-out images): PSNR {m['psnr']:.2f} dB "
+        f"(mean-colour baseline {m['baseline_psnr']:.2f} dB), SSIM {m['ssim']:.3f}, L1 {m['l1']:.4f}\n"
+        f"  codebook: utilization {100 * m['utilization']:.1f}% of {m['codebook_entries']} entries, "
+        f"perplexity {m['perplexity']:.1f}\n"
+        f"  wrote {run / 'metrics.json'}, {run / 'reconstructions.png'}, {m['checkpoint']}, {run / 'tb'}"
+    )
+
+
 def _cmd_eval(args) -> int:
-    from kepler.train.evaluate import evaluate
+    from kepler.train.evaluate import evaluate, format_table
 
     resolutions = args.resolution if args.resolution else [None]
-    evaluate(
+    results = evaluate(
         args.checkpoint, data=args.data, resolutions=resolutions, out=args.out, batch_size=args.batch_size,
         device=args.device, lpips_vgg_path=args.lpips_vgg, lpips_lin_path=args.lpips_lin,
         inception_path=args.inception, max_images=args.max_images,
     )
+    print(format_table(results))
+    print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
+    packing = results["packing"]
+    if isinstance(packing, dict):
+        keys = ("min_nn_distance", "mean_nn_distance", "nn_distance_cv", "covering_radius", "mean_quantization_error")
+        print("codebook packing: " + ", ".join(f"{k} {packing[k]}" for k in keys if packing.get(k) is not None))
+    else:
+        print(f"codebook packing: {packing}")
+    if args.out is not None:
+        print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0
 
 
@@ -163,7 +190,7 @@ def _load_images(paths, size: int | None, factor: int):
 
 
 def _model(args):
-    from kepler.train.distributed import resolve_device
+    from kepler.distributed import resolve_device
     from kepler.train.evaluate import load_model
 
     device = resolve_device(args.device)
@@ -223,8 +250,9 @@ def _cmd_decode(args) -> int:
             codes = np.load(path)
         except (OSError, ValueError) as exc:
             raise CLIError(f"cannot read code map {path}: {exc}") from None
-        if codes.ndim != 3 or codes.shape[-1] != q.partitions or not np.issubdtype(codes.dtype, np.integer):
-            raise CLIError(f"{path}: expected an integer (H, W, {q.partitions}) code map, got {codes.dtype} {codes.shape}")
+        tokens = q.tokens_per_position
+        if codes.ndim != 3 or codes.shape[-1] != tokens or not np.issubdtype(codes.dtype, np.integer):
+            raise CLIError(f"{path}: expected an integer (H, W, {tokens}) code map, got {codes.dtype} {codes.shape}")
         if codes.min() < 0 or codes.max() >= q.codebook_size:
             raise CLIError(f"{path}: code indices must be in [0, {q.codebook_size}), got [{codes.min()}, {codes.max()}]")
         image = model.decode_indices(torch.from_numpy(codes.astype(np.int64))[None].to(device))[0].cpu()

@@ -19,7 +19,7 @@ COMMANDS = ["train", "eval", "reconstruct", "encode", "decode", "study"]
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_cli")
     config = tiny_config(tmp, steps=2, disc_start=100)
-    return train(load_config(config, [f"run_dir={tmp / 'run'}"])) / "checkpoints" / "last.pt"
+    return train(load_config(config, [f"run_dir={tmp / 'run'}"]))["checkpoint"]
 
 
 def test_top_level_help_lists_every_command(capsys):

@@ -30,8 +30,7 @@ from kepler.train.trainer import train
 def tiny_checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_eval")
     config = tiny_config(tmp, steps=2, disc_start=100)
-    run = train(load_config(config, [f"run_dir={tmp / 'run'}"]))
-    return run / "checkpoints" / "last.pt", tmp / "val_images"
+    return train(load_config(config, [f"run_dir={tmp / 'run'}"]))["checkpoint"], tmp / "val_images"
 
 
 class _Features(nn.Module):
@@ -87,7 +86,7 @@ def test_missing_inception_weights_say_where(tmp_path):
     assert metric is None and reason == f"no weights at {tmp_path / 'inception.pth'}"
 
 
-def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path, capsys):
+def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path):
     checkpoint, val_images = tiny_checkpoint
     results = evaluate(checkpoint, data=str(val_images), resolutions=(None, 48), out=tmp_path,
                        lpips_vgg_path=str(tmp_path / "no_vgg.pth"), inception_path=str(tmp_path / "no_inc.pth"))
@@ -102,15 +101,18 @@ def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path, caps
     packing = results["packing"]
     assert packing["num_codes"] == 16 and packing["mean_quantization_error"] > 0
     assert json.loads((tmp_path / "eval.json").read_text())["resolutions"]["48"]["images"] == 3
-    table = capsys.readouterr().out
-    assert "resolution" in table and "baseline_psnr" in table
-    assert format_table(results).count("\n") == 2
+    for resolution, metrics in results["resolutions"].items():
+        counts = torch.tensor(metrics["code_counts"])  # (P, K); latents are (res / 2)^2 positions of P=4 tokens
+        assert counts.shape == (4, 16) and int(counts.sum()) == metrics["images"] * (int(resolution) // 2) ** 2 * 4
+        assert metrics["utilization"] == pytest.approx((counts.sum(dim=0) > 0).double().mean().item())
+    table = format_table(results)
+    assert "resolution" in table and "baseline_psnr" in table and table.count("\n") == 2
 
 
 def test_validation_keeps_training_usage_and_computes_rfid(tiny_checkpoint):
     checkpoint, val_images = tiny_checkpoint
     model, _ = load_model(checkpoint)
-    before = model.quantize.usage_counts.clone()
+    before = model.quantize.code_counts.clone()
     dataset = build_dataset(val_images, "val", 32)
 
     class ColourStats(nn.Module):
@@ -120,17 +122,18 @@ def test_validation_keeps_training_usage_and_computes_rfid(tiny_checkpoint):
             return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
     fid = FrechetInceptionDistance(feature=ColourStats())
-    metrics, grid = run_validation(model, dataset, batch_size=2, device=torch.device("cpu"), fid=fid,
-                                   grid_images=2)
-    assert torch.equal(model.quantize.usage_counts, before)
+    metrics, grid, code_counts = run_validation(model, dataset, batch_size=2, device=torch.device("cpu"),
+                                                fid=fid, grid_images=2)
+    assert torch.equal(model.quantize.code_counts, before)
     assert np.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0
     assert grid[0].shape == grid[1].shape == (2, 3, 32, 32)
+    assert int(code_counts.sum()) == len(dataset) * 16 * 16 * 4  # 32 x 32 images, f=2, P=4
 
 
 def test_evaluate_bad_resolution(tiny_checkpoint):
     checkpoint, val_images = tiny_checkpoint
     with pytest.raises(ValueError, match="resolution 33 is not a multiple of the downsampling factor 2"):
-        evaluate(checkpoint, data=str(val_images), resolutions=(33,), print_table=False)
+        evaluate(checkpoint, data=str(val_images), resolutions=(33,))
 
 
 def test_evaluate_missing_checkpoint(tmp_path):

@@ -87,8 +87,12 @@ def test_bad_inputs_are_named():
         model(torch.randn(1, 3, 15, 16))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         model(torch.randn(3, 16, 16))
-    with pytest.raises(ValueError, match=r"indices must be \(B, h, w, P\)"):
+    with pytest.raises(ValueError, match=r"indices must be \(B, H, W, P=4\), got shape \(4, 4, 4\)"):
         model.decode_indices(torch.zeros(4, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 16\), got \[0, 16\]"):
+        model.decode_indices(torch.tensor([0, 16, 1, 2]).view(1, 1, 1, 4))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        model.decode_indices(torch.zeros(1, 1, 1, 4))
     with pytest.raises(ValueError, match="ch_mult"):
         Encoder(ch=8, ch_mult=(), num_res_blocks=1, attn_resolutions=(), z_channels=4, resolution=16)
 

@@ -9,7 +9,7 @@ import torch
 import kepler
 from conftest import backend_params
 from kepler.nn import KeplerQuantizer, QuantizerOutput
-from kepler.nn.quantizer import KMEANS_ITERATIONS
+from kepler.nn.codebook import KMEANS_ITERATIONS
 
 
 # ------------------------------------------------------------------------------------------
@@ -166,18 +166,19 @@ def test_loss_weights_and_gradient_split(legacy):
 def test_scale_sets_the_real_codebook_size():
     quantizer = spread_codebook(make_quantizer(num_codes=20, scale=1.5))
     assert quantizer.codebook.shape == (30, 4) and quantizer.codebook_size == 30
-    assert quantizer.usage_counts.shape == (30,)
+    assert quantizer.code_counts.shape == (4, 30) and quantizer.codebook_entries == 30
     out = quantizer(torch.randn(4, 16, 4, 4))
     assert int(out.indices.max()) < 30
-    used = int((quantizer.usage_counts > 0).sum())
+    used = int((quantizer.code_counts.sum(dim=0) > 0).sum())
     assert out.utilization.item() == pytest.approx(used / 30)
 
 
 def test_usage_statistics_and_perplexity():
     quantizer = spread_codebook(make_quantizer(shared_codebook=False))
     out = quantizer(torch.randn(3, 16, 4, 4))
-    assert quantizer.usage_counts.shape == (4, 32)
-    assert int(quantizer.usage_counts.sum()) == 3 * 4 * 4 * 4
+    assert quantizer.code_counts.shape == (4, 32) and quantizer.codebook_entries == 4 * 32
+    for p in range(4):
+        assert torch.equal(quantizer.code_counts[p], torch.bincount(out.indices[..., p].reshape(-1), minlength=32))
     assert out.perplexity.shape == (4,)
     for p in range(4):
         counts = torch.bincount(out.indices[..., p].reshape(-1), minlength=32).double()
@@ -185,10 +186,10 @@ def test_usage_statistics_and_perplexity():
         entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
         assert out.perplexity[p].item() == pytest.approx(math.exp(entropy.item()), rel=1e-5)
     quantizer(torch.randn(3, 16, 4, 4))
-    assert int(quantizer.usage_counts.sum()) == 2 * 3 * 4 * 4 * 4
-    assert quantizer.codebook_utilization() == (quantizer.usage_counts > 0).float().mean()
+    assert int(quantizer.code_counts.sum()) == 2 * 3 * 4 * 4 * 4
+    assert quantizer.codebook_utilization() == (quantizer.code_counts > 0).float().mean()
     quantizer.reset_usage()
-    assert int(quantizer.usage_counts.sum()) == 0
+    assert int(quantizer.code_counts.sum()) == 0
     assert quantizer.codebook_utilization() == 0
 
 
@@ -237,7 +238,7 @@ def test_ema_updates_codebook_towards_assigned_means():
     quantizer = spread_codebook(make_quantizer(ema_decay=decay))
     assert not quantizer.codebook.requires_grad
     with torch.no_grad():
-        quantizer.ema_embed_sum.copy_(quantizer.codebook)
+        quantizer.upkeep.ema_embed_sum.copy_(quantizer.codebook)
     before = quantizer.codebook.detach().clone()
     z = torch.randn(4, 16, 4, 4, requires_grad=True)
     out = quantizer(z)
@@ -264,24 +265,25 @@ def test_ema_updates_codebook_towards_assigned_means():
 @pytest.mark.parametrize("shared", [True, False])
 def test_dead_codes_are_reseeded_from_current_latents(shared):
     quantizer = make_quantizer(shared_codebook=shared, dead_code_threshold=1, dead_code_window=2)
+    groups = 1 if shared else 4
     with torch.no_grad():
         quantizer.codebook.fill_(100.0)
         quantizer.codebook.view(-1, 32, 4)[:, 0] = 0.0  # only code 0 of each codebook is ever used
     first = torch.randn(2, 16, 3, 3)
     quantizer(first)
     quantizer(first)
-    assert torch.equal(quantizer.codebook.view(-1, 32, 4)[:, 1:], torch.full((quantizer._groups, 31, 4), 100.0))
+    assert torch.equal(quantizer.codebook.view(-1, 32, 4)[:, 1:], torch.full((groups, 31, 4), 100.0))
     # Third forward starts a new window: codes 1.. were unused in the last two, they take rows of
     # this batch; code 0 (used) stays.
     current = torch.randn(2, 16, 3, 3)
     quantizer(current)
-    rows = quantizer._rows_by_group(quantizer._search_rows(quantizer.partition.partition(current)))
+    rows = quantizer.sub_vectors(current)
     codebook = quantizer.codebook.detach().view(-1, 32, 4)
-    assert torch.equal(codebook[:, 0], torch.zeros(quantizer._groups, 4))
-    for group in range(quantizer._groups):
+    assert torch.equal(codebook[:, 0], torch.zeros(groups, 4))
+    for group in range(groups):
         for code in codebook[group, 1:]:
             assert (rows[group] == code).all(dim=1).any()
-    assert int(quantizer.window_steps) == 1
+    assert int(quantizer.upkeep.window_steps) == 1
 
 
 def test_kmeans_init_finds_separated_clusters():
@@ -290,7 +292,7 @@ def test_kmeans_init_finds_separated_clusters():
     labels = torch.arange(4).repeat(16)
     z = (centres[labels] + 0.01 * torch.randn(64, 4)).view(4, 4, 4, 4).permute(0, 3, 1, 2)
     out = quantizer(z)
-    assert bool(quantizer.codebook_initialized)
+    assert bool(quantizer.upkeep.initialized)
     found = quantizer.codebook.detach()
     assert torch.cdist(found, centres).min(dim=0).values.max() < 0.05
     assert out.loss.item() < 1e-3
@@ -322,7 +324,7 @@ def test_torch_compile_fullgraph_training_matches_eager(options):
         (out.loss + out.z_q.sum()).backward()
         assert z_compiled.grad is not None
         torch.testing.assert_close(traced.codebook, eager.codebook)
-    assert torch.equal(traced.usage_counts, eager.usage_counts)
+    assert torch.equal(traced.code_counts, eager.code_counts)
 
 
 def test_inference_mode():
@@ -331,7 +333,7 @@ def test_inference_mode():
     with torch.inference_mode():
         out = quantizer(z)
         assert torch.equal(quantizer.get_codebook_entry(out.indices), out.z_q)
-    assert int(quantizer.usage_counts.sum()) == 2 * 3 * 3 * 4
+    assert int(quantizer.code_counts.sum()) == 2 * 3 * 3 * 4
 
 
 @pytest.mark.parametrize(

@@ -104,14 +104,14 @@ def test_ranks_keep_identical_state(ranks, config):
 
 
 @pytest.mark.parametrize("config", ["random", "ema"])
-def test_usage_counts_cover_both_ranks(ranks, config):
-    counts = ranks[0][config]["usage_counts"]
+def test_code_counts_cover_both_ranks(ranks, config):
+    counts = ranks[0][config]["code_counts"]
     assert int(counts.sum()) == STEPS * (2 * WORLD_SIZE) * 3 * 3 * 2
 
 
 def test_random_config_actually_initialized_and_moved(ranks):
     state = ranks[0]["random"]
-    assert bool(state["codebook_initialized"])
+    assert bool(state["upkeep.initialized"])
     untouched = build(RANDOM_CONFIG).codebook
     assert not torch.equal(state["codebook"], untouched)
 
@@ -120,7 +120,7 @@ def test_ema_matches_one_process_on_the_whole_batch(ranks):
     single = build(EMA_CONFIG)
     perplexities = run_steps(single, batches())
     distributed = ranks[0]["ema"]
-    assert torch.equal(distributed["usage_counts"], single.usage_counts)
+    assert torch.equal(distributed["code_counts"], single.code_counts)
     torch.testing.assert_close(distributed["codebook"], single.codebook.detach())
-    torch.testing.assert_close(distributed["ema_cluster_size"], single.ema_cluster_size)
+    torch.testing.assert_close(distributed["upkeep.ema_cluster_size"], single.upkeep.ema_cluster_size)
     torch.testing.assert_close(distributed["perplexity"], torch.stack(perplexities))

@@ -86,7 +86,7 @@ def test_tiny_run_end_to_end_through_the_cli(tmp_path, capsys):
     assert state["step"] == 4 and state["config"]["name"] == "tiny"
     for key in ("model", "discriminator", "opt_ae", "opt_disc", "sched_ae", "sched_disc", "scaler", "rng", "data"):
         assert key in state, key
-    assert "quantize.usage_counts" in state["model"]
+    assert "quantize.code_counts" in state["model"]
     assert not list((run / "checkpoints").glob(".*tmp*"))  # atomic write left no temporary file
 
 
@@ -119,8 +119,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         train(half)
     monkeypatch.setattr(Trainer, "train_step", original_step)
     resumed = train(half, resume=True)
-    a = load_checkpoint(full / "checkpoints" / "last.pt")
-    b = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    a = load_checkpoint(full["checkpoint"])
+    b = load_checkpoint(resumed["checkpoint"])
     assert a["step"] == b["step"] == 4
     assert a["data"] == b["data"]
     flat_a, flat_b = _flat_state(a), _flat_state(b)
@@ -197,8 +197,9 @@ def test_corrupt_training_images_are_skipped_and_counted(tmp_path):
     (images / "img1.png").write_bytes(b"broken")
     config = tiny_config(tmp_path, steps=2, disc_start=100, train_data=images)
     with pytest.warns(UserWarning, match="skipping unreadable image .*img1.png"):
-        run = train(load_config(config, [f"run_dir={tmp_path / 'run'}"]))
-    metrics = json.loads((run / "metrics.json").read_text())
+        returned = train(load_config(config, [f"run_dir={tmp_path / 'run'}"]))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(returned))
     assert metrics["skipped_images"] >= 1
 
 

@@ -3,7 +3,7 @@ its PatchGAN discriminator and the LPIPS perceptual loss."""
 
 from kepler.models.autoencoder import Decoder, Encoder
 from kepler.models.discriminator import NLayerDiscriminator, hinge_d_loss
-from kepler.models.losses import VQGANLoss, adaptive_generator_weight
+from kepler.models.vqgan_loss import VQGANLoss, adaptive_generator_weight
 from kepler.models.lpips import LPIPS, load_lpips
 from kepler.models.vqmodel import VQModel
 

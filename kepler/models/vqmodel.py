@@ -1,4 +1,4 @@
-"""VQModel: VQGAN encoder -> 1x1 conv -> KeplerQuantizer -> 1x1 conv -> VQGAN decoder."""
+"""VQModel: VQGAN encoder -> 1x1 conv -> a quantizer (``kepler.nn``) -> 1x1 conv -> VQGAN decoder."""
 
 from __future__ import annotations
 
@@ -9,21 +9,28 @@ import torch
 from torch import nn
 
 from kepler.models.autoencoder import Decoder, Encoder
+from kepler.nn import build_quantizer
 
 
 class VQModel(nn.Module):
     """Kepler image tokenizer.
 
+    Its keyword arguments are the ``model`` section of a training config, defaults included.
+
     Args:
         ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, resolution, in_channels, out_ch,
-            dropout, norm_groups, zero_init_residual: the encoder/decoder architecture (taming's
-            ``ddconfig``); the downsampling factor is ``f = 2 ** (len(ch_mult) - 1)``.
+            dropout, norm_groups: the encoder/decoder architecture (taming's ``ddconfig``, whose
+            f16 VQGAN the defaults are); the downsampling factor is ``f = 2 ** (len(ch_mult) - 1)``.
+        zero_init_residual: residual branches start at zero (blocks start as identities: small
+            models learn far faster on a CPU budget).
         embed_dim: width of the quantized latent (the codeword dimension before partitioning).
-        quantizer: keyword arguments of :class:`kepler.nn.KeplerQuantizer` (``num_codes``,
-            ``partitions``, ``beta``, ...); ``dim`` is ``embed_dim``.
+        quantizer: the quantizer's config section: ``type`` (a name registered with
+            :func:`kepler.nn.register_quantizer`, default ``"kepler"``) and that class's keyword
+            arguments (``num_codes``, ``partitions``, ...); ``dim`` is ``embed_dim``.
 
-    Images are (B, in_channels, H, W) floats in [-1, 1] with H and W multiples of ``f``; index maps
-    are (B, H / f, W / f, P) int64 with P = ``quantizer["partitions"]``.
+    Only the quantizer protocol (:mod:`kepler.nn.protocol`) of ``self.quantize`` is used. Images are
+    (B, in_channels, H, W) floats in [-1, 1] with H and W multiples of ``f``; index maps are
+    (B, H / f, W / f, P) int64 with P = ``self.quantize.tokens_per_position``.
     """
 
     def __init__(
@@ -44,8 +51,6 @@ class VQModel(nn.Module):
         quantizer: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        from kepler.nn import KeplerQuantizer
-
         arch = dict(
             ch=ch,
             ch_mult=tuple(ch_mult),
@@ -62,7 +67,7 @@ class VQModel(nn.Module):
         self.encoder = Encoder(in_channels=in_channels, **arch)
         self.decoder = Decoder(out_ch=out_ch, **arch)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, kernel_size=1)
-        self.quantize = KeplerQuantizer(dim=embed_dim, **dict(quantizer or {}))
+        self.quantize = build_quantizer(quantizer, dim=embed_dim)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
 
     def _check_image(self, x: torch.Tensor) -> None:
@@ -74,13 +79,16 @@ class VQModel(nn.Module):
                 f"x height and width must be multiples of the downsampling factor {f}, got {tuple(x.shape[-2:])}"
             )
 
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the latents before quantization, (B, embed_dim, H/f, W/f) float32."""
+        self._check_image(x)
+        # The quantizer computes distances in fp32 itself; keep its input fp32 under autocast too.
+        return self.quant_conv(self.encoder(x)).float()
+
     def encode(self, x: torch.Tensor):
         """x (B, C, H, W) -> ``(z_q (B, embed_dim, H/f, W/f), quantizer loss, info)``; info as returned
         by the quantizer: ``(perplexity, min_encodings, indices, utilization)``."""
-        self._check_image(x)
-        z = self.quant_conv(self.encoder(x))
-        # The quantizer computes distances in fp32 itself; keep its input fp32 under autocast too.
-        z_q, loss, info = self.quantize(z.float())
+        z_q, loss, info = self.quantize(self.latents(x))
         return z_q, loss, info
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -100,12 +108,8 @@ class VQModel(nn.Module):
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w, P) int64 -> image (B, out_ch, h * f, w * f)."""
-        if indices.dim() != 4:
-            raise ValueError(f"indices must be (B, h, w, P), got shape {tuple(indices.shape)}")
-        b, h, w, _ = indices.shape
-        z_q = self.quantize.get_codebook_entry(indices.long(), (b, h, w, self.embed_dim))
-        return self.decode(z_q)
+        """Code indices (B, h, w, P) int64 in [0, K) -> image (B, out_ch, h * f, w * f)."""
+        return self.decode(self.quantize.indices_to_latents(indices))
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -114,7 +118,5 @@ class VQModel(nn.Module):
 
     @classmethod
     def from_config(cls, model_cfg: Mapping[str, Any]) -> VQModel:
-        """Build from the ``model`` section of a training config (a dict or DictConfig)."""
-        cfg = dict(model_cfg)
-        cfg["quantizer"] = dict(cfg.get("quantizer") or {})
-        return cls(**cfg)
+        """Build from the ``model`` section of a training config (plain containers)."""
+        return cls(**model_cfg)

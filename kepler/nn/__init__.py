@@ -1,5 +1,29 @@
-"""nn.Modules of kepler: parameters and buffers around the functional ops."""
+"""Quantizers: nn.Modules behind one protocol (:mod:`kepler.nn.protocol`), chosen in YAML by ``type``.
 
-from kepler.nn.quantizer import KeplerQuantizer, QuantizerInfo, QuantizerOutput
+* :class:`Quantizer`: the protocol's base class (attributes, code statistics, decoding entry points).
+* :class:`KeplerQuantizer` (``type: kepler``): the Kepler Codebook quantizer; its codebook upkeep
+  (initialization, EMA, dead codes) lives in :mod:`kepler.nn.codebook`.
+* :func:`register_quantizer`, :func:`build_quantizer`: the registry behind ``model.quantizer.type``.
+"""
 
-__all__ = ["KeplerQuantizer", "QuantizerInfo", "QuantizerOutput"]
+from kepler.nn.kepler_quantizer import KeplerQuantizer
+from kepler.nn.protocol import (
+    QUANTIZERS,
+    Quantizer,
+    QuantizerInfo,
+    QuantizerOutput,
+    build_quantizer,
+    quantizer_class,
+    register_quantizer,
+)
+
+__all__ = [
+    "QUANTIZERS",
+    "KeplerQuantizer",
+    "Quantizer",
+    "QuantizerInfo",
+    "QuantizerOutput",
+    "build_quantizer",
+    "quantizer_class",
+    "register_quantizer",
+]

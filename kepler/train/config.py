@@ -7,114 +7,104 @@ Learning rate: with ``optim.scale_lr: true`` (taming's rule) the rate used is
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-DEFAULTS: dict = {
+from kepler.models import VQGANLoss, VQModel
+from kepler.nn import quantizer_class
+from kepler.nn.protocol import DEFAULT_TYPE
+
+# The sections that are not a constructor's keyword arguments. ``model`` (VQModel), ``model.quantizer``
+# (the class ``model.quantizer.type`` names) and ``loss`` (VQGANLoss) are read off the constructors.
+RUN_DEFAULTS: dict = {
     "name": "run",
     "run_dir": None,  # default: runs/<name>
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda | cuda:<i>
-    "model": {
-        # taming's f16 VQGAN (configs/ade20k.yaml of the released code)
-        "ch": 128,
-        "ch_mult": [1, 1, 2, 2, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [16],
-        "z_channels": 256,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "dropout": 0.0,
-        "norm_groups": 32,
-        "zero_init_residual": False,  # True: residual branches start at zero (fast small-model training)
-        "embed_dim": 256,
-        "quantizer": {
-            "num_codes": 1024,
-            "partitions": 4,
-            "partition": "group",
-            "shared_codebook": True,
-            "scale": 1.0,
-            "beta": 0.25,
-            "legacy": True,
-            "kepler_kl_weight": 0.0,
-            "kl_prior": "grid",
-            "kl_prior_seed": None,  # None: torch.initial_seed(), i.e. the run's seed
-            "packing_weight": 0.0,
-            "packing_t": 1.0,
-            "init": "uniform",
-            "ema_decay": None,
-            "dead_code_threshold": 0,
-            "dead_code_window": 1,
-            "backend": None,
-        },
-    },
-    "loss": {
-        "codebook_weight": 1.0,
-        "pixel_weight": 1.0,
-        "perceptual_weight": 1.0,
-        "lpips_vgg_path": None,  # default: <torch hub dir>/checkpoints/vgg16-397923af.pth
-        "lpips_lin_path": None,  # default: <torch hub dir>/checkpoints/lpips_vgg_v0.1.pth
-        "disc_start": 10000,
-        "disc_weight": 0.8,
-        "disc_factor": 1.0,
-        "disc_num_layers": 3,
-        "disc_ndf": 64,
-        "disc_loss": "hinge",
-    },
-    "data": {
-        "train": "sample",  # sample | faces | a folder of images | a list file
-        "val": "sample",
-        "size": 256,
-        "resize": None,  # shorter side before cropping; default size (2 * size for "sample")
-        "random_crop": True,
-        "flip": True,
-        "batch_size": 5,
-        "num_workers": 0,
-        "samples_per_epoch": 1024,  # length of an epoch of the embedded "sample" set
-        "val_batch_size": 16,
-        "val_max_images": None,
-    },
-    "optim": {
-        "name": "adam",  # adam | adamw
-        "base_lr": 4.5e-6,
-        "scale_lr": True,
-        "betas": [0.5, 0.9],
-        "weight_decay": 0.0,
-        "warmup_steps": 0,
-        "schedule": "constant",  # constant | cosine (to min_lr_ratio * lr at max_steps)
-        "min_lr_ratio": 0.0,
-        "grad_clip": 0.0,  # max global grad norm; 0 = off
-        "grad_accum": 1,
-    },
-    "train": {
-        "max_steps": 1000,
-        "time_limit_minutes": None,  # stop (then evaluate and save) after this much training time
-        "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-        "eval_every": 500,
-        "ckpt_every": 500,
-        "log_every": 10,
-        "grid_images": 8,
-        "progress": True,
-        "threads": None,  # torch.set_num_threads on CPU; None = torch's default
-    },
+}
+DATA_DEFAULTS: dict = {
+    "train": "sample",  # sample | faces | a folder of images | a list file
+    "val": "sample",
+    "size": 256,
+    "resize": None,  # shorter side before cropping; default size (2 * size for "sample")
+    "random_crop": True,
+    "flip": True,
+    "batch_size": 5,
+    "num_workers": 0,
+    "samples_per_epoch": 1024,  # length of an epoch of the embedded "sample" set
+    "val_batch_size": 16,
+    "val_max_images": None,
+}
+OPTIM_DEFAULTS: dict = {
+    "name": "adam",  # adam | adamw
+    "base_lr": 4.5e-6,
+    "scale_lr": True,
+    "betas": [0.5, 0.9],
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "schedule": "constant",  # constant | cosine (to min_lr_ratio * lr at max_steps)
+    "min_lr_ratio": 0.0,
+    "grad_clip": 0.0,  # max global grad norm; 0 = off
+    "grad_accum": 1,
+}
+TRAIN_DEFAULTS: dict = {
+    "max_steps": 1000,
+    "time_limit_minutes": None,  # stop (then evaluate and save) after this much training time
+    "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    "eval_every": 500,
+    "ckpt_every": 500,
+    "log_every": 10,
+    "grid_images": 8,
+    "progress": True,
+    "threads": None,  # torch.set_num_threads on CPU; None = torch's default
 }
 
 
-def _schema() -> DictConfig:
-    schema = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(schema, True)
-    return schema
+def constructor_defaults(cls: type, exclude: Iterable[str] = ()) -> dict:
+    """The keyword arguments of ``cls``'s constructor and their defaults, as config values (tuples
+    become lists; an argument without a default is OmegaConf's ``MISSING``: the config must set it)."""
+    defaults = {}
+    for name, param in inspect.signature(cls).parameters.items():
+        if name in exclude or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        value = MISSING if param.default is param.empty else param.default
+        defaults[name] = list(value) if isinstance(value, tuple) else value
+    return defaults
+
+
+def defaults(quantizer_type: str = DEFAULT_TYPE) -> dict:
+    """Every config key and its default, for a model whose quantizer is ``quantizer_type``."""
+    quantizer = {"type": quantizer_type, **constructor_defaults(quantizer_class(quantizer_type), exclude=("dim",))}
+    return {
+        **RUN_DEFAULTS,
+        "model": {**constructor_defaults(VQModel, exclude=("quantizer",)), "quantizer": quantizer},
+        "loss": constructor_defaults(VQGANLoss),
+        "data": dict(DATA_DEFAULTS),
+        "optim": dict(OPTIM_DEFAULTS),
+        "train": dict(TRAIN_DEFAULTS),
+    }
+
+
+def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> str:
+    """``model.quantizer.type`` as the last layer that sets it says (the default otherwise)."""
+    quantizer_type = DEFAULT_TYPE
+    for source, layer in layers:
+        value = OmegaConf.select(layer, "model.quantizer.type", default=None)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ValueError(f"model.quantizer.type in {source} must be a name, got {value!r}")
+            quantizer_type = value
+    return quantizer_type
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, merged with the YAML file at ``path`` (None: defaults only), then with ``overrides``
     (``"optim.base_lr=1e-4"`` dotlist strings). Raises ValueError naming an unknown key or a bad
     override, FileNotFoundError for a missing file."""
-    cfg = _schema()
     layers = []
     if path is not None:
         if not os.path.isfile(path):
@@ -125,6 +115,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ValueError(f"override {item!r} must look like key=value")
     if overrides:
         layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    schema = defaults(_quantizer_type(layers))
+    cfg = OmegaConf.create(schema)
+    OmegaConf.set_struct(cfg, True)
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
@@ -132,7 +125,10 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ValueError(f"unknown config key {exc.full_key!r} in {source}") from None
         except OmegaConfBaseException as exc:
             raise ValueError(f"bad config value in {source}: {exc.msg}") from None
-    _check_types(cfg, DEFAULTS, "")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"config keys without a value: {', '.join(missing)}")
+    _check_types(cfg, schema, "")
     return cfg
 
 

@@ -17,14 +17,18 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
 from kepler.data import build_dataset, collate
-from kepler.train.distributed import all_reduce_sum
+from kepler.distributed import all_reduce_sum, resolve_device
+from kepler.metrics import packing_report
+from kepler.models import VQModel, load_lpips
+from kepler.train.checkpoint import load_checkpoint
 
 log = logging.getLogger("kepler")
 
@@ -102,6 +106,21 @@ def _shard(n: int, batch_size: int, rank: int, world_size: int) -> list[list[tup
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
 
+class Validation(NamedTuple):
+    """What :func:`run_validation` measured.
+
+    metrics: per-image means (``psnr``, ``ssim``, ``l1``, ``baseline_psnr``, ``lpips``), ``images``,
+        ``rfid``, and the code statistics of this pass (``utilization``, ``perplexity``,
+        ``codebook_entries``).
+    grid: ``(originals, reconstructions)`` in [-1, 1], this rank's first images, or None.
+    code_counts: ``(P, K)`` int64, how often each token took each code over the data (all ranks).
+    """
+
+    metrics: dict
+    grid: tuple[torch.Tensor, torch.Tensor] | None
+    code_counts: torch.Tensor
+
+
 @torch.no_grad()
 def run_validation(
     model: torch.nn.Module,
@@ -115,18 +134,17 @@ def run_validation(
     grid_images: int = 0,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[dict, tuple[torch.Tensor, torch.Tensor] | None]:
+) -> Validation:
     """Metrics of ``model`` (a :class:`kepler.models.VQModel`, unwrapped) over ``dataset``, sharded
-    over ranks and reduced; returns ``(metrics, (originals, reconstructions) or None)`` where the
-    images are this rank's first ``grid_images`` in [-1, 1].
+    over ranks and reduced (see :class:`Validation`).
 
-    The quantizer's usage counts are saved and restored around the pass, so evaluating does not
+    The quantizer's code counts are saved and restored around the pass, so evaluating does not
     disturb the training statistics; utilization and perplexity here are over this data set.
     """
     was_training = model.training
     model.eval()
     quantizer = model.quantize
-    saved_usage = quantizer.usage_counts.clone()
+    saved_counts = quantizer.code_counts.clone()
     quantizer.reset_usage()
     names = ["psnr", "ssim", "l1", "baseline_psnr"] + (["lpips"] if lpips is not None else [])
     sums = _Sums(names, device)
@@ -159,17 +177,18 @@ def run_validation(
         out = sums.means()
         out["utilization"] = quantizer.codebook_utilization().item()
         out["perplexity"] = quantizer.usage_perplexity().float().mean().item()
-        out["codebook_entries"] = quantizer.usage_counts.numel()
+        out["codebook_entries"] = quantizer.codebook_entries
+        code_counts = quantizer.code_counts.clone()
         if fid is not None:
             out["rfid"] = float(fid.compute())
             fid.reset()
     finally:
-        quantizer.usage_counts.copy_(saved_usage)
+        quantizer.code_counts.copy_(saved_counts)
         model.train(was_training)
     grid = None
     if grid_images > 0 and originals:
         grid = (torch.cat(originals)[:grid_images], torch.cat(recons)[:grid_images])
-    return out, grid
+    return Validation(out, grid, code_counts)
 
 
 def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, columns: int = 4) -> Path:
@@ -187,36 +206,35 @@ def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str 
 
 
 @torch.no_grad()
-def quantizer_inputs(model: torch.nn.Module, dataset: Dataset, device: torch.device, max_rows: int = 8192,
-                     batch_size: int = 16) -> torch.Tensor:
-    """The sub-vectors the quantizer searches for the first images of ``dataset``: (N, d) with a
-    shared codebook, (P, N, d) with per-partition codebooks (float32, CPU)."""
-    q = model.quantize
+def quantizer_inputs(model: VQModel, dataset: Dataset, device: torch.device, max_rows: int = 8192,
+                     batch_size: int = 16) -> torch.Tensor | None:
+    """The vectors the quantizer matches against its codewords for the first images of ``dataset``:
+    ``(G, N, d)`` float32 on the CPU with ``N <= max_rows`` (see ``Quantizer.sub_vectors``), or None
+    for a quantizer without explicit codewords."""
     parts = []
     rows = 0
     for start in range(0, len(dataset), batch_size):
         images, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        z = model.quant_conv(model.encoder(images.to(device))).float()
-        p = q.partition.partition(z)  # (B, L, P, d)
-        parts.append(p.reshape(-1, p.shape[-2], p.shape[-1]).cpu())
-        rows += parts[-1].shape[0] * (p.shape[-2] if q.shared_codebook else 1)
+        vectors = model.quantize.sub_vectors(model.latents(images.to(device)))
+        if vectors is None:
+            return None
+        parts.append(vectors.float().cpu())
+        rows += vectors.shape[1]
         if rows >= max_rows:
             break
-    sub = torch.cat(parts)  # (B*L, P, d)
-    if q.shared_codebook:
-        return sub.reshape(-1, sub.shape[-1])[:max_rows]
-    return sub.permute(1, 0, 2)[:, :max_rows].contiguous()
+    return torch.cat(parts, dim=1)[:, :max_rows].contiguous()
 
 
-def packing_stats(model: torch.nn.Module, data: torch.Tensor | None = None) -> dict | str:
-    """:func:`kepler.metrics.packing_report` of the codebook (and how it covers ``data`` when
-    given), or why it is unavailable."""
-    try:
-        from kepler.metrics import packing_report
-    except ImportError as exc:
-        return f"unavailable: {exc}"
-    codebook = model.quantize.codebook.detach().float().cpu()
-    return packing_report(codebook, data).to_dict()
+def packing_stats(model: VQModel, data: torch.Tensor | None = None) -> dict | str:
+    """:func:`kepler.metrics.packing_report` of the quantizer's codewords (and how they cover ``data``,
+    ``(G, N, d)``, when given), or why there is none. A shared codebook is reported as one ``(K, d)``."""
+    codewords = model.quantize.codewords()
+    if codewords is None:
+        return f"unavailable: the {type(model.quantize).__name__} has no explicit codewords"
+    codewords = codewords.detach().float().cpu()
+    if codewords.shape[0] == 1:
+        codewords, data = codewords[0], None if data is None else data[0]
+    return packing_report(codewords, data).to_dict()
 
 
 def format_table(results: dict) -> str:
@@ -233,61 +251,50 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
 
 
-def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"):
+def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[VQModel, dict]:
     """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``)."""
-    from kepler.models import VQModel
-    from kepler.train.checkpoint import load_checkpoint
-
     state = load_checkpoint(checkpoint)
     model = VQModel.from_config(state["config"]["model"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
 
-def evaluate(
-    checkpoint: str | os.PathLike,
+def evaluate_model(
+    model: VQModel,
+    train_data: Mapping,
     data: str = "sample",
     resolutions: Sequence[int | None] = (None,),
-    out: str | os.PathLike | None = None,
     *,
     batch_size: int = 16,
-    device: str = "auto",
+    device: torch.device | str = "cpu",
     lpips_vgg_path: str | None = None,
     lpips_lin_path: str | None = None,
     inception_path: str | None = None,
     max_images: int | None = None,
-    print_table: bool = True,
 ) -> dict:
-    """Evaluate a checkpoint on the validation split of ``data`` at each resolution.
+    """Evaluate ``model`` (on ``device``) on the validation split of ``data`` at each resolution.
 
     Args:
-        checkpoint: a ``.pt`` written by :func:`kepler.train.trainer.train`.
+        train_data: the ``data`` section of the model's training config (its crop ``size`` and ``resize``).
         data: ``"sample"``, ``"faces"``, a folder of images or a list file (validation split:
             centre crops, no flips; held-out photos for ``sample``).
         resolutions: crop sides to evaluate at; None is the training crop size. For the embedded
             ``sample`` the photos are resized in proportion, so the content of a crop is the same
             at every resolution.
-        out: folder for ``eval.json`` (None: nothing written).
 
     Returns:
-        ``{"checkpoint", "step", "data", "resolutions": {res: metrics}, "packing", "lpips", "rfid"}``.
+        ``{"data", "lpips", "rfid", "resolutions": {res: metrics + "code_counts" (P x K lists)},
+        "packing"}`` (the packing report on the first resolution's latents).
     """
-    from kepler.models.lpips import load_lpips
-    from kepler.train.distributed import resolve_device
-
-    dev = resolve_device(device)
-    model, state = load_model(checkpoint, dev)
-    data_cfg = state["config"]["data"]
-    train_size = data_cfg["size"]
+    device = torch.device(device)
+    train_size = train_data["size"]
     lpips_model, lpips_reason = load_lpips(lpips_vgg_path, lpips_lin_path)
     fid, fid_reason = load_fid(inception_path)
     if lpips_model is not None:
-        lpips_model = lpips_model.to(dev)
+        lpips_model = lpips_model.to(device)
     if fid is not None:
-        fid = fid.to(dev)
+        fid = fid.to(device)
     results: dict = {
-        "checkpoint": str(checkpoint),
-        "step": int(state.get("step", 0)),
         "data": str(data),
         "lpips": "on" if lpips_model is not None else f"off: {lpips_reason}",
         "rfid": "on" if fid is not None else f"off: {fid_reason}",
@@ -297,29 +304,50 @@ def evaluate(
         size = int(res) if res is not None else train_size
         if size % model.downsample_factor:
             raise ValueError(f"resolution {size} is not a multiple of the downsampling factor {model.downsample_factor}")
-        resize = data_cfg.get("resize")
+        resize = train_data.get("resize")
         if resize is not None:
             resize = round(resize * size / train_size)
         dataset = build_dataset(data, "val", size, resize)
         if max_images is not None:
             dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
-        metrics, _ = run_validation(model, dataset, batch_size=batch_size, device=dev, lpips=lpips_model, fid=fid)
-        results["resolutions"][str(size)] = metrics
+        validation = run_validation(model, dataset, batch_size=batch_size, device=device, lpips=lpips_model, fid=fid)
+        results["resolutions"][str(size)] = {**validation.metrics, "code_counts": validation.code_counts.tolist()}
         if res == resolutions[0]:
-            rows = quantizer_inputs(model, dataset, dev)
+            rows = quantizer_inputs(model, dataset, device)
     results["packing"] = packing_stats(model, rows)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(results, indent=2))
-    if print_table:
-        print(format_table(results))
-        print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
-        packing = results["packing"]
-        if isinstance(packing, dict):
-            keys = ("min_nn_distance", "mean_nn_distance", "nn_distance_cv", "covering_radius", "mean_quantization_error")
-            print("codebook packing: " + ", ".join(f"{k} {packing[k]}" for k in keys if packing.get(k) is not None))
-        if out is not None:
-            print(f"wrote {out / 'eval.json'}")
     return results
 
+
+def save_evaluation(results: Mapping, out: str | os.PathLike) -> Path:
+    """``results`` as ``<out>/eval.json``; returns its path."""
+    path = Path(out) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    return path
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data: str = "sample",
+    resolutions: Sequence[int | None] = (None,),
+    out: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    **options,
+) -> dict:
+    """:func:`evaluate_model` of a checkpoint written by :func:`kepler.train.trainer.train`, with its
+    ``checkpoint`` path and ``step``; written to ``<out>/eval.json`` when ``out`` is given.
+
+    ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ...; ``options``: the keyword
+    arguments of :func:`evaluate_model`.
+    """
+    dev = resolve_device(device)
+    model, state = load_model(checkpoint, dev)
+    results = {
+        "checkpoint": str(checkpoint),
+        "step": int(state.get("step", 0)),
+        **evaluate_model(model, state["config"]["data"], data, resolutions, device=dev, **options),
+    }
+    if out is not None:
+        save_evaluation(results, out)
+    return results

@@ -28,17 +28,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
 from kepler.data import SeededSampler, build_dataset, collate
-from kepler.models import VQGANLoss, VQModel
-from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from kepler.train.config import to_dict
-from kepler.train.distributed import (
+from kepler.distributed import (
     DistInfo,
     all_gather_objects,
     all_reduce_sum,
     barrier,
+    broadcast_from_rank0,
     cleanup_distributed,
     init_distributed,
 )
+from kepler.models import VQGANLoss, VQModel
+from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from kepler.train.config import to_dict
 from kepler.train.evaluate import run_validation, save_grid
 
 log = logging.getLogger("kepler")
@@ -204,9 +205,7 @@ class Trainer:
             return False
         # Every rank must agree: rank 0's clock decides.
         flag = torch.tensor([float(self.train_seconds >= 60.0 * limit)], device=self.device)
-        if self.dist.enabled:
-            torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
+        return bool(broadcast_from_rank0(flag).item())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -230,7 +229,7 @@ class Trainer:
             },
             "quantizer": {
                 "utilization": self.model.quantize.codebook_utilization().item(),
-                "usage_counts": self.model.quantize.usage_counts.cpu(),
+                "code_counts": self.model.quantize.code_counts.cpu(),
             },
             "world_size": self.dist.world_size,
             "config": to_dict(self.cfg),
@@ -373,7 +372,7 @@ class Trainer:
 
     def validate(self) -> dict:
         cfg = self.cfg
-        metrics, grid = run_validation(
+        metrics, grid, _ = run_validation(
             self.model,
             self.val_set,
             batch_size=cfg.data.val_batch_size,
@@ -394,7 +393,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> Path:
+    def run(self) -> dict:
+        """Train to ``train.max_steps`` (or the time limit), validate, save; returns :meth:`final_metrics`
+        (also written to ``metrics.json`` by rank 0)."""
         cfg = self.cfg.train
         is_main = self.dist.is_main
         if is_main:
@@ -453,12 +454,12 @@ class Trainer:
                     self._close()
                     raise TrainingInterrupted(stop.signum or signal.SIGTERM, path, self.step)
         bar.close()
-        final = self.validate()
+        metrics = self.final_metrics(self.validate())
         self.save()
         if is_main:
-            self._write_metrics(final)
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self._close()
-        return self.run_dir
+        return metrics
 
     def _should_stop(self, stop: _StopSignal) -> bool:
         """Every rank stops at the same step when any rank got a signal."""
@@ -469,10 +470,12 @@ class Trainer:
                 stop.signum = signal.SIGTERM
         return flag.item() > 0
 
-    def _write_metrics(self, final: dict) -> None:
+    def final_metrics(self, final: dict) -> dict:
+        """The run's summary: the final validation record and the training counters."""
         metrics = {k: v for k, v in final.items() if k != "event"}
         metrics.update(
             run=str(self.run_dir),
+            checkpoint=str(self.ckpt_path),
             val_data=str(self.cfg.data.val),
             images_seen=self.images_seen,
             skipped_images=self.skipped_images,
@@ -481,18 +484,7 @@ class Trainer:
             perceptual_loss=self.loss.perceptual_status,
             stopped_by_time_limit=self.step < self.cfg.train.max_steps,
         )
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(
-            f"kepler train: {self.run_dir}: {self.step} steps, {self.images_seen} images in "
-            f"{self.train_seconds / 60:.1f} min ({metrics['train_images_per_s']:.1f} img/s)\n"
-            f"  validation ({final['images']} held-out images): PSNR {final['psnr']:.2f} dB "
-            f"(mean-colour baseline {final['baseline_psnr']:.2f} dB), SSIM {final['ssim']:.3f}, "
-            f"L1 {final['l1']:.4f}\n"
-            f"  codebook: utilization {100 * final['utilization']:.1f}% of {final['codebook_entries']} "
-            f"entries, perplexity {final['perplexity']:.1f}\n"
-            f"  wrote {self.run_dir / 'metrics.json'}, {self.run_dir / 'reconstructions.png'}, "
-            f"{self.ckpt_path}, {self.run_dir / 'tb'}"
-        )
+        return metrics
 
     def _close(self) -> None:
         if self.tb is not None:
@@ -501,8 +493,9 @@ class Trainer:
             self.log_file.close()
 
 
-def train(cfg: DictConfig, resume: str | bool | None = None) -> Path:
-    """Train per ``cfg`` (see :mod:`kepler.train.config`); returns the run folder.
+def train(cfg: DictConfig, resume: str | bool | None = None) -> dict:
+    """Train per ``cfg`` (see :mod:`kepler.train.config`); returns the run's summary (``metrics.json``:
+    the final held-out metrics, ``run`` folder, ``checkpoint``, ``step`` and the training counters).
 
     Args:
         resume: a checkpoint path to continue from, or True for the run's own ``checkpoints/last.pt``

@@ -11,70 +11,17 @@ initializations, EMA codebook updates, dead-code re-seeding and ``torch.distribu
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from kepler.lattice import get_lattice, official_grid_prior, prior_row
 from kepler.losses import kepler_kl, packing_energy
+from kepler.nn.codebook import CodebookUpkeep
+from kepler.nn.protocol import Quantizer, QuantizerInfo, QuantizerOutput, register_quantizer
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import make_partition
 from kepler.reference.kepler_kl import standardize_rows
-
-KMEANS_ITERATIONS = 10
-# Laplace smoothing of the EMA cluster sizes, so an unused code never divides by zero.
-EMA_EPS = 1e-5
-
-
-class QuantizerInfo(NamedTuple):
-    """The third element of the quantizer's output, in taming's order.
-
-    perplexity: exp(entropy) of this batch's code distribution, float32; 0-d for a shared codebook
-        (one distribution over all partitions' sub-vectors), ``(P,)`` with per-partition codebooks
-        (one per sub-codebook). Counted over all ranks under ``torch.distributed``.
-    min_encodings: always None (the released Kepler quantizer returns None too; the one-hot
-        matrix would be ``(rows, K)``).
-    indices: ``(B, H, W, P)`` int64, the code of each sub-vector (see :mod:`kepler.partition`
-        for which sub-vector each ``(h, w, p)`` names).
-    utilization: 0-d float32, the fraction of the codebook's entries (all ``P * K`` with
-        per-partition codebooks) used at least once since construction or the last
-        :meth:`KeplerQuantizer.reset_usage`. The released code returns the same fraction since
-        construction as a Python float, over ``num_codes`` whatever ``scale`` is.
-    """
-
-    perplexity: torch.Tensor
-    min_encodings: None
-    indices: torch.Tensor
-    utilization: torch.Tensor
-
-
-class QuantizerOutput(NamedTuple):
-    """``z_q, loss, (perplexity, min_encodings, indices, utilization) = quantizer(z)``.
-
-    z_q: ``(B, C, H, W)``, the input's dtype: the codewords, with the straight-through gradient
-        to ``z``.
-    loss: 0-d float32 (float64 for a float64 codebook), the VQ loss plus the enabled regularizers (see :class:`KeplerQuantizer`).
-    info: :class:`QuantizerInfo`; its fields are also reachable directly (``out.indices``).
-    """
-
-    z_q: torch.Tensor
-    loss: torch.Tensor
-    info: QuantizerInfo
-
-    @property
-    def perplexity(self) -> torch.Tensor:
-        return self.info.perplexity
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return self.info.indices
-
-    @property
-    def utilization(self) -> torch.Tensor:
-        return self.info.utilization
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -104,24 +51,6 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` in place over all ranks (a no-op outside ``torch.distributed``)."""
-    if _distributed():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
-    """Overwrite ``tensor`` in place with rank 0's (a no-op outside ``torch.distributed``)."""
-    if _distributed():
-        dist.broadcast(tensor, src=0)
-    return tensor
 
 
 def _parse_prefixed(value: str, argument: str, plain: tuple[str, ...]) -> tuple[str, str | None]:
@@ -166,7 +95,8 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-class KeplerQuantizer(nn.Module):
+@register_quantizer("kepler")
+class KeplerQuantizer(Quantizer):
     """Partitioned vector quantizer of a latent map ``(B, C, H, W)`` (Kepler Codebook).
 
     Each latent is cut into ``partitions`` sub-vectors of ``dim / partitions`` elements (see
@@ -207,8 +137,9 @@ class KeplerQuantizer(nn.Module):
         packing_t: the packing energy's temperature.
         init: ``"uniform"`` (released: ``U(-1/K, 1/K)``), ``"lattice:<name>"`` (the ``K``
             lattice points nearest the origin, centred on the first batch's mean sub-vector and
-            scaled to its RMS spread) or ``"kmeans"`` (``KMEANS_ITERATIONS`` Lloyd iterations on
-            the first batch's sub-vectors). Data-dependent inits run at the first forward.
+            scaled to its RMS spread) or ``"kmeans"`` (Lloyd iterations on the first batch's
+            sub-vectors). Data-dependent inits run at the first forward (see
+            :class:`kepler.nn.codebook.CodebookUpkeep`, which also keeps the EMA and dead-code state).
         ema_decay: None (the codebook learns from the codebook loss) or a decay in (0, 1): the
             codebook follows Laplace-smoothed exponential moving averages of its assigned
             sub-vectors instead, and the loss keeps only the commitment term (weight 1 with
@@ -219,7 +150,10 @@ class KeplerQuantizer(nn.Module):
         backend: kernel backend for every op (see :func:`kepler.available_backends`).
         dead_code_window: training forwards per dead-code window.
 
-    Under ``torch.distributed`` the usage counts, EMA statistics, k-means statistics and
+    Tokens per position: ``P`` (one index per sub-vector); the quantizer protocol
+    (:mod:`kepler.nn.protocol`) gives the code counts, usage and decoding.
+
+    Under ``torch.distributed`` the code counts, EMA statistics, k-means statistics and
     initialization statistics are summed over ranks and random picks (k-means seeds, re-seeded
     codes) come from rank 0, so every rank keeps the same codebook.
 
@@ -248,18 +182,22 @@ class KeplerQuantizer(nn.Module):
         backend: str | None = None,
         dead_code_window: int = 1,
     ):
-        super().__init__()
-        self.num_codes = _check_int("num_codes", num_codes, 1)
-        self.dim = _check_int("dim", dim, 1)
-        self.partitions = _check_int("partitions", partitions, 1)
+        num_codes = _check_int("num_codes", num_codes, 1)
+        dim = _check_int("dim", dim, 1)
+        partitions = _check_int("partitions", partitions, 1)
         if dim % partitions:
             raise ValueError(f"dim={dim} must be divisible by partitions={partitions}")
+        scale = _check_number("scale", scale, strict=True)
+        codebook_size = round(num_codes * scale)
+        if codebook_size < 1:
+            raise ValueError(f"scale={scale} leaves round(num_codes * scale) = {codebook_size} codes")
+        super().__init__(
+            dim=dim, codebook_size=codebook_size, tokens_per_position=partitions, shared_codebook=bool(shared_codebook)
+        )
+        self.num_codes = num_codes
+        self.partitions = partitions
         self.partition = make_partition(partition, partitions)
-        self.shared_codebook = bool(shared_codebook)
-        self.scale = _check_number("scale", scale, strict=True)
-        self.codebook_size = round(num_codes * scale)
-        if self.codebook_size < 1:
-            raise ValueError(f"scale={scale} leaves round(num_codes * scale) = {self.codebook_size} codes")
+        self.scale = scale
         self.sub_dim = dim // partitions
         self.beta = _check_number("beta", beta)
         self.legacy = bool(legacy)
@@ -270,11 +208,10 @@ class KeplerQuantizer(nn.Module):
             _check_int("kl_prior_seed", kl_prior_seed, 0)
         self.packing_weight = _check_number("packing_weight", packing_weight)
         self.packing_t = _check_number("packing_t", packing_t, strict=True)
-        if self.packing_weight > 0 and self.codebook_size < 2:
+        if self.packing_weight > 0 and codebook_size < 2:
             raise ValueError("packing_weight > 0 needs a codebook of at least 2 codes")
         self.init = init
-        init_kind, self._init_lattice = _parse_prefixed(init, "init", ("uniform", "kmeans"))
-        self._init_kind = init_kind
+        init_kind, init_lattice = _parse_prefixed(init, "init", ("uniform", "kmeans"))
         if ema_decay is not None:
             ema_decay = _check_number("ema_decay", ema_decay, strict=True)
             if ema_decay >= 1:
@@ -285,37 +222,31 @@ class KeplerQuantizer(nn.Module):
             raise ValueError(
                 "kepler_kl_weight and packing_weight need a gradient-trained codebook (ema_decay=None)"
             )
-        self.dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
-        self.dead_code_window = _check_int("dead_code_window", dead_code_window, 1)
+        dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
+        dead_code_window = _check_int("dead_code_window", dead_code_window, 1)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.backend = backend
 
-        groups = 1 if self.shared_codebook else partitions
-        self._groups = groups
-        codebook_shape = (self.codebook_size, self.sub_dim)
+        self._groups = 1 if self.shared_codebook else partitions
+        codebook_shape = (codebook_size, self.sub_dim)
         if not self.shared_codebook:
             codebook_shape = (partitions,) + codebook_shape
-        bound = 1.0 / self.codebook_size
+        bound = 1.0 / codebook_size
         self.codebook = nn.Parameter(
             torch.empty(codebook_shape).uniform_(-bound, bound), requires_grad=ema_decay is None
         )
-        if init_kind == "lattice":
+        self.upkeep = CodebookUpkeep(
+            self.codebook,
+            self._groups,
+            init=init_kind,
             # Enumerated now, so an unknown or mis-sized lattice fails at construction.
-            self._init_points = _lattice_points(self._init_lattice, self.codebook_size, self.sub_dim)
-
-        counts_shape = codebook_shape[:-1]
-        self.register_buffer("usage_counts", torch.zeros(counts_shape, dtype=torch.int64))
-        self._needs_init = init_kind != "uniform"
-        if self._needs_init:
-            self.register_buffer("codebook_initialized", torch.zeros((), dtype=torch.bool))
-        if ema_decay is not None:
-            # Each code starts as the mean of one sub-vector (itself), so an unused code stays put.
-            self.register_buffer("ema_cluster_size", torch.ones(counts_shape))
-            self.register_buffer("ema_embed_sum", self.codebook.detach().clone())
-        if self.dead_code_threshold > 0:
-            self.register_buffer("window_counts", torch.zeros(counts_shape, dtype=torch.int64))
-            self.register_buffer("window_steps", torch.zeros((), dtype=torch.int64))
+            init_points=_lattice_points(init_lattice, codebook_size, self.sub_dim) if init_lattice else None,
+            ema_decay=ema_decay,
+            dead_code_threshold=dead_code_threshold,
+            dead_code_window=dead_code_window,
+            backend=backend,
+        )
         if self.kepler_kl_weight > 0:
             if kl_lattice is None:
                 seed = torch.initial_seed() if kl_prior_seed is None else kl_prior_seed
@@ -343,9 +274,10 @@ class KeplerQuantizer(nn.Module):
             parts.append(f"init={self.init!r}")
         if self.ema_decay is not None:
             parts.append(f"ema_decay={self.ema_decay}")
-        if self.dead_code_threshold:
+        if self.upkeep.dead_code_threshold:
             parts.append(
-                f"dead_code_threshold={self.dead_code_threshold}, dead_code_window={self.dead_code_window}"
+                f"dead_code_threshold={self.upkeep.dead_code_threshold}, "
+                f"dead_code_window={self.upkeep.dead_code_window}"
             )
         return ", ".join(parts)
 
@@ -382,10 +314,6 @@ class KeplerQuantizer(nn.Module):
             return codes.view(batch, slots, self.partitions, self.sub_dim)
         return codes.view(self.partitions, batch, slots, self.sub_dim).permute(1, 2, 0, 3)
 
-    def _grouped(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A per-code tensor shaped like ``codebook.shape[:-1] + rest`` viewed as ``(G, K) + rest``."""
-        return tensor.view(self._groups, self.codebook_size, *tensor.shape[self.codebook.dim() - 1 :])
-
     # ------------------------------------------------------------------------------- forward
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -399,10 +327,8 @@ class KeplerQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             parts = self.partition.partition(z.to(self.codebook.dtype))
             rows = self._search_rows(parts)
-            if self._needs_init and rows.numel() > 0:
-                self._initialize_from(rows.detach())
-            if self.training and self.dead_code_threshold > 0 and rows.numel() > 0:
-                self._reseed_dead_codes(rows.detach())
+            grouped_rows = rows.detach().reshape(self._groups, -1, self.sub_dim)
+            self.upkeep.before_search(self.codebook, grouped_rows, self.training)
 
             codebook = self.codebook
             if self.ema_decay is not None and self.training:
@@ -419,16 +345,18 @@ class KeplerQuantizer(nn.Module):
                 loss = loss + self.kepler_kl_weight * self._kepler_kl(z_q)
             if self.packing_weight > 0:
                 loss = loss + self.packing_weight * self._packing_energy()
-
             out = _StraightThrough.apply(z, z_q.detach().to(z.dtype))
-            perplexity, utilization = self._update_statistics(flat_index, rows.detach())
 
         if self.shared_codebook:
             index_map = indices.view(batch, shape[2], shape[3], self.partitions)
         else:
             index_map = indices.view(self.partitions, batch, shape[2], shape[3]).permute(1, 2, 3, 0)
             index_map = index_map.contiguous()
-        info = QuantizerInfo(perplexity, None, index_map, utilization)
+        batch_counts = self.count_codes(index_map)
+        if self.training:
+            entry_counts = batch_counts.sum(dim=0) if self.shared_codebook else batch_counts.reshape(-1)
+            self.upkeep.after_search(self.codebook, entry_counts, flat_index, grouped_rows)
+        info = QuantizerInfo(self.perplexity_of(batch_counts), None, index_map, self.codebook_utilization())
         return QuantizerOutput(out, loss, info)
 
     def _search_and_vq_loss(
@@ -475,203 +403,25 @@ class KeplerQuantizer(nn.Module):
     def _packing_energy(self) -> torch.Tensor:
         return packing_energy(self.codebook, t=self.packing_t, backend=self.backend).mean()
 
-    # ---------------------------------------------------------------------------- statistics
+    # ------------------------------------------------------------------------------ protocol
 
-    @torch.no_grad()
-    def _update_statistics(
-        self, flat_index: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Count this batch's codes (over all ranks); EMA and dead-code windows when training.
-
-        Returns the batch perplexity and the utilization since :meth:`reset_usage`.
-        """
-        batch_counts = torch.zeros(
-            self._groups * self.codebook_size, dtype=torch.int64, device=flat_index.device
-        )
-        batch_counts.index_add_(0, flat_index, torch.ones_like(flat_index))
-        _all_reduce_sum(batch_counts)
-        self.usage_counts.view(-1).add_(batch_counts)
-        perplexity = self._perplexity(batch_counts)
-        if self.training and self.ema_decay is not None:
-            self._ema_update(batch_counts, flat_index, rows)
-        if self.training and self.dead_code_threshold > 0:
-            self.window_counts.view(-1).add_(batch_counts)
-            self.window_steps.add_(1)
-        return perplexity, self.codebook_utilization()
-
-    def _perplexity(self, counts: torch.Tensor) -> torch.Tensor:
-        """exp(entropy) of each codebook's code distribution: 0-d shared, ``(P,)`` per partition."""
-        grouped = counts.view(self._groups, self.codebook_size).to(torch.float32)
-        probs = grouped / grouped.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        perplexity = torch.exp(-torch.xlogy(probs, probs).sum(dim=-1))
-        return perplexity[0] if self.shared_codebook else perplexity
-
-    @torch.no_grad()
-    def codebook_utilization(self) -> torch.Tensor:
-        """0-d float32: fraction of all codebook entries used since :meth:`reset_usage`."""
-        return (self.usage_counts > 0).to(torch.float32).mean()
-
-    @torch.no_grad()
-    def usage_perplexity(self) -> torch.Tensor:
-        """exp(entropy) of the code usage since :meth:`reset_usage` (0-d shared, ``(P,)`` not)."""
-        return self._perplexity(self.usage_counts)
-
-    @torch.no_grad()
-    def reset_usage(self) -> None:
-        """Zero the usage counts (``usage_counts``) behind ``utilization``."""
-        self.usage_counts.zero_()
-
-    # ---------------------------------------------------------------- codebook maintenance
-
-    def _rows_by_group(self, rows: torch.Tensor) -> torch.Tensor:
-        """Search rows -> ``(G, n, d)`` in the codebook's dtype."""
-        return rows.reshape(self._groups, -1, self.sub_dim).to(self.codebook.dtype)
-
-    def _random_rows(self, rows3: torch.Tensor, *, distinct: bool) -> torch.Tensor:
-        """``K`` rows of each group of ``rows3: (G, n, d)``, picked on rank 0: ``(G, K, d)``.
-
-        ``distinct`` picks without replacement when there are at least ``K`` rows.
-        """
-        groups, count, _ = rows3.shape
-        if distinct and count >= self.codebook_size:
-            pick = torch.rand(groups, count, device=rows3.device).argsort(dim=1)[:, : self.codebook_size]
-        else:
-            pick = torch.randint(0, count, (groups, self.codebook_size), device=rows3.device)
-        chosen = torch.gather(rows3, 1, pick.unsqueeze(-1).expand(-1, -1, self.sub_dim))
-        return _broadcast_from_rank0(chosen.contiguous())
-
-    def _set_codebook(self, codebook: torch.Tensor) -> None:
-        """Write a ``(G, K, d)`` codebook, restarting the EMA statistics from it."""
-        self.codebook.copy_(codebook.view_as(self.codebook))
-        if self.ema_decay is not None:
-            self.ema_embed_sum.copy_(self.codebook)
-            self.ema_cluster_size.fill_(1.0)
-
-    @torch.no_grad()
-    def _initialize_from(self, rows: torch.Tensor) -> None:
-        """The data-dependent ``init`` ("kmeans" or "lattice:<name>") on the first batch."""
-        rows3 = self._rows_by_group(rows)
-        if self._init_kind == "kmeans":
-            codebook = self._kmeans(rows3)
-        else:
-            codebook = self._lattice_codebook(rows3)
-        self._set_codebook(codebook)
-        self.codebook_initialized.fill_(True)
-        self._needs_init = False
-
-    def _kmeans(self, rows3: torch.Tensor) -> torch.Tensor:
-        """Lloyd iterations from random rows; statistics summed over ranks. ``(G, K, d)``."""
-        centroids = self._random_rows(rows3, distinct=True)
-        flat_rows = rows3.reshape(-1, self.sub_dim).to(torch.float32)
-        offsets = (torch.arange(self._groups, device=rows3.device) * self.codebook_size).unsqueeze(1)
-        for _ in range(KMEANS_ITERATIONS):
-            indices, _ = nearest_codeword(rows3, centroids, backend=self.backend)
-            flat_index = (indices + offsets).reshape(-1)
-            sums = torch.zeros(self._groups * self.codebook_size, self.sub_dim, device=rows3.device)
-            sums.index_add_(0, flat_index, flat_rows)
-            counts = torch.zeros(self._groups * self.codebook_size, device=rows3.device)
-            counts.index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))
-            _all_reduce_sum(sums)
-            _all_reduce_sum(counts)
-            means = sums / counts.clamp_min(1.0).unsqueeze(-1)
-            # An empty cluster keeps its centroid.
-            keep = (counts == 0).unsqueeze(-1)
-            centroids = torch.where(keep, centroids.reshape(-1, self.sub_dim), means.to(centroids.dtype))
-            centroids = centroids.view(self._groups, self.codebook_size, self.sub_dim)
-        return centroids
-
-    def _lattice_codebook(self, rows3: torch.Tensor) -> torch.Tensor:
-        """The lattice's ``K`` points nearest the origin, centred on the batch mean sub-vector and
-        scaled so their RMS norm is the batch's RMS distance to that mean. ``(G, K, d)``."""
-        points = self._init_points.to(device=rows3.device)
-        rows64 = rows3.to(torch.float64)
-        count = _all_reduce_sum(torch.full((), rows3.shape[1], dtype=torch.float64, device=rows3.device))
-        mean = _all_reduce_sum(rows64.sum(dim=1)) / count  # (G, d)
-        spread_sq = _all_reduce_sum((rows64 - mean.unsqueeze(1)).square().sum(dim=(1, 2))) / count
-        points_rms = points.square().sum(dim=-1).mean().sqrt()
-        # A single-point lattice (the origin) has no spread to match: the codebook is the mean.
-        factor = spread_sq.sqrt() / points_rms if points_rms > 0 else torch.zeros_like(spread_sq)
-        codebook = mean.unsqueeze(1) + points.unsqueeze(0) * factor.view(-1, 1, 1)
-        return codebook.to(self.codebook.dtype)
-
-    @torch.no_grad()
-    def _ema_update(self, batch_counts: torch.Tensor, flat_index: torch.Tensor, rows: torch.Tensor) -> None:
-        """Laplace-smoothed EMA of cluster sizes and sums (summed over ranks) -> the codebook."""
-        sums = torch.zeros(self._groups * self.codebook_size, self.sub_dim, device=rows.device)
-        sums.index_add_(0, flat_index, rows.reshape(-1, self.sub_dim).to(torch.float32))
-        _all_reduce_sum(sums)
-        decay = self.ema_decay
-        cluster_size = self.ema_cluster_size.view(-1)
-        cluster_size.mul_(decay).add_(batch_counts.to(cluster_size.dtype), alpha=1 - decay)
-        embed_sum = self.ema_embed_sum.view(-1, self.sub_dim)
-        embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1 - decay)
-        grouped_size = self._grouped(self.ema_cluster_size)
-        total = grouped_size.sum(dim=-1, keepdim=True)
-        smoothed = (grouped_size + EMA_EPS) / (total + self.codebook_size * EMA_EPS) * total
-        means = self._grouped(self.ema_embed_sum) / smoothed.unsqueeze(-1)
-        self.codebook.copy_(means.view_as(self.codebook))
-
-    @torch.no_grad()
-    def _reseed_dead_codes(self, rows: torch.Tensor) -> None:
-        """End of a window: codes used fewer than ``dead_code_threshold`` times in it take random
-        current sub-vectors (rank 0's). Branch-free, so it traces under ``torch.compile``."""
-        window_done = self.window_steps >= self.dead_code_window
-        dead = (window_done & (self.window_counts < self.dead_code_threshold)).unsqueeze(-1)
-        candidates = self._random_rows(self._rows_by_group(rows), distinct=False).view_as(self.codebook)
-        self.codebook.copy_(torch.where(dead, candidates, self.codebook))
-        if self.ema_decay is not None:
-            self.ema_embed_sum.copy_(torch.where(dead, candidates, self.ema_embed_sum))
-            self.ema_cluster_size.masked_fill_(dead.squeeze(-1), 1.0)
-        self.window_counts.masked_fill_(window_done, 0)
-        self.window_steps.masked_fill_(window_done, 0)
-
-    # ------------------------------------------------------------------------------ decoding
-
-    def get_codebook_entry(
-        self, indices: torch.Tensor, shape: tuple[int, int, int, int] | None = None
-    ) -> torch.Tensor:
-        """Codewords of ``indices`` laid out as a latent map ``(B, C, H, W)``: exactly the
-        forward's ``z_q`` for the indices it returned (in the codebook's dtype).
-
-        Args:
-            indices: ``(B, H, W, P)`` int (the forward's layout), or flat ``(B*H*W*P,)`` in the
-                released row order.
-            shape: ``(B, H, W, C)`` (taming's convention); needed for flat indices, checked
-                against 4-D ones.
-        """
-        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError("indices must be an int32 or int64 torch.Tensor")
-        if indices.dim() == 4:
-            batch, height, width, partitions = indices.shape
-            if partitions != self.partitions:
-                raise ValueError(
-                    f"indices (B, H, W, P) has P={partitions}, the quantizer has partitions={self.partitions}"
-                )
-            if shape is not None and tuple(shape) != (batch, height, width, self.dim):
-                raise ValueError(
-                    f"shape {tuple(shape)} does not match indices {tuple(indices.shape)} and dim={self.dim}"
-                )
-        elif shape is None:
-            raise ValueError("get_codebook_entry needs shape=(B, H, W, C) to place flat indices")
-        else:
-            if len(shape) != 4 or shape[3] != self.dim:
-                raise ValueError(f"shape must be (B, H, W, C={self.dim}), got {tuple(shape)}")
-            batch, height, width, _ = shape
-            expected = batch * height * width * self.partitions
-            if indices.numel() != expected:
-                raise ValueError(
-                    f"indices has {indices.numel()} entries, shape {tuple(shape)} with "
-                    f"partitions={self.partitions} needs {expected}"
-                )
+    def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, P)`` int64 -> the codewords laid out as ``(B, C, H, W)``, the codebook's dtype."""
+        batch, height, width, _ = indices.shape
         latent_shape = (batch, self.dim, height, width)
         self.partition.check(latent_shape, self.sub_dim)
-        index = indices.reshape(batch, self.partition.slots(latent_shape), self.partitions).to(torch.int64)
+        index = indices.reshape(batch, self.partition.slots(latent_shape), self.partitions)
         if not self.shared_codebook:
             index = index + torch.arange(self.partitions, device=index.device) * self.codebook_size
         codes = F.embedding(index, self.codebook.reshape(-1, self.sub_dim))
         return self.partition.unpartition(codes, latent_shape).contiguous()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._init_kind != "uniform":
-            self._needs_init = not bool(self.codebook_initialized)
+    def codewords(self) -> torch.Tensor:
+        """The codebook as ``(G, K, d)``: ``G = 1`` shared, ``G = P`` per partition."""
+        return self.codebook.view(self._groups, self.codebook_size, self.sub_dim)
+
+    def sub_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """The sub-vectors of ``z: (B, C, H, W)`` as the forward searches them: ``(G, N, d)``."""
+        self._check_latent(z)
+        rows = self._search_rows(self.partition.partition(z.to(self.codebook.dtype)))
+        return rows.reshape(self._groups, -1, self.sub_dim)

@@ -1,4 +1,6 @@
-"""DDP setup from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
+"""``torch.distributed`` in one place: process-group setup from ``torchrun``'s environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and the collectives the quantizers, the trainer and evaluation
+share. Every collective is a no-op in a single process (no process group, or a group of one)."""
 
 from __future__ import annotations
 
@@ -60,16 +62,28 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no-op in a single process); returns ``tensor``."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum ``tensor`` in place over all ranks; returns ``tensor``."""
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank 0's; returns ``tensor``."""
+    if is_distributed():
+        dist.broadcast(tensor, src=0)
     return tensor
 
 
 def all_gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
@@ -77,5 +91,6 @@ def all_gather_objects(obj) -> list:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Wait for every rank."""
+    if is_distributed():
         dist.barrier()

@@ -37,16 +37,26 @@ def adaptive_generator_weight(
 class VQGANLoss(nn.Module):
     """Owns the discriminator and the (optional, frozen) LPIPS network.
 
+    Its keyword arguments are the ``loss`` section of a training config, defaults included.
+
     Args:
-        disc_start: optimizer step from which the GAN terms are on.
+        disc_start: optimizer step from which the GAN terms are on (taming's ImageNet VQGAN: 10000).
+        codebook_weight: weight of the quantizer's loss.
+        pixel_weight: weight of the L1 reconstruction term.
         perceptual_weight: weight of LPIPS; set to 0 automatically (with a warning) when the weight
             files are missing, see :func:`kepler.models.lpips.load_lpips`.
-        lpips_vgg_path, lpips_lin_path: local weight files (None: default locations).
+        disc_weight: the adaptive GAN weight's factor (see :func:`adaptive_generator_weight`).
+        disc_factor: the GAN terms' factor once active (0 turns the GAN off).
+        disc_num_layers, disc_ndf, disc_in_channels: the PatchGAN discriminator's depth, width and
+            input channels.
+        disc_loss: the discriminator loss, one of ``kepler.models.discriminator.D_LOSSES``.
+        lpips_vgg_path, lpips_lin_path: local LPIPS weight files; None looks in
+            ``<torch hub dir>/checkpoints`` (``vgg16-397923af.pth``, ``lpips_vgg_v0.1.pth``).
     """
 
     def __init__(
         self,
-        disc_start: int = 0,
+        disc_start: int = 10000,
         codebook_weight: float = 1.0,
         pixel_weight: float = 1.0,
         perceptual_weight: float = 1.0,

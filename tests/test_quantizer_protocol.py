@@ -1,0 +1,125 @@
+"""The quantizer protocol: a quantizer written here, knowing nothing of KeplerQuantizer, goes through
+VQModel, the trainer, evaluation and the CLI; the registry and the config schema read off constructors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import random_images, tiny_config
+
+from kepler.cli import main
+from kepler.models import VQModel
+from kepler.nn import KeplerQuantizer, Quantizer, QuantizerInfo, QuantizerOutput, build_quantizer, register_quantizer
+from kepler.train.config import load_config
+from kepler.train.trainer import train
+
+
+@register_quantizer("test_rounding")
+class RoundingQuantizer(Quantizer):
+    """Each latent channel rounded to the nearest of ``levels`` integers centred on 0: one token per
+    channel (P = C), an implicit codebook of ``levels`` scalars shared by every channel."""
+
+    def __init__(self, dim: int, levels: int = 8, commitment: float = 0.25):
+        super().__init__(dim=dim, codebook_size=levels, tokens_per_position=dim, shared_codebook=True)
+        self.offset = (levels - 1) / 2
+        self.commitment = commitment
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        indices = torch.clamp(torch.round(z.detach() + self.offset), 0, self.codebook_size - 1).long()
+        z_q = indices.to(z.dtype) - self.offset
+        loss = self.commitment * F.mse_loss(z, z_q)
+        index_map = indices.permute(0, 2, 3, 1).contiguous()
+        counts = self.count_codes(index_map)
+        info = QuantizerInfo(self.perplexity_of(counts), None, index_map, self.codebook_utilization())
+        return QuantizerOutput(z + (z_q - z).detach(), loss, info)
+
+    def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        return (indices.to(torch.float32) - self.offset).permute(0, 3, 1, 2).contiguous()
+
+
+def rounding_config(tmp_path, steps: int = 3):
+    path = tiny_config(tmp_path, steps=steps, disc_start=2)
+    path.write_text(path.read_text().replace("quantizer: {num_codes: 16, partitions: 4}",
+                                             "quantizer: {type: test_rounding, levels: 5}"))
+    return path
+
+
+def test_protocol_statistics_and_decoding():
+    quantizer = build_quantizer({"type": "test_rounding", "levels": 5}, dim=3)
+    assert isinstance(quantizer, RoundingQuantizer) and quantizer.type_name == "test_rounding"
+    z = torch.tensor([[-9.0, -1.2, 0.4, 2.0]]).view(1, 1, 2, 2).expand(2, 3, 2, 2).contiguous()
+    out = quantizer(z)
+    assert out.indices.shape == (2, 2, 2, 3)
+    assert torch.equal(quantizer.code_counts, torch.tensor([[2, 2, 2, 0, 2]] * 3))
+    assert out.utilization.item() == pytest.approx(4 / 5)
+    assert out.perplexity.item() == pytest.approx(4.0)
+    assert torch.equal(quantizer.indices_to_latents(out.indices), out.z_q)
+    flat = out.indices.reshape(-1)
+    assert torch.equal(quantizer.get_codebook_entry(flat, (2, 2, 2, 3)), out.z_q)
+    assert quantizer.codewords() is None and quantizer.sub_vectors(z) is None
+    quantizer.reset_usage()
+    assert int(quantizer.code_counts.sum()) == 0 and quantizer.codebook_utilization() == 0
+
+
+def test_decoding_checks_indices():
+    quantizer = build_quantizer({"type": "test_rounding", "levels": 5}, dim=3)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 5\), got \[0, 5\]"):
+        quantizer.indices_to_latents(torch.tensor([0, 5, 1]).view(1, 1, 1, 3))
+    with pytest.raises(ValueError, match=r"needs shape=\(B, H, W, C\)"):
+        quantizer.get_codebook_entry(torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"indices has 6 entries; shape \(1, 2, 2, 3\) with P=3 tokens"):
+        quantizer.get_codebook_entry(torch.zeros(6, dtype=torch.int64), (1, 2, 2, 3))
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown quantizer type 'nope'; known types: .*kepler.*test_rounding"):
+        build_quantizer({"type": "nope"}, dim=4)
+    with pytest.raises(ValueError, match="'test_rounding' is already registered to RoundingQuantizer"):
+        register_quantizer("test_rounding")(type("Other", (Quantizer,), {}))
+    with pytest.raises(TypeError, match="takes a Quantizer subclass"):
+        register_quantizer("plain_module")(torch.nn.Linear)
+    assert type(build_quantizer(None, dim=8)) is KeplerQuantizer  # the default type
+
+
+def test_config_schema_follows_the_quantizer_type(tmp_path):
+    cfg = load_config(rounding_config(tmp_path))
+    assert dict(cfg.model.quantizer) == {"type": "test_rounding", "levels": 5, "commitment": 0.25}
+    with pytest.raises(ValueError, match="unknown config key 'model.quantizer.num_codes'"):
+        load_config(rounding_config(tmp_path), ["model.quantizer.num_codes=4"])
+    with pytest.raises(ValueError, match="unknown quantizer type 'nope'"):
+        load_config(None, ["model.quantizer.type=nope"])
+    defaults = load_config(None)
+    assert defaults.model.quantizer.type == "kepler" and defaults.model.quantizer.num_codes == 1024
+    assert defaults.loss.disc_start == 10000
+
+
+def test_rounding_quantizer_trains_evaluates_encodes_and_decodes(tmp_path, capsys):
+    metrics = train(load_config(rounding_config(tmp_path), [f"run_dir={tmp_path / 'run'}"]))
+    assert metrics["step"] == 3 and metrics["codebook_entries"] == 5 and np.isfinite(metrics["psnr"])
+    checkpoint = metrics["checkpoint"]
+
+    assert main(["eval", checkpoint, "--data", str(tmp_path / "val_images"), "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "codebook packing: unavailable: the RoundingQuantizer has no explicit codewords" in printed
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    counts = np.array(results["resolutions"]["32"]["code_counts"])
+    assert counts.shape == (8, 5) and counts.sum() == 3 * 16 * 16 * 8  # 3 images, 16 x 16 latents, P = C = 8
+
+    photo = random_images(tmp_path / "photos", count=1) / "img0.png"
+    assert main(["encode", checkpoint, str(photo), "--out", str(tmp_path / "codes")]) == 0
+    codes = np.load(tmp_path / "codes" / "img0.npy")
+    assert codes.shape == (20, 24, 8) and codes.min() >= 0 and codes.max() < 5
+    assert main(["decode", checkpoint, str(tmp_path / "codes" / "img0.npy"), "--out", str(tmp_path / "dec")]) == 0
+    assert (tmp_path / "dec" / "img0.png").is_file()
+
+
+def test_vqmodel_decodes_what_it_encodes_with_any_quantizer():
+    torch.manual_seed(0)
+    model = VQModel(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, resolution=16,
+                    norm_groups=4, embed_dim=4, quantizer={"type": "test_rounding", "levels": 7}).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        reconstruction, _, info = model(x)
+        assert torch.equal(model.decode_indices(info.indices), reconstruction)
