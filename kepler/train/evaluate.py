@@ -261,7 +261,7 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
 
 def evaluate_model(
     model: VQModel,
-    train_data: Mapping,
+    checkpoint_state: Mapping,
     data: str = "sample",
     resolutions: Sequence[int | None] = (None,),
     *,
@@ -275,7 +275,8 @@ def evaluate_model(
     """Evaluate ``model`` (on ``device``) on the validation split of ``data`` at each resolution.
 
     Args:
-        train_data: the ``data`` section of the model's training config (its crop ``size`` and ``resize``).
+        checkpoint_state: the model's checkpoint (:func:`load_model`'s second value): its ``step``, and
+            the ``data`` section of its training config (the crop ``size`` and ``resize``).
         data: ``"sample"``, ``"faces"``, a folder of images or a list file (validation split:
             centre crops, no flips; held-out photos for ``sample``).
         resolutions: crop sides to evaluate at; None is the training crop size. For the embedded
@@ -283,10 +284,11 @@ def evaluate_model(
             at every resolution.
 
     Returns:
-        ``{"data", "lpips", "rfid", "resolutions": {res: metrics + "code_counts" (P x K lists)},
+        ``{"step", "data", "lpips", "rfid", "resolutions": {res: metrics + "code_counts" (P x K lists)},
         "packing"}`` (the packing report on the first resolution's latents).
     """
     device = torch.device(device)
+    train_data = checkpoint_state["config"]["data"]
     train_size = train_data["size"]
     lpips_model, lpips_reason = load_lpips(lpips_vgg_path, lpips_lin_path)
     fid, fid_reason = load_fid(inception_path)
@@ -295,6 +297,7 @@ def evaluate_model(
     if fid is not None:
         fid = fid.to(device)
     results: dict = {
+        "step": int(checkpoint_state.get("step", 0)),
         "data": str(data),
         "lpips": "on" if lpips_model is not None else f"off: {lpips_reason}",
         "rfid": "on" if fid is not None else f"off: {fid_reason}",
@@ -336,18 +339,14 @@ def evaluate(
     **options,
 ) -> dict:
     """:func:`evaluate_model` of a checkpoint written by :func:`kepler.train.trainer.train`, with its
-    ``checkpoint`` path and ``step``; written to ``<out>/eval.json`` when ``out`` is given.
+    ``checkpoint`` path; written to ``<out>/eval.json`` when ``out`` is given.
 
     ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ...; ``options``: the keyword
     arguments of :func:`evaluate_model`.
     """
     dev = resolve_device(device)
     model, state = load_model(checkpoint, dev)
-    results = {
-        "checkpoint": str(checkpoint),
-        "step": int(state.get("step", 0)),
-        **evaluate_model(model, state["config"]["data"], data, resolutions, device=dev, **options),
-    }
+    results = {"checkpoint": str(checkpoint), **evaluate_model(model, state, data, resolutions, device=dev, **options)}
     if out is not None:
         save_evaluation(results, out)
     return results
