@@ -284,18 +284,6 @@ def select_weight(candidates: Sequence[tuple[float, Mapping]], baseline: Mapping
     return {"weight": weight, "rule": rule, "visible": {repr(w): r for w, r in visible.items()}}
 
 
-def effective_bits(counts) -> float:
-    """``sum_p H(counts[p])`` in bits: what an ideal per-sub-vector entropy coder spends per
-    position, given per-partition code counts ``(P, K)`` (an upper bound on the joint entropy)."""
-    import torch
-
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    totals = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    p = counts / totals
-    entropy = -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(dim=-1)
-    return float(entropy.sum())
-
-
 # ------------------------------------------------------------------------------------ one run
 
 
@@ -347,7 +335,7 @@ def run_one(job: Mapping) -> dict:
     import torch
 
     from kepler.data import build_dataset
-    from kepler.metrics import packing_report
+    from kepler.metrics import effective_bits, packing_report
     from kepler.train.config import load_config
     from kepler.train.evaluate import evaluate, load_model
     from kepler.train.trainer import train

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kepler import study
+from kepler import metrics, study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = ROOT / "configs" / "study_sample.yaml"
@@ -86,8 +86,8 @@ def test_effective_bits_sums_per_partition_entropy():
     # partition 0: two codes equally often (1 bit); partition 1: one code (0 bits);
     # partition 2: 1/2, 1/4, 1/4 (1.5 bits)
     counts = [[3, 3, 0, 0], [5, 0, 0, 0], [2, 1, 1, 0]]
-    assert study.effective_bits(counts) == pytest.approx(2.5)
-    assert study.effective_bits([[0, 0]]) == 0.0
+    assert metrics.effective_bits(counts) == pytest.approx(2.5)
+    assert metrics.effective_bits([[0, 0]]) == 0.0
 
 
 # ------------------------------------------------------------------------------ weight choice
