@@ -1,6 +1,7 @@
 """kepler study: the statistics by hand, the config checks, and the --quick mode end to end."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -220,6 +221,26 @@ def test_quick_block_replaces_budget_and_keeps_variants():
     assert set(quick["sweep"]["weights"]) == set(full["sweep"]["weights"])
 
 
+# ------------------------------------------------------------------------------ one run
+
+
+def test_run_log_holds_the_kepler_records_of_the_run_only(tmp_path):
+    logger = logging.getLogger("kepler")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # as in a pool worker, where nothing lets INFO through
+    try:
+        logger.info("before the run")
+        with runner._logged_to(tmp_path / "console.log"):
+            logger.info("during the run")
+            logging.getLogger("kepler.train").warning("a child logger's warning")
+            logger.debug("a debug detail")
+        logger.info("after the run")
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(level)
+    assert (tmp_path / "console.log").read_text() == "during the run\na child logger's warning\n"
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -242,6 +263,8 @@ def test_quick_study_writes_every_output(quick_study):
     for plot in ["curves.png", "usage.png", "codewords_kepler_3d.png", "codewords_kepler_fcc.png"]:
         data = (quick_study / plot).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
+    for run in result["runs"]:  # each run's log records, captured while it ran
+        assert Path(run["run_dir"], "console.log").read_text(), run["run_dir"]
     for name in variants:
         summary = result["summary"][name]
         for metric, _, _ in report.TABLE_METRICS:

@@ -3,14 +3,16 @@ sweep, a process pool for them, and :func:`run_study` / :func:`run_sweep_only` t
 together.
 
 Each run lives in ``<out>/runs/<variant>/seed<seed>`` (sweep runs under ``<out>/runs/sweep/``) and
-is reused when its ``result.json`` matches its configuration. Finished runs are handed to an
-``on_result`` callback (the command line prints a line for each).
+is reused when its ``result.json`` matches its configuration. Nothing here prints: finished runs
+are handed to an ``on_result`` callback (the command line prints a line for each), and a run's own
+log records go to its ``console.log``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -57,6 +59,27 @@ def _held_out_counts(model, dataset, batch_size: int):
     return counts
 
 
+@contextlib.contextmanager
+def _logged_to(path: Path):
+    """While the block runs, the ``kepler`` logger's records at INFO and above also go to ``path``
+    (a run's ``console.log``). In a pool worker nothing has configured logging, so the logger is let
+    through INFO for that time; the records still reach the terminal only as configured there."""
+    logger = logging.getLogger("kepler")
+    handler = logging.FileHandler(path, mode="w")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
 def _curves(log_path: Path) -> dict:
     curves = {"step": [], "psnr": [], "utilization": []}
     for line in log_path.read_text().splitlines():
@@ -95,7 +118,7 @@ def run_one(job: Mapping) -> dict:
     overrides = list(job["overrides"]) + list(job.get("runtime", ())) + [f"run_dir={run_dir}", f"seed={job['seed']}"]
     cfg = load_config(job["base"], overrides)
     started = time.perf_counter()
-    with open(run_dir / "console.log", "w") as console, contextlib.redirect_stdout(console):
+    with _logged_to(run_dir / "console.log"):
         train(cfg)
         checkpoint = run_dir / "checkpoints" / "last.pt"
         evaluation = evaluate(checkpoint, data=str(cfg.data.val), out=run_dir, device=str(cfg.device),
