@@ -80,12 +80,16 @@ def _add_image_io(sub) -> None:
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a codebook study (see kepler.study)",
                        description="Run a codebook study.")
-    try:
-        from kepler import study
-    except ImportError:
-        study = None
-    if study is not None:
-        study.add_arguments(p)
+    p.add_argument("config", help="study config (YAML), e.g. configs/study_sample.yaml")
+    p.add_argument("--quick", action="store_true",
+                   help="the config's quick block: tiny model, a few steps per variant (a smoke test)")
+    p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the config's 'jobs')")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="run only the weight sweep; writes sweep.json and sweep.md (the study reuses its runs)")
+    p.add_argument("--readme", default=None, metavar="README",
+                   help="also write the results between the kepler-study markers of this README "
+                        "(finished runs are reused, so this is quick after a study)")
     p.set_defaults(func=_cmd_study)
 
 
@@ -262,12 +266,51 @@ def _cmd_decode(args) -> int:
     return 0
 
 
+def _study_command(args) -> str:
+    """The command line recorded in the study's report: what decides the results (config, quick
+    mode, output folder, parallel runs), not where the report is copied (--readme)."""
+    words = ["kepler study", str(args.config)] + (["--quick"] if args.quick else [])
+    words += ([f"--out {args.out}"] if args.out else []) + ([f"--jobs {args.jobs}"] if args.jobs is not None else [])
+    return " ".join(words)
+
+
+def _print_study_run(result: dict) -> None:
+    """One line per finished run of a study, as the study collects them."""
+    m = result["metrics"]
+    note = " (reused)" if result.get("reused") else f" in {result['wall_s'] / 60:.1f} min"
+    print(f"kepler study: {result['variant']} seed {result['seed']}: PSNR {m['psnr']:.2f} dB, "
+          f"utilization {m['utilization']:.3f}{note}", flush=True)
+
+
 def _cmd_study(args) -> int:
-    try:
-        from kepler import study
-    except ImportError as exc:
-        raise CLIError(f"kepler study is not available: {exc}") from None
-    return study.main(args) or 0
+    from kepler.study.config import load_study_config
+    from kepler.study.report import attribute_to_training_study, update_readme, write_outputs, write_sweep_outputs
+    from kepler.study.runner import run_study, run_sweep_only
+
+    study = load_study_config(args.config, quick=args.quick)
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
+        study["jobs"] = args.jobs
+    out = Path(args.out or study["out"])
+    command = _study_command(args)
+    print(f"kepler study: {len(study['variants'])} variants x {len(study['seeds'])} seeds"
+          + (" + a weight sweep" if study["sweep"] else "") + f", {study['jobs']} run(s) at a time -> {out}",
+          flush=True)
+    if args.sweep_only:
+        summary = run_sweep_only(study, out, on_result=_print_study_run)
+        written = write_sweep_outputs(summary, study["name"], out, f"{command} --sweep-only")
+        for key, param in summary["params"].items():
+            print(f"kepler study: {key} = {param['weight']:g} ({param['rule']})")
+        print("kepler study: wrote " + ", ".join(str(p) for p in written))
+        return 0
+    result = run_study(study, out, on_result=_print_study_run)
+    command = attribute_to_training_study(result, out, command)
+    written = write_outputs(result, out, command)
+    if args.readme:
+        written.append(update_readme(Path(args.readme), result, command, out))
+    print(f"kepler study: done in {result['wall_minutes']:.1f} min; wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """How well a codebook packs: nearest-neighbour spacing of its codewords and, given data, how well
-it covers that data.
+it covers that data; and how many bits the codes it hands out carry.
 
 * :func:`nearest_neighbor_distances`: for every codeword, the distance to the nearest *other*
   codeword.
@@ -7,6 +7,8 @@ it covers that data.
   radius (half the minimum), their coefficient of variation (std / mean: 0 for a perfectly regular
   codebook such as a full lattice shell), and with ``data`` the covering radius and the mean
   quantization error through :func:`kepler.nearest_codeword`.
+* :func:`effective_bits`: from per-partition code counts, the bits per position an entropy coder
+  would spend on the codes actually used.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from kepler.ops.nearest_codeword import nearest_codeword
 
-__all__ = ["PackingReport", "nearest_neighbor_distances", "packing_report"]
+__all__ = ["PackingReport", "effective_bits", "nearest_neighbor_distances", "packing_report"]
 
 # Rows of the codebook searched at once; the score matrix of a step is (_BLOCK_ROWS, candidates),
 # at most (_BLOCK_ROWS, K): 256 * 65536 float64 scores = 128 MiB for the largest codebooks.
@@ -277,3 +279,13 @@ def packing_report(
         covering_radius=covering_radius,
         mean_quantization_error=mean_quantization_error,
     )
+
+
+def effective_bits(counts) -> float:
+    """``sum_p H(counts[p])`` in bits: what an ideal per-sub-vector entropy coder spends per
+    position, given per-partition code counts ``(P, K)`` (an upper bound on the joint entropy)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    totals = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    p = counts / totals
+    entropy = -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(dim=-1)
+    return float(entropy.sum())

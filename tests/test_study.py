@@ -1,13 +1,15 @@
 """kepler study: the statistics by hand, the config checks, and the --quick mode end to end."""
 
-import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
 import pytest
 
-from kepler import study
+from kepler import metrics
+from kepler.cli import main
+from kepler.study import config, report, runner, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = ROOT / "configs" / "study_sample.yaml"
@@ -18,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_summarize_matches_hand_computed_mean_and_sample_sd():
-    s = study.summarize([1.0, 2.0, 4.0])
+    s = stats.summarize([1.0, 2.0, 4.0])
     assert s["mean"] == pytest.approx(7 / 3)
     # ((1 - 7/3)^2 + (2 - 7/3)^2 + (4 - 7/3)^2) / (3 - 1) = (16 + 1 + 25) / 9 / 2 = 7/3
     assert s["sd"] == pytest.approx(math.sqrt(7 / 3))
@@ -26,20 +28,20 @@ def test_summarize_matches_hand_computed_mean_and_sample_sd():
 
 
 def test_summarize_two_seeds_and_one_seed():
-    two = study.summarize([20.0, 22.0])
+    two = stats.summarize([20.0, 22.0])
     assert two["mean"] == 21.0
     assert two["sd"] == pytest.approx(math.sqrt(2.0))  # |a - b| / sqrt(2)
-    one = study.summarize([5.0])
+    one = stats.summarize([5.0])
     assert one["mean"] == 5.0 and one["sd"] is None and one["n"] == 1
 
 
 def test_summarize_keeps_a_diverged_seed_visible():
-    assert math.isnan(study.summarize([1.0, float("nan")])["mean"])
+    assert math.isnan(stats.summarize([1.0, float("nan")])["mean"])
 
 
 def test_summarize_rejects_no_values():
     with pytest.raises(ValueError, match="at least one value"):
-        study.summarize([])
+        stats.summarize([])
 
 
 def test_aggregate_groups_by_variant_in_run_order():
@@ -49,7 +51,7 @@ def test_aggregate_groups_by_variant_in_run_order():
         {"variant": "a", "metrics": {"psnr": 22.0, "utilization": 0.7}},
         {"variant": "b", "metrics": {"psnr": 13.0, "utilization": 1.0}},
     ]
-    out = study.aggregate(runs, ["psnr", "utilization"])
+    out = stats.aggregate(runs, ["psnr", "utilization"])
     assert out["a"]["psnr"]["values"] == [20.0, 22.0]
     assert out["a"]["psnr"]["mean"] == 21.0
     assert out["a"]["utilization"]["mean"] == pytest.approx(0.6)
@@ -61,33 +63,33 @@ def test_aggregate_groups_by_variant_in_run_order():
 
 def test_aggregate_skips_a_metric_missing_in_any_run():
     runs = [{"variant": "a", "metrics": {"psnr": 1.0, "min_nn": None}}, {"variant": "a", "metrics": {"psnr": 2.0}}]
-    assert set(study.aggregate(runs, ["psnr", "min_nn"])["a"]) == {"psnr"}
+    assert set(stats.aggregate(runs, ["psnr", "min_nn"])["a"]) == {"psnr"}
 
 
 def test_outside_seed_noise_is_range_overlap():
-    a = study.summarize([1.0, 2.0])
-    assert study.outside_seed_noise(a, study.summarize([2.5, 3.0])) is True
-    assert study.outside_seed_noise(study.summarize([2.5, 3.0]), a) is True
-    assert study.outside_seed_noise(a, study.summarize([1.5, 3.0])) is False
-    assert study.outside_seed_noise(a, study.summarize([3.0])) is None
+    a = stats.summarize([1.0, 2.0])
+    assert stats.outside_seed_noise(a, stats.summarize([2.5, 3.0])) is True
+    assert stats.outside_seed_noise(stats.summarize([2.5, 3.0]), a) is True
+    assert stats.outside_seed_noise(a, stats.summarize([1.5, 3.0])) is False
+    assert stats.outside_seed_noise(a, stats.summarize([3.0])) is None
 
 
 def test_bits_per_position():
-    assert study.bits_per_position(4096, 1) == 12.0
-    assert study.bits_per_position(8, 4) == 12.0
-    assert study.bits_per_position(16, 3) == 12.0
-    assert study.bits_per_position(1024, 4) == 40.0
-    assert study.bits_per_position(16, 2, scale=0.5) == 6.0
+    assert config.bits_per_position(4096, 1) == 12.0
+    assert config.bits_per_position(8, 4) == 12.0
+    assert config.bits_per_position(16, 3) == 12.0
+    assert config.bits_per_position(1024, 4) == 40.0
+    assert config.bits_per_position(16, 2, scale=0.5) == 6.0
     with pytest.raises(ValueError, match="partitions >= 1"):
-        study.bits_per_position(8, 0)
+        config.bits_per_position(8, 0)
 
 
 def test_effective_bits_sums_per_partition_entropy():
     # partition 0: two codes equally often (1 bit); partition 1: one code (0 bits);
     # partition 2: 1/2, 1/4, 1/4 (1.5 bits)
     counts = [[3, 3, 0, 0], [5, 0, 0, 0], [2, 1, 1, 0]]
-    assert study.effective_bits(counts) == pytest.approx(2.5)
-    assert study.effective_bits([[0, 0]]) == 0.0
+    assert metrics.effective_bits(counts) == pytest.approx(2.5)
+    assert metrics.effective_bits([[0, 0]]) == 0.0
 
 
 # ------------------------------------------------------------------------------ weight choice
@@ -97,26 +99,26 @@ THRESHOLDS = {"psnr_db": 0.1, "perplexity_rel": 0.05, "utilization_abs": 0.05}
 
 
 def test_visible_change_names_each_metric_that_moved():
-    assert study.visible_change(dict(BASELINE), BASELINE, THRESHOLDS) == []
-    moved = study.visible_change({"psnr": 19.8, "perplexity": 6.6, "utilization": 0.96}, BASELINE, THRESHOLDS)
+    assert stats.visible_change(dict(BASELINE), BASELINE, THRESHOLDS) == []
+    moved = stats.visible_change({"psnr": 19.8, "perplexity": 6.6, "utilization": 0.96}, BASELINE, THRESHOLDS)
     assert moved == ["PSNR -0.20 dB", "perplexity +10.0%", "utilization +0.060"]
 
 
 def test_visible_change_within_seed_noise_does_not_count():
     def seeds(psnr_values, perplexity_values):
-        per_seed = {"psnr": study.summarize(psnr_values), "perplexity": study.summarize(perplexity_values),
-                    "utilization": study.summarize([0.9, 0.9])}
+        per_seed = {"psnr": stats.summarize(psnr_values), "perplexity": stats.summarize(perplexity_values),
+                    "utilization": stats.summarize([0.9, 0.9])}
         return {**{k: v["mean"] for k, v in per_seed.items()}, "seeds": per_seed}
 
     baseline = seeds([19.5, 20.5], [5.9, 6.1])
     # PSNR mean -0.5 dB, but the seed ranges overlap; perplexity +20% with disjoint ranges.
     run = seeds([19.2, 19.8], [7.1, 7.3])
-    assert study.visible_change(run, baseline, THRESHOLDS) == ["perplexity +20.0%"]
+    assert stats.visible_change(run, baseline, THRESHOLDS) == ["perplexity +20.0%"]
     # Disjoint PSNR ranges count.
-    assert study.visible_change(seeds([18.0, 19.0], [5.9, 6.1]), baseline, THRESHOLDS) == ["PSNR -1.50 dB"]
+    assert stats.visible_change(seeds([18.0, 19.0], [5.9, 6.1]), baseline, THRESHOLDS) == ["PSNR -1.50 dB"]
     # One seed on either side: means and thresholds alone.
     one_seed = {k: v for k, v in run.items() if k != "seeds"}
-    assert study.visible_change(one_seed, baseline, THRESHOLDS) == ["PSNR -0.50 dB", "perplexity +20.0%"]
+    assert stats.visible_change(one_seed, baseline, THRESHOLDS) == ["PSNR -0.50 dB", "perplexity +20.0%"]
 
 
 def test_select_weight_best_psnr_among_visible_changes():
@@ -126,7 +128,7 @@ def test_select_weight_best_psnr_among_visible_changes():
         (1e-1, {"psnr": 19.9, "perplexity": 6.0, "utilization": 1.0}),
         (1.0, {"psnr": 15.0, "perplexity": 3.0, "utilization": 0.5}),
     ]
-    choice = study.select_weight(candidates, BASELINE, THRESHOLDS)
+    choice = stats.select_weight(candidates, BASELINE, THRESHOLDS)
     assert choice["weight"] == 1e-1
     assert choice["visible"][repr(1e-3)] == []
     assert "visibly change" in choice["rule"]
@@ -134,14 +136,14 @@ def test_select_weight_best_psnr_among_visible_changes():
 
 def test_select_weight_without_visible_change_takes_the_largest():
     candidates = [(w, dict(BASELINE)) for w in (1e-3, 1e-1, 1e-2)]
-    choice = study.select_weight(candidates, BASELINE, THRESHOLDS)
+    choice = stats.select_weight(candidates, BASELINE, THRESHOLDS)
     assert choice["weight"] == 1e-1
     assert choice["rule"].startswith("no swept weight")
 
 
 def test_select_weight_needs_candidates():
     with pytest.raises(ValueError, match="at least one candidate"):
-        study.select_weight([], BASELINE, THRESHOLDS)
+        stats.select_weight([], BASELINE, THRESHOLDS)
 
 
 # ------------------------------------------------------------------------------ config
@@ -151,11 +153,11 @@ def test_override_strings_round_trip_through_the_trainer_config():
     from kepler.train.config import load_config
 
     overrides = [
-        study.override_string("model.quantizer.kepler_kl_weight", 1e-8),
-        study.override_string("model.quantizer.ema_decay", None),
-        study.override_string("model.quantizer.shared_codebook", False),
-        study.override_string("model.quantizer.init", "lattice:fcc"),
-        study.override_string("model.ch_mult", [1, 2]),
+        config.override_string("model.quantizer.kepler_kl_weight", 1e-8),
+        config.override_string("model.quantizer.ema_decay", None),
+        config.override_string("model.quantizer.shared_codebook", False),
+        config.override_string("model.quantizer.init", "lattice:fcc"),
+        config.override_string("model.ch_mult", [1, 2]),
     ]
     cfg = load_config(None, overrides)
     q = cfg.model.quantizer
@@ -166,12 +168,12 @@ def test_override_strings_round_trip_through_the_trainer_config():
 def test_default_study_variants_all_spend_12_bits():
     from kepler.train.config import load_config
 
-    cfg = study.load_study_config(STUDY_CONFIG)
+    cfg = config.load_study_config(STUDY_CONFIG)
     assert len(cfg["seeds"]) == 2
     for name, variant in cfg["variants"].items():
-        settings = {k: (1.0 if v == study.SWEEP_MARKER else v) for k, v in variant["set"].items()}
-        overrides = [study.override_string(k, v) for k, v in {**cfg["common"], **settings}.items()]
-        layout = study.quantizer_layout(load_config(cfg["base"], overrides))
+        settings = {k: (1.0 if v == config.SWEEP_MARKER else v) for k, v in variant["set"].items()}
+        overrides = [config.override_string(k, v) for k, v in {**cfg["common"], **settings}.items()]
+        layout = config.quantizer_layout(load_config(cfg["base"], overrides))
         assert layout["bits"] == 12.0, name
     assert cfg["variants"]["kepler_kl_released"]["set"]["model.quantizer.kepler_kl_weight"] == 1e-8
 
@@ -184,39 +186,59 @@ def _write(tmp_path, text):
 
 def test_load_study_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        study.load_study_config(tmp_path / "missing.yaml")
+        config.load_study_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="no 'variants' entry"):
-        study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: [0]\n"))
+        config.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: [0]\n"))
     with pytest.raises(ValueError, match="takes 'model.quantizer.packing_weight' from the sweep"):
-        study.load_study_config(_write(
+        config.load_study_config(_write(
             tmp_path, "base: x.yaml\nseeds: [0]\nvariants:\n  a:\n    set: {model.quantizer.packing_weight: sweep}\n"))
     with pytest.raises(ValueError, match="compares to unknown variant 'b'"):
-        study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: [0]\nvariants:\n  a: {set: {}, compare_to: b}\n"))
+        config.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: [0]\nvariants:\n  a: {set: {}, compare_to: b}\n"))
     with pytest.raises(ValueError, match=r"write 1.0e-3, not 1e-3"):
-        study.load_study_config(_write(
+        config.load_study_config(_write(
             tmp_path,
             "base: x.yaml\nseeds: [0]\nvariants:\n  a: {set: {}}\n"
             "sweep: {variant: a, weights: {model.quantizer.packing_weight: ['1e-3']}}\n"))
     with pytest.raises(ValueError, match="'seeds' must be a non-empty list of ints"):
-        study.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: []\nvariants:\n  a: {set: {}}\n"))
+        config.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: []\nvariants:\n  a: {set: {}}\n"))
 
 
 def test_base_is_relative_to_the_study_config_and_stays_relative(monkeypatch):
     # The path is written into study.json and every run's result.json: no machine paths there.
     monkeypatch.chdir(STUDY_CONFIG.parent.parent)
-    loaded = study.load_study_config(STUDY_CONFIG.relative_to(STUDY_CONFIG.parent.parent))
+    loaded = config.load_study_config(STUDY_CONFIG.relative_to(STUDY_CONFIG.parent.parent))
     assert loaded["base"] == str(Path("configs") / "sample.yaml")
     assert Path(loaded["base"]).is_file()
 
 
 def test_quick_block_replaces_budget_and_keeps_variants():
-    full = study.load_study_config(STUDY_CONFIG)
-    quick = study.load_study_config(STUDY_CONFIG, quick=True)
+    full = config.load_study_config(STUDY_CONFIG)
+    quick = config.load_study_config(STUDY_CONFIG, quick=True)
     assert quick["quick"] and not full["quick"]
     assert list(quick["variants"]) == list(full["variants"])
     assert quick["common"]["train.max_steps"] < full["common"]["train.max_steps"]
     assert quick["common"]["model.quantizer.init"] == "uniform"  # merged, not replaced
     assert set(quick["sweep"]["weights"]) == set(full["sweep"]["weights"])
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def test_run_log_holds_the_kepler_records_of_the_run_only(tmp_path):
+    logger = logging.getLogger("kepler")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # as in a pool worker, where nothing lets INFO through
+    try:
+        logger.info("before the run")
+        with runner._logged_to(tmp_path / "console.log"):
+            logger.info("during the run")
+            logging.getLogger("kepler.train").warning("a child logger's warning")
+            logger.debug("a debug detail")
+        logger.info("after the run")
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(level)
+    assert (tmp_path / "console.log").read_text() == "during the run\na child logger's warning\n"
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -225,16 +247,14 @@ def test_quick_block_replaces_budget_and_keeps_variants():
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    parser = argparse.ArgumentParser()
-    study.add_arguments(parser)
-    assert study.main(parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(out)])) == 0
+    assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(out)]) == 0
     return out
 
 
 @pytest.mark.slow
 def test_quick_study_writes_every_output(quick_study):
     result = json.loads((quick_study / "study.json").read_text())
-    variants = list(study.load_study_config(STUDY_CONFIG)["variants"])
+    variants = list(config.load_study_config(STUDY_CONFIG)["variants"])
     assert list(result["variants"]) == variants
     assert sorted({(r["variant"], r["seed"]) for r in result["runs"]}) == sorted((v, s) for v in variants for s in (0, 1))
     table = (quick_study / "study.md").read_text()
@@ -243,10 +263,12 @@ def test_quick_study_writes_every_output(quick_study):
     for plot in ["curves.png", "usage.png", "codewords_kepler_3d.png", "codewords_kepler_fcc.png"]:
         data = (quick_study / plot).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
+    for run in result["runs"]:  # each run's log records, captured while it ran
+        assert Path(run["run_dir"], "console.log").read_text(), run["run_dir"]
     for name in variants:
-        stats = result["summary"][name]
-        for metric, _, _ in study.TABLE_METRICS:
-            assert stats[metric]["n"] == 2 and math.isfinite(stats[metric]["mean"]), (name, metric)
+        summary = result["summary"][name]
+        for metric, _, _ in report.TABLE_METRICS:
+            assert summary[metric]["n"] == 2 and math.isfinite(summary[metric]["mean"]), (name, metric)
 
 
 @pytest.mark.slow
@@ -264,8 +286,8 @@ def test_quick_study_weights_come_from_the_sweep(quick_study):
 
 @pytest.mark.slow
 def test_quick_study_reuses_finished_runs(quick_study):
-    cfg = study.load_study_config(STUDY_CONFIG, quick=True)
-    again = study.run_study(cfg, quick_study)
+    cfg = config.load_study_config(STUDY_CONFIG, quick=True)
+    again = runner.run_study(cfg, quick_study)
     assert all(r.get("reused") for r in again["runs"])
 
 
@@ -273,12 +295,9 @@ def test_quick_study_reuses_finished_runs(quick_study):
 def test_readme_section_is_generated_between_markers(quick_study, tmp_path):
     before = json.loads((quick_study / "study.json").read_text())
     readme = tmp_path / "README.md"
-    markers = f"{study.README_BEGIN}\nold table\n{study.README_END}"
+    markers = f"{report.README_BEGIN}\nold table\n{report.README_END}"
     readme.write_text(f"# kepler\n\nintro\n\n## Results\n\n{markers}\n\nOur reading.\n")
-    parser = argparse.ArgumentParser()
-    study.add_arguments(parser)
-    args = parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--readme", str(readme)])
-    assert study.main(args) == 0
+    assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# kepler\n\nintro\n\n## Results\n\n") and text.endswith("\n\nOur reading.\n")
     assert "old table" not in text and "| `kepler_fcc` | 12.0 |" in text
@@ -289,9 +308,7 @@ def test_readme_section_is_generated_between_markers(quick_study, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_only_reuses_the_study_sweep_and_agrees(quick_study, capsys):
-    parser = argparse.ArgumentParser()
-    study.add_arguments(parser)
-    assert study.main(parser.parse_args([str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--sweep-only"])) == 0
+    assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--sweep-only"]) == 0
     assert "(reused)" in capsys.readouterr().out
     sweep = json.loads((quick_study / "sweep.json").read_text())
     full = json.loads((quick_study / "study.json").read_text())["sweep"]

@@ -1,0 +1,43 @@
+"""``kepler study``: do the Kepler regularizers and the codebook partition help? Measured, not claimed.
+
+A study trains a set of quantizer variants on the same data, step budget and seeds, evaluates each
+on held-out images and writes, to its output folder:
+
+* ``study.json``: everything (per run and aggregated over seeds, the weight sweep, the machine);
+* ``study.md``: the design, the sweep, the results table (mean and spread over seeds) and each
+  variant's difference to its reference with a seed-noise verdict;
+* ``curves.png`` (validation PSNR and utilization against steps), ``usage.png`` (code usage per
+  variant) and ``codewords_<variant>.png`` (the codewords of 3-D sub-codebooks).
+
+The study config (``configs/study_sample.yaml``) names a trainer config every run starts from,
+``common`` trainer overrides, the ``variants`` (trainer overrides each, and the reference each is
+compared to) and the ``sweep``: a variant whose regularizer weight is ``sweep`` takes the weight the
+sweep chose, never one written by hand. The sweep trains the sweep's base variant once per candidate
+weight (and once with weight 0) for a shorter budget, and picks, per regularizer, the weight with
+the best held-out PSNR among those that visibly change training (see
+:func:`kepler.study.stats.select_weight`), judged against a reference run of the same variant at
+weight 0 or at the sweep's ``reference`` weight for that key.
+
+``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
+the results between the README's ``kepler-study`` markers.
+
+Runs are independent processes (``jobs`` at a time, each with ``threads`` threads, by default
+``cores // jobs``); a run
+whose ``result.json`` matches its configuration is reused, so an interrupted study continues where
+it stopped. ``--quick`` swaps in the config's ``quick`` block (a tiny model, a few steps) so every
+variant and the sweep run end to end in a minute; the tests use it.
+
+One job per module, in the order a study uses them:
+
+* :mod:`kepler.study.config`: loading and checking the study config, trainer override strings, a
+  run's code layout and bits per position;
+* :mod:`kepler.study.runner`: one run (train, evaluate, summarize), the job lists, the sweep, the
+  process pool, :func:`~kepler.study.runner.run_study`;
+* :mod:`kepler.study.stats`: summaries over seeds, seed-noise checks, the sweep's weight choice;
+* :mod:`kepler.study.report`: ``study.md``, ``sweep.md``, the README block, the files written;
+* :mod:`kepler.study.plots`: the PNG figures.
+
+``kepler study`` (in :mod:`kepler.cli`) parses the arguments, calls these and prints; nothing here
+prints. The package re-exports nothing: each name has one home, and the only caller outside the
+package is the command line.
+"""

@@ -1,0 +1,324 @@
+"""Running a study: one run (train, evaluate, summarize), the job lists of the variants and the
+sweep, a process pool for them, and :func:`run_study` / :func:`run_sweep_only` that put them
+together.
+
+Each run lives in ``<out>/runs/<variant>/seed<seed>`` (sweep runs under ``<out>/runs/sweep/``) and
+is reused when its ``result.json`` matches its configuration. Nothing here prints: finished runs
+are handed to an ``on_result`` callback (the command line prints a line for each), and a run's own
+log records go to its ``console.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from kepler.study.config import SWEEP_MARKER, override_string, quantizer_layout, sweep_references
+from kepler.study.report import TABLE_METRICS
+from kepler.study.stats import aggregate, summarize_sweep
+
+OnResult = Callable[[dict], None]
+"""Called with each run's result (see :func:`run_one`; ``"reused": True`` when it was not trained
+again) as the study collects it: the sweep's runs first, then the variants' in submission order."""
+
+
+def _normalized(codebook):
+    """Centred, unit-RMS-radius copy of each (sub-)codebook ``(..., K, d)``: distances comparable
+    across models whose latents have different scales."""
+    centred = codebook - codebook.mean(dim=-2, keepdim=True)
+    radius = centred.square().sum(dim=-1).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+    return centred / radius.unsqueeze(-1)
+
+
+def _held_out_counts(model, dataset, batch_size: int):
+    """Per-partition code counts ``(P, K)`` of the model over ``dataset`` (no gradient)."""
+    import torch
+
+    from kepler.data import collate
+
+    quantizer = model.quantize
+    counts = torch.zeros(quantizer.partitions, quantizer.codebook_size, dtype=torch.int64)
+    saved = quantizer.usage_counts.clone()
+    try:
+        for start in range(0, len(dataset), batch_size):
+            images, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            indices = model.encode_to_indices(images).reshape(-1, quantizer.partitions)
+            for p in range(quantizer.partitions):
+                counts[p] += torch.bincount(indices[:, p], minlength=quantizer.codebook_size)
+    finally:
+        quantizer.usage_counts.copy_(saved)
+    return counts
+
+
+@contextlib.contextmanager
+def _logged_to(path: Path):
+    """While the block runs, the ``kepler`` logger's records at INFO and above also go to ``path``
+    (a run's ``console.log``). In a pool worker nothing has configured logging, so the logger is let
+    through INFO for that time; the records still reach the terminal only as configured there."""
+    logger = logging.getLogger("kepler")
+    handler = logging.FileHandler(path, mode="w")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def _curves(log_path: Path) -> dict:
+    curves = {"step": [], "psnr": [], "utilization": []}
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "eval":
+            for key in curves:
+                curves[key].append(record[key])
+    return curves
+
+
+def run_one(job: Mapping) -> dict:
+    """Train, evaluate and summarize one run; writes and returns its ``result.json``.
+
+    ``job``: ``{"variant", "seed", "base", "overrides", "runtime", "run_dir"}`` (plain values: it crosses a
+    process boundary). A ``result.json`` already in ``run_dir`` with the same base config path and
+    overrides is reused; anything else there is deleted and the run starts from scratch.
+    """
+    import torch
+
+    from kepler.data import build_dataset
+    from kepler.metrics import effective_bits, packing_report
+    from kepler.train.config import load_config
+    from kepler.train.evaluate import evaluate, load_model
+    from kepler.train.trainer import train
+
+    run_dir = Path(job["run_dir"])
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        cached = json.loads(result_path.read_text())
+        if cached.get("overrides") == list(job["overrides"]) and cached.get("base") == job["base"]:
+            cached["reused"] = True
+            return cached
+    if run_dir.exists():  # a stale or interrupted run: start it again from scratch
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    overrides = list(job["overrides"]) + list(job.get("runtime", ())) + [f"run_dir={run_dir}", f"seed={job['seed']}"]
+    cfg = load_config(job["base"], overrides)
+    started = time.perf_counter()
+    with _logged_to(run_dir / "console.log"):
+        train(cfg)
+        checkpoint = run_dir / "checkpoints" / "last.pt"
+        evaluation = evaluate(checkpoint, data=str(cfg.data.val), out=run_dir, device=str(cfg.device),
+                              batch_size=int(cfg.data.val_batch_size), max_images=cfg.data.val_max_images,
+                              print_table=False)
+    held_out = next(iter(evaluation["resolutions"].values()))
+    train_metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    model, _ = load_model(checkpoint)
+    dataset = build_dataset(str(cfg.data.val), "val", int(cfg.data.size), cfg.data.resize)
+    if cfg.data.val_max_images is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(int(cfg.data.val_max_images), len(dataset))))
+    counts = _held_out_counts(model, dataset, int(cfg.data.val_batch_size))
+    codebook = model.quantize.codebook.detach().double()
+    grouped = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
+    packing = packing_report(_normalized(grouped)).to_dict()
+    layout = quantizer_layout(cfg)
+    result = {
+        "variant": job["variant"],
+        "seed": int(job["seed"]),
+        "run_dir": str(run_dir),
+        "base": job["base"],
+        "overrides": list(job["overrides"]),
+        "layout": layout,
+        "metrics": {
+            "psnr": held_out["psnr"],
+            "ssim": held_out["ssim"],
+            "l1": held_out["l1"],
+            "baseline_psnr": held_out["baseline_psnr"],
+            "utilization": held_out["utilization"],
+            "perplexity": held_out["perplexity"],
+            "effective_bits": effective_bits(counts),
+            "min_nn": min(_as_list(packing["min_nn_distance"])),
+            "mean_nn": sum(_as_list(packing["mean_nn_distance"])) / len(_as_list(packing["mean_nn_distance"])),
+            "images_per_s": train_metrics["train_images_per_s"],
+        },
+        "held_out_images": held_out["images"],
+        "packing_raw": evaluation["packing"],
+        "packing_normalized": packing,
+        "curves": _curves(run_dir / "log.jsonl"),
+        "usage_counts": counts.tolist(),
+        "codewords": codebook.float().tolist() if layout["sub_dim"] == 3 else None,
+        "wall_s": time.perf_counter() - started,
+    }
+    result_path.write_text(json.dumps(result))
+    return result
+
+
+def _as_list(value) -> list[float]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def threads_per_run(study: Mapping) -> int:
+    """The config's ``threads``, else the cores shared out over the runs at a time."""
+    return study.get("threads") or max(1, (os.cpu_count() or 1) // study["jobs"])
+
+
+def _jobs_for(study: dict, variant: str, settings: Mapping, seeds: Iterable[int], run_root: Path,
+              extra: Sequence[str] = ()) -> list[dict]:
+    overrides = [override_string(k, v) for k, v in study["common"].items()]
+    overrides += [override_string(k, v) for k, v in settings.items()]
+    overrides += list(extra) + [f"name={variant}"]
+    # How the run is executed, not what it computes: not part of the reuse check.
+    runtime = [f"train.threads={threads_per_run(study)}", "train.progress=false"]
+    return [
+        {"variant": variant, "seed": seed, "base": study["base"], "overrides": overrides, "runtime": runtime,
+         "run_dir": str(run_root / variant / f"seed{seed}")}
+        for seed in seeds
+    ]
+
+
+class _Runner:
+    """Runs jobs in-process (``jobs == 1``) or in a spawn pool; hands each finished run to ``on_result``."""
+
+    def __init__(self, jobs: int, on_result: OnResult | None = None):
+        self.pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) if jobs > 1 else None
+        self.on_result = on_result
+
+    def submit(self, job: dict):
+        if self.pool is not None:
+            return self.pool.submit(run_one, job)
+        done = Future()
+        done.set_result(run_one(job))
+        return done
+
+    def result(self, future: Future) -> dict:
+        result = future.result()
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def sweep_jobs(study: dict, run_root: Path) -> list[tuple[str, float, dict]]:
+    """``(swept key, weight, job)`` per sweep run: each key's candidate weights and its reference
+    weight (one shared run, key ``""``, for the keys judged against weight 0)."""
+    sweep = study["sweep"]
+    base_settings = {k: v for k, v in study["variants"][sweep["variant"]]["set"].items() if v != SWEEP_MARKER}
+    extra = [f"train.max_steps={sweep['max_steps']}"] if "max_steps" in sweep else []
+    if "eval_every" in sweep:
+        extra.append(f"train.eval_every={sweep['eval_every']}")
+    seeds = sweep.get("seeds", [study["seeds"][0]])
+    references = sweep_references(sweep)
+    jobs = []
+    if 0.0 in references.values():
+        jobs += [("", 0.0, job) for job in _jobs_for(study, "weight0", base_settings, seeds, run_root / "sweep", extra)]
+    for key, weights in sweep["weights"].items():
+        short = key.rsplit(".", 1)[-1]
+        for weight in weights + ([references[key]] if references[key] else []):
+            settings = {**base_settings, key: weight}
+            name = f"{short}={weight:g}"
+            jobs += [(key, float(weight), job) for job in _jobs_for(study, name, settings, seeds, run_root / "sweep", extra)]
+    return jobs
+
+
+def run_sweep_only(study: dict, out: Path, on_result: OnResult | None = None) -> dict:
+    """Only the weight sweep (``--sweep-only``): its summary, as
+    :func:`kepler.study.stats.summarize_sweep` gives it. A later full study reuses these runs."""
+    if study["sweep"] is None:
+        raise ValueError("the study config has no 'sweep' section")
+    runner = _Runner(study["jobs"], on_result)
+    try:
+        pending = [(k, w, runner.submit(job)) for k, w, job in sweep_jobs(study, out / "runs")]
+        results = [(k, w, runner.result(f)) for k, w, f in pending]
+    finally:
+        runner.close()
+    return summarize_sweep(study, results)
+
+
+def run_study(study: dict, out: Path, on_result: OnResult | None = None) -> dict:
+    """Run the sweep and every variant x seed (see :mod:`kepler.study`); returns ``study.json``'s content."""
+    started = time.perf_counter()
+    run_root = out / "runs"
+    runner = _Runner(study["jobs"], on_result)
+    try:
+        pending_sweep = []
+        if study["sweep"] is not None:
+            pending_sweep = [(k, w, runner.submit(job)) for k, w, job in sweep_jobs(study, run_root)]
+        independent, dependent = [], []
+        for name, variant in study["variants"].items():
+            (dependent if SWEEP_MARKER in variant["set"].values() else independent).append(name)
+        pending = []
+        for name in independent:
+            for job in _jobs_for(study, name, study["variants"][name]["set"], study["seeds"], run_root):
+                pending.append(runner.submit(job))
+        sweep_summary = None
+        if pending_sweep:
+            sweep_results = [(k, w, runner.result(f)) for k, w, f in pending_sweep]
+            sweep_summary = summarize_sweep(study, sweep_results)
+        for name in dependent:
+            settings = {
+                k: (sweep_summary["params"][k]["weight"] if v == SWEEP_MARKER else v)
+                for k, v in study["variants"][name]["set"].items()
+            }
+            for job in _jobs_for(study, name, settings, study["seeds"], run_root):
+                pending.append(runner.submit(job))
+        runs = [runner.result(f) for f in pending]
+    finally:
+        runner.close()
+    order = list(study["variants"])
+    runs.sort(key=lambda r: (order.index(r["variant"]), r["seed"]))
+    return {
+        "name": study["name"],
+        "quick": study["quick"],
+        "config": study,
+        "machine": machine_info(study),
+        "wall_minutes": (time.perf_counter() - started) / 60,
+        "sweep": sweep_summary,
+        "variants": {
+            name: {"label": v.get("label", name), "compare_to": v.get("compare_to"),
+                   "note": v.get("note", ""), "layout": next(r["layout"] for r in runs if r["variant"] == name)}
+            for name, v in study["variants"].items()
+        },
+        "summary": aggregate(runs, [m for m, _, _ in TABLE_METRICS] + ["baseline_psnr"]),
+        "runs": runs,
+    }
+
+
+def machine_info(study: Mapping) -> dict:
+    """The machine and how the runs shared it, for the report's header."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "parallel_runs": study["jobs"],
+        "threads_per_run": threads_per_run(study),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
