@@ -8,18 +8,19 @@ it covers that data; and how many bits the codes it hands out carry.
   codebook such as a full lattice shell), and with ``data`` the covering radius and the mean
   quantization error through :func:`kepler.nearest_codeword`.
 * :func:`effective_bits`: from per-partition code counts, the bits per position an entropy coder
-  would spend on the codes actually used.
+  would spend on the codes actually used; :func:`bits_per_position`, what a fixed-length code spends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from kepler.ops.nearest_codeword import nearest_codeword
 
-__all__ = ["PackingReport", "effective_bits", "nearest_neighbor_distances", "packing_report"]
+__all__ = ["PackingReport", "bits_per_position", "effective_bits", "nearest_neighbor_distances", "packing_report"]
 
 # Rows of the codebook searched at once; the score matrix of a step is (_BLOCK_ROWS, candidates),
 # at most (_BLOCK_ROWS, K): 256 * 65536 float64 scores = 128 MiB for the largest codebooks.
@@ -279,6 +280,16 @@ def packing_report(
         covering_radius=covering_radius,
         mean_quantization_error=mean_quantization_error,
     )
+
+
+def bits_per_position(codebook_size: int, tokens_per_position: int) -> float:
+    """Bits one latent position costs in a fixed-length code: ``P * log2(K)`` (each of the ``P`` tokens
+    of a position is one of ``K`` codes, whether the codebook is shared or not)."""
+    if codebook_size < 1 or tokens_per_position < 1:
+        raise ValueError(
+            f"need codebook_size >= 1 and tokens_per_position >= 1, got {codebook_size} and {tokens_per_position}"
+        )
+    return tokens_per_position * math.log2(codebook_size)
 
 
 def effective_bits(counts) -> float:

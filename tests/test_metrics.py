@@ -7,7 +7,7 @@ import torch
 
 from conftest import backend_params
 from kepler.lattice import get_lattice
-from kepler.metrics import PackingReport, nearest_neighbor_distances, packing_report
+from kepler.metrics import PackingReport, bits_per_position, effective_bits, nearest_neighbor_distances, packing_report
 
 
 def _nn_oracle(codebook: torch.Tensor) -> torch.Tensor:
@@ -189,3 +189,20 @@ class TestPackingReport:
     def test_errors(self, codebook, data, error, match):
         with pytest.raises(error, match=match):
             packing_report(codebook, data)
+
+
+def test_bits_per_position():
+    assert bits_per_position(4096, 1) == 12.0
+    assert bits_per_position(8, 4) == 12.0
+    assert bits_per_position(16, 3) == 12.0
+    assert bits_per_position(1024, 4) == 40.0
+    with pytest.raises(ValueError, match="tokens_per_position >= 1, got 8 and 0"):
+        bits_per_position(8, 0)
+
+
+def test_effective_bits_sums_per_partition_entropy():
+    # partition 0: two codes equally often (1 bit); partition 1: one code (0 bits);
+    # partition 2: 1/2, 1/4, 1/4 (1.5 bits)
+    counts = [[3, 3, 0, 0], [5, 0, 0, 0], [2, 1, 1, 0]]
+    assert effective_bits(counts) == pytest.approx(2.5)
+    assert effective_bits([[0, 0]]) == 0.0

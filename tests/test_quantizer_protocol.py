@@ -123,3 +123,18 @@ def test_vqmodel_decodes_what_it_encodes_with_any_quantizer():
     with torch.no_grad():
         reconstruction, _, info = model(x)
         assert torch.equal(model.decode_indices(info.indices), reconstruction)
+
+
+def test_a_study_run_of_the_rounding_quantizer(tmp_path):
+    from kepler.metrics import bits_per_position
+    from kepler.study.runner import run_one
+
+    job = {"variant": "rounding", "seed": 1, "base": str(rounding_config(tmp_path, steps=2)), "overrides": [],
+           "runtime": ["train.progress=false"], "run_dir": str(tmp_path / "study_run")}
+    result = run_one(job)
+    assert result["layout"]["type"] == "test_rounding" and result["layout"]["partitions"] == 8
+    assert result["layout"]["bits"] == bits_per_position(5, 8)
+    metrics = result["metrics"]
+    assert 0 <= metrics["effective_bits"] <= result["layout"]["bits"] and np.isfinite(metrics["psnr"])
+    assert metrics["min_nn"] is None and result["packing_normalized"] is None and result["codewords"] is None
+    assert np.array(result["code_counts"]).shape == (8, 5)

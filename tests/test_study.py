@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from kepler import metrics
 from kepler.cli import main
 from kepler.study import config, report, runner, stats
 
@@ -72,24 +71,6 @@ def test_outside_seed_noise_is_range_overlap():
     assert stats.outside_seed_noise(stats.summarize([2.5, 3.0]), a) is True
     assert stats.outside_seed_noise(a, stats.summarize([1.5, 3.0])) is False
     assert stats.outside_seed_noise(a, stats.summarize([3.0])) is None
-
-
-def test_bits_per_position():
-    assert config.bits_per_position(4096, 1) == 12.0
-    assert config.bits_per_position(8, 4) == 12.0
-    assert config.bits_per_position(16, 3) == 12.0
-    assert config.bits_per_position(1024, 4) == 40.0
-    assert config.bits_per_position(16, 2, scale=0.5) == 6.0
-    with pytest.raises(ValueError, match="partitions >= 1"):
-        config.bits_per_position(8, 0)
-
-
-def test_effective_bits_sums_per_partition_entropy():
-    # partition 0: two codes equally often (1 bit); partition 1: one code (0 bits);
-    # partition 2: 1/2, 1/4, 1/4 (1.5 bits)
-    counts = [[3, 3, 0, 0], [5, 0, 0, 0], [2, 1, 1, 0]]
-    assert metrics.effective_bits(counts) == pytest.approx(2.5)
-    assert metrics.effective_bits([[0, 0]]) == 0.0
 
 
 # ------------------------------------------------------------------------------ weight choice
@@ -166,14 +147,17 @@ def test_override_strings_round_trip_through_the_trainer_config():
 
 
 def test_default_study_variants_all_spend_12_bits():
-    from kepler.train.config import load_config
+    from kepler.nn import build_quantizer
+    from kepler.train.config import load_config, to_dict
 
     cfg = config.load_study_config(STUDY_CONFIG)
     assert len(cfg["seeds"]) == 2
     for name, variant in cfg["variants"].items():
         settings = {k: (1.0 if v == config.SWEEP_MARKER else v) for k, v in variant["set"].items()}
         overrides = [config.override_string(k, v) for k, v in {**cfg["common"], **settings}.items()]
-        layout = config.quantizer_layout(load_config(cfg["base"], overrides))
+        train_cfg = load_config(cfg["base"], overrides)
+        quantizer_cfg = to_dict(train_cfg.model.quantizer)
+        layout = config.quantizer_layout(build_quantizer(quantizer_cfg, dim=train_cfg.model.embed_dim), quantizer_cfg)
         assert layout["bits"] == 12.0, name
     assert cfg["variants"]["kepler_kl_released"]["set"]["model.quantizer.kepler_kl_weight"] == 1e-8
 

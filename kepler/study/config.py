@@ -1,5 +1,5 @@
 """The study config: loading and checking it, the trainer override strings a run is built from, and
-a run's code layout (bits per position).
+a run's code layout (read off its quantizer).
 
 See :mod:`kepler.study` for the config's keys.
 """
@@ -7,10 +7,16 @@ See :mod:`kepler.study` for the config's keys.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kepler.metrics import bits_per_position
+from kepler.nn.protocol import DEFAULT_TYPE
+
+if TYPE_CHECKING:
+    from kepler.nn import Quantizer
 
 SWEEP_MARKER = "sweep"
 
@@ -114,28 +120,22 @@ def override_string(key: str, value) -> str:
     return f"{key}={text}"
 
 
-def bits_per_position(num_codes: int, partitions: int, scale: float = 1.0) -> float:
-    """Bits one latent position costs: ``P * log2(K)`` with ``K = round(num_codes * scale)`` codes per
-    sub-codebook (shared or not: each of the ``P`` sub-vectors gets its own index)."""
-    codes = round(num_codes * scale)
-    if codes < 1 or partitions < 1:
-        raise ValueError(f"need num_codes * scale >= 1 and partitions >= 1, got {codes} codes, {partitions} partitions")
-    return partitions * math.log2(codes)
-
-
-def quantizer_layout(train_cfg) -> dict:
-    """The code layout of a resolved trainer config: partitions, codes, sub-dimension, bits."""
-    q = train_cfg.model.quantizer
-    codes = round(q.num_codes * q.scale)
+def quantizer_layout(quantizer: Quantizer, quantizer_config: Mapping) -> dict:
+    """A run's code layout, from its quantizer (the protocol: tokens per position ``P``, codes ``K``,
+    the codewords' width, shared or not, bits per position) and its config section (init and the two
+    regularizers' weights, for the report; ``"-"`` and 0 for a quantizer type without them)."""
+    codewords = quantizer.codewords()
+    sub_dim = codewords.shape[-1] if codewords is not None else quantizer.dim // quantizer.tokens_per_position
     return {
-        "partitions": int(q.partitions),
-        "num_codes": int(codes),
-        "sub_dim": int(train_cfg.model.embed_dim) // int(q.partitions),
-        "shared_codebook": bool(q.shared_codebook),
-        "init": str(q.init),
-        "kepler_kl_weight": float(q.kepler_kl_weight),
-        "packing_weight": float(q.packing_weight),
-        "bits": bits_per_position(int(q.num_codes), int(q.partitions), float(q.scale)),
+        "type": str(quantizer_config.get("type", DEFAULT_TYPE)),
+        "partitions": quantizer.tokens_per_position,
+        "num_codes": quantizer.codebook_size,
+        "sub_dim": int(sub_dim),
+        "shared_codebook": quantizer.shared_codebook,
+        "init": str(quantizer_config.get("init", "-")),
+        "kepler_kl_weight": float(quantizer_config.get("kepler_kl_weight", 0.0)),
+        "packing_weight": float(quantizer_config.get("packing_weight", 0.0)),
+        "bits": bits_per_position(quantizer.codebook_size, quantizer.tokens_per_position),
     }
 
 

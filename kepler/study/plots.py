@@ -58,7 +58,7 @@ def plot_usage(result: Mapping, path: Path) -> Path:
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         runs = [r for r in result["runs"] if r["variant"] == name]
-        counts = np.sum([np.array(r["usage_counts"], dtype=float) for r in runs], axis=0)  # (P, K)
+        counts = np.sum([np.array(r["code_counts"], dtype=float) for r in runs], axis=0)  # (P, K)
         layout = result["variants"][name]["layout"]
         entries = counts.sum(axis=0) if layout["shared_codebook"] else counts.reshape(-1)
         freq = np.sort(entries)[::-1] / max(entries.sum(), 1.0)

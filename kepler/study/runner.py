@@ -39,26 +39,6 @@ def _normalized(codebook):
     return centred / radius.unsqueeze(-1)
 
 
-def _held_out_counts(model, dataset, batch_size: int):
-    """Per-partition code counts ``(P, K)`` of the model over ``dataset`` (no gradient)."""
-    import torch
-
-    from kepler.data import collate
-
-    quantizer = model.quantize
-    counts = torch.zeros(quantizer.partitions, quantizer.codebook_size, dtype=torch.int64)
-    saved = quantizer.usage_counts.clone()
-    try:
-        for start in range(0, len(dataset), batch_size):
-            images, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            indices = model.encode_to_indices(images).reshape(-1, quantizer.partitions)
-            for p in range(quantizer.partitions):
-                counts[p] += torch.bincount(indices[:, p], minlength=quantizer.codebook_size)
-    finally:
-        quantizer.usage_counts.copy_(saved)
-    return counts
-
-
 @contextlib.contextmanager
 def _logged_to(path: Path):
     """While the block runs, the ``kepler`` logger's records at INFO and above also go to ``path``
@@ -99,10 +79,10 @@ def run_one(job: Mapping) -> dict:
     """
     import torch
 
-    from kepler.data import build_dataset
+    from kepler.distributed import resolve_device
     from kepler.metrics import effective_bits, packing_report
-    from kepler.train.config import load_config
-    from kepler.train.evaluate import evaluate, load_model
+    from kepler.train.config import load_config, to_dict
+    from kepler.train.evaluate import evaluate_model, load_model, save_evaluation
     from kepler.train.trainer import train
 
     run_dir = Path(job["run_dir"])
@@ -119,23 +99,22 @@ def run_one(job: Mapping) -> dict:
     cfg = load_config(job["base"], overrides)
     started = time.perf_counter()
     with _logged_to(run_dir / "console.log"):
-        train(cfg)
-        checkpoint = run_dir / "checkpoints" / "last.pt"
-        evaluation = evaluate(checkpoint, data=str(cfg.data.val), out=run_dir, device=str(cfg.device),
-                              batch_size=int(cfg.data.val_batch_size), max_images=cfg.data.val_max_images,
-                              print_table=False)
+        train_metrics = train(cfg)
+        device = resolve_device(str(cfg.device))
+        model, state = load_model(train_metrics["checkpoint"], device)
+        evaluation = evaluate_model(model, state, str(cfg.data.val), device=device,
+                                    batch_size=int(cfg.data.val_batch_size), max_images=cfg.data.val_max_images)
+        save_evaluation({"checkpoint": train_metrics["checkpoint"], **evaluation}, run_dir)
     held_out = next(iter(evaluation["resolutions"].values()))
-    train_metrics = json.loads((run_dir / "metrics.json").read_text())
-
-    model, _ = load_model(checkpoint)
-    dataset = build_dataset(str(cfg.data.val), "val", int(cfg.data.size), cfg.data.resize)
-    if cfg.data.val_max_images is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(int(cfg.data.val_max_images), len(dataset))))
-    counts = _held_out_counts(model, dataset, int(cfg.data.val_batch_size))
-    codebook = model.quantize.codebook.detach().double()
-    grouped = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
-    packing = packing_report(_normalized(grouped)).to_dict()
-    layout = quantizer_layout(cfg)
+    quantizer = model.quantize
+    codewords = quantizer.codewords()
+    codewords = None if codewords is None else codewords.detach().double().cpu()
+    packing = packing_report(_normalized(codewords)).to_dict() if codewords is not None else None
+    nn_distances = {"min_nn": None, "mean_nn": None}
+    if packing is not None:
+        nn_distances = {"min_nn": min(_as_list(packing["min_nn_distance"])),
+                        "mean_nn": sum(_as_list(packing["mean_nn_distance"])) / len(_as_list(packing["mean_nn_distance"]))}
+    layout = quantizer_layout(quantizer, to_dict(cfg.model.quantizer))
     result = {
         "variant": job["variant"],
         "seed": int(job["seed"]),
@@ -150,17 +129,16 @@ def run_one(job: Mapping) -> dict:
             "baseline_psnr": held_out["baseline_psnr"],
             "utilization": held_out["utilization"],
             "perplexity": held_out["perplexity"],
-            "effective_bits": effective_bits(counts),
-            "min_nn": min(_as_list(packing["min_nn_distance"])),
-            "mean_nn": sum(_as_list(packing["mean_nn_distance"])) / len(_as_list(packing["mean_nn_distance"])),
+            "effective_bits": effective_bits(held_out["code_counts"]),
+            **nn_distances,
             "images_per_s": train_metrics["train_images_per_s"],
         },
         "held_out_images": held_out["images"],
         "packing_raw": evaluation["packing"],
         "packing_normalized": packing,
         "curves": _curves(run_dir / "log.jsonl"),
-        "usage_counts": counts.tolist(),
-        "codewords": codebook.float().tolist() if layout["sub_dim"] == 3 else None,
+        "code_counts": held_out["code_counts"],
+        "codewords": codewords.float().tolist() if codewords is not None and layout["sub_dim"] == 3 else None,
         "wall_s": time.perf_counter() - started,
     }
     result_path.write_text(json.dumps(result))
