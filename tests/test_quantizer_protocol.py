@@ -11,7 +11,15 @@ from test_train import random_images, tiny_config
 
 from kepler.cli import main
 from kepler.models import VQModel
-from kepler.nn import KeplerQuantizer, Quantizer, QuantizerInfo, QuantizerOutput, build_quantizer, register_quantizer
+from kepler.nn import (
+    KeplerQuantizer,
+    Quantizer,
+    QuantizerInfo,
+    QuantizerOutput,
+    build_quantizer,
+    register_quantizer,
+    straight_through,
+)
 from kepler.train.config import load_config
 from kepler.train.trainer import train
 
@@ -33,10 +41,10 @@ class RoundingQuantizer(Quantizer):
         index_map = indices.permute(0, 2, 3, 1).contiguous()
         counts = self.count_codes(index_map)
         info = QuantizerInfo(self.perplexity_of(counts), None, index_map, self.codebook_utilization())
-        return QuantizerOutput(z + (z_q - z).detach(), loss, info)
+        return QuantizerOutput(straight_through(z, z_q), loss, info)
 
     def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        return (indices.to(torch.float32) - self.offset).permute(0, 3, 1, 2).contiguous()
+        return (indices.to(torch.float32) - self.offset).permute(0, 3, 1, 2)
 
 
 def rounding_config(tmp_path, steps: int = 3):
@@ -55,7 +63,8 @@ def test_protocol_statistics_and_decoding():
     assert torch.equal(quantizer.code_counts, torch.tensor([[2, 2, 2, 0, 2]] * 3))
     assert out.utilization.item() == pytest.approx(4 / 5)
     assert out.perplexity.item() == pytest.approx(4.0)
-    assert torch.equal(quantizer.indices_to_latents(out.indices), out.z_q)
+    decoded = quantizer.indices_to_latents(out.indices)
+    assert torch.equal(decoded, out.z_q) and decoded.is_contiguous()
     flat = out.indices.reshape(-1)
     assert torch.equal(quantizer.get_codebook_entry(flat, (2, 2, 2, 3)), out.z_q)
     assert quantizer.codewords() is None and quantizer.sub_vectors(z) is None

@@ -15,6 +15,7 @@ from kepler.nn.protocol import (
     build_quantizer,
     quantizer_class,
     register_quantizer,
+    straight_through,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "build_quantizer",
     "quantizer_class",
     "register_quantizer",
+    "straight_through",
 ]

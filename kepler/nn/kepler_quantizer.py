@@ -18,7 +18,7 @@ from torch import nn
 from kepler.lattice import get_lattice, official_grid_prior, prior_row
 from kepler.losses import kepler_kl, packing_energy
 from kepler.nn.codebook import CodebookUpkeep
-from kepler.nn.protocol import Quantizer, QuantizerInfo, QuantizerOutput, register_quantizer
+from kepler.nn.protocol import Quantizer, QuantizerInfo, QuantizerOutput, register_quantizer, straight_through
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import make_partition
 from kepler.reference.kepler_kl import standardize_rows
@@ -35,22 +35,6 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.weight, None
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward ``z_q`` exactly (contiguous), backward the gradient unchanged to ``z``.
-
-    ``z + (z_q - z).detach()`` (the released form) rounds, so its value is not exactly the
-    codewords; this one is, and costs no extra elementwise passes.
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-        return z_q.contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
 
 
 def _parse_prefixed(value: str, argument: str, plain: tuple[str, ...]) -> tuple[str, str | None]:
@@ -345,7 +329,7 @@ class KeplerQuantizer(Quantizer):
                 loss = loss + self.kepler_kl_weight * self._kepler_kl(z_q)
             if self.packing_weight > 0:
                 loss = loss + self.packing_weight * self._packing_energy()
-            out = _StraightThrough.apply(z, z_q.detach().to(z.dtype))
+            out = straight_through(z, z_q)
 
         if self.shared_codebook:
             index_map = indices.view(batch, shape[2], shape[3], self.partitions)
@@ -414,7 +398,7 @@ class KeplerQuantizer(Quantizer):
         if not self.shared_codebook:
             index = index + torch.arange(self.partitions, device=index.device) * self.codebook_size
         codes = F.embedding(index, self.codebook.reshape(-1, self.sub_dim))
-        return self.partition.unpartition(codes, latent_shape).contiguous()
+        return self.partition.unpartition(codes, latent_shape)
 
     def codewords(self) -> torch.Tensor:
         """The codebook as ``(G, K, d)``: ``G = 1`` shared, ``G = P`` per partition."""

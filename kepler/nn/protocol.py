@@ -10,7 +10,8 @@ What a quantizer provides:
 
 * ``forward(z) -> QuantizerOutput(z_q, loss, QuantizerInfo(perplexity, None, indices, utilization))``,
   taming's order; ``indices`` is ``(B, H, W, P)`` int64 and ``z_q`` carries the straight-through
-  gradient to ``z``. A forward calls :meth:`Quantizer.count_codes` once with its indices.
+  gradient to ``z`` (:func:`straight_through`). A forward calls :meth:`Quantizer.count_codes` once
+  with its indices.
 * ``indices_to_latents(indices (B, H, W, P)) -> (B, C, H, W)``: exactly the forward's ``z_q`` for the
   indices it returned; ``get_codebook_entry(indices, shape)`` is taming's spelling of it.
 * ``dim`` (``C``), ``codebook_size`` (``K``), ``tokens_per_position`` (``P``) and ``shared_codebook``
@@ -79,6 +80,25 @@ class QuantizerOutput(NamedTuple):
     @property
     def utilization(self) -> torch.Tensor:
         return self.info.utilization
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``z_q`` exactly (contiguous), backward the gradient unchanged to ``z``."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        return z_q.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """The codewords ``z_q`` exactly (detached, in ``z``'s dtype), with the gradient passed unchanged
+    to ``z``. ``z + (z_q - z).detach()`` (taming's form) rounds, so its value is not exactly the
+    codewords and decoding the indices would not reproduce it; this costs no extra elementwise pass."""
+    return _StraightThrough.apply(z, z_q.detach().to(z.dtype))
 
 
 class Quantizer(nn.Module):
@@ -151,8 +171,8 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------------------ decoding
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices ``(B, H, W, P)`` (int32/int64 in ``[0, K)``) -> latents ``(B, C, H, W)``:
-        exactly the forward's ``z_q`` for the indices it returned."""
+        """Code indices ``(B, H, W, P)`` (int32/int64 in ``[0, K)``) -> latents ``(B, C, H, W)``,
+        contiguous: exactly the forward's ``z_q`` for the indices it returned."""
         if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
             raise TypeError("indices must be an int32 or int64 torch.Tensor")
         if indices.dim() != 4 or indices.shape[-1] != self.tokens_per_position:
@@ -163,7 +183,8 @@ class Quantizer(nn.Module):
             raise ValueError(
                 f"indices must be in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
             )
-        return self._indices_to_latents(indices.to(torch.int64))
+        # Contiguous as the forward's z_q is: a decoder's convolutions round differently on other strides.
+        return self._indices_to_latents(indices.to(torch.int64)).contiguous()
 
     def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """Checked int64 ``(B, H, W, P)`` indices -> ``(B, C, H, W)``."""
