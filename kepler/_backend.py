@@ -22,6 +22,7 @@ import os
 import torch
 
 from kepler import _ext
+from kepler.kernels._common import triton_interpreter_on
 
 log = logging.getLogger("kepler")
 
@@ -31,11 +32,6 @@ ENV_VAR = "KEPLER_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # What every op's functional accepts: the kernel dtypes, and float64 where choose_backend allows it.
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-
-def triton_interpreter_on() -> bool:
-    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.lru_cache(maxsize=None)
