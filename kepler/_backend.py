@@ -22,20 +22,12 @@ import os
 import torch
 
 from kepler import _ext
+from kepler.kernels._common import triton_interpreter_on
 
 log = logging.getLogger("kepler")
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "KEPLER_BACKEND"
-# What every compiled and Triton kernel takes; float64 (gradcheck, oracles) is the reference's.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# What every op's functional accepts: the kernel dtypes, and float64 where choose_backend allows it.
-INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-
-def triton_interpreter_on() -> bool:
-    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,16 +45,12 @@ def _unavailable_reason(backend: str, device_type: str) -> str | None:
     """None if ``backend`` can run on ``device_type`` here, else a human-readable reason."""
     if backend == "reference":
         return None
-    if backend == "cpu":
-        if device_type != "cpu":
-            return f"the 'cpu' backend runs on CPU tensors, got {device_type} tensors"
+    if backend in ("cpu", "cuda"):
+        if device_type != backend:
+            return f"the {backend!r} backend runs on {backend.upper()} tensors, got {device_type} tensors"
         if not _ext.HAS_CPU_EXT:
             return f"kepler._C is not built ({_ext.EXT_IMPORT_ERROR}); {_ext.INSTALL_HINT}"
-        return None
-    if backend == "cuda":
-        if device_type != "cuda":
-            return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
-        if not _ext.HAS_CUDA_EXT:
+        if backend == "cuda" and not _ext.HAS_CUDA_EXT:
             return f"kepler._C was built without CUDA kernels; {_ext.INSTALL_HINT}"
         return None
     if backend == "triton":

@@ -1,7 +1,8 @@
 """Loads the compiled extension ``kepler._C`` when it was built.
 
 ``import kepler`` never fails because the extension is missing: the reference and Triton backends
-work without it. Code that needs it calls :func:`require_ext`, which raises with an install hint.
+work without it. ``kepler._backend`` refuses the compiled backends without it, with
+:data:`INSTALL_HINT` in the message.
 """
 
 from __future__ import annotations
@@ -28,10 +29,3 @@ INSTALL_HINT = (
     "the CUDA kernels need a CUDA toolkit and a CUDA build of torch"
 )
 
-
-def require_ext(cuda: bool = False) -> None:
-    """Raise RuntimeError if the C++ (or, with ``cuda=True``, the CUDA) kernels are not built."""
-    if not HAS_CPU_EXT:
-        raise RuntimeError(f"kepler._C is not built ({EXT_IMPORT_ERROR}); {INSTALL_HINT}")
-    if cuda and not HAS_CUDA_EXT:
-        raise RuntimeError(f"kepler._C was built without CUDA kernels; {INSTALL_HINT}")

@@ -15,18 +15,13 @@ plain PyTorch ``z @ e.T`` use TF32.
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kepler._backend import triton_interpreter_on
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Grid axis 1 holds the group: CUDA caps it at 65535.
-MAX_GROUPS = 65535
+from kepler.kernels._common import check_groups, check_launchable, launch, pick_covering
 
 
 class NearestCodewordConfig(NamedTuple):
@@ -37,23 +32,19 @@ class NearestCodewordConfig(NamedTuple):
     num_stages: int
 
 
-# The launcher's only choices, keyed by the D chunk (the smallest of 16/32/64 that covers D, 64
-# for larger D) and by the input width; the ahead-of-time compile tests build every one of them.
+# The launcher's only choices, by the D chunk (the smallest of 16/32/64 that covers D, 64 for
+# larger D) and the input width; the ahead-of-time compile tests build every one of them.
 # 16-bit tiles are half the size of float32 ones, so they afford wider codebook tiles.
-CONFIGS: dict[tuple[int, bool], NearestCodewordConfig] = {
-    (16, False): NearestCodewordConfig(BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=4, num_stages=2),
-    (32, False): NearestCodewordConfig(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    (64, False): NearestCodewordConfig(BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=2),
-    (16, True): NearestCodewordConfig(BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=4, num_stages=2),
-    (32, True): NearestCodewordConfig(BLOCK_N=64, BLOCK_K=128, BLOCK_D=32, num_warps=4, num_stages=2),
-    (64, True): NearestCodewordConfig(BLOCK_N=64, BLOCK_K=128, BLOCK_D=64, num_warps=4, num_stages=2),
-}
+_FLOAT32_CONFIGS = tuple(
+    NearestCodewordConfig(BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d, num_warps=4, num_stages=2) for block_d in (16, 32, 64)
+)
+_16_BIT_CONFIGS = tuple(config._replace(BLOCK_K=128) for config in _FLOAT32_CONFIGS)
+CONFIGS = _FLOAT32_CONFIGS + _16_BIT_CONFIGS
 
 
-def pick_config(dim: int, dtype: torch.dtype) -> NearestCodewordConfig:
-    """The kernel configuration the launcher uses for rows of ``dim`` elements of ``dtype``."""
-    block_d = 16 if dim <= 16 else 32 if dim <= 32 else 64
-    return CONFIGS[(block_d, dtype != torch.float32)]
+def pick_config(D: int, dtype: torch.dtype) -> NearestCodewordConfig:
+    """The kernel configuration the launcher uses for rows of ``D`` elements of ``dtype``."""
+    return pick_covering(_FLOAT32_CONFIGS if dtype == torch.float32 else _16_BIT_CONFIGS, D, "BLOCK_D")
 
 
 def fp32_dot_precision(device: torch.device) -> str:
@@ -65,25 +56,13 @@ def fp32_dot_precision(device: torch.device) -> str:
 
 @triton.jit
 def _nearest_codeword_kernel(
-    z_ptr,
-    e_ptr,
-    indices_ptr,
-    sq_dist_ptr,
-    N,
-    K,
-    D,
-    stride_zg,
-    stride_zn,
-    stride_zd,
-    stride_eg,
-    stride_ek,
-    stride_ed,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-):
+    z_ptr, e_ptr, indices_ptr, sq_dist_ptr,
+    N, K, D,
+    stride_zg, stride_zn, stride_zd,
+    stride_eg, stride_ek, stride_ed,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):  # fmt: skip
     pid_n = tl.program_id(0)
     group = tl.program_id(1).to(tl.int64)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,56 +131,39 @@ def nearest_codeword_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[to
 
     CUDA tensors, or CPU tensors when the Triton interpreter is on (``TRITON_INTERPRET=1``).
     """
+    op = "nearest_codeword_triton"
+    check_launchable(op, {"z": z, "codebook": codebook})
     if z.dim() != 3 or codebook.dim() != 3:
-        raise ValueError(f"expected z (G, N, D) and codebook (Gc, K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}")
-    groups, rows, dim = z.shape
-    code_groups, num_codes, code_dim = codebook.shape
-    if code_dim != dim or code_groups not in (1, groups) or num_codes == 0:
         raise ValueError(
-            f"codebook {tuple(codebook.shape)} does not fit z {tuple(z.shape)}: need (1 or G, K >= 1, D)"
+            f"{op}: expected z (G, N, D) and codebook (Gc, K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}"
         )
-    if z.dtype not in SUPPORTED_DTYPES or codebook.dtype != z.dtype:
-        raise TypeError(f"z and codebook must share one of {SUPPORTED_DTYPES}, got {z.dtype} and {codebook.dtype}")
-    if z.device != codebook.device:
-        raise ValueError(f"z and codebook must be on one device, got {z.device} and {codebook.device}")
-    if z.device.type != "cuda" and not triton_interpreter_on():
-        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {z.device.type}")
-    if groups > MAX_GROUPS:
-        raise ValueError(f"the Triton kernel handles at most {MAX_GROUPS} groups, got {groups}")
+    G, N, D = z.shape
+    code_groups, K, code_dim = codebook.shape
+    if code_dim != D or code_groups not in (1, G) or K == 0:
+        raise ValueError(
+            f"{op}: codebook {tuple(codebook.shape)} does not fit z {tuple(z.shape)}: need (1 or G, K >= 1, D)"
+        )
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"{op}: z and codebook must share one dtype, got {z.dtype} and {codebook.dtype}")
+    check_groups(op, G)
 
-    indices = torch.empty(groups, rows, dtype=torch.int64, device=z.device)
-    sq_dist = torch.empty(groups, rows, dtype=torch.float32, device=z.device)
-    if rows == 0 or groups == 0:
+    indices = torch.empty(G, N, dtype=torch.int64, device=z.device)
+    sq_dist = torch.empty(G, N, dtype=torch.float32, device=z.device)
+    if N == 0 or G == 0:
         return indices, sq_dist
-    config = pick_config(dim, z.dtype)
-    precision = fp32_dot_precision(z.device) if z.dtype == torch.float32 else "ieee"
-    # The Triton interpreter multiplies bfloat16 dot operands as their raw uint16 bits (triton 3.8,
-    # interpreter.py create_dot): give it float32 tiles instead. GPUs always take the native path.
-    dot_in_fp32 = z.device.type != "cuda" and z.dtype == torch.bfloat16
-    grid = (triton.cdiv(rows, config.BLOCK_N), groups)
-    # Triton launches on the current CUDA device: make it z's.
-    device_guard = torch.cuda.device(z.device) if z.device.type == "cuda" else contextlib.nullcontext()
-    with device_guard:
-        _nearest_codeword_kernel[grid](
-            z,
-            codebook,
-            indices,
-            sq_dist,
-            rows,
-            num_codes,
-            dim,
-            z.stride(0),
-            z.stride(1),
-            z.stride(2),
-            codebook.stride(0) if code_groups > 1 else 0,
-            codebook.stride(1),
-            codebook.stride(2),
-            BLOCK_N=config.BLOCK_N,
-            BLOCK_K=config.BLOCK_K,
-            BLOCK_D=config.BLOCK_D,
-            INPUT_PRECISION=precision,
-            DOT_IN_FP32=dot_in_fp32,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
+    config = pick_config(D, z.dtype)
+    launch(
+        _nearest_codeword_kernel,
+        (triton.cdiv(N, config.BLOCK_N), G),
+        device=z.device,
+        z_ptr=z, e_ptr=codebook, indices_ptr=indices, sq_dist_ptr=sq_dist,
+        N=N, K=K, D=D,
+        stride_zg=z.stride(0), stride_zn=z.stride(1), stride_zd=z.stride(2),
+        stride_eg=codebook.stride(0) if code_groups > 1 else 0, stride_ek=codebook.stride(1), stride_ed=codebook.stride(2),
+        INPUT_PRECISION=fp32_dot_precision(z.device) if z.dtype == torch.float32 else "ieee",
+        # The Triton interpreter multiplies bfloat16 dot operands as their raw uint16 bits (triton
+        # 3.8, interpreter.py create_dot): give it float32 tiles instead. GPUs take the native path.
+        DOT_IN_FP32=z.device.type != "cuda" and z.dtype == torch.bfloat16,
+        **config._asdict(),
+    )  # fmt: skip
     return indices, sq_dist

@@ -80,3 +80,18 @@ def test_import_without_extension_falls_back_to_reference():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
+
+
+def test_import_without_triton_registers_every_op():
+    """Triton ops are registered whether or not triton imports; their launchers load on first call."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kepler, kepler.losses\n"
+        "assert 'triton' not in kepler.available_backends('cpu')\n"
+        "for op in ('nearest_codeword', 'kepler_kl', 'kepler_kl_backward', 'packing_energy', 'packing_energy_backward'):\n"
+        "    getattr(torch.ops.kepler, op + '_triton')\n"
+        "print(sorted(name for name in sys.modules if name.startswith('kepler.kernels')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['kepler.kernels', 'kepler.kernels._common']"

@@ -9,27 +9,15 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_params
+from conftest import device_backend_params
 
 from kepler import _ext
-from kepler._backend import triton_interpreter_on
+from kepler.kernels._common import triton_interpreter_on
 from kepler.losses import kepler_kl
 from kepler.ops.kepler_kl import KeplerKLFunction, kepler_kl_prior_logq
 from kepler.reference.kepler_kl import kepler_kl_ref, kepler_kl_rows_ref, standardize_rows
 
-KERNEL_BACKENDS = ("cpu", "cuda", "triton")
-
-
-def _device_backend_params():
-    params = []
-    for device in ("cpu", "cuda"):
-        marks = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")] if device == "cuda" else []
-        for param in backend_params(device):
-            params.append(pytest.param(device, param.values[0], marks=list(param.marks) + marks, id=f"{device}-{param.id}"))
-    return params
-
-
-DEVICE_BACKENDS = _device_backend_params()
+DEVICE_BACKENDS = device_backend_params()
 
 
 def _loss_and_grad(x, prior, backend, **kwargs):
@@ -265,19 +253,19 @@ def test_ops_with_no_rows(backend):
     assert backward(torch.randn(0), x, logq, stats, False, 1e-5).shape == (0, 9)
 
 
-def test_torch_compile_fullgraph_cpu():
-    if not _ext.HAS_CPU_EXT:
-        pytest.skip("kepler._C is not built")
-    prior = torch.rand(131)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_compiles_without_graph_breaks(device, backend):
+    prior = torch.rand(131, device=device)
 
     def loss_fn(x):
-        return kepler_kl(x, prior, mode="std", backend="cpu")
+        return kepler_kl(x, prior, mode="std", backend=backend)
 
+    torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True)
-    x = torch.randn(4, 131, requires_grad=True)
+    x = torch.randn(4, 131, device=device, requires_grad=True)
     loss = compiled(x)
     (grad,) = torch.autograd.grad(loss, x)
-    expected, expected_grad = _loss_and_grad(x, prior, "cpu", mode="std")
+    expected, expected_grad = _loss_and_grad(x, prior, backend, mode="std")
     torch.testing.assert_close(loss.detach(), expected)
     torch.testing.assert_close(grad, expected_grad)
 
@@ -287,7 +275,9 @@ def test_errors():
     prior = torch.rand(5)
     with pytest.raises(ValueError, match=r"x must be a 2-D tensor \(B, M\)"):
         kepler_kl(torch.randn(5), prior)
-    with pytest.raises(TypeError, match="x must be a float32, bfloat16, float16 or float64 tensor"):
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        kepler_kl([[1.0] * 5], prior)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16, float16 or float64, got torch.int64"):
         kepler_kl(torch.ones(2, 5, dtype=torch.int64), prior)
     with pytest.raises(ValueError, match=r"x has no rows \(B == 0\)"):
         kepler_kl(torch.randn(0, 5), prior)
@@ -295,7 +285,7 @@ def test_errors():
         kepler_kl(torch.randn(2, 0), torch.rand(0))
     with pytest.raises(ValueError, match=r"prior must have shape \(5,\), \(1, 5\) or \(2, 5\)"):
         kepler_kl(x, torch.rand(6))
-    with pytest.raises(TypeError, match="prior must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="prior must be float32, bfloat16, float16 or float64, got torch.int32"):
         kepler_kl(x, torch.ones(5, dtype=torch.int32))
     with pytest.raises(ValueError, match="mode must be one of"):
         kepler_kl(x, prior, mode="variance")

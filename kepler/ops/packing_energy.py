@@ -1,18 +1,22 @@
 """Fused Gaussian-potential packing energy: op registration, ``PackingEnergyFunction``, the functional.
 
-Backends (see ``kepler._backend``), all following ``kepler.reference.packing_energy``:
+Math (the spec is :mod:`kepler.reference.packing_energy`): for a codebook of K codewords c_i,
+``E = log(1/(K(K-1)) sum_{i != j} exp(-t ||c_i - c_j||^2 / s^2))``, with the codebook centred and
+``s^2`` its mean squared norm when normalized. The functional centres and scales the codebook in
+PyTorch (O(K d), differentiated by autograd) and hands the normalized points y to the fused op,
+which computes the raw energy of y; ``PackingEnergyFunction`` supplies the fused backward.
 
-* ``reference``: ``packing_energy_ref`` (plain PyTorch over the full K x K matrix; small K only).
+Backends (see ``kepler._backend``):
+
+* ``reference``: ``packing_energy_ref`` with plain autograd (the full K x K matrix; small K only).
 * ``cpu`` / ``cuda``: ``torch.ops.kepler.packing_energy`` (+ ``_backward``) from ``kepler._C``;
   they also take float64 (accumulating in float64), which is what gradcheck runs on.
 * ``triton``: ``torch.ops.kepler.packing_energy_triton`` (+ ``_backward_triton``) from
   ``kepler.kernels.packing_energy``; float32/bfloat16/float16.
 
-The functional centres and scales the codebook in PyTorch (O(K d), differentiated by autograd) and
-hands the normalized points y to the fused op, which computes the raw energy of y in tiles with an
-online log-sum-exp (memory: the codebook plus O(K)); ``PackingEnergyFunction`` supplies the fused
-backward. Every registered op has a fake implementation, so ``torch.compile(fullgraph=True)``
-traces through them.
+Numerics: the fused ops stream codeword pairs in tiles with an online log-sum-exp (memory: the
+codebook plus O(K)), accumulating in float32. Every registered op has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through them.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import numbers
 
 import torch
 
-from kepler import _backend, _ext
-from kepler.reference.packing_energy import compute_dtype, normalize_codebook, packing_energy_ref
+from kepler import _backend
+from kepler.ops._common import accumulation_dtype, check_input, register_op, registered_op
+from kepler.reference.packing_energy import normalize_codebook, packing_energy_ref
 
 
 def _packing_energy_fake(y: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """energy (G,) and row_lse (G, K), float32 (float64 for float64 y)."""
     groups, num_codewords, _ = y.shape
-    dtype = compute_dtype(y.dtype)
+    dtype = accumulation_dtype(y.dtype)
     return y.new_empty(groups, dtype=dtype), y.new_empty(groups, num_codewords, dtype=dtype)
 
 
@@ -40,71 +45,48 @@ def _packing_energy_backward_fake(
     return y.new_empty(y.shape)
 
 
-if _ext.HAS_CPU_EXT:
-    torch.library.register_fake("kepler::packing_energy", _packing_energy_fake)
-    torch.library.register_fake("kepler::packing_energy_backward", _packing_energy_backward_fake)
-
-
-if _backend._triton_importable():
-    from kepler.kernels.packing_energy import packing_energy_backward_triton, packing_energy_triton
-
-    # custom_op rather than triton_op: triton_op uses the launcher as its own fake implementation,
-    # and under TRITON_INTERPRET=1 (how CPU-only CI runs these kernels) wrap_triton hands back the
-    # interpreted kernel, which would then run on fake tensors and fail.
-    _packing_energy_triton_op = torch.library.custom_op(
-        "kepler::packing_energy_triton",
-        packing_energy_triton,
-        mutates_args=(),
-        schema="(Tensor y, float t) -> (Tensor energy, Tensor row_lse)",
-    )
-    _packing_energy_triton_op.register_fake(_packing_energy_fake)
-    _packing_energy_backward_triton_op = torch.library.custom_op(
-        "kepler::packing_energy_backward_triton",
-        packing_energy_backward_triton,
-        mutates_args=(),
-        schema="(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) -> Tensor",
-    )
-    _packing_energy_backward_triton_op.register_fake(_packing_energy_backward_fake)
+register_op(
+    "packing_energy",
+    "(Tensor y, float t) -> (Tensor energy, Tensor row_lse)",
+    _packing_energy_fake,
+    "kepler.kernels.packing_energy",
+)
+register_op(
+    "packing_energy_backward",
+    "(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) -> Tensor",
+    _packing_energy_backward_fake,
+    "kepler.kernels.packing_energy",
+)
 
 
 class PackingEnergyFunction(torch.autograd.Function):
-    """Raw packing energy of points on a fused backend, with the fused backward.
+    """Raw packing energy of points on a kernel backend, with the fused backward.
 
     ``forward(y (G, K, d), t, backend) -> energy (G,)`` (float32; float64 for float64 y), where
-    ``energy[g] = log(1/(K(K-1)) sum_{i != j} exp(-t ||y_i - y_j||^2))``. Saves y, energy and the
-    per-row log-sum-exps; backward is a second tiled pass giving
-    ``dE/dy_i = -4t sum_{j != i} softmax-weight_ij (y_i - y_j)``.
+    ``energy[g] = log(1/(K(K-1)) sum_{i != j} exp(-t ||y_i - y_j||^2))``; ``backend`` is
+    ``"cpu"``, ``"cuda"`` or ``"triton"``. Saves y, energy and the per-row log-sum-exps; backward
+    is a second tiled pass giving ``dE/dy_i = -4t sum_{j != i} softmax-weight_ij (y_i - y_j)``.
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, t: float, backend: str) -> torch.Tensor:
-        if backend == "triton":
-            energy, row_lse = torch.ops.kepler.packing_energy_triton(y, t)
-        else:
-            energy, row_lse = torch.ops.kepler.packing_energy(y, t)
+        energy, row_lse = registered_op("packing_energy", backend)(y, t)
         ctx.save_for_backward(y, energy, row_lse)
-        ctx.t = t
-        ctx.backend = backend
+        ctx.t, ctx.backend = t, backend
         return energy
 
     @staticmethod
     def backward(ctx, grad_energy: torch.Tensor):
         y, energy, row_lse = ctx.saved_tensors
-        grad_energy = grad_energy.contiguous()
-        if ctx.backend == "triton":
-            grad_y = torch.ops.kepler.packing_energy_backward_triton(grad_energy, y, ctx.t, energy, row_lse)
-        else:
-            grad_y = torch.ops.kepler.packing_energy_backward(grad_energy, y, ctx.t, energy, row_lse)
+        backward_op = registered_op("packing_energy_backward", ctx.backend)
+        grad_y = backward_op(grad_energy.contiguous(), y, ctx.t, energy, row_lse)
         return grad_y, None, None
 
 
 def _check_inputs(codebook: torch.Tensor, t: float, normalize: bool) -> None:
-    if not isinstance(codebook, torch.Tensor):
-        raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
+    check_input("codebook", codebook)
     if codebook.dim() not in (2, 3):
         raise ValueError(f"codebook must be (K, d) or (G, K, d), got shape {tuple(codebook.shape)}")
-    if codebook.dtype not in _backend.INPUT_DTYPES:
-        raise TypeError(f"codebook must be float32, bfloat16, float16 or float64, got {codebook.dtype}")
     if codebook.shape[-2] < 2:
         raise ValueError(f"codebook needs at least 2 codewords (K >= 2) for pairwise energies, got K={codebook.shape[-2]}")
     if codebook.shape[-1] == 0:
@@ -148,7 +130,7 @@ def packing_energy(
     """
     _check_inputs(codebook, t, normalize)
     t = float(t)
-    points_dtype = compute_dtype(codebook.dtype) if normalize else codebook.dtype
+    points_dtype = accumulation_dtype(codebook.dtype) if normalize else codebook.dtype
     chosen = _backend.choose_backend(
         "packing_energy", backend, codebook.device, points_dtype, float64_backends=("reference", "cpu", "cuda")
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from kepler.ops._common import accumulation_dtype
+
 MODES = ("official", "std")
 
 
@@ -52,9 +54,9 @@ def kepler_kl_rows_ref(
 
     Computed in float32 for float32/bfloat16/float16 inputs and in float64 for float64 inputs.
     """
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    log_p = torch.log_softmax(standardize_rows(x.to(compute_dtype), mode), dim=-1)
-    log_q = prior_logq.to(compute_dtype)
+    acc_dtype = accumulation_dtype(x.dtype)
+    log_p = torch.log_softmax(standardize_rows(x.to(acc_dtype), mode), dim=-1)
+    log_q = prior_logq.to(acc_dtype)
     p = log_p.exp()
     ratio = torch.exp(log_p - log_q)  # p / q
     return (p * torch.log(ratio + eps)).sum(dim=-1)
@@ -68,6 +70,5 @@ def kepler_kl_ref(
     ``x: (B, M)`` latents, one flattened image per row; ``prior: (M,) or (B, M)``. Returns a
     scalar (float32, or float64 for float64 inputs). ``eps = 0`` gives the plain KL(p || q).
     """
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    prior_logq = kepler_kl_prior_logq_ref(prior.to(compute_dtype), mode)
+    prior_logq = kepler_kl_prior_logq_ref(prior.to(accumulation_dtype(x.dtype)), mode)
     return kepler_kl_rows_ref(x, prior_logq, mode, eps).mean()

@@ -16,12 +16,30 @@ from __future__ import annotations
 
 import torch
 
+from kepler.ops._common import accumulation_dtype
+
 # Rows of z scored per step, so the (rows, K) score matrix stays near 64 MiB in float32 whatever N is.
 _SCORE_ELEMENTS_PER_STEP = 1 << 24
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def winner_rows(codebook: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codewords ``indices`` picked, and where they sit in ``codebook`` seen as one table.
+
+    Args:
+        codebook: (Gc, K, D) with Gc in {1, G}: shared by every group, or one codebook per group.
+        indices: (G, N) int64 in ``[0, K)``.
+
+    Returns:
+        flat_index: (G * N,) int64, rows of ``codebook.reshape(Gc * K, D)``.
+        winners: (G, N, D), ``codebook``'s dtype; differentiable with respect to ``codebook``.
+    """
+    code_groups, num_codes, dim = codebook.shape
+    groups, rows = indices.shape
+    flat_index = indices
+    if code_groups > 1:
+        flat_index = indices + torch.arange(groups, device=indices.device).unsqueeze(1) * num_codes
+    flat_index = flat_index.reshape(-1)
+    return flat_index, codebook.reshape(code_groups * num_codes, dim)[flat_index].view(groups, rows, dim)
 
 
 def nearest_codeword_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,21 +51,21 @@ def nearest_codeword_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch
             and device as ``z``. K >= 1.
 
     Returns:
-        indices: (N,) or (G, N) int64, in ``[0, K)``.
-        sq_dist: same shape, float32 (float64 for float64 inputs), ``||z - codebook[indices]||^2``.
+        indices: (N,) or (G, N) int64, in ``[0, K)``; not differentiable.
+        sq_dist: same shape, float32 (float64 for float64 inputs), ``||z - codebook[indices]||^2``;
+            differentiable with respect to ``z`` and ``codebook`` by autograd (the search itself
+            runs without it).
 
-    Inputs are assumed valid (the functional ``kepler.nearest_codeword`` checks them). No autograd:
-    gradients come from ``NearestCodewordFunction``.
+    Inputs are assumed valid (the functional ``kepler.nearest_codeword`` checks them).
     """
     grouped = z.dim() == 3
     z3 = z if grouped else z.unsqueeze(0)
     codebook3 = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
     groups, rows, _ = z3.shape
     num_codes = codebook3.shape[1]
-    acc_dtype = _accumulation_dtype(z.dtype)
+    acc_dtype = accumulation_dtype(z.dtype)
 
     indices = torch.zeros(groups, rows, dtype=torch.int64, device=z.device)
-    sq_dist = torch.empty(groups, rows, dtype=acc_dtype, device=z.device)
     rows_per_step = max(1, _SCORE_ELEMENTS_PER_STEP // num_codes)
     with torch.no_grad():
         for g in range(groups):
@@ -59,10 +77,10 @@ def nearest_codeword_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch
                 # torch.argmin would pick a NaN as the minimum: non-finite scores must never win.
                 scores = torch.where(torch.isfinite(scores), scores, torch.inf)
                 # argmin returns the first minimum: ties (and all-inf rows -> 0) go to the lowest index.
-                best = scores.argmin(dim=1)
-                indices[g, start : start + rows_per_step] = best
-                sq_dist[g, start : start + rows_per_step] = ((block - codes[best]) ** 2).sum(dim=1)
+                indices[g, start : start + rows_per_step] = scores.argmin(dim=1)
 
+    _, winners = winner_rows(codebook3.to(acc_dtype), indices)
+    sq_dist = ((z3.to(acc_dtype) - winners) ** 2).sum(dim=-1)
     if not grouped:
         return indices[0], sq_dist[0]
     return indices, sq_dist

@@ -19,17 +19,14 @@ import math
 
 import torch
 
+from kepler.ops._common import accumulation_dtype
+
 # Floor of s^2 with normalize=True. A codebook whose codewords all coincide (up to rounding) has
 # s^2 ~ 0; dividing by it would blow the points up to rounding noise. With the floor such a
 # codebook maps to (near) zero points, E = log(1) = 0 and the gradient is finite (zero for exactly
 # equal codewords). 1e-20 keeps the backward of 1/sqrt(s^2) (~ s^-3) finite in float32 while
 # leaving any codebook with a spread above 1e-10 untouched.
 MIN_SPREAD_SQ = 1e-20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the energy is computed and returned in: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def normalize_codebook(codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -42,7 +39,7 @@ def normalize_codebook(codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
     """
     if not normalize:
         return codebook
-    points = codebook.to(compute_dtype(codebook.dtype))
+    points = codebook.to(accumulation_dtype(codebook.dtype))
     centred = points - points.mean(dim=-2, keepdim=True)
     spread_sq = centred.square().sum(dim=-1).mean(dim=-1, keepdim=True)
     return centred * torch.rsqrt(spread_sq.clamp_min(MIN_SPREAD_SQ)).unsqueeze(-1)
@@ -56,7 +53,7 @@ def packing_energy_raw_ref(y: torch.Tensor, t: float) -> tuple[torch.Tensor, tor
     energy[g] = log( 1/(K(K-1)) sum_{i != j} exp(-t ||y_i - y_j||^2) ).
     """
     num_codewords = y.shape[-2]
-    points = y.to(compute_dtype(y.dtype))
+    points = y.to(accumulation_dtype(y.dtype))
     diff = points.unsqueeze(-2) - points.unsqueeze(-3)  # (G, K, K, d): y_i - y_j
     scores = -t * diff.square().sum(dim=-1)
     diagonal = torch.eye(num_codewords, dtype=torch.bool, device=y.device)

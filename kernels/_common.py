@@ -1,0 +1,81 @@
+"""What every Triton launcher in ``kepler.kernels`` shares: dtypes, limits, checks, configs, launch.
+
+A leaf module: it imports torch and nothing from triton or kepler, so ``kepler._backend`` and
+``kepler.ops`` can use it without importing triton. Every launcher
+
+* checks its inputs with :func:`check_launchable` (and :func:`check_groups` when grid axis 1
+  holds the groups), plus the shape checks its kernel needs to stay in bounds;
+* picks its ``<Op>Config`` with :func:`pick_covering`;
+* launches through :func:`launch`, which makes the tensors' CUDA device current: Triton launches
+  on the current device, so a tensor on ``cuda:1`` while ``cuda:0`` is current would otherwise
+  run on the wrong GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence, TypeVar
+
+import torch
+
+# What every Triton (and compiled) kernel takes; float64 (gradcheck, oracles) is the reference's.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Grid axes 1 and 2 are capped at 65535 programs by CUDA; axis 1 holds the group where there is one.
+MAX_GROUPS = 65535
+
+Config = TypeVar("Config")
+
+
+def triton_interpreter_on() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_launchable(op: str, inputs: dict[str, torch.Tensor]) -> None:
+    """The checks every launcher shares, on its tensor arguments by name.
+
+    The first tensor is the op's input: its dtype must be one of ``KERNEL_DTYPES``. Every tensor
+    must be on its device, and that device must be CUDA, or the CPU with the interpreter on.
+    """
+    (first_name, first), *others = inputs.items()
+    if first.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: {first_name} must be float32, bfloat16 or float16, got {first.dtype}")
+    for name, tensor in others:
+        if tensor.device != first.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but {first_name} is on {first.device}")
+    if first.device.type != "cuda" and not triton_interpreter_on():
+        raise ValueError(f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {first.device.type}")
+
+
+def check_groups(op: str, groups: int) -> None:
+    """Refuse more groups than grid axis 1 can hold."""
+    if groups > MAX_GROUPS:
+        raise ValueError(f"{op}: at most {MAX_GROUPS} groups, got G={groups}")
+
+
+def pick_covering(configs: Sequence[Config], size: int, block: str) -> Config:
+    """The first of ``configs`` (in ascending ``block``) whose ``block`` field covers ``size``, else the last.
+
+    A launcher's ``pick_config`` is this over its ``CONFIGS``: the ahead-of-time compile tests
+    sweep sizes through ``pick_config`` and build every configuration it can return.
+    """
+    for config in configs:
+        if size <= getattr(config, block):
+            return config
+    return configs[-1]
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device (nothing to do for CPU tensors in the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid: tuple[int, ...], *, device: torch.device, **arguments) -> None:
+    """``kernel[grid](**arguments)`` on ``device``: the one way a launcher runs a kernel.
+
+    ``arguments`` are the kernel's by name, plus the launch options (``num_warps``,
+    ``num_stages``); an ``<Op>Config`` passes its block sizes and options as ``**config._asdict()``.
+    """
+    with device_guard(device):
+        kernel[grid](**arguments)
