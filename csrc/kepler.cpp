@@ -1,6 +1,18 @@
 // Schemas of every kepler op, in one place. Kernels register their implementations with
 // TORCH_LIBRARY_IMPL(kepler, CPU|CUDA, m) in csrc/<op>/<op>_{cpu.cpp,cuda.cu}; the Python side
 // (kepler/ops/) adds fake implementations and autograd.
+//
+// Every op's C++ side has the same three files; to add one, copy those of packing_energy (a
+// forward and a backward, float64 taken) or nearest_codeword (forward only) and rename:
+//   csrc/<op>/<op>_checks.h   check_<op>_inputs(...) (and check_<op>_backward_inputs(...)): the
+//                             argument checks both launchers call, built on csrc/common/checks.h
+//   csrc/<op>/<op>_cpu.cpp    includes; anonymous-namespace kernel code; the launchers <op>_cpu
+//                             (and <op>_backward_cpu): checks, allocation, dispatch with
+//                             KEPLER_DISPATCH_KERNEL_DTYPES(_AND_DOUBLE) (csrc/common/dispatch.h);
+//                             TORCH_LIBRARY_IMPL(kepler, CPU, m) at the end
+//   csrc/<op>/<op>_cuda.cu    the same for CUDA (<op>_cuda, a CUDAGuard before allocating)
+// then add the schema below. csrc/common/simd.h spells the CPU target and inlining attributes.
+// setup.py compiles every csrc/**/*.cpp (and *.cu in a CUDA build), so it needs no change.
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -378,7 +378,7 @@ def test_compiled_ops_check_their_input(device):
         torch.ops.kepler.packing_energy(points[:, :1], 1.0)
     with pytest.raises(RuntimeError, match=r"kepler::packing_energy: t must be finite and > 0, got -1"):
         torch.ops.kepler.packing_energy(points, -1.0)
-    with pytest.raises(RuntimeError, match=r"kepler::packing_energy: y must be \(G, K, d\)"):
+    with pytest.raises(RuntimeError, match=r"kepler::packing_energy: y must be 3-D \(G, K, d\), got a 2-D tensor"):
         torch.ops.kepler.packing_energy(points[0], 1.0)
     energy, row_lse = torch.ops.kepler.packing_energy(points, 1.0)
     with pytest.raises(RuntimeError, match=r"row_lse must be \(G, K\) = \(2, 5\)"):

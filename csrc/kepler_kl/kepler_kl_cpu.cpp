@@ -11,7 +11,11 @@
 // chunks whose partial sums are combined per row between passes (two-level reduction).
 // The math (standardization rule for degenerate rows, gradient formula) is documented in
 // kepler/ops/kepler_kl.py; kepler/reference/kepler_kl.py is the spec.
-#include <ATen/Dispatch.h>
+#include "kepler_kl/kepler_kl_checks.h"
+#include "common/dispatch.h"
+#include "common/simd.h"
+#include "common/vector_math.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -25,8 +29,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "kepler_kl/kepler_kl_checks.h"
-
 namespace kepler {
 namespace {
 
@@ -37,31 +39,22 @@ constexpr int64_t kMinChunk = 32768;
 
 // Without -fno-trapping-math GCC will not if-convert the selects in exp/log below, and the loops
 // stay scalar; FP exceptions are never inspected here, so the block kernels are built without it.
+// Their helpers are forced inline (KEPLER_FORCE_INLINE): GCC does not inline across an options
+// mismatch (a libm call such as std::fabs in the loop would stay a call and stop vectorization).
+// The block loops are compiled twice, for AVX2+FMA and for the baseline (KEPLER_TARGET_CLONES):
+// the exp/log below vectorize 8 wide on AVX2.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// The block loops are compiled twice, for AVX2+FMA and for the baseline, and picked at load
-// time (GCC function multi-versioning): the exp/log below vectorize 8 wide on AVX2.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KEPLER_KL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define KEPLER_KL_CLONES
-#endif
-
-// Helpers are forced inline: the block kernels are built with other optimization options (see
-// above), and GCC does not inline across an options mismatch (a libm call such as std::fabs in the
-// loop would stay a call and stop vectorization).
-#define KEPLER_KL_INLINE inline __attribute__((always_inline))
-
-KEPLER_KL_INLINE float bits_to_float(int32_t bits) {
+KEPLER_FORCE_INLINE float bits_to_float(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));
   return value;
 }
 
-KEPLER_KL_INLINE int32_t float_to_bits(float value) {
+KEPLER_FORCE_INLINE int32_t float_to_bits(float value) {
   int32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   return bits;
@@ -70,9 +63,9 @@ KEPLER_KL_INLINE int32_t float_to_bits(float value) {
 // exp(x), branch-free so that loops over it vectorize (the libm call does not without
 // -ffast-math). Cephes' expf polynomial, about 2 ulp; 0 below -87.3 (the subnormal range),
 // NaN propagates.
-KEPLER_KL_INLINE float vec_abs(float x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
+KEPLER_FORCE_INLINE float vec_abs(float x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
 
-KEPLER_KL_INLINE float vec_exp(float x) {
+KEPLER_FORCE_INLINE float vec_exp(float x) {
   constexpr float kLow = -87.3f;
   constexpr float kHigh = 88.0f;
   constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
@@ -81,20 +74,12 @@ KEPLER_KL_INLINE float vec_exp(float x) {
   const float shifted = clamped * 1.44269504088896341f + kRoundShift;
   const float n = shifted - kRoundShift;
   const int32_t n_int = float_to_bits(shifted) - float_to_bits(kRoundShift);
-  const float r = clamped - n * 0.693359375f - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const float result = y * bits_to_float((n_int + 127) << 23);
+  const float result = cephes_exp_reduced(clamped, n) * bits_to_float((n_int + 127) << 23);
   return x < kLow ? 0.0f : result;
 }
 
 // log(x) for positive normal x, branch-free (Cephes' logf polynomial, about 1 ulp).
-KEPLER_KL_INLINE float vec_log(float x) {
+KEPLER_FORCE_INLINE float vec_log(float x) {
   const int32_t bits = float_to_bits(x);
   const int32_t mantissa_bits = (bits & 0x007fffff) | 0x3f800000;  // the mantissa as a float in [1, 2)
   // Above sqrt(2): halve it (one less in the float's exponent field) and count one more power of 2.
@@ -125,7 +110,7 @@ struct EpsTerm {
   float ratio_share;    // r / (r + eps)
 };
 
-KEPLER_KL_INLINE EpsTerm eps_term(float log_ratio, float log_eps) {
+KEPLER_FORCE_INLINE EpsTerm eps_term(float log_ratio, float log_eps) {
   const float diff = log_ratio - log_eps;
   const float e = vec_exp(-vec_abs(diff));
   const float one_plus = 1.0f + e;
@@ -145,7 +130,7 @@ struct BlockMoments {
   float mean, m2, max, min;
 };
 
-KEPLER_KL_CLONES BlockMoments block_moments(const float* x, int64_t n) {
+KEPLER_TARGET_CLONES BlockMoments block_moments(const float* x, int64_t n) {
   float sum = 0.0f, hi = x[0], lo = x[0];
 #pragma omp simd reduction(+ : sum) reduction(max : hi) reduction(min : lo)
   for (int64_t i = 0; i < n; ++i) {
@@ -163,7 +148,7 @@ KEPLER_KL_CLONES BlockMoments block_moments(const float* x, int64_t n) {
   return {mean, m2, hi, lo};
 }
 
-KEPLER_KL_CLONES float block_sum_exp(const float* x, int64_t n, float mean, float inv_scale, float shift) {
+KEPLER_TARGET_CLONES float block_sum_exp(const float* x, int64_t n, float mean, float inv_scale, float shift) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += vec_exp((x[i] - mean) * inv_scale - shift);
@@ -172,7 +157,7 @@ KEPLER_KL_CLONES float block_sum_exp(const float* x, int64_t n, float mean, floa
 
 // log(p_i / q_i + eps); kHasEps is a template argument so that each loop has no branch in it.
 template <bool kHasEps>
-KEPLER_KL_INLINE float loss_term(float log_ratio, float log_eps) {
+KEPLER_FORCE_INLINE float loss_term(float log_ratio, float log_eps) {
   if constexpr (kHasEps) {
     return eps_term(log_ratio, log_eps).log_ratio_eps;
   } else {
@@ -182,7 +167,7 @@ KEPLER_KL_INLINE float loss_term(float log_ratio, float log_eps) {
 
 // dL/dp_i = log(r_i + eps) + r_i / (r_i + eps), r_i = p_i / q_i.
 template <bool kHasEps>
-KEPLER_KL_INLINE float dloss_dp(float log_ratio, float log_eps) {
+KEPLER_FORCE_INLINE float dloss_dp(float log_ratio, float log_eps) {
   if constexpr (kHasEps) {
     const EpsTerm term = eps_term(log_ratio, log_eps);
     return term.log_ratio_eps + term.ratio_share;
@@ -192,7 +177,7 @@ KEPLER_KL_INLINE float dloss_dp(float log_ratio, float log_eps) {
 }
 
 template <bool kHasEps>
-KEPLER_KL_CLONES float block_loss(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
+KEPLER_TARGET_CLONES float block_loss(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
                                   float lse, float log_eps) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -208,7 +193,7 @@ struct GradSums {
 };
 
 template <bool kHasEps>
-KEPLER_KL_CLONES GradSums block_grad_sums(const float* x, const float* logq, int64_t n, float mean,
+KEPLER_TARGET_CLONES GradSums block_grad_sums(const float* x, const float* logq, int64_t n, float mean,
                                           float inv_scale, float lse, float log_eps) {
   float sp = 0.0f, spg = 0.0f, sps = 0.0f, spsg = 0.0f, ss = 0.0f;
 #pragma omp simd reduction(+ : sp, spg, sps, spsg, ss)
@@ -227,7 +212,7 @@ KEPLER_KL_CLONES GradSums block_grad_sums(const float* x, const float* logq, int
 
 // grad_i = coef_p * p_i * (g_i - g_mean) - coef_s * (s_i - s_mean)
 template <bool kHasEps>
-KEPLER_KL_CLONES void block_grad(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
+KEPLER_TARGET_CLONES void block_grad(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
                                  float lse, float log_eps, float coef_p, float g_mean, float coef_s, float s_mean,
                                  float* grad) {
 #pragma omp simd
@@ -454,15 +439,12 @@ void forward_rows(const scalar_t* x, int64_t stride_x, const float* logq, int64_
   };
   const Split split = split_rows(num_rows, num_cols);
   if (split.chunks == 1) {
-    // Each task runs all passes over its rows while they are still in cache.
-    at::parallel_for(0, num_rows, 1, [&](int64_t row_begin, int64_t row_end) {
-      for (int64_t b = row_begin; b < row_end; ++b) {
-        const scalar_t* xb = x + b * stride_x;
-        const float* qb = logq + b * stride_q;
-        const RowParams params = row_params(row_moments(xb, 0, num_cols), num_cols, use_std);
-        const float lse = finish_row(b, params, row_sum_exp(xb, 0, num_cols, params));
-        loss[b] = static_cast<float>(row_loss(xb, qb, 0, num_cols, params, lse, log_eps, has_eps));
-      }
+    // Whole rows: each task runs all passes over its row while it is still in cache.
+    split.for_each_piece(num_rows, [&](int64_t /*piece*/, int64_t b, int64_t begin, int64_t end) {
+      const scalar_t* xb = x + b * stride_x;
+      const RowParams params = row_params(row_moments(xb, begin, end), num_cols, use_std);
+      const float lse = finish_row(b, params, row_sum_exp(xb, begin, end, params));
+      loss[b] = static_cast<float>(row_loss(xb, logq + b * stride_q, begin, end, params, lse, log_eps, has_eps));
     });
     return;
   }
@@ -508,15 +490,14 @@ void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, 
   };
   const Split split = split_rows(num_rows, num_cols);
   if (split.chunks == 1) {
-    at::parallel_for(0, num_rows, 1, [&](int64_t row_begin, int64_t row_end) {
-      for (int64_t b = row_begin; b < row_end; ++b) {
-        const scalar_t* xb = x + b * stride_x;
-        const float* qb = logq + b * stride_q;
-        const BackwardRow row = backward_row(b);
-        const GradTotals totals = row_grad_sums(xb, qb, 0, num_cols, row, log_eps, has_eps);
-        const GradCoefs coefs = grad_coefs(totals, grad_loss[b], row, num_cols, use_std);
-        row_grad(xb, qb, 0, num_cols, row, log_eps, has_eps, coefs, grad + b * num_cols);
-      }
+    // Whole rows: each task runs both passes over its row while it is still in cache.
+    split.for_each_piece(num_rows, [&](int64_t /*piece*/, int64_t b, int64_t begin, int64_t end) {
+      const scalar_t* xb = x + b * stride_x;
+      const float* qb = logq + b * stride_q;
+      const BackwardRow row = backward_row(b);
+      const GradTotals totals = row_grad_sums(xb, qb, begin, end, row, log_eps, has_eps);
+      row_grad(xb, qb, begin, end, row, log_eps, has_eps, grad_coefs(totals, grad_loss[b], row, num_cols, use_std),
+               grad + b * num_cols);
     });
     return;
   }
@@ -547,7 +528,7 @@ at::Tensor unit_column_stride(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> kepler_kl_cpu(const at::Tensor& x_in, const at::Tensor& prior_logq_in,
                                                  bool use_std, double eps) {
-  kepler_kl_check_inputs("kepler_kl", x_in, prior_logq_in, eps, c10::DeviceType::CPU);
+  check_kepler_kl_inputs(x_in, prior_logq_in, eps, c10::DeviceType::CPU);
   const at::Tensor x = unit_column_stride(x_in);
   const at::Tensor logq = unit_column_stride(prior_logq_in);
   const int64_t num_rows = x.size(0), num_cols = x.size(1);
@@ -555,19 +536,18 @@ std::tuple<at::Tensor, at::Tensor> kepler_kl_cpu(const at::Tensor& x_in, const a
   at::Tensor stats = at::empty({num_rows, 3}, x.options().dtype(at::kFloat));
   if (num_rows == 0) return {loss, stats};
   const int64_t stride_q = logq.size(0) == 1 ? 0 : logq.stride(0);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "kepler_kl_cpu", KEPLER_KL_DISPATCH_CASES([&] {
+  KEPLER_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "kepler_kl_cpu", [&] {
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), x.stride(0), logq.const_data_ptr<float>(), stride_q,
                            num_rows, num_cols, use_std, eps, loss.mutable_data_ptr<float>(),
                            stats.mutable_data_ptr<float>());
-  }));
+  });
   return {loss, stats};
 }
 
 at::Tensor kepler_kl_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& x_in,
                                   const at::Tensor& prior_logq_in, const at::Tensor& stats_in, bool use_std,
                                   double eps) {
-  kepler_kl_check_inputs("kepler_kl_backward", x_in, prior_logq_in, eps, c10::DeviceType::CPU);
-  kepler_kl_check_backward(grad_loss_in, stats_in, x_in);
+  check_kepler_kl_backward_inputs(grad_loss_in, x_in, prior_logq_in, stats_in, eps, c10::DeviceType::CPU);
   const int64_t num_rows = x_in.size(0), num_cols = x_in.size(1);
   const at::Tensor x = unit_column_stride(x_in);
   const at::Tensor logq = unit_column_stride(prior_logq_in);
@@ -576,19 +556,18 @@ at::Tensor kepler_kl_backward_cpu(const at::Tensor& grad_loss_in, const at::Tens
   at::Tensor grad = at::empty({num_rows, num_cols}, x.options());
   if (num_rows == 0) return grad;
   const int64_t stride_q = logq.size(0) == 1 ? 0 : logq.stride(0);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "kepler_kl_backward_cpu", KEPLER_KL_DISPATCH_CASES([&] {
+  KEPLER_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "kepler_kl_backward_cpu", [&] {
     backward_rows<scalar_t>(grad_loss.const_data_ptr<float>(), x.const_data_ptr<scalar_t>(), x.stride(0),
                             logq.const_data_ptr<float>(), stride_q, stats.const_data_ptr<float>(), num_rows,
                             num_cols, use_std, eps, grad.mutable_data_ptr<scalar_t>());
-  }));
+  });
   return grad;
 }
 
 }  // namespace
+}  // namespace kepler
 
 TORCH_LIBRARY_IMPL(kepler, CPU, m) {
-  m.impl("kepler_kl", &kepler_kl_cpu);
-  m.impl("kepler_kl_backward", &kepler_kl_backward_cpu);
+  m.impl("kepler_kl", &kepler::kepler_kl_cpu);
+  m.impl("kepler_kl_backward", &kepler::kepler_kl_backward_cpu);
 }
-
-}  // namespace kepler

@@ -4,17 +4,17 @@
 // kepler/ops/kepler_kl.py): forward (1) Welford moments + max/min, (2) logsumexp of s,
 // (3) sum p log(p/q + eps); backward (1) sum p, p g, p s, p s g, s, (2) the gradient.
 // Offsets are int64; any strides for x and prior_logq; the gradient is written contiguous.
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
+#include "kepler_kl/kepler_kl_checks.h"
+#include "common/dispatch.h"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <cmath>
 #include <tuple>
-
-#include "kepler_kl/kepler_kl_checks.h"
 
 namespace kepler {
 namespace {
@@ -84,7 +84,7 @@ __device__ inline void log_ratio_eps(float log_ratio, float log_eps, float& log_
 }
 
 template <typename scalar_t>
-__global__ void kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const float* __restrict__ logq,
+__global__ void _kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const float* __restrict__ logq,
                                      float* __restrict__ loss, float* __restrict__ stats, int64_t num_cols,
                                      int64_t stride_xb, int64_t stride_xm, int64_t stride_qb, int64_t stride_qm,
                                      float log_eps, bool has_eps, bool use_std) {
@@ -153,7 +153,7 @@ __device__ inline float dloss_dp(float log_ratio, float log_eps, bool has_eps) {
 }
 
 template <typename scalar_t>
-__global__ void kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const scalar_t* __restrict__ x,
+__global__ void _kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const scalar_t* __restrict__ x,
                                      const float* __restrict__ logq, const float* __restrict__ stats,
                                      scalar_t* __restrict__ grad, int64_t num_cols, int64_t stride_xb,
                                      int64_t stride_xm, int64_t stride_qb, int64_t stride_qm, float log_eps,
@@ -213,51 +213,49 @@ inline int64_t prior_row_stride(const at::Tensor& prior_logq) {
 
 std::tuple<at::Tensor, at::Tensor> kepler_kl_cuda(const at::Tensor& x, const at::Tensor& prior_logq, bool use_std,
                                                   double eps) {
-  kepler_kl_check_inputs("kepler_kl", x, prior_logq, eps, c10::DeviceType::CUDA);
+  check_kepler_kl_inputs(x, prior_logq, eps, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t num_rows = x.size(0), num_cols = x.size(1);
   at::Tensor loss = at::empty({num_rows}, x.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({num_rows, 3}, x.options().dtype(at::kFloat));
   if (num_rows == 0) return {loss, stats};
-  TORCH_CHECK(num_rows <= 2147483647, "kepler_kl: at most 2**31 - 1 rows, got ", num_rows);
+  TORCH_CHECK(num_rows <= 2147483647, "kepler::kepler_kl: at most 2**31 - 1 rows, got ", num_rows);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "kepler_kl_cuda", KEPLER_KL_DISPATCH_CASES([&] {
-    kepler_kl_fwd_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreads, 0, stream>>>(
+  KEPLER_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "kepler_kl_cuda", [&] {
+    _kepler_kl_fwd_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), prior_logq.const_data_ptr<float>(), loss.mutable_data_ptr<float>(),
         stats.mutable_data_ptr<float>(), num_cols, x.stride(0), x.stride(1), prior_row_stride(prior_logq),
         prior_logq.stride(1), log_of_eps(eps), eps > 0.0, use_std);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }));
+  });
   return {loss, stats};
 }
 
 at::Tensor kepler_kl_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& x, const at::Tensor& prior_logq,
                                    const at::Tensor& stats_in, bool use_std, double eps) {
-  kepler_kl_check_inputs("kepler_kl_backward", x, prior_logq, eps, c10::DeviceType::CUDA);
-  kepler_kl_check_backward(grad_loss_in, stats_in, x);
+  check_kepler_kl_backward_inputs(grad_loss_in, x, prior_logq, stats_in, eps, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t num_rows = x.size(0), num_cols = x.size(1);
   at::Tensor grad = at::empty({num_rows, num_cols}, x.options());
   if (num_rows == 0) return grad;
-  TORCH_CHECK(num_rows <= 2147483647, "kepler_kl_backward: at most 2**31 - 1 rows, got ", num_rows);
+  TORCH_CHECK(num_rows <= 2147483647, "kepler::kepler_kl_backward: at most 2**31 - 1 rows, got ", num_rows);
   const at::Tensor grad_loss = grad_loss_in.to(at::kFloat).contiguous();
   const at::Tensor stats = stats_in.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_SWITCH(x.scalar_type(), "kepler_kl_backward_cuda", KEPLER_KL_DISPATCH_CASES([&] {
-    kepler_kl_bwd_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreads, 0, stream>>>(
+  KEPLER_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "kepler_kl_backward_cuda", [&] {
+    _kepler_kl_bwd_kernel<scalar_t><<<static_cast<unsigned int>(num_rows), kThreads, 0, stream>>>(
         grad_loss.const_data_ptr<float>(), x.const_data_ptr<scalar_t>(), prior_logq.const_data_ptr<float>(),
         stats.const_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>(), num_cols, x.stride(0), x.stride(1),
         prior_row_stride(prior_logq), prior_logq.stride(1), log_of_eps(eps), eps > 0.0, use_std);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }));
+  });
   return grad;
 }
 
 }  // namespace
+}  // namespace kepler
 
 TORCH_LIBRARY_IMPL(kepler, CUDA, m) {
-  m.impl("kepler_kl", &kepler_kl_cuda);
-  m.impl("kepler_kl_backward", &kepler_kl_backward_cuda);
+  m.impl("kepler_kl", &kepler::kepler_kl_cuda);
+  m.impl("kepler_kl_backward", &kepler::kepler_kl_backward_cuda);
 }
-
-}  // namespace kepler

@@ -21,10 +21,13 @@
 // x86-64 machines with AVX2 + FMA run the intrinsics micro-kernels (compiled for that target
 // only and picked at run time, so the library still runs on older CPUs); others run a portable
 // one. KEPLER_DISABLE_AVX2=1 forces the portable one (for tests).
-#include "nearest_codeword/nearest_codeword.h"
+#include "nearest_codeword/nearest_codeword_checks.h"
+#include "common/dispatch.h"
+#include "common/simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ceil_div.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -38,11 +41,8 @@
 #include <tuple>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define KEPLER_NCW_X86 1
+#if KEPLER_X86
 #include <immintrin.h>
-#else
-#define KEPLER_NCW_X86 0
 #endif
 
 namespace kepler {
@@ -113,13 +113,10 @@ void scan_panels_portable(const float* z_block, int64_t dim, const float* panels
   }
 }
 
-#if KEPLER_NCW_X86
-#define KEPLER_AVX2 __attribute__((target("avx2,fma")))
-#define KEPLER_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
-
+#if KEPLER_X86
 // mask ? b : a. Inline assembly because GCC 12 turns the intrinsic into an extra integer
 // compare per call when the mask comes from a float compare.
-KEPLER_AVX2_INLINE __m256 select(__m256 a, __m256 b, __m256 mask) {
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE __m256 select(__m256 a, __m256 b, __m256 mask) {
   __m256 result;
   asm("vblendvps %3, %2, %1, %0" : "=x"(result) : "x"(a), "x"(b), "x"(mask));
   return result;
@@ -129,7 +126,7 @@ KEPLER_AVX2_INLINE __m256 select(__m256 a, __m256 b, __m256 mask) {
 // ties and for NaN, exactly like the strict `<` that picks the panel. With kExcludeNegInf, -inf
 // scores are first turned into +inf, which never wins.
 template <bool kExcludeNegInf>
-KEPLER_AVX2_INLINE void merge(__m256 score, __m256 panel, __m256& best_score, __m256& best_panel) {
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE void merge(__m256 score, __m256 panel, __m256& best_score, __m256& best_panel) {
   if (kExcludeNegInf) {
     score = select(score, _mm256_set1_ps(kInf), _mm256_cmp_ps(score, _mm256_set1_ps(-kInf), _CMP_EQ_OQ));
   }
@@ -138,7 +135,7 @@ KEPLER_AVX2_INLINE void merge(__m256 score, __m256 panel, __m256& best_score, __
   best_panel = select(best_panel, panel, wins);
 }
 
-KEPLER_AVX2_INLINE __m256 next_panel(__m256 panel) {
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE __m256 next_panel(__m256 panel) {
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(panel), _mm256_set1_epi32(1)));
 }
 
@@ -147,9 +144,9 @@ KEPLER_AVX2_INLINE __m256 next_panel(__m256 panel) {
 constexpr int64_t kWideRows = 6;
 
 template <int kDim, bool kExcludeNegInf>
-KEPLER_AVX2 void scan_panels_avx2_6x16(const float* z_block, int64_t dim, const float* panels,
-                                       const float* panel_norms, int64_t num_panels, int32_t first_panel,
-                                       LaneBest* best) {
+KEPLER_TARGET_AVX2 void scan_panels_avx2_6x16(const float* z_block, int64_t dim, const float* panels,
+                                              const float* panel_norms, int64_t num_panels, int32_t first_panel,
+                                              LaneBest* best) {
   const int64_t D = kDim > 0 ? kDim : dim;
   __m256 panel_id = _mm256_castsi256_ps(_mm256_set1_epi32(first_panel));
   for (int64_t p = 0; p < num_panels; ++p) {
@@ -196,9 +193,9 @@ KEPLER_AVX2 void scan_panels_avx2_6x16(const float* z_block, int64_t dim, const 
 constexpr int64_t kNarrowRows = 4;
 
 template <int kDim, bool kExcludeNegInf>
-KEPLER_AVX2 void scan_panels_avx2_4x8(const float* z_block, int64_t dim, const float* panels,
-                                      const float* panel_norms, int64_t num_panels, int32_t first_panel,
-                                      LaneBest* best) {
+KEPLER_TARGET_AVX2 void scan_panels_avx2_4x8(const float* z_block, int64_t dim, const float* panels,
+                                             const float* panel_norms, int64_t num_panels, int32_t first_panel,
+                                             LaneBest* best) {
   const int64_t D = kDim > 0 ? kDim : dim;
   for (int half = 0; half < 2; ++half) {
     __m256 best_score[kNarrowRows];
@@ -239,7 +236,7 @@ bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
-#endif  // KEPLER_NCW_X86
+#endif  // KEPLER_X86
 
 bool avx2_disabled_by_env() {
   const char* value = std::getenv("KEPLER_DISABLE_AVX2");
@@ -251,7 +248,7 @@ bool avx2_disabled_by_env() {
 // specialization with the D loop unrolled.
 template <bool kExcludeNegInf>
 ScanKernel pick_scan_kernel(int64_t dim) {
-#if KEPLER_NCW_X86
+#if KEPLER_X86
   if (cpu_has_avx2_fma() && !avx2_disabled_by_env()) {
     switch (dim) {
       case 8: return {&scan_panels_avx2_4x8<8, kExcludeNegInf>, kNarrowRows};
@@ -266,8 +263,6 @@ ScanKernel pick_scan_kernel(int64_t dim) {
 #endif
   return {&scan_panels_portable<kExcludeNegInf>, kPortableRows};
 }
-
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // Thread-local float32 buffers of one worker. at::empty gives 64-byte aligned storage.
 struct TaskBuffers {
@@ -313,7 +308,7 @@ class NearestCodewordCpu {
     compute_code_norms();
     plan_tasks();
     if (prepacked_) {
-      const int64_t padded_codes = round_up(codes_, kCodesPerPanel);
+      const int64_t padded_codes = at::round_up(codes_, kCodesPerPanel);
       prepacked_panels_storage_ = at::empty({padded_codes * std::max<int64_t>(dim_, 1)}, at::kFloat);
       prepacked_norms_storage_ = at::empty({padded_codes}, at::kFloat);
       pack_codes(0, 0, codes_, prepacked_panels_storage_.data_ptr<float>(), prepacked_norms_storage_.data_ptr<float>());
@@ -357,15 +352,15 @@ class NearestCodewordCpu {
   // (kMaxRowsPerTask rows). Shorter tasks balance the workers better at the end of the call.
   void plan_tasks() {
     const int64_t block_codes = kCodeBlockFloats / std::max<int64_t>(dim_, 1) / kCodesPerPanel * kCodesPerPanel;
-    codes_per_block_ = std::min(round_up(codes_, kCodesPerPanel), std::max(kCodesPerPanel, block_codes));
+    codes_per_block_ = std::min(at::round_up(codes_, kCodesPerPanel), std::max(kCodesPerPanel, block_codes));
     prepacked_ = codebook_groups_ == 1 && codes_ <= codes_per_block_;
     const int64_t max_rows = prepacked_ ? kMaxRowsPerTaskPrepacked : kMaxRowsPerTask;
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t micro_rows = kernel_.rows_per_micro_block;
     const int64_t wanted_tasks = std::max((groups_ * rows_ + max_rows - 1) / max_rows, 2 * threads);
     const int64_t tasks_per_group = std::max<int64_t>(1, (wanted_tasks + groups_ - 1) / groups_);
-    rows_per_task_ = std::clamp(round_up((rows_ + tasks_per_group - 1) / tasks_per_group, micro_rows), micro_rows,
-                                round_up(max_rows, micro_rows));
+    rows_per_task_ = std::clamp(at::round_up((rows_ + tasks_per_group - 1) / tasks_per_group, micro_rows), micro_rows,
+                                at::round_up(max_rows, micro_rows));
     tasks_per_group_ = (rows_ + rows_per_task_ - 1) / rows_per_task_;
     task_count_ = groups_ * tasks_per_group_;
   }
@@ -373,7 +368,7 @@ class NearestCodewordCpu {
   // Rows `rows[0..count)` of the group, upcast into micro-blocks of layout [d][row]; the rows
   // that pad the last micro-block are zeros.
   void gather_rows(int64_t group, const int64_t* rows, int64_t count, int64_t micro_rows, float* z_blocks) const {
-    const int64_t padded = round_up(count, micro_rows);
+    const int64_t padded = at::round_up(count, micro_rows);
     for (int64_t i = 0; i < padded; ++i) {
       float* dst = z_blocks + (i / micro_rows) * micro_rows * dim_ + i % micro_rows;
       if (i < count) {
@@ -389,7 +384,7 @@ class NearestCodewordCpu {
   // [panel][d][lane], with their norms; the lanes past K hold zeros and a +inf norm, so they never win.
   void pack_codes(int64_t group, int64_t first, int64_t count, float* panels, float* panel_norms) const {
     const float* norms = code_norms_ + (codebook_groups_ == 1 ? 0 : group) * codes_;
-    const int64_t padded = round_up(count, kCodesPerPanel);
+    const int64_t padded = at::round_up(count, kCodesPerPanel);
     for (int64_t c = 0; c < padded; ++c) {
       float* dst = panels + (c / kCodesPerPanel) * dim_ * kCodesPerPanel + c % kCodesPerPanel;
       if (c < count) {
@@ -501,17 +496,13 @@ class NearestCodewordCpu {
 };
 
 std::tuple<at::Tensor, at::Tensor> nearest_codeword_cpu(const at::Tensor& z, const at::Tensor& codebook) {
-  check_nearest_codeword_inputs(z, codebook);
-  TORCH_CHECK(z.device().is_cpu(), "nearest_codeword (cpu): z and codebook must be CPU tensors, got ", z.device());
+  check_nearest_codeword_inputs(z, codebook, c10::DeviceType::CPU);
   auto indices = at::empty({z.size(0), z.size(1)}, z.options().dtype(at::kLong));
   auto sq_dist = at::empty({z.size(0), z.size(1)}, z.options().dtype(at::kFloat));
   if (indices.numel() == 0) return {indices, sq_dist};
-  switch (z.scalar_type()) {
-    case at::kFloat: NearestCodewordCpu<float>(z, codebook, indices, sq_dist).run(); break;
-    case at::kBFloat16: NearestCodewordCpu<c10::BFloat16>(z, codebook, indices, sq_dist).run(); break;
-    case at::kHalf: NearestCodewordCpu<c10::Half>(z, codebook, indices, sq_dist).run(); break;
-    default: TORCH_CHECK(false, "nearest_codeword: unreachable dtype ", z.scalar_type());
-  }
+  KEPLER_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "nearest_codeword_cpu", [&] {
+    NearestCodewordCpu<scalar_t>(z, codebook, indices, sq_dist).run();
+  });
   return {indices, sq_dist};
 }
 

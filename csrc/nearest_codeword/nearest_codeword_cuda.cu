@@ -12,9 +12,11 @@
 //   3. _winner_sq_dist_kernel: the winner's distance recomputed exactly as sum_d (z_d - e_d)^2 in
 //      float32.
 // Inputs are read through their strides (no .contiguous() copy); offsets are int64.
-#include "nearest_codeword/nearest_codeword.h"
+#include "nearest_codeword/nearest_codeword_checks.h"
+#include "common/dispatch.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ceil_div.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -186,8 +188,6 @@ __global__ void _winner_sq_dist_kernel(const scalar_t* __restrict__ z, int64_t s
   sq_dist[i] = sum;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <typename scalar_t>
 void launch(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices, at::Tensor& sq_dist) {
   const int64_t groups = z.size(0), rows = z.size(1), dim = z.size(2);
@@ -200,12 +200,12 @@ void launch(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices
 
   auto code_norms = at::empty({code_groups, codes}, codebook.options().dtype(at::kFloat));
   const int64_t total_codes = code_groups * codes;
-  _code_norms_kernel<scalar_t><<<ceil_div(total_codes, kFlatThreads), kFlatThreads, 0, stream>>>(
+  _code_norms_kernel<scalar_t><<<at::ceil_div<int64_t>(total_codes, kFlatThreads), kFlatThreads, 0, stream>>>(
       codebook_data, codebook.stride(0), codebook.stride(1), codebook.stride(2), codes, dim, total_codes,
       code_norms.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const dim3 grid(static_cast<unsigned int>(ceil_div(rows, kBlockN)), static_cast<unsigned int>(groups));
+  const dim3 grid(static_cast<unsigned int>(at::ceil_div<int64_t>(rows, kBlockN)), static_cast<unsigned int>(groups));
   _nearest_codeword_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
       z_data, z.stride(0), z.stride(1), z.stride(2), codebook_data, codebook.stride(0), codebook.stride(1),
       codebook.stride(2), code_norms.data_ptr<float>(), rows, codes, dim, shared_codebook,
@@ -213,7 +213,7 @@ void launch(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t total_rows = groups * rows;
-  _winner_sq_dist_kernel<scalar_t><<<ceil_div(total_rows, kFlatThreads), kFlatThreads, 0, stream>>>(
+  _winner_sq_dist_kernel<scalar_t><<<at::ceil_div<int64_t>(total_rows, kFlatThreads), kFlatThreads, 0, stream>>>(
       z_data, z.stride(0), z.stride(1), z.stride(2), codebook_data, codebook.stride(0), codebook.stride(1),
       codebook.stride(2), rows, dim, shared_codebook, total_rows, indices.data_ptr<int64_t>(),
       sq_dist.data_ptr<float>());
@@ -221,21 +221,17 @@ void launch(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_codeword_cuda(const at::Tensor& z, const at::Tensor& codebook) {
-  check_nearest_codeword_inputs(z, codebook);
-  TORCH_CHECK(z.is_cuda(), "nearest_codeword (cuda): z and codebook must be CUDA tensors, got ", z.device());
-  TORCH_CHECK(z.size(0) <= kMaxGroups, "nearest_codeword (cuda): at most ", kMaxGroups, " groups G, got G=",
+  check_nearest_codeword_inputs(z, codebook, c10::DeviceType::CUDA);
+  TORCH_CHECK(z.size(0) <= kMaxGroups, "kepler::nearest_codeword: at most ", kMaxGroups, " groups G, got G=",
               z.size(0));
-  TORCH_CHECK(z.size(1) / kBlockN < (int64_t{1} << 31), "nearest_codeword (cuda): too many rows N=", z.size(1));
+  TORCH_CHECK(z.size(1) / kBlockN < (int64_t{1} << 31), "kepler::nearest_codeword: too many rows N=", z.size(1));
   const c10::cuda::CUDAGuard device_guard(z.device());
   auto indices = at::empty({z.size(0), z.size(1)}, z.options().dtype(at::kLong));
   auto sq_dist = at::empty({z.size(0), z.size(1)}, z.options().dtype(at::kFloat));
   if (indices.numel() == 0) return {indices, sq_dist};
-  switch (z.scalar_type()) {
-    case at::kFloat: launch<float>(z, codebook, indices, sq_dist); break;
-    case at::kBFloat16: launch<c10::BFloat16>(z, codebook, indices, sq_dist); break;
-    case at::kHalf: launch<c10::Half>(z, codebook, indices, sq_dist); break;
-    default: TORCH_CHECK(false, "nearest_codeword: unreachable dtype ", z.scalar_type());
-  }
+  KEPLER_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "nearest_codeword_cuda", [&] {
+    launch<scalar_t>(z, codebook, indices, sq_dist);
+  });
   return {indices, sq_dist};
 }
 

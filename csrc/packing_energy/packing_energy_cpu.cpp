@@ -15,9 +15,16 @@
 // codebook (one transposed fp32 copy, padded to whole tiles) plus O(K). Distances are the exact
 // sum of squared differences (no ||a||^2 + ||b||^2 - 2ab cancellation). The loops use GCC/Clang
 // vector types (8 floats / 4 doubles), compiled twice on x86-64 (AVX2+FMA and baseline SSE2) and
-// picked at load time, because the extension is built for the baseline ISA.
+// picked at load time (KEPLER_TARGET_CLONES), because the extension is built for the baseline ISA;
+// the hot loops are templates forced inline into each clone, so each clone gets its own vector code.
+#include "packing_energy/packing_energy_checks.h"
+#include "common/dispatch.h"
+#include "common/simd.h"
+#include "common/vector_math.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ceil_div.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,15 +33,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// The hot loops are templates inlined into each clone, so each clone gets its own vector code.
-#define KEPLER_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define KEPLER_INLINE inline __attribute__((always_inline))
-#else
-#define KEPLER_TARGET_CLONES
-#define KEPLER_INLINE inline
-#endif
 
 // Vector-returning helpers are always inlined, so no vector values cross a call boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -64,27 +62,27 @@ constexpr int64_t kLanes = sizeof(vec_t<T>) / sizeof(T);
 static_assert(kColTile % kLanes<float> == 0 && kColTile % kLanes<double> == 0);
 
 template <typename T>
-KEPLER_INLINE vec_t<T> load(const T* p) {
+KEPLER_FORCE_INLINE vec_t<T> load(const T* p) {
   vec_t<T> v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 template <typename T>
-KEPLER_INLINE void store(T* p, vec_t<T> v) {
+KEPLER_FORCE_INLINE void store(T* p, vec_t<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 template <typename T>
-KEPLER_INLINE vec_t<T> splat(T x) {
+KEPLER_FORCE_INLINE vec_t<T> splat(T x) {
   return vec_t<T>{} + x;
 }
 template <typename T>
-KEPLER_INLINE T sum_lanes(vec_t<T> v) {
+KEPLER_FORCE_INLINE T sum_lanes(vec_t<T> v) {
   T total = 0;
   for (int64_t l = 0; l < kLanes<T>; ++l) total += v[l];
   return total;
 }
 template <typename T>
-KEPLER_INLINE T max_lanes(vec_t<T> v) {
+KEPLER_FORCE_INLINE T max_lanes(vec_t<T> v) {
   T best = v[0];
   for (int64_t l = 1; l < kLanes<T>; ++l) best = v[l] > best ? v[l] : best;
   return best;
@@ -93,33 +91,23 @@ KEPLER_INLINE T max_lanes(vec_t<T> v) {
 // exp(x) for x <= 0 (larger x is clamped to 0), 8 lanes, branch-free: std::exp does not vectorize
 // without -ffast-math. Cephes expf: 2^n * p(r), |r| <= ln2/2, ~2 ulp. Exactly 0 below log(FLT_MIN)
 // (masked -inf entries must contribute nothing); NaN stays NaN.
-KEPLER_INLINE vec_t<float> exp_nonpositive(vec_t<float> x) {
+KEPLER_FORCE_INLINE vec_t<float> exp_nonpositive(vec_t<float> x) {
   using vec = vec_t<float>;
   using ivec = Simd<float>::ivec;
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kMinArg = -87.3365447f;
   const ivec underflow = x < kMinArg;
   vec xc = x > 0.0f ? splat(0.0f) : x;
   xc = xc < kMinArg ? splat(kMinArg) : xc;
   // Round to nearest: truncation toward zero of xc*log2e - 0.5 (xc <= 0).
   const ivec n = __builtin_convertvector(xc * kLog2e - 0.5f, ivec);
-  const vec nf = __builtin_convertvector(n, vec);
-  const vec r = (xc - nf * kLn2Hi) - nf * kLn2Lo;
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vec p = cephes_exp_reduced(xc, __builtin_convertvector(n, vec));
   const vec scale = (vec)((n + 127) << 23);
   return underflow ? splat(0.0f) : p * scale;
 }
 
 // float64 is for gradcheck-grade testing, not speed.
-KEPLER_INLINE vec_t<double> exp_nonpositive(vec_t<double> x) {
+KEPLER_FORCE_INLINE vec_t<double> exp_nonpositive(vec_t<double> x) {
   vec_t<double> out;
   for (int64_t l = 0; l < kLanes<double>; ++l) out[l] = std::exp(std::min(x[l], 0.0));
   return out;
@@ -137,7 +125,7 @@ struct PackedPoints {
 
 // rows[r * dim + k] = y[i0 + r, k] for the task's rows (zero rows past K).
 template <typename acc_t>
-KEPLER_INLINE void gather_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64_t num_rows, acc_t* rows) {
+KEPLER_FORCE_INLINE void gather_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64_t num_rows, acc_t* rows) {
   for (int64_t r = 0; r < kRowTile; ++r) {
     for (int64_t k = 0; k < pts.dim; ++k) {
       rows[r * pts.dim + k] = r < num_rows ? pts.y_t[k * pts.ld + i0 + r] : acc_t(0);
@@ -148,7 +136,7 @@ KEPLER_INLINE void gather_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64
 // scores[r * kColTile + c] = -t ||rows_r - y_{j0 + c}||^2, with -inf where j0 + c is r's own
 // codeword or past K.
 template <typename acc_t>
-KEPLER_INLINE void score_tile(const PackedPoints<acc_t>& pts, const acc_t* rows, int64_t i0, int64_t num_rows,
+KEPLER_FORCE_INLINE void score_tile(const PackedPoints<acc_t>& pts, const acc_t* rows, int64_t i0, int64_t num_rows,
                               int64_t j0, acc_t neg_t, acc_t* scores) {
   using vec = vec_t<acc_t>;
   const int64_t dim = pts.dim;
@@ -184,7 +172,7 @@ KEPLER_INLINE void score_tile(const PackedPoints<acc_t>& pts, const acc_t* rows,
 
 // Forward of one task: row_lse for rows [i0, i0 + num_rows) of one group.
 template <typename acc_t>
-KEPLER_INLINE void forward_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64_t num_rows, acc_t t,
+KEPLER_FORCE_INLINE void forward_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64_t num_rows, acc_t t,
                                 acc_t* rows, acc_t* scores, acc_t* row_lse) {
   using vec = vec_t<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -217,7 +205,7 @@ KEPLER_INLINE void forward_rows(const PackedPoints<acc_t>& pts, int64_t i0, int6
 
 // Backward of one task: grad rows [i0, i0 + num_rows) of one group.
 template <typename acc_t>
-KEPLER_INLINE void backward_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64_t num_rows, acc_t t,
+KEPLER_FORCE_INLINE void backward_rows(const PackedPoints<acc_t>& pts, int64_t i0, int64_t num_rows, acc_t t,
                                  const acc_t* row_lse, const acc_t* coef, acc_t* rows, acc_t* scores,
                                  acc_t* weighted_sum, acc_t* grad) {
   using vec = vec_t<acc_t>;
@@ -297,21 +285,6 @@ void backward_rows_dispatch(const PackedPoints<double>& pts, int64_t i0, int64_t
   backward_rows<double>(pts, i0, n, t, lse, coef, rows, scores, wsum, grad);
 }
 
-at::ScalarType accumulate_type(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_points(const at::Tensor& y, double t, const char* op) {
-  TORCH_CHECK(y.device().is_cpu(), op, ": y must be a CPU tensor, got ", y.device());
-  TORCH_CHECK(y.dim() == 3, op, ": y must be (G, K, d), got shape ", y.sizes());
-  const auto dtype = y.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": y must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(y.size(1) >= 2, op, ": needs K >= 2 codewords, got K=", y.size(1));
-  TORCH_CHECK(y.size(2) >= 1, op, ": needs d >= 1, got d=", y.size(2));
-  TORCH_CHECK(t > 0 && std::isfinite(t), op, ": t must be finite and > 0, got ", t);
-}
-
 // (G, d, ld) accumulate-dtype copy of y transposed, zero-padded to whole column tiles.
 at::Tensor pack_transposed(const at::Tensor& y) {
   const int64_t K = y.size(1);
@@ -326,25 +299,39 @@ PackedPoints<acc_t> group_points(const at::Tensor& packed, int64_t g, int64_t K)
   return {packed.data_ptr<acc_t>() + g * packed.stride(0), packed.size(2), K, packed.size(1)};
 }
 
+// Scratch of one worker: its task's rows, one tile of scores, and the backward's weighted sums.
+template <typename acc_t>
+struct TaskBuffers {
+  explicit TaskBuffers(int64_t dim)
+      : rows(kRowTile * dim), scores(kRowTile * kColTile), weighted_sum(kRowTile * dim) {}
+  std::vector<acc_t> rows, scores, weighted_sum;
+};
+
+// Calls fn(g, i0, num_rows, buffers) for every tile of kRowTile rows (codewords i0 ..) of every
+// group, spread over the at::parallel_for workers.
+template <typename acc_t, typename Fn>
+void for_each_row_tile(int64_t G, int64_t K, int64_t dim, const Fn& fn) {
+  const int64_t tiles_per_group = at::ceil_div(K, kRowTile);
+  at::parallel_for(0, G * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
+    TaskBuffers<acc_t> buffers(dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i0 = (task % tiles_per_group) * kRowTile;
+      fn(task / tiles_per_group, i0, std::min(kRowTile, K - i0), buffers);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> packing_energy_cpu(const at::Tensor& y, double t) {
-  check_points(y, t, "kepler::packing_energy");
+  check_packing_energy_inputs(y, t, c10::DeviceType::CPU);
   const int64_t G = y.size(0), K = y.size(1), dim = y.size(2);
   const at::Tensor packed = pack_transposed(y);
   at::Tensor row_lse = at::empty({G, K}, packed.options());
-  const int64_t tiles_per_group = (K + kRowTile - 1) / kRowTile;
-  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "packing_energy_cpu", [&] {
-    using acc_t = scalar_t;
+  KEPLER_DISPATCH_KERNEL_DTYPES_AND_DOUBLE(y.scalar_type(), "packing_energy_cpu", [&] {
+    using acc_t = accumulate_t<scalar_t>;
     acc_t* row_lse_data = row_lse.data_ptr<acc_t>();
-    at::parallel_for(0, G * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> rows(kRowTile * dim);
-      std::vector<acc_t> scores(kRowTile * kColTile);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / tiles_per_group;
-        const int64_t i0 = (task % tiles_per_group) * kRowTile;
-        const int64_t num_rows = std::min(kRowTile, K - i0);
-        forward_rows_dispatch(group_points<acc_t>(packed, g, K), i0, num_rows, static_cast<acc_t>(t),
-                              rows.data(), scores.data(), row_lse_data + g * K + i0);
-      }
+    for_each_row_tile<acc_t>(G, K, dim, [&](int64_t g, int64_t i0, int64_t num_rows, TaskBuffers<acc_t>& buffers) {
+      forward_rows_dispatch(group_points<acc_t>(packed, g, K), i0, num_rows, static_cast<acc_t>(t),
+                            buffers.rows.data(), buffers.scores.data(), row_lse_data + g * K + i0);
     });
   });
   at::Tensor energy = at::logsumexp(row_lse, {1}) - std::log(static_cast<double>(K) * static_cast<double>(K - 1));
@@ -353,15 +340,9 @@ std::tuple<at::Tensor, at::Tensor> packing_energy_cpu(const at::Tensor& y, doubl
 
 at::Tensor packing_energy_backward_cpu(const at::Tensor& grad_energy, const at::Tensor& y, double t,
                                        const at::Tensor& energy, const at::Tensor& row_lse) {
-  check_points(y, t, "kepler::packing_energy_backward");
+  check_packing_energy_backward_inputs(grad_energy, y, t, energy, row_lse, c10::DeviceType::CPU);
   const int64_t G = y.size(0), K = y.size(1), dim = y.size(2);
   const auto acc_type = accumulate_type(y.scalar_type());
-  TORCH_CHECK(grad_energy.sizes() == at::IntArrayRef{G} && energy.sizes() == at::IntArrayRef{G},
-              "kepler::packing_energy_backward: grad_energy and energy must be (G,) = (", G, ",), got ",
-              grad_energy.sizes(), " and ", energy.sizes());
-  TORCH_CHECK(row_lse.sizes() == at::IntArrayRef({G, K}),
-              "kepler::packing_energy_backward: row_lse must be (G, K) = (", G, ", ", K, "), got ",
-              row_lse.sizes());
   const at::Tensor packed = pack_transposed(y);
   const at::Tensor lse = row_lse.to(acc_type).contiguous();
   // coef_i = grad_energy * (-4t) * exp(row_lse_i - log S), log S = energy + log(K(K-1)): O(G K).
@@ -369,35 +350,25 @@ at::Tensor packing_energy_backward_cpu(const at::Tensor& grad_energy, const at::
   const at::Tensor log_total = energy.to(acc_type).unsqueeze(1) + log_pairs;
   const at::Tensor coef = ((lse - log_total).exp() * grad_energy.to(acc_type).unsqueeze(1) * (-4.0 * t)).contiguous();
   at::Tensor grad = at::empty({G, K, dim}, packed.options());
-  const int64_t tiles_per_group = (K + kRowTile - 1) / kRowTile;
-  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "packing_energy_backward_cpu", [&] {
-    using acc_t = scalar_t;
+  KEPLER_DISPATCH_KERNEL_DTYPES_AND_DOUBLE(y.scalar_type(), "packing_energy_backward_cpu", [&] {
+    using acc_t = accumulate_t<scalar_t>;
     const acc_t* lse_data = lse.data_ptr<acc_t>();
     const acc_t* coef_data = coef.data_ptr<acc_t>();
     acc_t* grad_data = grad.data_ptr<acc_t>();
-    at::parallel_for(0, G * tiles_per_group, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> rows(kRowTile * dim);
-      std::vector<acc_t> scores(kRowTile * kColTile);
-      std::vector<acc_t> weighted_sum(kRowTile * dim);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / tiles_per_group;
-        const int64_t i0 = (task % tiles_per_group) * kRowTile;
-        const int64_t num_rows = std::min(kRowTile, K - i0);
-        const int64_t offset = g * K + i0;
-        backward_rows_dispatch(group_points<acc_t>(packed, g, K), i0, num_rows, static_cast<acc_t>(t),
-                               lse_data + offset, coef_data + offset, rows.data(), scores.data(),
-                               weighted_sum.data(), grad_data + offset * dim);
-      }
+    for_each_row_tile<acc_t>(G, K, dim, [&](int64_t g, int64_t i0, int64_t num_rows, TaskBuffers<acc_t>& buffers) {
+      const int64_t offset = g * K + i0;
+      backward_rows_dispatch(group_points<acc_t>(packed, g, K), i0, num_rows, static_cast<acc_t>(t),
+                             lse_data + offset, coef_data + offset, buffers.rows.data(), buffers.scores.data(),
+                             buffers.weighted_sum.data(), grad_data + offset * dim);
     });
   });
   return grad.to(y.scalar_type());
 }
 
 }  // namespace
+}  // namespace kepler
 
 TORCH_LIBRARY_IMPL(kepler, CPU, m) {
-  m.impl("packing_energy", &packing_energy_cpu);
-  m.impl("packing_energy_backward", &packing_energy_backward_cpu);
+  m.impl("packing_energy", &kepler::packing_energy_cpu);
+  m.impl("packing_energy_backward", &kepler::packing_energy_backward_cpu);
 }
-
-}  // namespace kepler

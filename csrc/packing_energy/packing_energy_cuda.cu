@@ -11,11 +11,14 @@
 // memory is the codebook plus O(K)). Distances are exact sums of squared differences accumulated
 // in acc_t (float for float/half/bfloat16, double for double). The backward gives each block one
 // kChunkD-wide slice of the output (grid z) and recomputes the distances for it.
+#include "packing_energy/packing_energy_checks.h"
+#include "common/dispatch.h"
+
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/ceil_div.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -83,7 +86,7 @@ __device__ __forceinline__ void tile_scores(const scalar_t* __restrict__ y_g, co
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRows) packing_energy_fwd_kernel(const scalar_t* __restrict__ y, PointsView v,
+__global__ void __launch_bounds__(kRows) _packing_energy_fwd_kernel(const scalar_t* __restrict__ y, PointsView v,
                                                                    acc_t neg_t, acc_t* __restrict__ row_lse) {
   __shared__ acc_t rows[kRows][kChunkD + 1];
   __shared__ acc_t cols[kTileJ][kChunkD + 1];
@@ -111,7 +114,7 @@ __global__ void __launch_bounds__(kRows) packing_energy_fwd_kernel(const scalar_
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRows) packing_energy_bwd_kernel(const scalar_t* __restrict__ y, PointsView v,
+__global__ void __launch_bounds__(kRows) _packing_energy_bwd_kernel(const scalar_t* __restrict__ y, PointsView v,
                                                                    acc_t neg_t, const acc_t* __restrict__ row_lse,
                                                                    const acc_t* __restrict__ coef,
                                                                    scalar_t* __restrict__ grad) {
@@ -156,36 +159,28 @@ __global__ void __launch_bounds__(kRows) packing_energy_bwd_kernel(const scalar_
   }
 }
 
-void check_points(const at::Tensor& y, double t, const char* op) {
-  TORCH_CHECK(y.is_cuda(), op, ": y must be a CUDA tensor, got ", y.device());
-  TORCH_CHECK(y.dim() == 3, op, ": y must be (G, K, d), got shape ", y.sizes());
-  const auto dtype = y.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": y must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(y.size(1) >= 2, op, ": needs K >= 2 codewords, got K=", y.size(1));
-  TORCH_CHECK(y.size(2) >= 1, op, ": needs d >= 1, got d=", y.size(2));
+// Groups go to gridDim.y and (backward) coordinate chunks to gridDim.z, each at most 65535.
+void check_grid_limits(const char* op, const at::Tensor& y) {
   TORCH_CHECK(y.size(0) <= 65535, op, ": at most 65535 groups, got G=", y.size(0));
-  TORCH_CHECK((y.size(2) + kChunkD - 1) / kChunkD <= 65535, op, ": d too large, got d=", y.size(2));
-  TORCH_CHECK(t > 0 && std::isfinite(t), op, ": t must be finite and > 0, got ", t);
+  TORCH_CHECK(at::ceil_div<int64_t>(y.size(2), kChunkD) <= 65535, op, ": d too large, got d=", y.size(2));
 }
-
-at::ScalarType accumulate_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 PointsView view_of(const at::Tensor& y) {
   return {y.size(1), y.size(2), y.stride(0), y.stride(1), y.stride(2)};
 }
 
 std::tuple<at::Tensor, at::Tensor> packing_energy_cuda(const at::Tensor& y, double t) {
-  check_points(y, t, "kepler::packing_energy");
-  const c10::cuda::OptionalCUDAGuard device_guard(y.device());
+  check_packing_energy_inputs(y, t, c10::DeviceType::CUDA);
+  check_grid_limits("kepler::packing_energy", y);
+  const c10::cuda::CUDAGuard device_guard(y.device());
   const int64_t G = y.size(0), K = y.size(1);
   at::Tensor row_lse = at::empty({G, K}, y.options().dtype(accumulate_type(y.scalar_type())));
   if (G > 0) {
     const dim3 grid(static_cast<unsigned>((K + kRows - 1) / kRows), static_cast<unsigned>(G));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "packing_energy_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      packing_energy_fwd_kernel<scalar_t, acc_t><<<grid, kRows, 0, stream>>>(
+    KEPLER_DISPATCH_KERNEL_DTYPES_AND_DOUBLE(y.scalar_type(), "packing_energy_cuda", [&] {
+      using acc_t = accumulate_t<scalar_t>;
+      _packing_energy_fwd_kernel<scalar_t, acc_t><<<grid, kRows, 0, stream>>>(
           y.data_ptr<scalar_t>(), view_of(y), static_cast<acc_t>(-t), row_lse.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -196,15 +191,10 @@ std::tuple<at::Tensor, at::Tensor> packing_energy_cuda(const at::Tensor& y, doub
 
 at::Tensor packing_energy_backward_cuda(const at::Tensor& grad_energy, const at::Tensor& y, double t,
                                         const at::Tensor& energy, const at::Tensor& row_lse) {
-  check_points(y, t, "kepler::packing_energy_backward");
-  const c10::cuda::OptionalCUDAGuard device_guard(y.device());
+  check_packing_energy_backward_inputs(grad_energy, y, t, energy, row_lse, c10::DeviceType::CUDA);
+  check_grid_limits("kepler::packing_energy_backward", y);
+  const c10::cuda::CUDAGuard device_guard(y.device());
   const int64_t G = y.size(0), K = y.size(1), dim = y.size(2);
-  TORCH_CHECK(grad_energy.sizes() == at::IntArrayRef{G} && energy.sizes() == at::IntArrayRef{G},
-              "kepler::packing_energy_backward: grad_energy and energy must be (G,) = (", G, ",), got ",
-              grad_energy.sizes(), " and ", energy.sizes());
-  TORCH_CHECK(row_lse.sizes() == at::IntArrayRef({G, K}),
-              "kepler::packing_energy_backward: row_lse must be (G, K) = (", G, ", ", K, "), got ",
-              row_lse.sizes());
   const auto acc_type = accumulate_type(y.scalar_type());
   const at::Tensor lse = row_lse.to(acc_type).contiguous();
   const double log_pairs = std::log(static_cast<double>(K) * static_cast<double>(K - 1));
@@ -215,9 +205,9 @@ at::Tensor packing_energy_backward_cuda(const at::Tensor& grad_energy, const at:
     const dim3 grid(static_cast<unsigned>((K + kRows - 1) / kRows), static_cast<unsigned>(G),
                     static_cast<unsigned>((dim + kChunkD - 1) / kChunkD));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "packing_energy_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      packing_energy_bwd_kernel<scalar_t, acc_t><<<grid, kRows, 0, stream>>>(
+    KEPLER_DISPATCH_KERNEL_DTYPES_AND_DOUBLE(y.scalar_type(), "packing_energy_backward_cuda", [&] {
+      using acc_t = accumulate_t<scalar_t>;
+      _packing_energy_bwd_kernel<scalar_t, acc_t><<<grid, kRows, 0, stream>>>(
           y.data_ptr<scalar_t>(), view_of(y), static_cast<acc_t>(-t), lse.data_ptr<acc_t>(), coef.data_ptr<acc_t>(),
           grad.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -227,10 +217,9 @@ at::Tensor packing_energy_backward_cuda(const at::Tensor& grad_energy, const at:
 }
 
 }  // namespace
+}  // namespace kepler
 
 TORCH_LIBRARY_IMPL(kepler, CUDA, m) {
-  m.impl("packing_energy", &packing_energy_cuda);
-  m.impl("packing_energy_backward", &packing_energy_backward_cuda);
+  m.impl("packing_energy", &kepler::packing_energy_cuda);
+  m.impl("packing_energy_backward", &kepler::packing_energy_backward_cuda);
 }
-
-}  // namespace kepler

@@ -1,0 +1,67 @@
+// Argument checks that the launchers of every op share. Each message starts with the op's
+// registered name ("kepler::<op>", as torch.ops.kepler.<op> is called) and names the argument.
+// The checks of one op's arguments live beside it, in csrc/<op>/<op>_checks.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+namespace kepler {
+
+// "(G, N, D)" for the dimension names {"G", "N", "D"}.
+inline std::string shape_names(std::initializer_list<const char*> dims) {
+  std::string joined = "(";
+  for (const char* dim : dims) joined += (joined.size() > 1 ? ", " : "") + std::string(dim);
+  return joined + ")";
+}
+
+// `name` has one dimension per entry of `dims`, e.g. check_dims(op, "z", z, {"G", "N", "D"}).
+inline void check_dims(const char* op, const char* name, const at::Tensor& tensor,
+                       std::initializer_list<const char*> dims) {
+  const auto expected = static_cast<int64_t>(dims.size());
+  TORCH_CHECK(tensor.dim() == expected, op, ": ", name, " must be ", expected, "-D ", shape_names(dims), ", got a ",
+              tensor.dim(), "-D tensor of shape ", tensor.sizes());
+}
+
+// The dtypes every kernel takes (kepler/_backend.py's KERNEL_DTYPES; KEPLER_DISPATCH_KERNEL_DTYPES).
+inline bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+inline void check_kernel_dtype(const char* op, const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(is_kernel_dtype(tensor.scalar_type()), op, ": ", name, " must be float32, bfloat16 or float16, got ",
+              tensor.scalar_type());
+}
+
+// The kernel dtypes and float64 (KEPLER_DISPATCH_KERNEL_DTYPES_AND_DOUBLE).
+inline void check_kernel_dtype_or_double(const char* op, const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(is_kernel_dtype(tensor.scalar_type()) || tensor.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32, bfloat16, float16 or float64, got ", tensor.scalar_type());
+}
+
+inline void check_same_dtype(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                             const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " and ", name_b,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                              const at::Tensor& b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " and ", name_b, " must be on the same device, got ",
+              a.device(), " and ", b.device());
+}
+
+// `name` is on a device of the launcher's type (the dispatcher picks the kernel by device, so this
+// fails only for a launcher called some other way).
+inline void check_device_type(const char* op, const char* name, const at::Tensor& tensor,
+                              c10::DeviceType device_type) {
+  TORCH_CHECK(tensor.device().type() == device_type, op, ": ", name, " must be a ", c10::DeviceTypeName(device_type),
+              " tensor, got ", tensor.device());
+}
+
+}  // namespace kepler
