@@ -28,7 +28,7 @@ inline void check_dims(const char* op, const char* name, const at::Tensor& tenso
               tensor.dim(), "-D tensor of shape ", tensor.sizes());
 }
 
-// The dtypes every kernel takes (kepler/_backend.py's KERNEL_DTYPES; KEPLER_DISPATCH_KERNEL_DTYPES).
+// The dtypes every kernel takes (KERNEL_DTYPES in kernels/_common.py; KEPLER_DISPATCH_KERNEL_DTYPES).
 inline bool is_kernel_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }

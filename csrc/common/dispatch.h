@@ -1,6 +1,6 @@
 // The dtypes the kernels take, the type they accumulate in, and the dispatch over them.
 //
-// Mirrors kepler/_backend.py: KERNEL_DTYPES (float32, bfloat16, float16) are what every kernel
+// Mirrors KERNEL_DTYPES in kernels/_common.py (float32, bfloat16, float16): what every kernel
 // takes; packing_energy also takes float64 (for gradcheck-grade testing, not speed).
 #pragma once
 
