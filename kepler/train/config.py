@@ -1,6 +1,12 @@
 """Training configuration: YAML files merged over typed defaults (OmegaConf), plus ``key=value``
 command-line overrides. Unknown keys are an error naming the key.
 
+One source of defaults: the ``model``, ``model.quantizer`` and ``loss`` sections are the keyword
+arguments of :class:`kepler.models.VQModel`, of the quantizer class that ``model.quantizer.type``
+names (:func:`kepler.nn.register_quantizer`; ``kepler`` by default) and of
+:class:`kepler.models.VQGANLoss`, with their defaults read off the constructors' signatures (their
+docstrings say what each key means). The other sections are defined here.
+
 Learning rate: with ``optim.scale_lr: true`` (taming's rule) the rate used is
 ``base_lr * batch_size * grad_accum * world_size``; otherwise ``base_lr`` itself.
 """
