@@ -4,10 +4,41 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+# save_checkpoint writes ``.<name>.tmp<pid>`` beside the checkpoint and renames it over the target.
+_TMP_PATTERN = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries of :func:`save_checkpoint` in ``folder`` whose writer is gone (a
+    training killed mid-save with SIGKILL cannot clean up); returns the deleted paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = _TMP_PATTERN.match(path.name)
+        if match and path.is_file() and not pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -33,10 +64,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes), e.g. an interrupted copy")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path} could not be read: {exc}") from None
+        raise ValueError(f"checkpoint {path} could not be read: {exc or type(exc).__name__}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a kepler checkpoint (no 'model' and 'config' entries)")
     return state

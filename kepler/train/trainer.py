@@ -41,6 +41,7 @@ from kepler.models import VQGANLoss, VQModel
 from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kepler.train.config import to_dict
 from kepler.train.evaluate import run_validation, save_grid
+from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
 
 log = logging.getLogger("kepler")
 
@@ -493,23 +494,43 @@ class Trainer:
             self.log_file.close()
 
 
-def train(cfg: DictConfig, resume: str | bool | None = None) -> dict:
+def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict:
     """Train per ``cfg`` (see :mod:`kepler.train.config`); returns the run's summary (``metrics.json``:
     the final held-out metrics, ``run`` folder, ``checkpoint``, ``step`` and the training counters).
 
     Args:
         resume: a checkpoint path to continue from, or True for the run's own ``checkpoints/last.pt``
             (a fresh start when it does not exist yet).
+        overwrite: a fresh start may replace a previous run in the run folder (its checkpoint, log,
+            metrics and TensorBoard files are deleted first); without it, that is an error.
 
     Raises:
+        RunDirError: another training holds the run folder, or a fresh start would replace a
+            previous run without ``overwrite`` (see :mod:`kepler.train.run_dir`).
         TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is saved.
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
     dist_info = init_distributed(cfg.device)
+    run_dir = run_dir_of(cfg)
+    lock = RunDirLock(run_dir)
     try:
         if resume is True:
-            last = run_dir_of(cfg) / "checkpoints" / "last.pt"
+            last = run_dir / "checkpoints" / "last.pt"
             resume = str(last) if last.is_file() else None
+        # Rank 0 claims the folder before anything is written; every rank raises its verdict.
+        refusal = None
+        if dist_info.is_main:
+            try:
+                lock.acquire()
+                prepare_run_dir(run_dir, resume=bool(resume), overwrite=overwrite)
+            except RunDirError as exc:
+                refusal = str(exc)
+        refusal = all_gather_objects(refusal)[0]
+        if refusal is not None:
+            raise RunDirError(refusal)
         trainer = Trainer(cfg, dist_info, resume=resume or None)
         return trainer.run()
     finally:
+        lock.release()
         cleanup_distributed()
