@@ -19,9 +19,36 @@ import os
 import sys
 from pathlib import Path
 
+from kepler import __version__
+
 
 class CLIError(Exception):
     """A user error: printed as ``kepler <command>: error: <message>``, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _output_folder(path: str, option: str = "--out") -> Path:
+    """Create the output folder ``path`` and check it is writable, before any work is done."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"{option} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"{option} {folder}: cannot create the folder: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {folder}: the folder is not writable")
+    return folder
 
 
 def _add_train(sub) -> None:
@@ -32,6 +59,9 @@ def _add_train(sub) -> None:
                    help="config overrides in dot notation, e.g. optim.base_lr=1e-5 data.batch_size=8")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or (no value) from the run's checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a previous run (deletes its checkpoint, "
+                        "log.jsonl, metrics.json and tb/)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -48,8 +78,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--resolution", type=int, nargs="+", default=None,
                    help="crop sides to evaluate at (default: the training size)")
     p.add_argument("--out", default=None, help="folder for eval.json")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-images", type=_positive_int, default=None)
     p.add_argument("--lpips-vgg", default=None, help="local VGG16 weights (torchvision layout) for LPIPS")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-layer weights (lpips v0.1 vgg.pth)")
     p.add_argument("--inception", default=None, help="local FID Inception weights (pt_inception-2015-12-05)")
@@ -99,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::", 1)[1],
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-V", "--version", action="version", version=f"kepler {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -118,8 +149,10 @@ def _cmd_train(args) -> int:
     resume = args.resume
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
+    if resume and args.overwrite:
+        raise CLIError("--resume and --overwrite exclude each other: continue the run, or start it over")
     try:
-        metrics = train(cfg, resume=resume)
+        metrics = train(cfg, resume=resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         print(f"kepler train: {stop}; continue with --resume", file=sys.stderr)
         return 128 + stop.signum
@@ -145,6 +178,8 @@ def _train_summary(m: dict) -> str:
 def _cmd_eval(args) -> int:
     from kepler.train.evaluate import evaluate, format_table
 
+    if args.out is not None:
+        _output_folder(args.out)
     resolutions = args.resolution if args.resolution else [None]
     results = evaluate(
         args.checkpoint, data=args.data, resolutions=resolutions, out=args.out, batch_size=args.batch_size,
@@ -168,14 +203,14 @@ def _load_images(paths, size: int | None, factor: int):
     """Image files -> list of (name, (1, 3, H, W) tensor in [-1, 1]); H, W multiples of ``factor``."""
     from PIL import Image
 
-    from kepler.data import ImageTransform, to_tensor
+    from kepler.data import UNREADABLE_IMAGE_ERRORS, ImageTransform, to_rgb, to_tensor
 
     out = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError) as exc:
+                image = to_rgb(image)
+        except UNREADABLE_IMAGE_ERRORS as exc:
             raise CLIError(f"cannot read image {path}: {exc}") from None
         if size is not None:
             if size % factor:
@@ -214,9 +249,8 @@ def _cmd_reconstruct(args) -> int:
 
     from kepler.data import to_uint8
 
+    out = _output_folder(args.out)
     model, device = _model(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for name, x in _load_images(args.images, args.size, model.downsample_factor):
             x_rec = model(x.to(device))[0].cpu()
@@ -229,9 +263,8 @@ def _cmd_reconstruct(args) -> int:
 def _cmd_encode(args) -> int:
     import numpy as np
 
+    out = _output_folder(args.out)
     model, device = _model(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, x in _load_images(args.images, args.size, model.downsample_factor):
         indices = model.encode_to_indices(x.to(device))[0].cpu().numpy()
         np.save(out / f"{name}.npy", indices.astype(np.int64))
@@ -245,9 +278,8 @@ def _cmd_decode(args) -> int:
 
     from kepler.data import to_uint8
 
+    out = _output_folder(args.out)
     model, device = _model(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     q = model.quantize
     for path in args.codes:
         try:
@@ -255,6 +287,8 @@ def _cmd_decode(args) -> int:
         except (OSError, ValueError) as exc:
             raise CLIError(f"cannot read code map {path}: {exc}") from None
         tokens = q.tokens_per_position
+        if codes.size == 0:
+            raise CLIError(f"{path}: the code map is empty ({codes.dtype} {codes.shape})")
         if codes.ndim != 3 or codes.shape[-1] != tokens or not np.issubdtype(codes.dtype, np.integer):
             raise CLIError(f"{path}: expected an integer (H, W, {tokens}) code map, got {codes.dtype} {codes.shape}")
         if codes.min() < 0 or codes.max() >= q.codebook_size:
@@ -292,7 +326,7 @@ def _cmd_study(args) -> int:
         if args.jobs < 1:
             raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
         study["jobs"] = args.jobs
-    out = Path(args.out or study["out"])
+    out = _output_folder(args.out or study["out"], "--out" if args.out else f"{args.config}: out")
     command = _study_command(args)
     print(f"kepler study: {len(study['variants'])} variants x {len(study['seeds'])} seeds"
           + (" + a weight sweep" if study["sweep"] else "") + f", {study['jobs']} run(s) at a time -> {out}",

@@ -1,5 +1,6 @@
 """The ``kepler`` command line: every command's help, errors, and the image/code round trip."""
 
+import os
 import subprocess
 import sys
 
@@ -125,3 +126,62 @@ def test_image_command_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["reconstruct", str(checkpoint), str(good)])  # --out is required
     assert exit_info.value.code == 2
+
+
+def test_version(capsys):
+    import kepler
+
+    for flag in ("--version", "-V"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([flag])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.strip() == f"kepler {kepler.__version__}"
+
+
+@pytest.mark.parametrize("command", ["eval", "reconstruct", "encode", "decode"])
+def test_unusable_output_locations_fail_before_any_work(tmp_path, checkpoint, capsys, monkeypatch, command):
+    import kepler.cli
+
+    # Any work (loading the model) after a bad --out is a failure of this test.
+    monkeypatch.setattr(kepler.cli, "_model", lambda args: pytest.fail("loaded the model before checking --out"))
+    monkeypatch.setattr("kepler.train.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    a_file = tmp_path / "eval.json"
+    a_file.write_text("{}")
+    inputs = {"eval": [], "reconstruct": ["x.png"], "encode": ["x.png"], "decode": ["x.npy"]}[command]
+    err = _error([command, str(checkpoint), *inputs, "--out", str(a_file)], capsys)
+    assert err == f"kepler {command}: error: --out {a_file} is a file, not a folder\n"
+    err = _error([command, str(checkpoint), *inputs, "--out", str(a_file / "sub")], capsys)
+    assert err.startswith(f"kepler {command}: error: --out {a_file / 'sub'}: cannot create the folder")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        err = _error([command, str(checkpoint), *inputs, "--out", str(locked)], capsys)
+        assert err == f"kepler {command}: error: --out {locked}: the folder is not writable\n"
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--max-images"])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_eval_counts_must_be_positive(checkpoint, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(checkpoint), option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected a positive integer, got" in capsys.readouterr().err
+
+
+def test_empty_code_map_and_empty_checkpoint_are_one_line_errors(tmp_path, checkpoint, capsys):
+    empty_codes = tmp_path / "empty.npy"
+    np.save(empty_codes, np.zeros((0, 4, 4), dtype=np.int64))
+    err = _error(["decode", str(checkpoint), str(empty_codes), "--out", str(tmp_path / "o")], capsys)
+    assert err == f"kepler decode: error: {empty_codes}: the code map is empty (int64 (0, 4, 4))\n"
+    zero_bytes = tmp_path / "zero.pt"
+    zero_bytes.write_bytes(b"")
+    err = _error(["encode", str(zero_bytes), "x.png", "--out", str(tmp_path / "o")], capsys)
+    assert err == f"kepler encode: error: checkpoint {zero_bytes} is empty (0 bytes), e.g. an interrupted copy\n"
+
+
+def test_decompression_bomb_is_a_one_line_error(tmp_path, checkpoint, capsys, monkeypatch):
+    photo = random_images(tmp_path / "images", count=1) / "img0.png"  # 48 x 40 = 1920 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # PIL raises above twice the limit
+    err = _error(["encode", str(checkpoint), str(photo), "--out", str(tmp_path / "codes")], capsys)
+    assert err.startswith(f"kepler encode: error: cannot read image {photo}: Image size (1920 pixels) exceeds")
+    assert err.count("\n") == 1

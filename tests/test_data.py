@@ -1,5 +1,8 @@
 """Datasets, transforms, sampling and the embedded data sets."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -72,9 +75,45 @@ def test_corrupt_images_are_skipped_with_a_warning_and_counted(image_tree):
 
 def test_all_images_unreadable_is_an_error(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
+    (tmp_path / "y.jpg").write_bytes(b"")
     ds = ImagePaths.from_folder(tmp_path, ImageTransform(8))
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable image"):
         ds[0]
+    # found when the data set is built, not later inside a DataLoader worker
+    with pytest.raises(ValueError, match=f"no readable image in {tmp_path}: all 2 files failed to load "
+                                         f"\\(first: {tmp_path / 'x.png'}: cannot identify image file"):
+        build_dataset(tmp_path, "train", 8)
+
+
+def write_png16(path, array) -> None:
+    """A 16-bit PNG (greyscale for (H, W), RGB for (H, W, 3) uint16 arrays), written by hand: PIL
+    cannot write 16-bit RGB."""
+    a = np.asarray(array, dtype=">u2")
+    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(a.shape[0]))  # filter type 0 per row
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_are_scaled_to_the_8_bit_range(tmp_path, channels):
+    from kepler.cli import _load_images
+
+    ramp = np.linspace(0, 65535, 16 * 24).round().astype(np.uint16).reshape(16, 24)
+    wide = ramp if channels == 1 else np.stack([ramp, ramp[::-1], 65535 - ramp], axis=-1)
+    write_png16(tmp_path / "wide.png", wide)
+    narrow = np.broadcast_to((wide / 257.0).round().astype(np.uint8)[..., None] if channels == 1
+                             else (wide / 257.0).round().astype(np.uint8), (16, 24, 3))
+    expected = torch.from_numpy(narrow.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    image, _ = build_dataset(tmp_path, "val", 16)[0]
+    centre = (24 - 16) // 2
+    torch.testing.assert_close(image, expected[:, :, centre:centre + 16], atol=1 / 127.5, rtol=0)
+    (_, whole), = _load_images([tmp_path / "wide.png"], None, 8)
+    torch.testing.assert_close(whole[0], expected, atol=1 / 127.5, rtol=0)
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path):

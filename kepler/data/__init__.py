@@ -8,9 +8,9 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from kepler.data.embedded import LFWFaces, SamplePhotos
-from kepler.data.images import IMAGE_EXTENSIONS, ImagePaths
+from kepler.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, ImagePaths
 from kepler.data.sampler import SeededSampler, collate
-from kepler.data.transforms import ImageTransform, to_tensor, to_uint8
+from kepler.data.transforms import ImageTransform, to_rgb, to_tensor, to_uint8
 
 EMBEDDED = ("sample", "faces")
 
@@ -38,10 +38,10 @@ def build_dataset(
         return LFWFaces(split, size, resize, flip=flip)
     transform = ImageTransform(size, resize, random_crop=random_crop and train, flip=flip and train)
     path = Path(spec)
-    if path.is_dir():
-        return ImagePaths.from_folder(path, transform)
-    if path.is_file():
-        return ImagePaths.from_list(path, transform)
+    if path.is_dir() or path.is_file():
+        dataset = ImagePaths.from_folder(path, transform) if path.is_dir() else ImagePaths.from_list(path, transform)
+        dataset.check_readable()
+        return dataset
     raise ValueError(
         f"data {spec!r} is neither an embedded data set {EMBEDDED}, a folder of images nor a list file "
         "(no such file or folder)"
@@ -53,11 +53,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImagePaths",
     "ImageTransform",
+    "UNREADABLE_IMAGE_ERRORS",
     "LFWFaces",
     "SamplePhotos",
     "SeededSampler",
     "build_dataset",
     "collate",
+    "to_rgb",
     "to_tensor",
     "to_uint8",
 ]

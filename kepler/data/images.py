@@ -19,7 +19,7 @@ log = logging.getLogger("kepler")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # What PIL raises for a missing, truncated, undecodable or absurdly large file.
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 SampleKey = int | tuple[int, Sequence[int]]
 
@@ -78,6 +78,20 @@ class ImagePaths(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def check_readable(self) -> None:
+        """Raise ValueError unless at least one file decodes (usually the first, so this is cheap):
+        a data set of only unreadable files would otherwise fail inside a DataLoader worker."""
+        first_error = None
+        for path in self.paths:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                return
+            except UNREADABLE_IMAGE_ERRORS as exc:
+                first_error = first_error or f"{path}: {exc or type(exc).__name__}"
+        raise ValueError(f"no readable image in {self.source}: all {len(self.paths)} files failed to load "
+                         f"(first: {first_error})")
+
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, tuple[str, ...]]:
         index, rng = split_key(key)
         skipped: list[str] = []
@@ -87,7 +101,7 @@ class ImagePaths(Dataset):
                 with Image.open(path) as image:
                     image.load()
                     return self.transform(image, rng), tuple(skipped)
-            except _UNREADABLE as exc:
+            except UNREADABLE_IMAGE_ERRORS as exc:
                 warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
                 skipped.append(path)
         raise RuntimeError(f"no readable image in {self.source}: all {len(self.paths)} files failed to load")

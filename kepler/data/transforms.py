@@ -48,13 +48,26 @@ class ImageTransform:
         return (width - self.size) // 2, (height - self.size) // 2
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        image = self.resize_shorter_side(image.convert("RGB"))
+        image = self.resize_shorter_side(to_rgb(image))
         left, top = self.crop_box(*image.size, rng)
         image = image.crop((left, top, left + self.size, top + self.size))
         array = np.asarray(image, dtype=np.float32)
         if self.flip and rng is not None and rng.random() < 0.5:
             array = array[:, ::-1]
         return to_tensor(array)
+
+
+# 16-bit greyscale modes (PNG); PIL's convert("RGB") clips their 0..65535 values at 255 (all white).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode as 8-bit RGB. 16-bit greyscale is scaled from [0, 65535] to [0, 255]
+    (PIL reads 16-bit colour PNGs as 8-bit RGB itself)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
