@@ -350,7 +350,7 @@ def _agreement_cell(agreement: Agreement | None) -> str:
 
 def _duration(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3)):
-        if seconds >= scale:
+        if seconds >= 0.9995 * scale:  # what rounds to 1000 at 3 digits is shown in the next unit up
             return f"{seconds / scale:.3g} {unit}"
     return f"{seconds / 1e-6:.3g} us"
 
