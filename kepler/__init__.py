@@ -9,6 +9,9 @@ from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler import lattice, metrics
 from kepler.nn import KeplerQuantizer
+# The function shadows its module as the attribute kepler.doctor; `from kepler.doctor import ...`
+# still reaches the module (format_report, DoctorReport).
+from kepler.doctor import doctor
 
 __version__ = "0.1.0"
 
@@ -18,6 +21,7 @@ __all__ = [
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",
     "available_backends",
+    "doctor",
     "nearest_codeword",
     "lattice",
     "metrics",

@@ -1,4 +1,4 @@
-"""``kepler`` command line: train, eval, reconstruct, encode, decode, study.
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, study, doctor.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     kepler reconstruct runs/sample/checkpoints/last.pt photo.jpg --out recon/
     kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
     kepler decode runs/sample/checkpoints/last.pt codes/photo.npy --out decoded/
+    kepler doctor --triton-interpret                   # versions, devices, every backend vs the reference
 """
 
 from __future__ import annotations
@@ -123,6 +124,26 @@ def _add_study(sub) -> None:
     p.set_defaults(func=_cmd_study)
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="versions, devices and every backend checked against the reference",
+                       description="List torch/triton/CUDA versions, the devices and kepler._C's backends; check "
+                                   "every op on every available backend against the float64 reference (forward and "
+                                   "backward, float32 and bfloat16) and time it against plain PyTorch. Exits 1 when "
+                                   "a backend disagrees with the reference.")
+    p.add_argument("--triton-interpret", action="store_true",
+                   help="run the Triton kernels in the Triton interpreter (TRITON_INTERPRET=1), so the triton "
+                        "backend is checked on the CPU too; for machines without a GPU")
+    p.add_argument("--device", action="append", default=None, metavar="DEVICE",
+                   help="check on DEVICE (repeatable; default: cpu and every CUDA device)")
+    p.add_argument("--backend", action="append", default=None, metavar="BACKEND",
+                   help="check only BACKEND (repeatable; default: every backend available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per speed figure (the median is shown)")
+    p.add_argument("--quick", action="store_true", help="time the tiny check inputs (a smoke run; figures say little)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the full report as JSON")
+    p.set_defaults(func=_cmd_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kepler", description="Train, evaluate and use Kepler image tokenizers.",
@@ -135,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_image_io(sub)
     _add_study(sub)
+    _add_doctor(sub)
     return parser
 
 
@@ -347,9 +369,37 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    import json
+
+    from kepler.kernels._common import triton_interpreter_on
+
+    if args.triton_interpret and not triton_interpreter_on():
+        # Triton decides whether a kernel is interpreted when it is decorated, and some Triton
+        # versions read TRITON_INTERPRET once when triton is imported, which `import torch` (hence
+        # `import kepler`, already done to get here) does. Only a process that starts with the
+        # variable set is sure to interpret, so re-run this command in one.
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "kepler", *args.argv],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+    from kepler.doctor import doctor, format_report
+
+    report = doctor(args.device, backends=args.backend, seed=args.seed, repeats=args.repeats, quick=args.quick)
+    print(format_report(report))
+    if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if report.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # kepler doctor --triton-interpret re-runs the same command line
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
