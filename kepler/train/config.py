@@ -13,61 +13,115 @@ Learning rate: with ``optim.scale_lr: true`` (taming's rule) the rate used is
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import math
 import os
+import re
+import types
+import typing
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import torch
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from kepler import _backend
 from kepler.models import VQGANLoss, VQModel
 from kepler.nn import quantizer_class
 from kepler.nn.protocol import DEFAULT_TYPE
 
-# The sections that are not a constructor's keyword arguments. ``model`` (VQModel), ``model.quantizer``
-# (the class ``model.quantizer.type`` names) and ``loss`` (VQGANLoss) are read off the constructors.
-RUN_DEFAULTS: dict = {
-    "name": "run",
-    "run_dir": None,  # default: runs/<name>
-    "seed": 0,
-    "device": "auto",  # auto | cpu | cuda | cuda:<i>
+# The sections that are not a constructor's keyword arguments, written as classes so that every
+# section, these and the constructors' (``model``, ``model.quantizer``, ``loss``), gives its keys'
+# defaults and types the same way: its signature and annotations.
+@dataclass
+class RunSection:
+    name: str = "run"
+    run_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:<i>
+
+
+@dataclass
+class DataSection:
+    train: str = "sample"  # sample | faces | a folder of images | a list file
+    val: str = "sample"
+    size: int = 256
+    resize: int | None = None  # shorter side before cropping; default size (2 * size for "sample")
+    random_crop: bool = True
+    flip: bool = True
+    batch_size: int = 5
+    num_workers: int = 0
+    samples_per_epoch: int = 1024  # length of an epoch of the embedded "sample" set
+    val_batch_size: int = 16
+    val_max_images: int | None = None
+
+
+@dataclass
+class OptimSection:
+    name: str = "adam"  # adam | adamw
+    base_lr: float = 4.5e-6
+    scale_lr: bool = True
+    betas: Sequence[float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio * lr at max_steps)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    time_limit_minutes: float | None = None  # stop (then evaluate and save) after this much training time
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    eval_every: int = 500
+    ckpt_every: int = 500
+    log_every: int = 10
+    grid_images: int = 8
+    progress: bool = True
+    threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
+
+
+class Range(typing.NamedTuple):
+    """Allowed values of a number: ``low <= value`` (``low < value`` if ``low_open``), ``value <= high``."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        low = f"> {self.low}" if self.low_open else f">= {self.low}"
+        return low if self.high is None else f"{low} and <= {self.high}"
+
+
+# Ranges and choices of the keys whose classes do not check them on construction (the model, the
+# quantizer and the loss check their own arguments).
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+RANGES: dict[str, Range] = {
+    "data.size": AT_LEAST_1, "data.resize": AT_LEAST_1, "data.batch_size": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0, "data.samples_per_epoch": AT_LEAST_1, "data.val_batch_size": AT_LEAST_1,
+    "data.val_max_images": AT_LEAST_1,
+    "optim.base_lr": POSITIVE, "optim.weight_decay": AT_LEAST_0, "optim.warmup_steps": AT_LEAST_0,
+    "optim.min_lr_ratio": Range(0, 1), "optim.grad_clip": AT_LEAST_0, "optim.grad_accum": AT_LEAST_1,
+    "train.max_steps": AT_LEAST_1, "train.time_limit_minutes": POSITIVE, "train.eval_every": AT_LEAST_1,
+    "train.ckpt_every": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.grid_images": AT_LEAST_0,
+    "train.threads": AT_LEAST_1,
 }
-DATA_DEFAULTS: dict = {
-    "train": "sample",  # sample | faces | a folder of images | a list file
-    "val": "sample",
-    "size": 256,
-    "resize": None,  # shorter side before cropping; default size (2 * size for "sample")
-    "random_crop": True,
-    "flip": True,
-    "batch_size": 5,
-    "num_workers": 0,
-    "samples_per_epoch": 1024,  # length of an epoch of the embedded "sample" set
-    "val_batch_size": 16,
-    "val_max_images": None,
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.quantizer.backend": ("auto", *_backend.BACKENDS),
 }
-OPTIM_DEFAULTS: dict = {
-    "name": "adam",  # adam | adamw
-    "base_lr": 4.5e-6,
-    "scale_lr": True,
-    "betas": [0.5, 0.9],
-    "weight_decay": 0.0,
-    "warmup_steps": 0,
-    "schedule": "constant",  # constant | cosine (to min_lr_ratio * lr at max_steps)
-    "min_lr_ratio": 0.0,
-    "grad_clip": 0.0,  # max global grad norm; 0 = off
-    "grad_accum": 1,
-}
-TRAIN_DEFAULTS: dict = {
-    "max_steps": 1000,
-    "time_limit_minutes": None,  # stop (then evaluate and save) after this much training time
-    "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    "eval_every": 500,
-    "ckpt_every": 500,
-    "log_every": 10,
-    "grid_images": 8,
-    "progress": True,
-    "threads": None,  # torch.set_num_threads on CPU; None = torch's default
-}
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def constructor_defaults(cls: type, exclude: Iterable[str] = ()) -> dict:
@@ -82,17 +136,39 @@ def constructor_defaults(cls: type, exclude: Iterable[str] = ()) -> dict:
     return defaults
 
 
+def _sections(quantizer_type: str) -> dict:
+    """Config section -> the class whose constructor it configures, and the arguments it leaves out
+    (``None``: the top-level keys)."""
+    return {
+        None: (RunSection, ()),
+        "model": (VQModel, ("quantizer",)),
+        "model.quantizer": (quantizer_class(quantizer_type), ("dim",)),
+        "loss": (VQGANLoss, ()),
+        "data": (DataSection, ()),
+        "optim": (OptimSection, ()),
+        "train": (TrainSection, ()),
+    }
+
+
 def defaults(quantizer_type: str = DEFAULT_TYPE) -> dict:
     """Every config key and its default, for a model whose quantizer is ``quantizer_type``."""
-    quantizer = {"type": quantizer_type, **constructor_defaults(quantizer_class(quantizer_type), exclude=("dim",))}
+    sections = {name: constructor_defaults(cls, exclude) for name, (cls, exclude) in _sections(quantizer_type).items()}
+    sections["model.quantizer"] = {"type": quantizer_type, **sections["model.quantizer"]}
     return {
-        **RUN_DEFAULTS,
-        "model": {**constructor_defaults(VQModel, exclude=("quantizer",)), "quantizer": quantizer},
-        "loss": constructor_defaults(VQGANLoss),
-        "data": dict(DATA_DEFAULTS),
-        "optim": dict(OPTIM_DEFAULTS),
-        "train": dict(TRAIN_DEFAULTS),
+        **sections[None],
+        "model": {**sections["model"], "quantizer": sections["model.quantizer"]},
+        **{name: sections[name] for name in ("loss", "data", "optim", "train")},
     }
+
+
+def key_types(quantizer_type: str = DEFAULT_TYPE) -> dict[str, object]:
+    """Dotted config key -> its type annotation (``int``, ``float | None``, ``Sequence[int]``, ...)."""
+    types = {"model.quantizer.type": str}
+    for section, (cls, exclude) in _sections(quantizer_type).items():
+        hints = typing.get_type_hints(cls.__init__)
+        for name in constructor_defaults(cls, exclude):
+            types[name if section is None else f"{section}.{name}"] = hints.get(name, typing.Any)
+    return types
 
 
 def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> str:
@@ -107,22 +183,38 @@ def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> str:
     return quantizer_type
 
 
+def _read_yaml(path: str | os.PathLike) -> DictConfig:
+    """The YAML file at ``path``, which must hold a mapping of config keys."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', None) or exc}") from None
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"config file {path}: {exc.msg}") from None
+    if not isinstance(layer, DictConfig):
+        raise ValueError(f"config file {path} must hold a mapping of config keys, got a {type(layer).__name__}")
+    return layer
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, merged with the YAML file at ``path`` (None: defaults only), then with ``overrides``
-    (``"optim.base_lr=1e-4"`` dotlist strings). Raises ValueError naming an unknown key or a bad
-    override, FileNotFoundError for a missing file."""
+    (``"optim.base_lr=1e-4"`` dotlist strings), then checked against the schema (:func:`key_types`,
+    :data:`RANGES`, :data:`CHOICES`). Raises ValueError naming an unknown key, a bad override or a
+    value of the wrong type or range, FileNotFoundError for a missing file."""
     layers = []
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
-        layers.append((str(path), OmegaConf.load(path)))
+        layers.append((str(path), _read_yaml(path)))
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
     if overrides:
         layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
-    schema = defaults(_quantizer_type(layers))
-    cfg = OmegaConf.create(schema)
+    quantizer_type = _quantizer_type(layers)
+    cfg = OmegaConf.create(defaults(quantizer_type))
     OmegaConf.set_struct(cfg, True)
     for source, layer in layers:
         try:
@@ -134,23 +226,65 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"config keys without a value: {', '.join(missing)}")
-    _check_types(cfg, schema, "")
+    _check_values(cfg, quantizer_type)
+    _check_backend_runs_here(cfg)
     return cfg
 
 
-def _check_types(cfg: DictConfig, defaults: dict, prefix: str) -> None:
-    """Numbers and booleans in the defaults must stay numbers and booleans (bools are not numbers here)."""
-    for key, default in defaults.items():
-        value = cfg[key]
-        name = f"{prefix}{key}"
-        if isinstance(default, dict):
-            _check_types(value, default, name + ".")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ValueError(f"config key {name!r} must be true or false, got {value!r}")
-        elif isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"config key {name!r} must be a number, got {value!r}")
+def _expected(value: object, hint: object) -> str | None:
+    """None if ``value`` fits the type annotation ``hint``, else what was expected, in words."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        problem = _expected(value, inner)
+        return None if problem is None else f"{problem} or null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin in (list, tuple, Sequence, collections.abc.Sequence) and args:
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return f"a list of {_expected(object(), args[0]).removeprefix('a ').removeprefix('an ')}s"
+        for item in value:
+            if _expected(item, args[0]) is not None:
+                return f"a list of {_expected(object(), args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return None
+
+
+def _check_values(cfg: DictConfig, quantizer_type: str) -> None:
+    """Every key's value against its type annotation, then :data:`RANGES`, :data:`CHOICES` and the
+    device's form: a ValueError naming the first bad key."""
+    for key, hint in key_types(quantizer_type).items():
+        value = OmegaConf.select(cfg, key)
+        problem = _expected(value, hint)
+        if problem is not None:
+            raise ValueError(f"config key {key!r} must be {problem}, got {value!r}")
+        if value is None:
+            continue
+        if key in RANGES and not RANGES[key].admits(value):
+            raise ValueError(f"config key {key!r} must be {RANGES[key]}, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
+
+
+def _check_backend_runs_here(cfg: DictConfig) -> None:
+    """A kernel backend named in a training config must run on this machine's training device (a
+    saved config is not checked this way: a checkpoint trained on a GPU loads on a CPU)."""
+    backend = OmegaConf.select(cfg, "model.quantizer.backend")
+    if backend not in (None, "auto"):
+        device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        reason = _backend._unavailable_reason(backend, device_type)
+        if reason is not None:
+            raise ValueError(f"config key 'model.quantizer.backend' is {backend!r}, which cannot run here: {reason}")
 
 
 def to_dict(cfg: DictConfig) -> dict:
