@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kepler.weights import load_weights
+
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``: a crash
@@ -33,10 +35,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} could not be read: {exc}") from None
+    state = load_weights(path, f"checkpoint {path}", map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a kepler checkpoint (no 'model' and 'config' entries)")
     return state
