@@ -204,3 +204,13 @@ def test_evaluate_missing_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(1)}, bogus)
     with pytest.raises(ValueError, match="is not a kepler checkpoint"):
         evaluate(bogus)
+
+
+def test_load_model_checks_the_weights_before_building_the_model(tiny_checkpoint, tmp_path):
+    checkpoint, _ = tiny_checkpoint
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"].update(ch=4096, ch_mult=[1] * 8)  # 16 billion parameters if it were built
+    state["model"] = {}
+    torch.save(state, tmp_path / "huge.pt")
+    with pytest.raises(ValueError, match=r"the weights do not match the model config: keys \d+ missing"):
+        load_model(tmp_path / "huge.pt")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -121,6 +121,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ValueError(f"override {item!r} must look like key=value")
     if overrides:
         layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    return _merged(layers)
+
+
+def _merged(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
+    """The defaults with ``(source, layer)`` merged over them in order, checked: unknown keys, bad
+    values, keys left without a value and numbers that are not numbers are a ValueError naming them."""
     schema = defaults(_quantizer_type(layers))
     cfg = OmegaConf.create(schema)
     OmegaConf.set_struct(cfg, True)
@@ -136,6 +142,19 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         raise ValueError(f"config keys without a value: {', '.join(missing)}")
     _check_types(cfg, schema, "")
     return cfg
+
+
+def model_config(config: object, source: str) -> dict:
+    """The ``model`` section of a saved config (a checkpoint's ``config``), checked as
+    :func:`load_config` checks a file, defaults filled in: plain containers for
+    :meth:`kepler.models.VQModel.from_config`. ValueError, one line, naming ``source`` otherwise."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
+        raise ValueError(f"{source} has no model config (its config must map 'model' to a section)")
+    try:
+        layer = OmegaConf.create({"model": dict(config["model"])})
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"bad config value in {source}: {exc.msg}") from None
+    return to_dict(_merged([(source, layer)]))["model"]
 
 
 def _check_types(cfg: DictConfig, defaults: dict, prefix: str) -> None:

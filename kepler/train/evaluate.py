@@ -31,7 +31,8 @@ from kepler.distributed import all_reduce_sum, resolve_device
 from kepler.metrics import packing_report
 from kepler.models import VQModel, load_lpips
 from kepler.train.checkpoint import load_checkpoint
-from kepler.weights import load_weights, sha256_prefix_matches
+from kepler.train.config import model_config
+from kepler.weights import check_state_dict, load_weights, sha256_prefix_matches
 
 log = logging.getLogger("kepler")
 
@@ -284,9 +285,19 @@ def format_table(results: dict) -> str:
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[VQModel, dict]:
-    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``)."""
+    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``).
+
+    The model is first built from the checkpoint's config on the ``meta`` device and the weights are
+    checked against it (:func:`kepler.weights.check_state_dict`): a config that does not describe the
+    weights, however large the model it asks for, is a one-line ValueError before anything is allocated.
+    """
     state = load_checkpoint(checkpoint)
-    model = VQModel.from_config(state["config"]["model"])
+    source = f"checkpoint {checkpoint}"
+    config = model_config(state["config"], source)
+    with torch.device("meta"):
+        skeleton = VQModel.from_config(config)
+    check_state_dict(skeleton, state["model"], source)
+    model = VQModel.from_config(config)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
