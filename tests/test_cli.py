@@ -180,3 +180,16 @@ def test_resume_with_a_changed_model_names_the_keys(tmp_path, checkpoint, capsys
                  capsys)
     assert err.startswith(f"kepler train: error: --resume checkpoint {checkpoint}: the weights do not match the model "
                           "config: keys ") and "of another shape ('quant_conv.weight'" in err and err.count("\n") == 1
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, checkpoint, capsys):
+    def poison(weights):
+        weights["decoder.conv_out.bias"][0] = float("nan")
+        weights["quantize.codebook"][1, :2] = float("inf")
+        return weights
+
+    path = _doctored(checkpoint, tmp_path / "nan.pt", weights=poison)
+    image = random_images(tmp_path / "images", count=1) / "img0.png"
+    err = _error(["encode", str(path), str(image), "--out", str(tmp_path / "o")], capsys)
+    first = next(k for k in torch.load(path, weights_only=True)["model"] if k in ("decoder.conv_out.bias", "quantize.codebook"))
+    assert err == f"kepler encode: error: checkpoint {path}: 3 weights are not finite (NaN or inf), the first in {first!r}\n"

@@ -327,6 +327,20 @@ def test_torch_compile_fullgraph_training_matches_eager(options):
     assert torch.equal(traced.code_counts, eager.code_counts)
 
 
+@pytest.mark.parametrize("init", ["kmeans", "lattice:D4"])
+def test_data_dependent_init_refuses_non_finite_rows(init):
+    quantizer = make_quantizer(num_codes=8, init=init).eval()  # eval: the init still runs on the first forward
+    z = torch.randn(2, 16, 3, 3)
+    z[0, 5, 1, 1] = float("nan")
+    z[1, 0, 0, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"^codebook initialization \(" + init.split(":")[0] + r"\): 2 of the first "
+                       r"batch's 288 values are not finite \(NaN or inf\); the codebook would keep them$"):
+        quantizer(z)
+    assert not bool(quantizer.upkeep.initialized) and torch.isfinite(quantizer.codebook).all()
+    quantizer(torch.randn(2, 16, 3, 3))
+    assert bool(quantizer.upkeep.initialized) and torch.isfinite(quantizer.codebook).all()
+
+
 def test_inference_mode():
     quantizer = spread_codebook(make_quantizer()).eval()
     z = torch.randn(2, 16, 3, 3)
