@@ -371,6 +371,15 @@ def test_constructor_errors(kwargs, error, message):
         make_quantizer(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["scale", "beta", "kepler_kl_weight", "packing_weight", "packing_t", "ema_decay",
+                                  "dead_code_threshold"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_constructor_refuses_non_finite_numbers(name, value):
+    # nan passed every range check (and switched features off), inf made losses inf or overflowed.
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got {value}$"):
+        make_quantizer(**{name: value})
+
+
 def test_forward_errors():
     with pytest.raises(ValueError, match=r"z has C=8 channels but the quantizer has dim=16"):
         make_quantizer()(torch.randn(1, 8, 2, 2))
