@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_train import random_images, tiny_config
 
@@ -185,3 +186,70 @@ def test_decompression_bomb_is_a_one_line_error(tmp_path, checkpoint, capsys, mo
     err = _error(["encode", str(checkpoint), str(photo), "--out", str(tmp_path / "codes")], capsys)
     assert err.startswith(f"kepler encode: error: cannot read image {photo}: Image size (1920 pixels) exceeds")
     assert err.count("\n") == 1
+
+
+def _doctored(checkpoint, path, *, config=None, model_config=None, weights=None):
+    """A copy of ``checkpoint`` with its config, model config or weights replaced."""
+    state = torch.load(checkpoint, weights_only=True)
+    if config is not None:
+        state["config"] = config
+    if model_config is not None:
+        state["config"]["model"] = model_config
+    if weights is not None:
+        state["model"] = weights(state["model"])
+    torch.save(state, path)
+    return path
+
+
+def test_checkpoints_that_do_not_describe_their_weights(tmp_path, checkpoint, capsys):
+    image = random_images(tmp_path / "images", count=1) / "img0.png"
+    state = torch.load(checkpoint, weights_only=True)
+    model = state["config"]["model"]
+
+    def encode_error(path):
+        return _error(["encode", str(path), str(image), "--out", str(tmp_path / "o")], capsys)
+
+    # A few KB asking for a 16-billion-parameter model: refused before anything is allocated.
+    huge = _doctored(checkpoint, tmp_path / "huge.pt", model_config={**model, "ch": 4096, "ch_mult": [1] * 8},
+                     weights=lambda w: {})
+    err = encode_error(huge)
+    assert err.startswith(f"kepler encode: error: checkpoint {huge}: the weights do not match the model config: "
+                          "keys ") and " missing ('encoder.conv_in.weight', " in err and err.count("\n") == 1
+    for config in ({}, "a string", {"model": "a string"}):
+        path = _doctored(checkpoint, tmp_path / "bad_config.pt", config=config)
+        assert encode_error(path) == (f"kepler encode: error: checkpoint {path} has no model config "
+                                      "(its config must map 'model' to a section)\n")
+    path = _doctored(checkpoint, tmp_path / "unknown.pt", model_config={**model, "channels": 8})
+    assert encode_error(path) == f"kepler encode: error: unknown config key 'model.channels' in checkpoint {path}\n"
+    wider = _doctored(checkpoint, tmp_path / "wider.pt", model_config={**model, "embed_dim": 2 * model["embed_dim"]})
+    err = encode_error(wider)
+    assert "of another shape ('quant_conv.weight': (8, 8, 1, 1) in the file, (16, 8, 1, 1) in the model, ...)" in err
+    assert err.count("\n") == 1
+    extra = _doctored(checkpoint, tmp_path / "extra.pt", weights=lambda w: {**w, "stray": torch.zeros(1)})
+    assert encode_error(extra).endswith("keys 1 unexpected ('stray')\n")
+    # Stride-0 views: a file of one float per tensor that claims the model's full size.
+    expanded = _doctored(checkpoint, tmp_path / "expanded.pt",
+                         weights=lambda w: {k: v.flatten()[:1].clone().view([1] * v.dim()).expand(v.shape)
+                                            if v.dim() and v.numel() else v for k, v in w.items()})
+    assert "(overlapping or stride-0 tensors)" in encode_error(expanded)
+
+
+def test_resume_with_a_changed_model_names_the_keys(tmp_path, checkpoint, capsys):
+    config = tiny_config(tmp_path, steps=3)
+    err = _error(["train", str(config), f"run_dir={tmp_path / 'run'}", "model.embed_dim=16", "--resume", str(checkpoint)],
+                 capsys)
+    assert err.startswith(f"kepler train: error: --resume checkpoint {checkpoint}: the weights do not match the model "
+                          "config: keys ") and "of another shape ('quant_conv.weight'" in err and err.count("\n") == 1
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, checkpoint, capsys):
+    def poison(weights):
+        weights["decoder.conv_out.bias"][0] = float("nan")
+        weights["quantize.codebook"][1, :2] = float("inf")
+        return weights
+
+    path = _doctored(checkpoint, tmp_path / "nan.pt", weights=poison)
+    image = random_images(tmp_path / "images", count=1) / "img0.png"
+    err = _error(["encode", str(path), str(image), "--out", str(tmp_path / "o")], capsys)
+    first = next(k for k in torch.load(path, weights_only=True)["model"] if k in ("decoder.conv_out.bias", "quantize.codebook"))
+    assert err == f"kepler encode: error: checkpoint {path}: 3 weights are not finite (NaN or inf), the first in {first!r}\n"

@@ -1,6 +1,9 @@
 """Evaluation: metrics, the Frechet distance against scipy, evaluate() on a tiny checkpoint."""
 
+import hashlib
+import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +15,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from kepler.data import build_dataset
 from kepler.train.config import load_config
+from kepler.train import evaluate as evaluate_module
 from kepler.train.evaluate import (
+    INCEPTION_FILENAME,
     _shard,
     evaluate,
     format_table,
@@ -86,6 +91,62 @@ def test_missing_inception_weights_say_where(tmp_path):
     assert metric is None and reason == f"no weights at {tmp_path / 'inception.pth'}"
 
 
+class _Planted:
+    """A pickle that makes a directory when it is unpickled: proof that a loader ran the file's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _plant(path, marker):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"Conv2d_1a_3x3.conv.weight": _Planted(marker)}, path)
+    return path
+
+
+def test_hostile_inception_weights_are_never_unpickled(tmp_path, monkeypatch):
+    marker = tmp_path / "code_ran"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    default = _plant(tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILENAME, marker)
+    explicit = _plant(tmp_path / "evil.pth", marker)
+    for path in (None, explicit):
+        metric, reason = load_fid(path)
+        assert metric is None and not marker.exists()
+        shown = default if path is None else explicit
+        digest = hashlib.sha256(shown.read_bytes()).hexdigest()
+        assert reason == (f"{shown} is not the FID Inception weights file {INCEPTION_FILENAME}: "
+                          f"its SHA-256 starts with {digest[:8]}, not 6726825d")
+    # A file whose hash prefix matches (32 bits: forgeable) is still read with weights_only=True.
+    monkeypatch.setattr(evaluate_module, "INCEPTION_SHA256_PREFIX", digest[:8])
+    metric, reason = load_fid(explicit)
+    assert metric is None and not marker.exists()
+    assert reason.startswith(f"FID Inception weights {explicit} holds more than tensors and plain containers")
+    assert "it asks for" in reason and "mkdir" in reason and "\n" not in reason
+
+
+def test_checked_inception_weights_reach_the_network(tmp_path, monkeypatch):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state):  # keep the random initialization
+            pass
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    weights = Unloaded("inception", ["2048"], feature_extractor_weights_path=empty).state_dict()
+    path = tmp_path / INCEPTION_FILENAME
+    torch.save(weights, path)
+    monkeypatch.setattr(evaluate_module, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])
+    metric, reason = load_fid(path)
+    assert reason is None
+    loaded = metric.inception.state_dict()
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
 def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path):
     checkpoint, val_images = tiny_checkpoint
     results = evaluate(checkpoint, data=str(val_images), resolutions=(None, 48), out=tmp_path,
@@ -143,3 +204,13 @@ def test_evaluate_missing_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(1)}, bogus)
     with pytest.raises(ValueError, match="is not a kepler checkpoint"):
         evaluate(bogus)
+
+
+def test_load_model_checks_the_weights_before_building_the_model(tiny_checkpoint, tmp_path):
+    checkpoint, _ = tiny_checkpoint
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"].update(ch=4096, ch_mult=[1] * 8)  # 16 billion parameters if it were built
+    state["model"] = {}
+    torch.save(state, tmp_path / "huge.pt")
+    with pytest.raises(ValueError, match=r"the weights do not match the model config: keys \d+ missing"):
+        load_model(tmp_path / "huge.pt")

@@ -1,5 +1,7 @@
 """VQModel, encoder/decoder, discriminator and losses (tiny shapes, CPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -161,6 +163,27 @@ def test_lpips_loads_local_weight_files(tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
     model.train()
     assert not model.training
+
+
+class _Planted:
+    """A pickle that makes a directory when it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_lpips_refuses_weight_files_that_run_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save({"features.0.weight": _Planted(marker)}, tmp_path / "vgg.pth")
+    torch.save({}, tmp_path / "lin.pth")
+    with pytest.raises(ValueError) as error:
+        load_lpips(tmp_path / "vgg.pth", tmp_path / "lin.pth")
+    assert not marker.exists()
+    assert str(error.value) == (f"LPIPS VGG weights {tmp_path / 'vgg.pth'} holds more than tensors and plain "
+                                f"containers (it asks for {os.mkdir.__module__}.mkdir); refused to unpickle it")
 
 
 def test_lpips_missing_linear_weights(tmp_path):

@@ -327,6 +327,20 @@ def test_torch_compile_fullgraph_training_matches_eager(options):
     assert torch.equal(traced.code_counts, eager.code_counts)
 
 
+@pytest.mark.parametrize("init", ["kmeans", "lattice:D4"])
+def test_data_dependent_init_refuses_non_finite_rows(init):
+    quantizer = make_quantizer(num_codes=8, init=init).eval()  # eval: the init still runs on the first forward
+    z = torch.randn(2, 16, 3, 3)
+    z[0, 5, 1, 1] = float("nan")
+    z[1, 0, 0, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"^codebook initialization \(" + init.split(":")[0] + r"\): 2 of the first "
+                       r"batch's 288 values are not finite \(NaN or inf\); the codebook would keep them$"):
+        quantizer(z)
+    assert not bool(quantizer.upkeep.initialized) and torch.isfinite(quantizer.codebook).all()
+    quantizer(torch.randn(2, 16, 3, 3))
+    assert bool(quantizer.upkeep.initialized) and torch.isfinite(quantizer.codebook).all()
+
+
 def test_inference_mode():
     quantizer = spread_codebook(make_quantizer()).eval()
     z = torch.randn(2, 16, 3, 3)
@@ -355,6 +369,15 @@ def test_inference_mode():
 def test_constructor_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         make_quantizer(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["scale", "beta", "kepler_kl_weight", "packing_weight", "packing_t", "ema_decay",
+                                  "dead_code_threshold"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_constructor_refuses_non_finite_numbers(name, value):
+    # nan passed every range check (and switched features off), inf made losses inf or overflowed.
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got {value}$"):
+        make_quantizer(**{name: value})
 
 
 def test_forward_errors():

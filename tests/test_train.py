@@ -225,7 +225,7 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="unknown config key 'train.max_step'"):
         load_config(None, ["train.max_step=3"])
-    with pytest.raises(ValueError, match="config key 'optim.base_lr' must be a number"):
+    with pytest.raises(ValueError, match="config key 'optim.base_lr' must be a finite number"):
         load_config(None, ["optim.base_lr=fast"])
     with pytest.raises(ValueError, match="override 'seed' must look like key=value"):
         load_config(None, ["seed"])

@@ -9,7 +9,8 @@ Two files are needed and never downloaded:
   installed ``lpips`` package.
 
 :func:`load_lpips` returns ``(None, reason)`` when a file is missing, so the caller can say clearly
-that the perceptual term is off.
+that the perceptual term is off; both files are read with ``weights_only=True``
+(:func:`kepler.weights.load_weights`), so a file that holds more than tensors is refused, unread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from kepler.weights import load_weights
 
 VGG_FILENAME = "vgg16-397923af.pth"
 LIN_FILENAME = "lpips_vgg_v0.1.pth"
@@ -119,7 +122,8 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, lin_path: str | os.Pat
     """Build :class:`LPIPS` from local files; returns ``(model, None)`` or ``(None, reason)``.
 
     ``vgg_path`` / ``lin_path`` default to the locations in the module docstring. Nothing is
-    downloaded; a missing file gives a reason such as ``"no weights at /path/vgg16-397923af.pth"``.
+    downloaded; a missing file gives a reason such as ``"no weights at /path/vgg16-397923af.pth"``, a
+    file that is not plain weights a ValueError (:func:`kepler.weights.load_weights`).
     """
     vgg = Path(vgg_path) if vgg_path else default_vgg_path()
     if not vgg.is_file():
@@ -130,7 +134,7 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, lin_path: str | os.Pat
         return None, f"no weights at {lin_candidates[0]}"
     model = LPIPS()
     model.load_weights(
-        torch.load(vgg, map_location="cpu", weights_only=True),
-        torch.load(lin, map_location="cpu", weights_only=True),
+        load_weights(vgg, f"LPIPS VGG weights {vgg}"),
+        load_weights(lin, f"LPIPS linear weights {lin}"),
     )
     return model, None

@@ -35,7 +35,8 @@ class CodebookUpkeep(nn.Module):
         init: ``"uniform"`` (the codebook's own initial value, nothing to do), ``"kmeans"``
             (``KMEANS_ITERATIONS`` Lloyd iterations from distinct random rows of the first batch) or
             ``"lattice"`` (``init_points``, centred on the first batch's mean row and scaled to its RMS
-            spread). The data-dependent inits run at the first :meth:`before_search` with rows.
+            spread). The data-dependent inits run at the first :meth:`before_search` with rows (in eval
+            mode too), and refuse rows with NaN or inf (ValueError with their count).
         init_points: ``(K, d)`` float64 lattice points for ``init="lattice"``.
         ema_decay: None, or a decay in (0, 1): :meth:`after_search` moves each code to the
             Laplace-smoothed moving average of the rows assigned to it.
@@ -143,6 +144,18 @@ class CodebookUpkeep(nn.Module):
             self.ema_cluster_size.fill_(1.0)
 
     def _initialize(self, codebook: torch.Tensor, rows: torch.Tensor) -> None:
+        # One NaN in the first batch would spread into every codeword it touches and stay there; the
+        # count is summed over ranks so that every rank refuses together.
+        non_finite = all_reduce_sum((~torch.isfinite(rows)).sum().to(torch.int64))
+        if torch.compiler.is_compiling():
+            # A traced graph cannot branch on the count; it asserts instead (no count in the message).
+            torch._assert_async(non_finite == 0, "codebook initialization: the first batch has NaN or inf values")
+        elif non_finite:
+            values = int(all_reduce_sum(torch.tensor(rows.numel(), dtype=torch.int64, device=rows.device)))
+            raise ValueError(
+                f"codebook initialization ({self.init}): {int(non_finite)} of the first batch's {values} values are "
+                "not finite (NaN or inf); the codebook would keep them"
+            )
         value = self._kmeans(rows) if self.init == "kmeans" else self._lattice_codebook(rows, codebook.dtype)
         self._set_codebook(codebook, value)
         self.initialized.fill_(True)

@@ -11,6 +11,8 @@ initializations, EMA codebook updates, dead-code re-seeding and ``torch.distribu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,9 @@ def _lattice_points(name: str, count: int, dim: int | None) -> torch.Tensor:
 def _check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    # nan passes every comparison below (and would switch features off); inf makes losses inf.
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if (value <= minimum) if strict else (value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
     return float(value)

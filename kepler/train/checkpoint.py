@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kepler.weights import load_weights
 
 # save_checkpoint writes ``.<name>.tmp<pid>`` beside the checkpoint and renames it over the target.
 _TMP_PATTERN = re.compile(r"^\..+\.tmp(\d+)$")
@@ -66,10 +67,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes), e.g. an interrupted copy")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} could not be read: {exc or type(exc).__name__}") from None
+    state = load_weights(path, f"checkpoint {path}", map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a kepler checkpoint (no 'model' and 'config' entries)")
     return state

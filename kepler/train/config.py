@@ -20,7 +20,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,10 +102,16 @@ class Range(typing.NamedTuple):
         return low if self.high is None else f"{low} and <= {self.high}"
 
 
-# Ranges and choices of the keys whose classes do not check them on construction (the model, the
-# quantizer and the loss check their own arguments).
+# Ranges and choices of the keys whose classes do not check them on construction (the quantizers
+# check their own arguments). A range applies to each item of a list.
 AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
 RANGES: dict[str, Range] = {
+    **{f"model.{key}": AT_LEAST_1 for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels",
+                                              "resolution", "in_channels", "out_ch", "norm_groups", "embed_dim")},
+    "model.dropout": Range(0, 1),
+    **{f"loss.{key}": AT_LEAST_0 for key in ("disc_start", "codebook_weight", "pixel_weight", "perceptual_weight",
+                                             "disc_weight", "disc_factor")},
+    **{f"loss.{key}": AT_LEAST_1 for key in ("disc_num_layers", "disc_ndf", "disc_in_channels")},
     "data.size": AT_LEAST_1, "data.resize": AT_LEAST_1, "data.batch_size": AT_LEAST_1,
     "data.num_workers": AT_LEAST_0, "data.samples_per_epoch": AT_LEAST_1, "data.val_batch_size": AT_LEAST_1,
     "data.val_max_images": AT_LEAST_1,
@@ -213,6 +219,15 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ValueError(f"override {item!r} must look like key=value")
     if overrides:
         layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    cfg = _merged(layers)
+    _check_backend_runs_here(cfg)
+    return cfg
+
+
+def _merged(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
+    """The defaults with ``(source, layer)`` merged over them in order, checked: unknown keys, values
+    of the wrong type or range (:func:`_check_values`) and keys left without a value are a
+    ValueError naming them."""
     quantizer_type = _quantizer_type(layers)
     cfg = OmegaConf.create(defaults(quantizer_type))
     OmegaConf.set_struct(cfg, True)
@@ -227,7 +242,6 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     if missing:
         raise ValueError(f"config keys without a value: {', '.join(missing)}")
     _check_values(cfg, quantizer_type)
-    _check_backend_runs_here(cfg)
     return cfg
 
 
@@ -268,7 +282,8 @@ def _check_values(cfg: DictConfig, quantizer_type: str) -> None:
             raise ValueError(f"config key {key!r} must be {problem}, got {value!r}")
         if value is None:
             continue
-        if key in RANGES and not RANGES[key].admits(value):
+        items = value if isinstance(value, (list, tuple, ListConfig)) else [value]
+        if key in RANGES and not all(RANGES[key].admits(item) for item in items):
             raise ValueError(f"config key {key!r} must be {RANGES[key]}, got {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
             raise ValueError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
@@ -285,6 +300,19 @@ def _check_backend_runs_here(cfg: DictConfig) -> None:
         reason = _backend._unavailable_reason(backend, device_type)
         if reason is not None:
             raise ValueError(f"config key 'model.quantizer.backend' is {backend!r}, which cannot run here: {reason}")
+
+
+def model_config(config: object, source: str) -> dict:
+    """The ``model`` section of a saved config (a checkpoint's ``config``), checked as
+    :func:`load_config` checks a file, defaults filled in: plain containers for
+    :meth:`kepler.models.VQModel.from_config`. ValueError, one line, naming ``source`` otherwise."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
+        raise ValueError(f"{source} has no model config (its config must map 'model' to a section)")
+    try:
+        layer = OmegaConf.create({"model": dict(config["model"])})
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"bad config value in {source}: {exc.msg}") from None
+    return to_dict(_merged([(source, layer)]))["model"]
 
 
 def to_dict(cfg: DictConfig) -> dict:

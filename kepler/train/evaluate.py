@@ -8,11 +8,13 @@ colour: a tokenizer that does not beat it clearly has learned nothing.
 rFID uses torchmetrics' ``FrechetInceptionDistance`` with the FID Inception network (the
 pytorch-fid / torch-fidelity weights ``pt_inception-2015-12-05-6726825d.pth``, by default looked up
 in ``<torch hub dir>/checkpoints``); it is skipped, saying why, when the weights or the
-``torch-fidelity`` package are missing. Nothing is ever downloaded.
+``torch-fidelity`` package are missing, or when the file is not the published one (checked by its
+SHA-256 and read with ``weights_only=True`` before torch-fidelity sees it). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -29,10 +31,14 @@ from kepler.distributed import all_reduce_sum, resolve_device
 from kepler.metrics import packing_report
 from kepler.models import VQModel, load_lpips
 from kepler.train.checkpoint import load_checkpoint
+from kepler.train.config import model_config
+from kepler.weights import check_state_dict, load_weights, sha256_prefix_matches
 
 log = logging.getLogger("kepler")
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+# Start of the published file's SHA-256 (torch hub's naming: <name>-<sha256 prefix>.pth).
+INCEPTION_SHA256_PREFIX = "6726825d"
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +68,27 @@ def default_inception_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
 
 
+def read_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The FID Inception state dict in ``path``, read once into memory and checked before use: its
+    SHA-256 must start with :data:`INCEPTION_SHA256_PREFIX` (the published file's, carried by its name)
+    and it is unpickled with ``weights_only=True``. ValueError, one line, otherwise."""
+    data = Path(path).read_bytes()
+    matches, digest = sha256_prefix_matches(data, INCEPTION_SHA256_PREFIX)
+    if not matches:
+        raise ValueError(
+            f"{path} is not the FID Inception weights file {INCEPTION_FILENAME}: its SHA-256 starts with "
+            f"{digest[:8]}, not {INCEPTION_SHA256_PREFIX}"
+        )
+    state = load_weights(data, f"FID Inception weights {path}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"FID Inception weights {path}: not a state dict of tensors")
+    return state
+
+
 def load_fid(weights_path: str | os.PathLike | None = None):
     """torchmetrics ``FrechetInceptionDistance`` on the local FID Inception weights: ``(metric, None)``
-    or ``(None, reason)``."""
+    or ``(None, reason)`` (missing file, missing torch-fidelity, or a file refused by
+    :func:`read_inception_weights`)."""
     path = Path(weights_path) if weights_path else default_inception_path()
     if not path.is_file():
         return None, f"no weights at {path}"
@@ -74,7 +98,16 @@ def load_fid(weights_path: str | os.PathLike | None = None):
         return None, "the torch-fidelity package (FID Inception network) is not installed"
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path)), None
+    try:
+        state = read_inception_weights(path)
+    except ValueError as exc:
+        return None, str(exc)
+    # torch-fidelity unpickles its weights file with weights_only=False: it is handed our own
+    # serialization of the checked tensors, never the file on disk.
+    checked = io.BytesIO()
+    torch.save(state, checked)
+    checked.seek(0)
+    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=checked), None
 
 
 class _Sums:
@@ -252,9 +285,19 @@ def format_table(results: dict) -> str:
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[VQModel, dict]:
-    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``)."""
+    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``).
+
+    The model is first built from the checkpoint's config on the ``meta`` device and the weights are
+    checked against it (:func:`kepler.weights.check_state_dict`): a config that does not describe the
+    weights, however large the model it asks for, is a one-line ValueError before anything is allocated.
+    """
     state = load_checkpoint(checkpoint)
-    model = VQModel.from_config(state["config"]["model"])
+    source = f"checkpoint {checkpoint}"
+    config = model_config(state["config"], source)
+    with torch.device("meta"):
+        skeleton = VQModel.from_config(config)
+    check_state_dict(skeleton, state["model"], source)
+    model = VQModel.from_config(config)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 

@@ -42,6 +42,7 @@ from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, s
 from kepler.train.config import to_dict
 from kepler.train.evaluate import run_validation, save_grid
 from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
+from kepler.weights import check_state_dict
 
 log = logging.getLogger("kepler")
 
@@ -245,6 +246,9 @@ class Trainer:
 
     def _load(self, path: str) -> None:
         state = load_checkpoint(path)
+        # A run resumed with a changed model config: one line naming the keys, not load_state_dict's report.
+        check_state_dict(self.model, state["model"], f"--resume checkpoint {path}")
+        check_state_dict(self.loss.discriminator, state["discriminator"], f"--resume checkpoint {path} (discriminator)")
         self.model.load_state_dict(state["model"])
         self.loss.discriminator.load_state_dict(state["discriminator"])
         self.opt_ae.load_state_dict(state["opt_ae"])
