@@ -83,8 +83,8 @@ def _nearest_codeword_kernel(
         for d_start in range(0, D, BLOCK_D):
             offs_d = d_start + arange_d
             d_mask = offs_d < D
-            z_tile = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            e_tile = tl.load(e_rows + offs_d[None, :] * stride_ed, mask=code_mask[:, None] & d_mask[None, :], other=0.0)
+            z_tile = tl.load(z_rows + offs_d.to(tl.int64)[None, :] * stride_zd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            e_tile = tl.load(e_rows + offs_d.to(tl.int64)[None, :] * stride_ed, mask=code_mask[:, None] & d_mask[None, :], other=0.0)
             e_f32 = e_tile.to(tl.float32)
             if DOT_IN_FP32:
                 # Exact: a product of two bfloat16 values fits a float32 mantissa.
@@ -109,8 +109,8 @@ def _nearest_codeword_kernel(
     for d_start in range(0, D, BLOCK_D):
         offs_d = d_start + arange_d
         mask = row_mask[:, None] & (offs_d < D)[None, :]
-        z_tile = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-        e_tile = tl.load(winner_rows + offs_d[None, :] * stride_ed, mask=mask, other=0.0).to(tl.float32)
+        z_tile = tl.load(z_rows + offs_d.to(tl.int64)[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+        e_tile = tl.load(winner_rows + offs_d.to(tl.int64)[None, :] * stride_ed, mask=mask, other=0.0).to(tl.float32)
         diff = z_tile - e_tile
         sq_dist += tl.sum(diff * diff, axis=1)
 

@@ -17,7 +17,7 @@ from kepler.kernels._common import KERNEL_DTYPES
 from kepler.ops.nearest_codeword import NearestCodewordFunction
 from kepler.reference.nearest_codeword import nearest_codeword_ref
 
-from conftest import device_backend_params, device_params
+from conftest import device_backend_params, device_params, huge_column_stride_view
 
 # Unit roundoff of float32: every backend accumulates in float32.
 F32_UNIT = 2.0**-24
@@ -154,6 +154,23 @@ def test_layouts_and_strides(device, backend, layout, memory, poisoned_empty):
     assert_matches_oracle(z, codebook, indices, sq_dist)
     torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
     torch.testing.assert_close(sq_dist, expected_sq_dist)
+
+
+def test_triton_column_offsets_past_int32():
+    """A column-major z whose column offsets pass 2**31 elements (as in a transposed (N, D) view with
+    N * D > 2**31) is searched as the same values contiguous.
+
+    Run end to end in the interpreter, which multiplies int32 offsets in int32 like a GPU does, on a
+    real view of an 8 GiB address space (see ``huge_column_stride_view``) rather than by checking
+    the offset expression's dtype: that would pass for a cast in the wrong place, this cannot.
+    """
+    if _backend._unavailable_reason("triton", "cpu"):
+        pytest.skip("the triton backend cannot run on the CPU here")
+    z = torch.randn(5, 3).half()
+    codebook = torch.randn(70, 3).half()
+    expected = kepler.nearest_codeword(z, codebook, backend="triton")
+    got = kepler.nearest_codeword(huge_column_stride_view(z), codebook, backend="triton")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
