@@ -156,6 +156,26 @@ def test_layouts_and_strides(device, backend, layout, memory, poisoned_empty):
     torch.testing.assert_close(sq_dist, expected_sq_dist)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_triton_every_config_matches_reference(dtype, monkeypatch, poisoned_empty):
+    """Every search configuration the launcher can pick for ``dtype`` (each D chunk, z resident or
+    looped over D, 64- and 128-row programs) against the oracle, with MANY_ROWS lowered so that the
+    128-row family runs on inputs small enough for the interpreter; N and K are no multiple of any block."""
+    if _backend._unavailable_reason("triton", "cpu"):
+        pytest.skip("the triton backend cannot run on the CPU here")
+    kernels = pytest.importorskip("kepler.kernels.nearest_codeword")
+    monkeypatch.setattr(kernels, "MANY_ROWS", 200)
+    picked = set()
+    for groups in (1, 3):  # 67 or 201 rows in all
+        for dim in (13, 30, 64, 100):
+            z = torch.randn(groups, 67, dim).to(dtype)
+            codebook = torch.randn(131, dim).to(dtype)
+            picked.add(kernels.pick_config(groups * 67, dim, dtype))
+            indices, sq_dist = kepler.nearest_codeword(z, codebook, backend="triton")
+            assert_matches_oracle(z, codebook, indices, sq_dist)
+    assert picked == {kernels.pick_config(rows, dim, dtype) for rows in (1, 200) for dim in range(1, 257)}
+
+
 def test_triton_column_offsets_past_int32():
     """A column-major z whose column offsets pass 2**31 elements (as in a transposed (N, D) view with
     N * D > 2**31) is searched as the same values contiguous.

@@ -72,9 +72,13 @@ def launchable(pick: Callable[[int, torch.dtype], NamedTuple]) -> list[tuple[Nam
 
 
 def _config_label(config: NamedTuple) -> str:
-    """``N64-K128-D16-w4-s2`` for BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=4, num_stages=2."""
+    """``N64-K128-D16-w4-s2`` for BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=4, num_stages=2;
+    a boolean field as 0 or 1 after its name."""
     short = {"num_warps": "w", "num_stages": "s"}
-    return "-".join(f"{short.get(name, name.removeprefix('BLOCK_'))}{value}" for name, value in config._asdict().items())
+    return "-".join(
+        f"{short.get(name, name.removeprefix('BLOCK_'))}{int(value) if isinstance(value, bool) else value}"
+        for name, value in config._asdict().items()
+    )
 
 
 def kernel_variants(kernels: dict, scalars: dict, configs: list, constexprs: dict | None = None, tag: str = ""):
