@@ -20,6 +20,14 @@ codebook for (N, D) rows, ``grouped`` is G=4 groups of N/4 rows, each with its o
 ``(N, K)`` float32 matrices are skipped for them. Every method of one shape shares a benchmark
 group, so ratios come from one run.
 
+bfloat16 and TF32 rows (``test_nearest_codeword_vs_cublas``, GPU only, D >= 64): ``kepler-triton``
+and ``kepler-cuda`` on bfloat16 inputs, and on float32 inputs under
+``torch.set_float32_matmul_precision("high")`` (TF32 for the Triton kernel's dots and for cuBLAS),
+each beside the bare cuBLAS GEMM ``z @ e.T`` of the same size and dtype (batched when grouped), timed
+the same way in the same test: ``extra_info["fraction_of_cublas"]`` is the GEMM's median time over
+the search's (the issue's target: >= 0.7 on H100/H200). Shapes whose (N, K) GEMM output alone
+would pass ~8 GiB are skipped.
+
 ``KEPLER_BENCH_QUICK=1`` keeps the key targets: N=16384, K=8192, D in {8, 64, 256}, shared
 codebook, for ``kepler-cpu``, ``faiss``, ``plain-matmul`` and ``plain-cdist`` (and the GPU
 methods on a GPU).
@@ -38,8 +46,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,7 +81,7 @@ CPU_METHODS = ("kepler-cpu", "faiss", "plain-matmul", "plain-cdist") if QUICK el
 CUDA_METHODS = ("kepler-cuda", "kepler-triton", "plain-matmul", "plain-cdist") + (() if QUICK else ("kepler-reference",))
 
 
-def make_inputs(rows: int, codes: int, dim: int, layout: str, device: str):
+def make_inputs(rows: int, codes: int, dim: int, layout: str, device: str, dtype: torch.dtype = torch.float32):
     generator = torch.Generator().manual_seed(0)
     if layout == "grouped":
         z = torch.randn(GROUPS, rows // GROUPS, dim, generator=generator)
@@ -79,7 +89,7 @@ def make_inputs(rows: int, codes: int, dim: int, layout: str, device: str):
     else:
         z = torch.randn(rows, dim, generator=generator)
         codebook = torch.randn(codes, dim, generator=generator)
-    return z.to(device), codebook.to(device)
+    return z.to(device, dtype), codebook.to(device, dtype)
 
 
 def _plain_matmul(z, codebook):
@@ -163,6 +173,71 @@ def test_nearest_codeword(benchmark, device, method, rows, codes, dim, layout):
     benchmark.pedantic(timed, rounds=3 if flop > 1e10 else 10, warmup_rounds=1)
     benchmark.extra_info["gflop_per_s"] = flop / 1e9 / benchmark.stats.stats.median
     benchmark.extra_info["peak_memory_mb"] = peak_memory_mb(method, device, rows, codes, dim, layout)
+
+
+# Input dtype and torch.get_float32_matmul_precision() of each row of test_nearest_codeword_vs_cublas.
+CUBLAS_PRECISIONS = {"bf16": (torch.bfloat16, "highest"), "tf32": (torch.float32, "high")}
+CUBLAS_METHODS = ("kepler-triton", "kepler-cuda")
+
+
+def _cublas_params():
+    params = []
+    for rows, codes, dim, layout in SHAPES:
+        if dim < 64:
+            continue
+        for precision, (dtype, _) in CUBLAS_PRECISIONS.items():
+            marks = list(GPU_MARKS)
+            gemm_bytes = rows * codes * dtype.itemsize
+            if gemm_bytes > PLAIN_MEMORY_LIMIT:
+                marks.append(pytest.mark.skip(reason=f"the cuBLAS GEMM would write a {gemm_bytes / 2**30:.0f} GiB (N, K) output"))
+            for method in CUBLAS_METHODS:
+                test_id = f"cuda-N{rows}-K{codes}-D{dim}-{layout}-{precision}-{method}"
+                params.append(pytest.param(method, rows, codes, dim, layout, precision, marks=marks, id=test_id))
+    return params
+
+
+def _median_seconds(step, rounds: int) -> float:
+    """Median wall time of ``step()`` over ``rounds`` calls after one warm-up: what
+    ``benchmark.pedantic`` measures, for the yardstick timed inside the same test."""
+    step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("method, rows, codes, dim, layout, precision", _cublas_params())
+def test_nearest_codeword_vs_cublas(benchmark, method, rows, codes, dim, layout, precision):
+    dtype, matmul_precision = CUBLAS_PRECISIONS[precision]
+    benchmark.group = f"nearest_codeword cuda N={rows} K={codes} D={dim} {layout} {precision}"
+    fn = method_fn(method)
+    z, codebook = make_inputs(rows, codes, dim, layout, "cuda", dtype)
+    codebook_t = codebook.transpose(-1, -2)
+
+    def search():
+        fn(z, codebook)
+        torch.cuda.synchronize()
+
+    def gemm():
+        torch.matmul(z, codebook_t)
+        torch.cuda.synchronize()
+
+    flop = 2 * rows * codes * dim
+    rounds = 3 if flop > 1e10 else 10
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        benchmark.pedantic(search, rounds=rounds, warmup_rounds=1)
+        gemm_seconds = _median_seconds(gemm, rounds)
+        benchmark.extra_info["peak_memory_mb"] = peak_step_memory_mb(lambda: fn(z, codebook), "cuda")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    search_seconds = benchmark.stats.stats.median
+    benchmark.extra_info["gflop_per_s"] = flop / 1e9 / search_seconds
+    benchmark.extra_info["cublas_gflop_per_s"] = flop / 1e9 / gemm_seconds
+    benchmark.extra_info["fraction_of_cublas"] = gemm_seconds / search_seconds
 
 
 @pytest.mark.skipif("cpu" not in kepler.available_backends("cpu"), reason="kepler._C is not built")

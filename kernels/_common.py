@@ -57,8 +57,9 @@ def check_groups(op: str, groups: int) -> None:
 def pick_covering(configs: Sequence[Config], size: int, block: str) -> Config:
     """The first of ``configs`` (in ascending ``block``) whose ``block`` field covers ``size``, else the last.
 
-    A launcher's ``pick_config`` is this over its ``CONFIGS``: the ahead-of-time compile tests
-    sweep sizes through ``pick_config`` and build every configuration it can return.
+    A launcher's ``pick_config`` picks with this from its ``CONFIGS`` (nearest_codeword's first
+    narrows them by dtype and row count): the ahead-of-time compile tests sweep sizes through
+    ``pick_config`` and build every configuration it can return.
     """
     for config in configs:
         if size <= getattr(config, block):

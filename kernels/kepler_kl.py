@@ -5,6 +5,10 @@ whatever the input dtype. Forward passes: (1) mean / M2 (Chan's merge of per-chu
 min; (2) logsumexp of ``s``; (3) ``sum p * log(p / q + eps)``. Backward passes: (1) ``sum p``,
 ``sum p g``, ``sum p s``, ``sum p s g``, ``sum s``; (2) the gradient. The math is documented in
 ``kepler/ops/kepler_kl.py``.
+
+Square roots and divisions are correctly rounded (``tl.sqrt_rn``, ``tl.div_rn``), as PyTorch's
+are: on a GPU a plain ``tl.sqrt`` or float32 ``/`` is approximate (up to 2 ulp; the interpreter
+never shows it, the AOT tests check the PTX).
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ def _log_ratio_eps(log_ratio, log_eps):
     one_plus = 1.0 + e
     rounded_e = one_plus - 1.0
     # log1p(e) = log(1 + e) * e / ((1 + e) - 1), exact to rounding even for tiny e
-    log1p_e = tl.where(rounded_e == 0.0, e, tl.log(one_plus) * (e / tl.where(rounded_e == 0.0, 1.0, rounded_e)))
+    log1p_e = tl.where(rounded_e == 0.0, e, tl.log(one_plus) * tl.div_rn(e, tl.where(rounded_e == 0.0, 1.0, rounded_e)))
     log_term = tl.maximum(log_ratio, log_eps) + log1p_e
-    share = tl.where(diff >= 0.0, 1.0, e) / one_plus
+    share = tl.div_rn(tl.where(diff >= 0.0, 1.0, e), one_plus)
     return log_term, share
 
 
@@ -102,23 +106,23 @@ def _kepler_kl_fwd_kernel(
     for start in range(0, M, BLOCK_M):
         _, mask, x = _load_chunk(x_row, start, M, stride_xm, BLOCK_M)
         n_chunk = tl.minimum(M - start, BLOCK_M).to(tl.float32)
-        chunk_mean = tl.sum(x, axis=0) / n_chunk
+        chunk_mean = tl.div_rn(tl.sum(x, axis=0), n_chunk)
         dev = tl.where(mask, x - chunk_mean, 0.0)
         chunk_m2 = tl.sum(dev * dev, axis=0)
         hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=0))
         lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=0))
         total = count + n_chunk
         delta = chunk_mean - mean
-        mean = mean + delta * (n_chunk / total)
-        m2 = m2 + chunk_m2 + delta * delta * (count * n_chunk / total)
+        mean = mean + delta * tl.div_rn(n_chunk, total)
+        m2 = m2 + chunk_m2 + delta * delta * tl.div_rn(count * n_chunk, total)
         count = total
 
-    variance = m2 / tl.maximum(M - 1, 1).to(tl.float32)
-    scale = tl.where(use_std != 0, tl.sqrt(variance), variance)
+    variance = tl.div_rn(m2, tl.maximum(M - 1, 1).to(tl.float32))
+    scale = tl.where(use_std != 0, tl.sqrt_rn(variance), variance)
     # One element, all equal, or a zero divisor: s = 0. A NaN scale (NaN row) stays NaN.
     degenerate = (scale == scale) & ((M == 1) | (hi == lo) | (scale == 0.0))
     scale = tl.where(degenerate, 0.0, scale)
-    inv_scale = tl.where(degenerate, 0.0, 1.0 / tl.where(degenerate, 1.0, scale))
+    inv_scale = tl.where(degenerate, 0.0, tl.div_rn(1.0, tl.where(degenerate, 1.0, scale)))
     shift = (hi - mean) * inv_scale
 
     # (2) logsumexp of s.
@@ -157,7 +161,7 @@ def _kepler_kl_bwd_kernel(
     mean = tl.load(stats_ptr + row * 3 + 0)
     scale = tl.load(stats_ptr + row * 3 + 1)
     lse = tl.load(stats_ptr + row * 3 + 2)
-    inv_scale = tl.where(scale == 0.0, 0.0, 1.0 / tl.where(scale == 0.0, 1.0, scale))
+    inv_scale = tl.where(scale == 0.0, 0.0, tl.div_rn(1.0, tl.where(scale == 0.0, 1.0, scale)))
 
     # (1) sums over the row; g_i = dL/dp_i = log(r_i + eps) + r_i / (r_i + eps).
     sum_p = tl.zeros((BLOCK_M,), tl.float32)
@@ -178,14 +182,14 @@ def _kepler_kl_bwd_kernel(
         sum_psg += p * s * g
         sum_s += s
     total_p = tl.sum(sum_p, axis=0)
-    g_mean = tl.sum(sum_pg, axis=0) / total_p
+    g_mean = tl.div_rn(tl.sum(sum_pg, axis=0), total_p)
     # S = sum_i d_i s_i with d_i = G p_i (g_i - g_mean) / sum p; see kepler/ops/kepler_kl.py.
-    s_dot_d = grad_loss * (tl.sum(sum_psg, axis=0) - g_mean * tl.sum(sum_ps, axis=0)) / total_p
-    per_dof = s_dot_d / tl.maximum(M - 1, 1).to(tl.float32)
+    s_dot_d = tl.div_rn(grad_loss * (tl.sum(sum_psg, axis=0) - g_mean * tl.sum(sum_ps, axis=0)), total_p)
+    per_dof = tl.div_rn(s_dot_d, tl.maximum(M - 1, 1).to(tl.float32))
     live = inv_scale != 0.0  # degenerate rows get a zero gradient
-    coef_p = tl.where(live, grad_loss / total_p * inv_scale, 0.0)
+    coef_p = tl.where(live, tl.div_rn(grad_loss, total_p) * inv_scale, 0.0)
     coef_s = tl.where(live, tl.where(use_std != 0, per_dof * inv_scale, 2.0 * per_dof), 0.0)
-    s_mean = tl.sum(sum_s, axis=0) / M.to(tl.float32)
+    s_mean = tl.div_rn(tl.sum(sum_s, axis=0), M.to(tl.float32))
 
     # (2) grad_k = coef_p p_k (g_k - g_mean) - coef_s (s_k - s_mean)
     for start in range(0, M, BLOCK_M):

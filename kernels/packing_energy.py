@@ -61,7 +61,7 @@ def _load_centered(y_g, center_g, offs_row, row_mask, offs_d, D, stride_yk, stri
     """(rows, BLOCK_D) float32 tile of y - center; zero outside the valid rows and D."""
     d_mask = offs_d < D
     mask = row_mask[:, None] & d_mask[None, :]
-    ptrs = y_g + offs_row.to(tl.int64)[:, None] * stride_yk + offs_d[None, :] * stride_yd
+    ptrs = y_g + offs_row.to(tl.int64)[:, None] * stride_yk + offs_d.to(tl.int64)[None, :] * stride_yd
     points = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     center = tl.load(center_g + offs_d, mask=d_mask, other=0.0)
     return tl.where(mask, points - center[None, :], 0.0)

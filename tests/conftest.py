@@ -75,3 +75,28 @@ def poisoned_empty():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = was_filling
     torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+
+# Column stride of :func:`huge_column_stride_view`: the offset of column 2 is 2**31 elements.
+HUGE_COLUMN_STRIDE = 2**30
+
+
+def huge_column_stride_view(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (rows, 3) copied into a view with column stride 2**30 at storage offset 2**31.
+
+    Column d sits ``d * 2**30`` elements after column 0, so the offset of column 2 is ``2**31``:
+    an int32 offset product wraps to ``-2**31`` and reads the buffer's first elements (zeros, not
+    column 2) instead of crashing. The float16 buffer is 8 GiB of address space but only the pages
+    of the few values written or read are ever touched; a machine that refuses the mapping skips.
+    """
+    rows, dim = values.shape
+    assert dim == 3 and values.dtype == torch.float16
+    start = 2 * HUGE_COLUMN_STRIDE
+    try:
+        buffer = torch.empty(start + (dim - 1) * HUGE_COLUMN_STRIDE + rows, dtype=values.dtype)
+    except RuntimeError as error:
+        pytest.skip(f"cannot map an 8 GiB buffer here: {error}")
+    buffer[:rows].zero_()  # what a wrapped int32 offset would read
+    view = buffer.as_strided((rows, dim), (1, HUGE_COLUMN_STRIDE), start)
+    view.copy_(values)
+    return view

@@ -17,7 +17,7 @@ from kepler.kernels._common import KERNEL_DTYPES
 from kepler.ops.nearest_codeword import NearestCodewordFunction
 from kepler.reference.nearest_codeword import nearest_codeword_ref
 
-from conftest import device_backend_params, device_params
+from conftest import device_backend_params, device_params, huge_column_stride_view
 
 # Unit roundoff of float32: every backend accumulates in float32.
 F32_UNIT = 2.0**-24
@@ -154,6 +154,43 @@ def test_layouts_and_strides(device, backend, layout, memory, poisoned_empty):
     assert_matches_oracle(z, codebook, indices, sq_dist)
     torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
     torch.testing.assert_close(sq_dist, expected_sq_dist)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_triton_every_config_matches_reference(dtype, monkeypatch, poisoned_empty):
+    """Every search configuration the launcher can pick for ``dtype`` (each D chunk, z resident or
+    looped over D, 64- and 128-row programs) against the oracle, with MANY_ROWS lowered so that the
+    128-row family runs on inputs small enough for the interpreter; N and K are no multiple of any block."""
+    if _backend._unavailable_reason("triton", "cpu"):
+        pytest.skip("the triton backend cannot run on the CPU here")
+    kernels = pytest.importorskip("kepler.kernels.nearest_codeword")
+    monkeypatch.setattr(kernels, "MANY_ROWS", 200)
+    picked = set()
+    for groups in (1, 3):  # 67 or 201 rows in all
+        for dim in (13, 30, 64, 100):
+            z = torch.randn(groups, 67, dim).to(dtype)
+            codebook = torch.randn(131, dim).to(dtype)
+            picked.add(kernels.pick_config(groups * 67, dim, dtype))
+            indices, sq_dist = kepler.nearest_codeword(z, codebook, backend="triton")
+            assert_matches_oracle(z, codebook, indices, sq_dist)
+    assert picked == {kernels.pick_config(rows, dim, dtype) for rows in (1, 200) for dim in range(1, 257)}
+
+
+def test_triton_column_offsets_past_int32():
+    """A column-major z whose column offsets pass 2**31 elements (as in a transposed (N, D) view with
+    N * D > 2**31) is searched as the same values contiguous.
+
+    Run end to end in the interpreter, which multiplies int32 offsets in int32 like a GPU does, on a
+    real view of an 8 GiB address space (see ``huge_column_stride_view``) rather than by checking
+    the offset expression's dtype: that would pass for a cast in the wrong place, this cannot.
+    """
+    if _backend._unavailable_reason("triton", "cpu"):
+        pytest.skip("the triton backend cannot run on the CPU here")
+    z = torch.randn(5, 3).half()
+    codebook = torch.randn(70, 3).half()
+    expected = kepler.nearest_codeword(z, codebook, backend="triton")
+    got = kepler.nearest_codeword(huge_column_stride_view(z), codebook, backend="triton")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)

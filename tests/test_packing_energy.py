@@ -19,7 +19,7 @@ from kepler.losses import packing_energy
 from kepler.ops.packing_energy import PackingEnergyFunction
 from kepler.reference.packing_energy import MIN_SPREAD_SQ, normalize_codebook, packing_energy_raw_ref, packing_energy_ref
 
-from conftest import device_backend_params, device_params
+from conftest import device_backend_params, device_params, huge_column_stride_view
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -144,6 +144,25 @@ def test_non_contiguous_and_offset_inputs(device, backend, normalize, poisoned_e
     assert not codebook.is_contiguous() and codebook.storage_offset() > 0
     assert_matches_oracle(codebook, 0.5, normalize, backend)
     assert_matches_oracle(codebook[1], 0.5, normalize, backend)
+
+
+def test_triton_column_offsets_past_int32():
+    """Codewords whose column offsets pass 2**31 elements (a transposed view with K * d > 2**31) give
+    the energy and gradient of the same values contiguous.
+
+    Run end to end in the interpreter, which multiplies int32 offsets in int32 like a GPU does, on a
+    real view of an 8 GiB address space (see ``huge_column_stride_view``) rather than by checking
+    the offset expression's dtype: that would pass for a cast in the wrong place, this cannot.
+    """
+    if _backend._unavailable_reason("triton", "cpu"):
+        pytest.skip("the triton backend cannot run on the CPU here")
+    codebook = _codebook((67, 3), "cpu", torch.float16)
+    weights = torch.tensor(1.5)
+    expected = _energy_and_grad(lambda c: packing_energy(c, t=0.5, normalize=False, backend="triton"), codebook, weights)
+    got = _energy_and_grad(
+        lambda c: packing_energy(c, t=0.5, normalize=False, backend="triton"), huge_column_stride_view(codebook), weights
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)

@@ -1,7 +1,9 @@
 """Ahead-of-time compilation of Triton kernels for GPU targets, without a GPU.
 
 The interpreter tests prove a kernel's logic; compiling it for sm_80 and sm_90 proves it builds
-for the GPUs we ship for (layouts, shared memory, dot shapes) even on a CPU-only machine.
+for the GPUs we ship for (layouts, shared memory, dot shapes) even on a CPU-only machine, and that
+its PTX rounds square roots and divisions as PyTorch does (the interpreter computes both exactly
+whatever the kernel asks for, so only the PTX shows an approximate ``tl.sqrt`` or ``/``).
 
 An AOT test module (``tests/test_<op>_triton_aot.py``) states only what is particular to its op:
 its kernels' argument types and what its launchers can pick, as ``VARIANTS`` (built with
@@ -17,6 +19,7 @@ child process started with ``TRITON_INTERPRET=0``; on a GPU machine it compiles 
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +44,9 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages")
 INPUT = "*input"
 # Sizes swept through a launcher's pick_config to find every configuration it can return.
 SIZES = range(1, 8193)
+# PTX square roots and divisions that are not correctly rounded: what a plain ``tl.sqrt`` and a
+# float32 ``/`` lower to (sqrt.approx, div.full: up to 2 ulp off). Kernels use tl.sqrt_rn / tl.div_rn.
+APPROXIMATE_PTX = re.compile(r"\b(?:sqrt|div|rcp)\.(?:approx|full)\.[a-z0-9.]*f32")
 
 
 class Variant(NamedTuple):
@@ -66,9 +72,13 @@ def launchable(pick: Callable[[int, torch.dtype], NamedTuple]) -> list[tuple[Nam
 
 
 def _config_label(config: NamedTuple) -> str:
-    """``N64-K128-D16-w4-s2`` for BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=4, num_stages=2."""
+    """``N64-K128-D16-w4-s2`` for BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=4, num_stages=2;
+    a boolean field as 0 or 1 after its name."""
     short = {"num_warps": "w", "num_stages": "s"}
-    return "-".join(f"{short.get(name, name.removeprefix('BLOCK_'))}{value}" for name, value in config._asdict().items())
+    return "-".join(
+        f"{short.get(name, name.removeprefix('BLOCK_'))}{int(value) if isinstance(value, bool) else value}"
+        for name, value in config._asdict().items()
+    )
 
 
 def kernel_variants(kernels: dict, scalars: dict, configs: list, constexprs: dict | None = None, tag: str = ""):
@@ -118,7 +128,8 @@ def compile_variant(variant: Variant, capability: int):
 
 
 def compile_variants(variants: list[Variant]) -> dict:
-    """{variant id: {"shared": bytes} or {"error": message}} for every variant and capability.
+    """{variant id: {"shared": bytes, "approximate": [PTX ops]} or {"error": message}} for every
+    variant and capability; "approximate" lists the :data:`APPROXIMATE_PTX` instructions found.
 
     Errors are recorded, not raised, so each variant's test reports its own.
     """
@@ -126,7 +137,11 @@ def compile_variants(variants: list[Variant]) -> dict:
     for variant in variants:
         for capability in GPU_CAPABILITIES:
             try:
-                results[variant_id(variant, capability)] = {"shared": int(compile_variant(variant, capability).metadata.shared)}
+                compiled = compile_variant(variant, capability)
+                results[variant_id(variant, capability)] = {
+                    "shared": int(compiled.metadata.shared),
+                    "approximate": sorted(set(APPROXIMATE_PTX.findall(compiled.asm["ptx"]))),
+                }
             except Exception as exc:
                 results[variant_id(variant, capability)] = {"error": f"{type(exc).__name__}: {exc}"}
     return results
@@ -175,5 +190,6 @@ def aot_tests(variants: list[Variant], configs):
         if "error" in outcome:
             pytest.fail(outcome["error"])
         assert outcome["shared"] <= SHARED_MEMORY_LIMIT, f"needs {outcome['shared']} bytes of shared memory"
+        assert not outcome["approximate"], f"approximate square roots or divisions: {outcome['approximate']}"
 
     return test_variants_cover_every_config, test_kernel_compiles_for_gpu
