@@ -60,6 +60,34 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _highest_float32_matmul_precision():
+    """Full float32 matmuls (no TF32) in every test, so that backend comparisons and the error
+    bounds below hold on a GPU too; the previous setting comes back afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+# Unit roundoff of float32 (every kernel accumulates in float32).
+F32_UNIT = 2.0**-24
+# Relative error of the GPU's approximate exp2/log2 (PTX ex2.approx.f32 / lg2.approx.f32, which
+# Triton's tl.exp/tl.exp2/tl.log2 and CUDA's fast paths use): at most 2**-22 each, per the PTX ISA.
+# CUDA's expf/logf (no --use_fast_math) are within 2 ulp, which this also covers.
+GPU_APPROX_FN_REL_ERROR = 2.0**-22
+
+
+def float32_sum_error_bound(num_terms, abs_sum):
+    """Worst-case error of a float32 sum (or dot product) of ``num_terms`` terms whose absolute
+    values sum to ``abs_sum``: gamma_n * abs_sum with gamma_n = n u / (1 - n u) (Higham, Accuracy and
+    Stability of Numerical Algorithms, 3.1). It holds for any summation order, blocking, tree
+    reduction or FMA, so it covers the CPU, the interpreter and a GPU alike. ``abs_sum`` may be a
+    tensor."""
+    n_unit = num_terms * F32_UNIT
+    return n_unit / (1.0 - n_unit) * abs_sum
+
+
 @pytest.fixture
 def poisoned_empty():
     """New tensors start as NaN (floats) / the largest int64, so an output a kernel never writes fails.

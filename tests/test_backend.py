@@ -51,3 +51,22 @@ def test_available_backends_lists_only_runnable_ones():
     assert names[0] == "reference"
     assert "cuda" not in names
     assert ("cpu" in names) == kepler.HAS_CPU_EXT
+
+
+@pytest.mark.parametrize(
+    "runnable, expected",
+    [
+        (("reference", "cuda", "triton"), "triton"),  # triton first until gpu_check.sh has vetted cuda
+        (("reference", "cuda"), "cuda"),
+        (("reference",), "reference"),
+    ],
+)
+def test_auto_order_on_a_gpu(monkeypatch, runnable, expected):
+    """On CUDA tensors auto picks triton > cuda > reference (no GPU needed: availability is faked)."""
+    monkeypatch.delenv("KEPLER_BACKEND", raising=False)
+
+    def reason(backend, device_type):
+        return None if backend in runnable else f"{backend} faked unavailable"
+
+    monkeypatch.setattr(_backend, "_unavailable_reason", reason)
+    assert _backend.resolve_backend("auto", torch.device("cuda")) == expected

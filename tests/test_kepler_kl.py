@@ -14,6 +14,7 @@ from conftest import device_backend_params
 from kepler import _ext
 from kepler.kernels._common import triton_interpreter_on
 from kepler.losses import kepler_kl
+from kepler.ops._common import registered_op
 from kepler.ops.kepler_kl import KeplerKLFunction, kepler_kl_prior_logq
 from kepler.reference.kepler_kl import kepler_kl_ref, kepler_kl_rows_ref, standardize_rows
 
@@ -134,11 +135,23 @@ def test_degenerate_rows(device, backend, mode, eps):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_nan_propagates(device, backend):
-    x = torch.randn(2, 300, device=device)
-    x[1, 17] = float("nan")
-    loss, _ = _loss_and_grad(x, torch.rand(300, device=device), backend)
+@pytest.mark.parametrize("num_cols", [300, 1])
+def test_nan_propagates(device, backend, num_cols):
+    """A NaN makes the loss NaN and its row's gradient NaN, as in the reference. M == 1 included: a
+    one-element NaN row is not a degenerate row (its variance is NaN, not 0)."""
+    x = torch.randn(2, num_cols, device=device)
+    x[1, num_cols // 2] = float("nan")
+    prior = torch.rand(num_cols, device=device)
+    loss, grad = _loss_and_grad(x, prior, backend)
+    expected_loss, expected_grad = _loss_and_grad(x.double(), prior.double(), "reference")
+    assert torch.isnan(expected_loss) and expected_grad[1].isnan().all() and expected_grad[0].isfinite().all()
     assert torch.isnan(loss)
+    assert torch.equal(grad.isnan().cpu(), expected_grad.isnan().cpu()), f"grad {grad}"
+    if backend != "reference":
+        # The backward gives rows with scale 0 (degenerate) a zero gradient by rule; a NaN row's
+        # scale must stay NaN so that it never takes that branch.
+        _, stats = registered_op("kepler_kl", backend)(x, kepler_kl_prior_logq(prior), False, 1e-5)
+        assert stats[1, 1].isnan() and stats[0, 1].isfinite(), f"stats {stats}"
 
 
 def _released_kepler_kl(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

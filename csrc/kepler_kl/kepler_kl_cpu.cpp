@@ -285,10 +285,11 @@ struct RowParams {
 inline float inverse_scale(float scale) { return scale == 0.0f ? 0.0f : 1.0f / scale; }
 
 RowParams row_params(const Moments& moments, int64_t num_cols, bool use_std) {
-  const double variance = num_cols > 1 ? moments.m2 / static_cast<double>(num_cols - 1) : 0.0;
+  // M2 / max(M - 1, 1), as the reference: M2 is 0 for one finite element and NaN for a NaN one.
+  const double variance = moments.m2 / static_cast<double>(std::max<int64_t>(num_cols - 1, 1));
   float scale = static_cast<float>(use_std ? std::sqrt(variance) : variance);
   // One element, all elements equal, or a divisor that is zero in fp32: s = 0 (uniform softmax).
-  // A NaN row keeps its NaN scale so the loss is NaN.
+  // A NaN row (M == 1 included) keeps its NaN scale, so the loss and the gradient are NaN.
   const bool degenerate =
       !std::isnan(scale) && (num_cols == 1 || moments.max == moments.min || scale == 0.0f);
   if (degenerate) scale = 0.0f;

@@ -107,9 +107,11 @@ __global__ void _kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const floa
   moments = block_allreduce(moments, WelfordMerge());
   hi = block_allreduce(hi, Max());
   lo = block_allreduce(lo, Min());
-  const float variance = num_cols > 1 ? moments.m2 / static_cast<float>(num_cols - 1) : 0.0f;
+  // M2 / max(M - 1, 1), as the reference: M2 is 0 for one finite element and NaN for a NaN one.
+  const float variance = moments.m2 / static_cast<float>(num_cols > 1 ? num_cols - 1 : 1);
   float scale = use_std ? sqrtf(variance) : variance;
-  // One element, all equal, or a zero divisor: s = 0. A NaN row keeps its NaN scale.
+  // One element, all equal, or a zero divisor: s = 0. A NaN row (M == 1 included) keeps its NaN
+  // scale, so the loss and the gradient are NaN.
   const bool degenerate = !isnan(scale) && (num_cols == 1 || hi == lo || scale == 0.0f);
   if (degenerate) scale = 0.0f;
   const float mean = moments.mean;

@@ -12,6 +12,11 @@
 //   3. _winner_sq_dist_kernel: the winner's distance recomputed exactly as sum_d (z_d - e_d)^2 in
 //      float32.
 // Inputs are read through their strides (no .contiguous() copy); offsets are int64.
+//
+// No tensor-core path: the scores are scalar float32 FMAs on the shared-memory tiles, for every
+// input dtype (16-bit inputs are upcast in shared memory, not fed to mma/wmma). The Triton kernel
+// (kernels/nearest_codeword.py) uses tl.dot, so on a GPU it is expected to be the faster of the
+// two for bfloat16/float16, and auto prefers it (kepler/_backend.py).
 #include "nearest_codeword/nearest_codeword_checks.h"
 #include "common/dispatch.h"
 

@@ -81,10 +81,17 @@ KEPLER_FORCE_INLINE T sum_lanes(vec_t<T> v) {
   for (int64_t l = 0; l < kLanes<T>; ++l) total += v[l];
   return total;
 }
+// max(a, b), NaN when either is NaN (per lane for vectors), as torch.logsumexp propagates NaN.
+// A plain `a > b ? a : b` drops a NaN a: a row whose scores are all NaN would then look fully
+// masked (max -inf) and get row_lse = -inf instead of NaN.
+template <typename T>
+KEPLER_FORCE_INLINE T nan_max(T a, T b) {
+  return (a > b) | (a != a) ? a : b;
+}
 template <typename T>
 KEPLER_FORCE_INLINE T max_lanes(vec_t<T> v) {
   T best = v[0];
-  for (int64_t l = 1; l < kLanes<T>; ++l) best = v[l] > best ? v[l] : best;
+  for (int64_t l = 1; l < kLanes<T>; ++l) best = nan_max(v[l], best);
   return best;
 }
 
@@ -188,11 +195,11 @@ KEPLER_FORCE_INLINE void forward_rows(const PackedPoints<acc_t>& pts, int64_t i0
       vec tile_max_v = splat(kNegInf);
       for (int64_t c = 0; c < kColTile; c += kLanes<acc_t>) {
         const vec v = load(s + c);
-        tile_max_v = v > tile_max_v ? v : tile_max_v;
+        tile_max_v = nan_max(v, tile_max_v);
       }
       const acc_t tile_max = max_lanes<acc_t>(tile_max_v);
       if (tile_max == kNegInf) continue;  // only masked entries in this tile
-      const acc_t new_max = std::max(running_max[r], tile_max);
+      const acc_t new_max = nan_max(running_max[r], tile_max);
       vec tile_sum{};
       for (int64_t c = 0; c < kColTile; c += kLanes<acc_t>) tile_sum += exp_nonpositive(load(s + c) - new_max);
       const acc_t rescale = exp_nonpositive(splat(running_max[r] - new_max))[0];

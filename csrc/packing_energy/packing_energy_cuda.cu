@@ -35,6 +35,14 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
+// max(a, b), NaN when either is NaN, as torch.logsumexp propagates NaN. A plain `a > b ? a : b`
+// drops a NaN a: a row whose scores are all NaN would then look fully masked (max -inf) and get
+// row_lse = -inf instead of NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
 struct PointsView {
   int64_t K, dim, stride_g, stride_k, stride_d;
 };
@@ -100,9 +108,9 @@ __global__ void __launch_bounds__(kRows) _packing_energy_fwd_kernel(const scalar
     tile_scores(y_g, v, i0, j0, neg_t, rows, cols, scores);
     acc_t tile_max = kNegInf;
 #pragma unroll
-    for (int c = 0; c < kTileJ; ++c) tile_max = scores[c] > tile_max ? scores[c] : tile_max;
+    for (int c = 0; c < kTileJ; ++c) tile_max = nan_max(scores[c], tile_max);
     if (tile_max == kNegInf) continue;  // nothing unmasked in this tile for this row
-    const acc_t new_max = running_max > tile_max ? running_max : tile_max;
+    const acc_t new_max = nan_max(running_max, tile_max);
     acc_t tile_sum = 0;
 #pragma unroll
     for (int c = 0; c < kTileJ; ++c) tile_sum += exp_acc(scores[c] - new_max);
@@ -136,7 +144,7 @@ __global__ void __launch_bounds__(kRows) _packing_energy_bwd_kernel(const scalar
 #pragma unroll
     for (int c = 0; c < kTileJ; ++c) {
       const acc_t x = q[c] - lse;  // <= 0 up to rounding; masked entries give exp(-inf) = 0
-      q[c] = exp_acc(x < acc_t(0) ? x : acc_t(0));
+      q[c] = exp_acc(x > acc_t(0) ? acc_t(0) : x);  // clamped so that NaN stays NaN
       weight_sum += q[c];
     }
     __syncthreads();
