@@ -83,7 +83,10 @@ def _scores_log2(y_g, center_g, offs_m, offs_n, K, D, neg_t_log2e, stride_yk, st
         dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee")
         sq_m += tl.sum(a * a, axis=1)
         sq_n += tl.sum(b * b, axis=1)
-    sq_dist = tl.maximum(sq_m[:, None] + sq_n[None, :] - 2.0 * dot, 0.0)
+    sq_dist = sq_m[:, None] + sq_n[None, :] - 2.0 * dot
+    # Clamp rounding's negatives to 0 but keep NaN (tl.maximum(d, 0.0) would map NaN to 0), as the
+    # reference does.
+    sq_dist = tl.where(sq_dist < 0.0, 0.0, sq_dist)
     valid = n_mask[None, :] & (offs_m[:, None] != offs_n[None, :])
     return tl.where(valid, sq_dist * neg_t_log2e, float("-inf"))
 

@@ -217,19 +217,8 @@ def test_coincident_codewords(device, backend):
     assert normalize_codebook(exact, True).abs().max() < 1e-3  # mapped to ~0, not blown up to rounding noise
 
 
-# Strict: passing would mean the Triton kernel was fixed, and this mark must go.
-_TRITON_DROPS_NAN = pytest.mark.xfail(
-    strict=True,
-    reason="kernels/packing_energy.py clamps squared distances with tl.maximum(d, 0.0), which maps NaN to 0",
-)
-
-
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
-@pytest.mark.parametrize(
-    "device, backend",
-    [pytest.param(*p.values, marks=[*p.marks, _TRITON_DROPS_NAN], id=p.id) if p.values[1] == "triton" else p
-     for p in DEVICE_BACKENDS],
-)  # fmt: skip
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 def test_nan_propagates_like_the_reference(device, backend, normalize):
     """NaN inputs give NaN energies and gradients exactly where the reference does.
 
