@@ -67,7 +67,10 @@ class VQModel(nn.Module):
         self.encoder = Encoder(in_channels=in_channels, **arch)
         self.decoder = Decoder(out_ch=out_ch, **arch)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, kernel_size=1)
-        self.quantize = build_quantizer(quantizer, dim=embed_dim)
+        try:
+            self.quantize = build_quantizer(quantizer, dim=embed_dim)
+        except ValueError as exc:  # the quantizer knows embed_dim only as its `dim`
+            raise ValueError(f"model.quantizer (dim = model.embed_dim = {embed_dim}): {exc}") from None
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
 
     def _check_image(self, x: torch.Tensor) -> None:
