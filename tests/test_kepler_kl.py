@@ -143,7 +143,8 @@ def test_degenerate_rows(device, backend, mode, eps):
     constant_row_loss = (math.exp(uniform) * torch.log(torch.exp(uniform - log_q) + eps)).sum()
     oracle, _ = _loss_and_grad(x[1:2].double(), prior.double(), "reference", mode=mode, eps=eps)
     expected = (2 * constant_row_loss + oracle) / 3
-    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=1e-7)
+    gpu_bound = _gpu_approx_fn_bound(x, prior, mode, eps) if backend != "reference" else 0.0
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=1e-7 + gpu_bound)
     assert torch.all(grad[0] == 0) and torch.all(grad[2] == 0)
     assert grad[1].abs().max() > 0
 
@@ -188,7 +189,8 @@ def _released_kepler_kl(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_released_formula_with_hypercube_prior(device, backend):
-    """1024-code hypercube prior (dim 64) vs a 2 x 16x16x256 latent: value and grad to 1e-6."""
+    """1024-code hypercube prior (dim 64) vs a 2 x 16x16x256 latent: value and grad to 1e-6 (plus,
+    for the value on a GPU, the bound of approximate exp2/log2)."""
     lattice = pytest.importorskip("kepler.lattice")
     prior = lattice.official_grid_prior(1024, dim=64, seed=0).to(device)
     z = torch.randn(2, 16, 16, 256, device=device)
@@ -199,7 +201,8 @@ def test_released_formula_with_hypercube_prior(device, backend):
     x = z.reshape(2, -1) if backend != "reference" else z.reshape(2, -1).double()
     loss, grad = _loss_and_grad(x, prior.reshape(-1), backend, mode="official", eps=1e-5)
     expected_grad = expected_grad.reshape(2, -1)
-    assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+    gpu_bound = _gpu_approx_fn_bound(x, prior.reshape(-1), "official", 1e-5) if backend != "reference" else 0.0
+    assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item()) + gpu_bound
     grad_err = (grad.double() - expected_grad).norm() / expected_grad.norm()
     assert grad_err <= 1e-6, f"relative grad error {grad_err.item()}"
 
