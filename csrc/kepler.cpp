@@ -23,8 +23,8 @@ TORCH_LIBRARY(kepler, m) {
   m.def("nearest_codeword(Tensor z, Tensor codebook) -> (Tensor indices, Tensor sq_dist)");
 
   // x: (B, M) float, prior_logq: (Bp, M) float32 with Bp in {1, B} (log-softmax of the
-  // standardized prior). Returns loss (B,) float32 and stats (B, 3) float32 = (mean, scale,
-  // logsumexp of the standardized row) for the backward.
+  // standardized prior). Returns loss (B,) float32 and stats (B, 3) float32 = (max, scale,
+  // logsumexp of u = (x - max) / scale, the standardized row less its max) for the backward.
   m.def("kepler_kl(Tensor x, Tensor prior_logq, bool use_std, float eps) -> (Tensor loss, Tensor stats)");
   m.def(
       "kepler_kl_backward(Tensor grad_loss, Tensor x, Tensor prior_logq, Tensor stats, bool use_std, "

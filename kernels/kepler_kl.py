@@ -2,8 +2,8 @@
 
 One program per row of ``x: (B, M)``, looping over the row in ``BLOCK_M``-wide chunks; fp32 math
 whatever the input dtype. Forward passes: (1) mean / M2 (Chan's merge of per-chunk moments), max,
-min; (2) logsumexp of ``s``; (3) ``sum p * log(p / q + eps)``. Backward passes: (1) ``sum p``,
-``sum p g``, ``sum p s``, ``sum p s g``, ``sum s``; (2) the gradient. The math is documented in
+min; (2) logsumexp of ``u = s - max s``; (3) ``sum p * log(p / q + eps)``. Backward passes: (1) ``sum p``,
+``sum p g``, ``sum p u``, ``sum p u g``, ``sum u``; (2) the gradient. The math is documented in
 ``kepler/ops/kepler_kl.py``.
 
 Square roots and divisions are correctly rounded (``tl.sqrt_rn``, ``tl.div_rn``), as PyTorch's
@@ -73,14 +73,14 @@ def _load_chunk(row_ptr, start, M, stride, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _chunk_terms(x, logq, mean, inv_scale, lse, log_eps):
-    """Per element of a chunk: ``s``, ``p = softmax(s)``, ``log r`` with ``r = p / q``, ``log(r + eps)``
-    and ``r / (r + eps)``."""
-    s = (x - mean) * inv_scale
-    log_p = s - lse
+def _chunk_terms(x, logq, hi, inv_scale, lse, log_eps):
+    """Per element of a chunk: ``u = s - max s``, ``p = softmax(s)``, ``log r`` with ``r = p / q``,
+    ``log(r + eps)`` and ``r / (r + eps)``; ``lse`` is the logsumexp of ``u``."""
+    u = (x - hi) * inv_scale
+    log_p = u - lse
     log_ratio = log_p - logq
     log_term, share = _log_ratio_eps(log_ratio, log_eps)
-    return s, tl.exp(log_p), log_ratio, log_term, share
+    return u, tl.exp(log_p), log_ratio, log_term, share
 
 
 # Runtime ints that may equal 1 are kept as i32 (Triton would otherwise specialize them to constexpr).
@@ -123,26 +123,28 @@ def _kepler_kl_fwd_kernel(
     degenerate = (scale == scale) & ((M == 1) | (hi == lo) | (scale == 0.0))
     scale = tl.where(degenerate, 0.0, scale)
     inv_scale = tl.where(degenerate, 0.0, tl.div_rn(1.0, tl.where(degenerate, 1.0, scale)))
-    shift = (hi - mean) * inv_scale
 
-    # (2) logsumexp of s.
+    # (2) logsumexp of u = s - max s = (x - hi) * inv_scale. Never s = (x - mean) * inv_scale: in
+    # official mode |s| ~ 1 / scale (1e10 for x ~ 1e-10), and s - logsumexp(s) loses the O(1)
+    # log-probabilities to s's rounding (worse with the FMA contraction of `s * inv - shift` on a
+    # GPU). u is exactly 0 at the max, its error relative to |u| where exp(u) is ~0.
     acc = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, M, BLOCK_M):
         _, mask, x = _load_chunk(x_row, start, M, stride_xm, BLOCK_M)
-        acc += tl.where(mask, tl.exp((x - mean) * inv_scale - shift), 0.0)
-    lse = shift + tl.log(tl.sum(acc, axis=0))
+        acc += tl.where(mask, tl.exp((x - hi) * inv_scale), 0.0)
+    lse = tl.log(tl.sum(acc, axis=0))
 
     # (3) sum_i p_i * log(p_i / q_i + eps).
     acc = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, M, BLOCK_M):
         _, mask, x = _load_chunk(x_row, start, M, stride_xm, BLOCK_M)
         _, _, logq = _load_chunk(q_row, start, M, stride_qm, BLOCK_M)
-        _, p, log_ratio, log_term, _ = _chunk_terms(x, logq, mean, inv_scale, lse, log_eps)
+        _, p, log_ratio, log_term, _ = _chunk_terms(x, logq, hi, inv_scale, lse, log_eps)
         term = tl.where(has_eps != 0, log_term, log_ratio)
         acc += tl.where(mask, p * term, 0.0)
 
     tl.store(loss_ptr + row, tl.sum(acc, axis=0))
-    tl.store(stats_ptr + row * 3 + 0, mean)
+    tl.store(stats_ptr + row * 3 + 0, hi)
     tl.store(stats_ptr + row * 3 + 1, scale)
     tl.store(stats_ptr + row * 3 + 2, lse)
 
@@ -158,10 +160,16 @@ def _kepler_kl_bwd_kernel(
     row, x_row, q_row = _program_row(x_ptr, logq_ptr, stride_xb, stride_qb)
     grad_row = grad_ptr + row * M
     grad_loss = tl.load(grad_loss_ptr + row)
-    mean = tl.load(stats_ptr + row * 3 + 0)
+    hi = tl.load(stats_ptr + row * 3 + 0)
     scale = tl.load(stats_ptr + row * 3 + 1)
     lse = tl.load(stats_ptr + row * 3 + 2)
     inv_scale = tl.where(scale == 0.0, 0.0, tl.div_rn(1.0, tl.where(scale == 0.0, 1.0, scale)))
+    # The sums below take s as u - pivot (S and s_k - s_mean do not change), pivot near the
+    # p-weighted mean of u so that sum p s g - g_mean sum p s does not cancel away a large offset:
+    # lse - log M (that mean for a uniform p) while lse > log(M) / 2 (p spread out), else 0 (p on
+    # a few elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
+    log_cols = tl.log(M.to(tl.float32))
+    pivot = tl.where(lse > 0.5 * log_cols, lse - log_cols, 0.0)
 
     # (1) sums over the row; g_i = dL/dp_i = log(r_i + eps) + r_i / (r_i + eps).
     sum_p = tl.zeros((BLOCK_M,), tl.float32)
@@ -172,7 +180,8 @@ def _kepler_kl_bwd_kernel(
     for start in range(0, M, BLOCK_M):
         _, mask, x = _load_chunk(x_row, start, M, stride_xm, BLOCK_M)
         _, _, logq = _load_chunk(q_row, start, M, stride_qm, BLOCK_M)
-        s, p, log_ratio, log_term, share = _chunk_terms(x, logq, mean, inv_scale, lse, log_eps)
+        u, p, log_ratio, log_term, share = _chunk_terms(x, logq, hi, inv_scale, lse, log_eps)
+        s = u - pivot
         p = tl.where(mask, p, 0.0)
         g = tl.where(has_eps != 0, log_term + share, log_ratio + 1.0)
         s = tl.where(mask, s, 0.0)
@@ -183,7 +192,8 @@ def _kepler_kl_bwd_kernel(
         sum_s += s
     total_p = tl.sum(sum_p, axis=0)
     g_mean = tl.div_rn(tl.sum(sum_pg, axis=0), total_p)
-    # S = sum_i d_i s_i with d_i = G p_i (g_i - g_mean) / sum p; see kepler/ops/kepler_kl.py.
+    # S = sum_i d_i s_i with d_i = G p_i (g_i - g_mean) / sum p; see kepler/ops/kepler_kl.py. Taken
+    # over u instead of s: as sum_i d_i = 0, S and s_k - s_mean are the same.
     s_dot_d = tl.div_rn(grad_loss * (tl.sum(sum_psg, axis=0) - g_mean * tl.sum(sum_ps, axis=0)), total_p)
     per_dof = tl.div_rn(s_dot_d, tl.maximum(M - 1, 1).to(tl.float32))
     live = inv_scale != 0.0  # degenerate rows get a zero gradient
@@ -195,7 +205,8 @@ def _kepler_kl_bwd_kernel(
     for start in range(0, M, BLOCK_M):
         offs, mask, x = _load_chunk(x_row, start, M, stride_xm, BLOCK_M)
         _, _, logq = _load_chunk(q_row, start, M, stride_qm, BLOCK_M)
-        s, p, log_ratio, log_term, share = _chunk_terms(x, logq, mean, inv_scale, lse, log_eps)
+        u, p, log_ratio, log_term, share = _chunk_terms(x, logq, hi, inv_scale, lse, log_eps)
+        s = u - pivot
         g = tl.where(has_eps != 0, log_term + share, log_ratio + 1.0)
         grad = tl.where(live, coef_p * p * (g - g_mean) - coef_s * (s - s_mean), 0.0)
         tl.store(grad_row + offs.to(tl.int64), grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -229,7 +240,7 @@ def _row_arguments(x: torch.Tensor, prior_logq: torch.Tensor, use_std: bool, eps
 def kepler_kl_triton(
     x: torch.Tensor, prior_logq: torch.Tensor, use_std: bool, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss ``(B,)`` float32 and stats ``(B, 3)`` float32 (mean, scale, logsumexp of s).
+    """Per-row loss ``(B,)`` float32 and stats ``(B, 3)`` float32 (max, scale, logsumexp of u = (x - max) / scale).
 
     ``x: (B, M)`` float32/bfloat16/float16, any strides; ``prior_logq: (1 | B, M)`` float32.
     """

@@ -114,6 +114,18 @@ def test_non_contiguous_and_offset_inputs(device, backend):
         _check_against_oracle(x, prior, backend)
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("mode", ["official", "std"])
+@pytest.mark.parametrize("scale", [1e-12, 1e-10, 1e-9, 1e-8, 1e-7, 1e-5, 1e-3, 1e-1, 1.0, 10.0, 1e3], ids=str)
+def test_scale_sweep(device, backend, mode, scale):
+    """Official mode divides by the variance: s grows as 1/scale and the softmax saturates. The
+    loss must saturate with it (it exploded to inf through s - logsumexp(s) at |s| ~ 1e10)."""
+    prior = torch.rand(257, device=device)
+    for shape in ((4, 10), (3, 257)):
+        x = torch.randn(shape, device=device) * scale
+        _check_against_oracle(x, prior[: shape[1]], backend, mode=mode)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("mode", ["official", "std"])
 def test_long_row_2_pow_20(backend, mode):

@@ -271,6 +271,25 @@ def test_non_finite_scores_never_win(device, backend, dtype):
     assert expected_indices[1] == 0 and expected_indices[2] == 0 and torch.isnan(expected_sq_dist[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # float16 cannot reach 2**32
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_values_near_the_float32_range(device, backend, dtype):
+    """||e||^2 of a codeword past ~1e19 overflows the float32 score: the search must still be exact."""
+    z = torch.tensor([[2e19, 0, 0, 0], [0, 3e19, 0, 0], [3e38, 0, 0, 0]], device=device).to(dtype)
+    codebook = torch.tensor([[0, 0, 0, 0], [2e19, 0, 0, 0], [0, 3.1e19, 0, 0]], device=device).to(dtype)
+    z.requires_grad_(True)
+    indices, sq_dist = kepler.nearest_codeword(z, codebook, backend=backend)
+    expected = torch.tensor([1, 2, 1], device=device)
+    torch.testing.assert_close(indices, expected, rtol=0, atol=0)
+    residual = z.detach().double() - codebook.double()[expected]
+    # Row 2's distance (~9e76) does not fit float32: inf is its right value, with the right index.
+    exact_sq_dist = residual.square().sum(-1).float()
+    assert torch.isinf(exact_sq_dist[2])
+    torch.testing.assert_close(sq_dist, exact_sq_dist, rtol=2 * F32_UNIT, atol=0)
+    (grad_z,) = torch.autograd.grad(sq_dist[:2].sum(), z)
+    torch.testing.assert_close(grad_z[:2], (2 * residual[:2]).to(dtype), rtol=torch.finfo(dtype).eps, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------

@@ -205,6 +205,21 @@ def test_scale_and_translation_invariance(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_scale_invariance_near_the_float32_range(device, backend):
+    """||c||^2 of codewords near 1e19 and beyond overflows float32: s^2 must not become inf (E = 0)."""
+    codebook = _codebook((2, 40, 6), device).requires_grad_(True)
+    base = packing_energy(codebook, backend=backend)
+    (base_grad,) = torch.autograd.grad(base.sum(), codebook)
+    for scale in (1e19, 1e30, 1e37):
+        big = (codebook.detach() * scale).requires_grad_(True)
+        moved = packing_energy(big, backend=backend)
+        torch.testing.assert_close(moved, base.detach(), rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad(moved.sum(), big)
+        # E(scale c) = E(c), so its gradient is base_grad / scale.
+        torch.testing.assert_close(grad * scale, base_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 def test_coincident_codewords(device, backend):
     """All codewords equal: s^2 = 0 is floored at MIN_SPREAD_SQ, E = log(1) = 0, gradient finite."""
     codebook = torch.full((2, 9, 4), 0.1, device=device).requires_grad_(True)

@@ -3,10 +3,15 @@
 //
 // Passes over a row (fp32 math, fp64 accumulation across blocks of kBlock elements):
 //   forward:  (1) mean / M2 (Chan's merge of per-block two-pass moments), max, min
-//             (2) sum of exp(s - max s)  -> logsumexp
+//             (2) sum of exp(u), u = s - max s = (x - max x) / scale  -> logsumexp of u
 //             (3) sum of p_i * log(p_i / q_i + eps)
-//   backward: (1) sum p, sum p g, sum p s, sum p s g, sum s   (g = dL/dp)
+//   backward: (1) sum p, sum p g, sum p s, sum p s g, sum s   (g = dL/dp, s = u - pivot, below)
 //             (2) write dL/dx
+// Everything is computed from u, never from s = (x - mean) / scale: in official mode s grows as
+// 1 / scale (|s| ~ 1e10 for x ~ 1e-10), and s - logsumexp(s) then loses the O(1) log-probabilities
+// to s's rounding (and FMA contraction of (x - mean) * inv - shift adds an unrounded product to a
+// rounded one): the loss exploded to inf. u is exactly 0 at the max and its error is relative to
+// |u|, where exp(u) has long underflowed. The gradient is invariant to the shift (sum_i d_i = 0).
 // Rows are spread over threads; when there are fewer rows than threads a long row is cut into
 // chunks whose partial sums are combined per row between passes (two-level reduction).
 // The math (standardization rule for degenerate rows, gradient formula) is documented in
@@ -148,10 +153,10 @@ KEPLER_TARGET_CLONES BlockMoments block_moments(const float* x, int64_t n) {
   return {mean, m2, hi, lo};
 }
 
-KEPLER_TARGET_CLONES float block_sum_exp(const float* x, int64_t n, float mean, float inv_scale, float shift) {
+KEPLER_TARGET_CLONES float block_sum_exp(const float* x, int64_t n, float hi, float inv_scale) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += vec_exp((x[i] - mean) * inv_scale - shift);
+  for (int64_t i = 0; i < n; ++i) acc += vec_exp((x[i] - hi) * inv_scale);
   return acc;
 }
 
@@ -177,12 +182,12 @@ KEPLER_FORCE_INLINE float dloss_dp(float log_ratio, float log_eps) {
 }
 
 template <bool kHasEps>
-KEPLER_TARGET_CLONES float block_loss(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
+KEPLER_TARGET_CLONES float block_loss(const float* x, const float* logq, int64_t n, float hi, float inv_scale,
                                   float lse, float log_eps) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) {
-    const float log_p = (x[i] - mean) * inv_scale - lse;
+    const float log_p = (x[i] - hi) * inv_scale - lse;
     acc += vec_exp(log_p) * loss_term<kHasEps>(log_p - logq[i], log_eps);
   }
   return acc;
@@ -193,14 +198,15 @@ struct GradSums {
 };
 
 template <bool kHasEps>
-KEPLER_TARGET_CLONES GradSums block_grad_sums(const float* x, const float* logq, int64_t n, float mean,
-                                          float inv_scale, float lse, float log_eps) {
+KEPLER_TARGET_CLONES GradSums block_grad_sums(const float* x, const float* logq, int64_t n, float hi,
+                                          float inv_scale, float lse, float pivot, float log_eps) {
   float sp = 0.0f, spg = 0.0f, sps = 0.0f, spsg = 0.0f, ss = 0.0f;
 #pragma omp simd reduction(+ : sp, spg, sps, spsg, ss)
   for (int64_t i = 0; i < n; ++i) {
-    const float s = (x[i] - mean) * inv_scale;
-    const float p = vec_exp(s - lse);
-    const float g = dloss_dp<kHasEps>(s - lse - logq[i], log_eps);
+    const float u = (x[i] - hi) * inv_scale;
+    const float p = vec_exp(u - lse);
+    const float g = dloss_dp<kHasEps>(u - lse - logq[i], log_eps);
+    const float s = u - pivot;
     sp += p;
     spg += p * g;
     sps += p * s;
@@ -212,14 +218,15 @@ KEPLER_TARGET_CLONES GradSums block_grad_sums(const float* x, const float* logq,
 
 // grad_i = coef_p * p_i * (g_i - g_mean) - coef_s * (s_i - s_mean)
 template <bool kHasEps>
-KEPLER_TARGET_CLONES void block_grad(const float* x, const float* logq, int64_t n, float mean, float inv_scale,
-                                 float lse, float log_eps, float coef_p, float g_mean, float coef_s, float s_mean,
+KEPLER_TARGET_CLONES void block_grad(const float* x, const float* logq, int64_t n, float hi, float inv_scale,
+                                 float lse, float pivot, float log_eps, float coef_p, float g_mean, float coef_s, float s_mean,
                                  float* grad) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float s = (x[i] - mean) * inv_scale;
-    const float p = vec_exp(s - lse);
-    const float g = dloss_dp<kHasEps>(s - lse - logq[i], log_eps);
+    const float u = (x[i] - hi) * inv_scale;
+    const float p = vec_exp(u - lse);
+    const float g = dloss_dp<kHasEps>(u - lse - logq[i], log_eps);
+    const float s = u - pivot;
     grad[i] = coef_p * p * (g - g_mean) - coef_s * (s - s_mean);
   }
 }
@@ -276,10 +283,9 @@ Moments row_moments(const scalar_t* x, int64_t begin, int64_t end) {
 
 // What the passes after the moments need about a row.
 struct RowParams {
-  float mean;       // fp32 row mean
+  float hi;         // row max: u = (x - hi) * inv_scale
   float scale;      // divisor (variance or std); 0 for a degenerate row (standardizes to 0)
   float inv_scale;  // 1 / scale, 0 for a degenerate row
-  float shift;      // max of s over the row (softmax shift)
 };
 
 inline float inverse_scale(float scale) { return scale == 0.0f ? 0.0f : 1.0f / scale; }
@@ -294,10 +300,9 @@ RowParams row_params(const Moments& moments, int64_t num_cols, bool use_std) {
       !std::isnan(scale) && (num_cols == 1 || moments.max == moments.min || scale == 0.0f);
   if (degenerate) scale = 0.0f;
   RowParams params;
-  params.mean = static_cast<float>(moments.mean);
+  params.hi = moments.max;
   params.scale = scale;
   params.inv_scale = inverse_scale(scale);
-  params.shift = (moments.max - params.mean) * params.inv_scale;
   return params;
 }
 
@@ -305,7 +310,7 @@ template <typename scalar_t>
 double row_sum_exp(const scalar_t* x, int64_t begin, int64_t end, const RowParams& params) {
   double acc = 0.0;
   for_each_block(x, begin, end, [&](int64_t, int64_t n, const float* xf) {
-    acc += block_sum_exp(xf, n, params.mean, params.inv_scale, params.shift);
+    acc += block_sum_exp(xf, n, params.hi, params.inv_scale);
   });
   return acc;
 }
@@ -315,8 +320,8 @@ double row_loss(const scalar_t* x, const float* logq, int64_t begin, int64_t end
                 float lse, float log_eps, bool has_eps) {
   double acc = 0.0;
   for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
-    acc += has_eps ? block_loss<true>(xf, logq + start, n, params.mean, params.inv_scale, lse, log_eps)
-                   : block_loss<false>(xf, logq + start, n, params.mean, params.inv_scale, lse, log_eps);
+    acc += has_eps ? block_loss<true>(xf, logq + start, n, params.hi, params.inv_scale, lse, log_eps)
+                   : block_loss<false>(xf, logq + start, n, params.hi, params.inv_scale, lse, log_eps);
   });
   return acc;
 }
@@ -333,8 +338,12 @@ struct GradTotals {
 };
 
 // Per-row state read back from the forward's stats.
+// The gradient sums take s as u - pivot (S and s_k - s_mean do not change), pivot near the
+// p-weighted mean of u so that sum p s g - g_mean sum p s does not cancel away a large offset:
+// lse - log M (that mean for a uniform p) while lse > log(M) / 2 (p spread out), else 0 (p on
+// a few elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
 struct BackwardRow {
-  float mean, inv_scale, lse;
+  float hi, inv_scale, lse, pivot;  // lse: logsumexp of u
 };
 
 template <typename scalar_t>
@@ -343,8 +352,8 @@ GradTotals row_grad_sums(const scalar_t* x, const float* logq, int64_t begin, in
   GradTotals totals;
   for_each_block(x, begin, end, [&](int64_t start, int64_t n, const float* xf) {
     const GradSums b =
-        has_eps ? block_grad_sums<true>(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps)
-                : block_grad_sums<false>(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps);
+        has_eps ? block_grad_sums<true>(xf, logq + start, n, row.hi, row.inv_scale, row.lse, row.pivot, log_eps)
+                : block_grad_sums<false>(xf, logq + start, n, row.hi, row.inv_scale, row.lse, row.pivot, log_eps);
     totals.add({b.p, b.pg, b.ps, b.psg, b.s});
   });
   return totals;
@@ -359,7 +368,8 @@ struct GradCoefs {
 // S = sum_i d_i s_i (sum_i d_i = 0), back through s = (x - mean) / scale (unbiased, M - 1):
 //   official (scale = var): dx_k = d_k / var - 2 S s_k / (M - 1)
 //   std (scale = std):      dx_k = (d_k - S s_k / (M - 1)) / std
-// s_k is taken relative to the row mean of s, which undoes the fp32 rounding of the mean.
+// Every s here is u = s - max s (S and s_k - s_mean do not change), and s_k is taken relative
+// to the row mean of u.
 GradCoefs grad_coefs(const GradTotals& t, double grad_loss, const BackwardRow& row, int64_t num_cols,
                      bool use_std) {
   if (row.inv_scale == 0.0f || num_cols < 2) return {0.0f, 0.0f, 0.0f, 0.0f};  // degenerate: zero grad
@@ -383,7 +393,7 @@ void row_grad(const scalar_t* x, const float* logq, int64_t begin, int64_t end, 
     float* out = buffer;
     if constexpr (std::is_same_v<scalar_t, float>) out = grad + start;
     auto* block = has_eps ? &block_grad<true> : &block_grad<false>;
-    block(xf, logq + start, n, row.mean, row.inv_scale, row.lse, log_eps, c.coef_p, c.g_mean, c.coef_s, c.s_mean,
+    block(xf, logq + start, n, row.hi, row.inv_scale, row.lse, row.pivot, log_eps, c.coef_p, c.g_mean, c.coef_s, c.s_mean,
           out);
     if constexpr (!std::is_same_v<scalar_t, float>) {
       for (int64_t i = 0; i < n; ++i) grad[start + i] = static_cast<scalar_t>(buffer[i]);
@@ -432,8 +442,8 @@ void forward_rows(const scalar_t* x, int64_t stride_x, const float* logq, int64_
   const bool has_eps = eps > 0.0;
   const float log_eps = log_of_eps(eps);
   auto finish_row = [&](int64_t b, const RowParams& params, double sum_exp) {
-    const float lse = static_cast<float>(params.shift + std::log(sum_exp));
-    stats[b * 3 + 0] = params.mean;
+    const float lse = static_cast<float>(std::log(sum_exp));
+    stats[b * 3 + 0] = params.hi;
     stats[b * 3 + 1] = params.scale;
     stats[b * 3 + 2] = lse;
     return lse;
@@ -486,8 +496,11 @@ void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, 
                    const float* stats, int64_t num_rows, int64_t num_cols, bool use_std, double eps, scalar_t* grad) {
   const bool has_eps = eps > 0.0;
   const float log_eps = log_of_eps(eps);
+  const double log_cols = std::log(static_cast<double>(num_cols));
   auto backward_row = [&](int64_t b) {
-    return BackwardRow{stats[b * 3 + 0], inverse_scale(stats[b * 3 + 1]), stats[b * 3 + 2]};
+    const float lse = stats[b * 3 + 2];
+    return BackwardRow{stats[b * 3 + 0], inverse_scale(stats[b * 3 + 1]), lse,
+                       lse > 0.5f * log_cols ? static_cast<float>(lse - log_cols) : 0.0f};
   };
   const Split split = split_rows(num_rows, num_cols);
   if (split.chunks == 1) {

@@ -114,21 +114,22 @@ __global__ void _kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const floa
   // scale, so the loss and the gradient are NaN.
   const bool degenerate = !isnan(scale) && (num_cols == 1 || hi == lo || scale == 0.0f);
   if (degenerate) scale = 0.0f;
-  const float mean = moments.mean;
   const float inv_scale = degenerate ? 0.0f : 1.0f / scale;
-  const float shift = (hi - mean) * inv_scale;
 
-  // (2) logsumexp of s.
+  // (2) logsumexp of u = s - max s = (x - hi) * inv_scale. Never s = (x - mean) * inv_scale: in
+  // official mode |s| ~ 1 / scale (1e10 for x ~ 1e-10), and s - logsumexp(s) loses the O(1)
+  // log-probabilities to s's rounding (worse with the FMA contraction of `s * inv - shift`): the
+  // loss exploded. u is exactly 0 at the max, its error relative to |u| where exp(u) is ~0.
   float acc = 0.0f;
   for (int64_t i = threadIdx.x; i < num_cols; i += kThreads) {
-    acc += expf((static_cast<float>(x_row[i * stride_xm]) - mean) * inv_scale - shift);
+    acc += expf((static_cast<float>(x_row[i * stride_xm]) - hi) * inv_scale);
   }
-  const float lse = shift + logf(block_allreduce(acc, Sum()));
+  const float lse = logf(block_allreduce(acc, Sum()));
 
   // (3) sum_i p_i log(p_i / q_i + eps).
   acc = 0.0f;
   for (int64_t i = threadIdx.x; i < num_cols; i += kThreads) {
-    const float log_p = (static_cast<float>(x_row[i * stride_xm]) - mean) * inv_scale - lse;
+    const float log_p = (static_cast<float>(x_row[i * stride_xm]) - hi) * inv_scale - lse;
     const float log_ratio = log_p - q_row[i * stride_qm];
     float term = log_ratio;
     if (has_eps) {
@@ -140,7 +141,7 @@ __global__ void _kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const floa
   acc = block_allreduce(acc, Sum());
   if (threadIdx.x == 0) {
     loss[row] = acc;
-    stats[row * 3 + 0] = mean;
+    stats[row * 3 + 0] = hi;
     stats[row * 3 + 1] = scale;
     stats[row * 3 + 2] = lse;
   }
@@ -164,7 +165,7 @@ __global__ void _kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const
   const scalar_t* x_row = x + row * stride_xb;
   const float* q_row = logq + row * stride_qb;
   scalar_t* grad_row = grad + row * num_cols;
-  const float mean = stats[row * 3 + 0];
+  const float hi = stats[row * 3 + 0];
   const float scale = stats[row * 3 + 1];
   const float lse = stats[row * 3 + 2];
   const float inv_scale = scale == 0.0f ? 0.0f : 1.0f / scale;
@@ -172,13 +173,20 @@ __global__ void _kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const
     for (int64_t i = threadIdx.x; i < num_cols; i += kThreads) grad_row[i] = static_cast<scalar_t>(0.0f);
     return;
   }
+  // The sums take s as u - pivot (S and s_k - s_mean do not change), pivot near the p-weighted
+  // mean of u so that sum p s g - g_mean sum p s does not cancel away a large offset: lse - log M
+  // (that mean for a uniform p) while lse > log(M) / 2 (p spread out), else 0 (p on a few
+  // elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
+  const float log_cols = logf(static_cast<float>(num_cols));
+  const float pivot = lse > 0.5f * log_cols ? lse - log_cols : 0.0f;
 
   // (1) sums over the row.
   float sp = 0.0f, spg = 0.0f, sps = 0.0f, spsg = 0.0f, ss = 0.0f;
   for (int64_t i = threadIdx.x; i < num_cols; i += kThreads) {
-    const float s = (static_cast<float>(x_row[i * stride_xm]) - mean) * inv_scale;
-    const float p = expf(s - lse);
-    const float g = dloss_dp(s - lse - q_row[i * stride_qm], log_eps, has_eps);
+    const float u = (static_cast<float>(x_row[i * stride_xm]) - hi) * inv_scale;
+    const float p = expf(u - lse);
+    const float g = dloss_dp(u - lse - q_row[i * stride_qm], log_eps, has_eps);
+    const float s = u - pivot;
     sp += p;
     spg += p * g;
     sps += p * s;
@@ -191,7 +199,8 @@ __global__ void _kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const
   spsg = block_allreduce(spsg, Sum());
   ss = block_allreduce(ss, Sum());
   const float g_mean = spg / sp;
-  // S = sum_i d_i s_i with d_i = G p_i (g_i - g_mean) / sum p; see kepler/ops/kepler_kl.py.
+  // S = sum_i d_i s_i with d_i = G p_i (g_i - g_mean) / sum p; see kepler/ops/kepler_kl.py. Taken
+  // over u instead of s: as sum_i d_i = 0, S and s_k - s_mean are the same.
   const float s_dot_d = grad_loss[row] * (spsg - g_mean * sps) / sp;
   const float per_dof = s_dot_d / static_cast<float>(num_cols - 1);
   const float coef_p = grad_loss[row] / sp * inv_scale;
@@ -200,9 +209,10 @@ __global__ void _kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const
 
   // (2) grad_k = coef_p p_k (g_k - g_mean) - coef_s (s_k - s_mean)
   for (int64_t i = threadIdx.x; i < num_cols; i += kThreads) {
-    const float s = (static_cast<float>(x_row[i * stride_xm]) - mean) * inv_scale;
-    const float p = expf(s - lse);
-    const float g = dloss_dp(s - lse - q_row[i * stride_qm], log_eps, has_eps);
+    const float u = (static_cast<float>(x_row[i * stride_xm]) - hi) * inv_scale;
+    const float p = expf(u - lse);
+    const float g = dloss_dp(u - lse - q_row[i * stride_qm], log_eps, has_eps);
+    const float s = u - pivot;
     grad_row[i] = static_cast<scalar_t>(coef_p * p * (g - g_mean) - coef_s * (s - s_mean));
   }
 }

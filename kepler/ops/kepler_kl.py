@@ -13,7 +13,9 @@ standardize to zeros: ``p`` is uniform, the loss is ``sum_i (1/M) log((1/M) / q_
 (``log(1 + eps)`` for ``M == 1``) and the gradient is zero. NaN in a row makes the loss NaN.
 
 Kernels (``cpu``, ``cuda``, ``triton``) read each row a few times and write only the gradient:
-forward passes (1) mean/variance/max, (2) logsumexp of ``s``, (3) the loss; backward passes
+forward passes (1) mean/variance/max, (2) logsumexp of ``u = s - max s`` (never of ``s`` itself,
+whose size ~1/variance in official mode would swamp the O(1) log-probabilities), (3) the loss;
+backward passes, with ``s`` taken relative to a pivot (the sums below are shift-invariant),
 (1) ``sum p``, ``sum p g``, ``sum p s``, ``sum p s g`` with ``g_i = dL/dp_i = log(r_i + eps) +
 r_i / (r_i + eps)``, ``r_i = p_i / q_i``, then (2) the gradient through the softmax
 (``dL/ds_i = p_i (g_i - sum_j p_j g_j)``) and the standardization:

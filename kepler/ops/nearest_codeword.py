@@ -22,7 +22,7 @@ import torch
 
 from kepler import _backend
 from kepler.ops._common import accumulation_dtype, check_input, register_op, registered_op
-from kepler.reference.nearest_codeword import nearest_codeword_ref, winner_rows
+from kepler.reference.nearest_codeword import nearest_codeword_ref, search_scale, winner_rows
 
 
 def _nearest_codeword_fake(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,13 @@ class NearestCodewordFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, codebook: torch.Tensor, backend: str):
-        indices, sq_dist = registered_op("nearest_codeword", backend)(z, codebook)
+        # Searched at the reference's overflow-safe scale (a power of two, 1 for |values| < 2**32).
+        scale = search_scale(z, codebook)
+        scale_in_z_dtype = scale.to(z.dtype)
+        indices, sq_dist = registered_op("nearest_codeword", backend)(z * scale_in_z_dtype, codebook * scale_in_z_dtype)
+        # Back to z's scale by two factors: 1 / scale**2 overflows float32 where sq_dist may not.
+        unscale = scale.reciprocal().to(sq_dist.dtype)
+        sq_dist = sq_dist * unscale * unscale
         ctx.save_for_backward(z, codebook, indices)
         ctx.mark_non_differentiable(indices)
         return indices, sq_dist
@@ -122,7 +128,10 @@ def nearest_codeword(
 
     The search minimizes ``||e||^2 - 2 z . e`` with float32 accumulation (the Triton kernel takes
     TF32 dot products for float32 inputs only on a GPU where ``torch.get_float32_matmul_precision()``
-    is not ``"highest"``, the rule ``torch.matmul`` follows). Ties go to the lowest index. Non-finite scores never
+    is not ``"highest"``, the rule ``torch.matmul`` follows), with ``z`` and ``codebook`` first
+    scaled by an exact power of two when a ``|value|`` reaches ``2**32``, so that the score cannot
+    overflow (``sq_dist`` is reported at the inputs' scale: inf only where it does not fit
+    float32). Ties go to the lowest index. Non-finite scores never
     win; a row with no finite score (e.g. holding NaN) gets index 0 and a NaN/inf ``sq_dist``.
     ``N == 0`` gives empty results.
     """

@@ -4,12 +4,17 @@ Numerics every backend follows:
 
 * Search score ``||e_k||^2 - 2 z . e_k`` (``||z||^2`` is the same for every ``k`` and is dropped),
   accumulated in float32 (float64 for float64 inputs); bfloat16/float16 inputs are upcast first.
+* When the largest ``|value|`` of ``z`` and the codebook reaches ``2**32``, both are first
+  multiplied by the power of two that brings it into ``[2**31, 2**32)`` (:func:`search_scale`):
+  beyond ~1e19 the float32 score overflows and would pick a wrong index. The argmin is invariant
+  to a common positive scaling and a power of two scales exactly (bar values it flushes below
+  float32's smallest subnormal, which cannot move a score).
 * The smallest score wins; ties go to the lowest index.
 * Non-finite scores (NaN, +-inf) never win: they count as ``+inf``. A row without any finite
   score gets index 0.
 * The winner's distance is then recomputed exactly as ``sum((z - e_idx)**2)`` in the accumulation
   dtype, so it does not suffer the cancellation of the search score (and is NaN/inf for a row
-  that holds NaN/inf).
+  that holds NaN/inf, or inf where the distance itself does not fit the dtype).
 """
 
 from __future__ import annotations
@@ -18,8 +23,27 @@ import torch
 
 from kepler.ops._common import accumulation_dtype
 
+# Below 2**32 every |value| is searched as it is: ||e||^2 - 2 z.e stays under 2**66 * D, finite in
+# float32 for any D below 2**61.
+_MAX_UNSCALED_EXPONENT = 32
+
 # Rows of z scored per step, so the (rows, K) score matrix stays near 64 MiB in float32 whatever N is.
 _SCORE_ELEMENTS_PER_STEP = 1 << 24
+
+
+def search_scale(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The power of two that ``z`` and ``codebook`` are multiplied by before the search.
+
+    0-d tensor of the accumulation dtype: 1 while every ``|value|`` is below ``2**32``, else the
+    power of two that brings the largest into ``[2**31, 2**32)``. Computed without a branch, so
+    torch.compile traces it; NaN and inf inputs leave it at 1 or scale the finite values exactly.
+    """
+    acc_dtype = accumulation_dtype(z.dtype)
+    largest = torch.linalg.vector_norm(codebook.detach(), ord=float("inf")).to(acc_dtype)
+    if z.numel():  # the inf-norm of an empty tensor is an error
+        largest = torch.maximum(largest, torch.linalg.vector_norm(z.detach(), ord=float("inf")).to(acc_dtype))
+    excess = (torch.frexp(largest).exponent - _MAX_UNSCALED_EXPONENT).clamp_min(0)
+    return torch.ldexp(torch.ones_like(largest), -excess)
 
 
 def winner_rows(codebook: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +92,12 @@ def nearest_codeword_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch
     indices = torch.zeros(groups, rows, dtype=torch.int64, device=z.device)
     rows_per_step = max(1, _SCORE_ELEMENTS_PER_STEP // num_codes)
     with torch.no_grad():
+        scale = search_scale(z3, codebook3)
         for g in range(groups):
-            codes = codebook3[g if codebook3.shape[0] > 1 else 0].to(acc_dtype)
+            codes = codebook3[g if codebook3.shape[0] > 1 else 0].to(acc_dtype) * scale
             code_sq_norms = (codes * codes).sum(dim=1)
             for start in range(0, rows, rows_per_step):
-                block = z3[g, start : start + rows_per_step].to(acc_dtype)
+                block = z3[g, start : start + rows_per_step].to(acc_dtype) * scale
                 scores = code_sq_norms - 2.0 * (block @ codes.T)
                 # torch.argmin would pick a NaN as the minimum: non-finite scores must never win.
                 scores = torch.where(torch.isfinite(scores), scores, torch.inf)

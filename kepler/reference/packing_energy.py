@@ -29,18 +29,34 @@ from kepler.ops._common import accumulation_dtype
 MIN_SPREAD_SQ = 1e-20
 
 
+def _scale_below(values: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``values: (G, K, d)`` with each group divided by the power of two that brings its largest
+    ``|value|`` into ``[2**(exponent - 1), 2**exponent)`` when it reaches ``2**exponent`` (else 1);
+    without a branch, so torch.compile traces it. The factor is a constant to autograd."""
+    largest = values.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    excess = (torch.frexp(largest).exponent - exponent).clamp_min(0)
+    return values * torch.ldexp(torch.ones_like(largest), -excess)
+
+
 def normalize_codebook(codebook: torch.Tensor, normalize: bool) -> torch.Tensor:
     """The points whose raw energy is the packing energy of ``codebook``.
 
     codebook: (G, K, d) float. With ``normalize`` returns (c - mean_K c) / s with
-    s^2 = max(mean_K ||c - mean||^2, MIN_SPREAD_SQ), in float32 (float64 for float64 input);
+    s^2 = max(mean_K ||c - mean||^2, MIN_SPREAD_SQ) (computed without overflow for any finite
+    codebook), in float32 (float64 for float64 input);
     without it returns ``codebook`` unchanged (kernels upcast low-precision inputs themselves).
     Differentiable by autograd; O(G K d).
     """
     if not normalize:
         return codebook
     points = codebook.to(accumulation_dtype(codebook.dtype))
-    centred = points - points.mean(dim=-2, keepdim=True)
+    # The sum over K overflows float32 near its range and the squared norms past ~1e19 (s^2 = inf
+    # maps every point to 0, E = 0). E is invariant to scaling, so before each step the values are
+    # divided by a power of two where needed; exact in floating point. Once centred they are
+    # brought below 1, so that s^2 and its s^-3 backward stay normal floats, while the floor
+    # MIN_SPREAD_SQ is untouched: a group scaled down has s^2 >= 0.25 / K.
+    points = _scale_below(points, 100)
+    centred = _scale_below(points - points.mean(dim=-2, keepdim=True), 0)
     spread_sq = centred.square().sum(dim=-1).mean(dim=-1, keepdim=True)
     return centred * torch.rsqrt(spread_sq.clamp_min(MIN_SPREAD_SQ)).unsqueeze(-1)
 
