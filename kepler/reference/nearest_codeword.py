@@ -31,6 +31,13 @@ _MAX_UNSCALED_EXPONENT = 32
 _SCORE_ELEMENTS_PER_STEP = 1 << 24
 
 
+def _largest_magnitude(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """max |x| as a 0-d ``dtype`` tensor (NaN if x holds NaN). One aminmax pass: on the CPU it is
+    about 20x faster than ``linalg.vector_norm(ord=inf)``, which cost ~8% of a whole search."""
+    low, high = torch.aminmax(x.detach())
+    return torch.maximum(-low, high).to(dtype)
+
+
 def search_scale(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The power of two that ``z`` and ``codebook`` are multiplied by before the search.
 
@@ -39,9 +46,9 @@ def search_scale(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     torch.compile traces it; NaN and inf inputs leave it at 1 or scale the finite values exactly.
     """
     acc_dtype = accumulation_dtype(z.dtype)
-    largest = torch.linalg.vector_norm(codebook.detach(), ord=float("inf")).to(acc_dtype)
-    if z.numel():  # the inf-norm of an empty tensor is an error
-        largest = torch.maximum(largest, torch.linalg.vector_norm(z.detach(), ord=float("inf")).to(acc_dtype))
+    largest = _largest_magnitude(codebook, acc_dtype)
+    if z.numel():  # the extrema of an empty tensor are an error
+        largest = torch.maximum(largest, _largest_magnitude(z, acc_dtype))
     excess = (torch.frexp(largest).exponent - _MAX_UNSCALED_EXPONENT).clamp_min(0)
     return torch.ldexp(torch.ones_like(largest), -excess)
 
