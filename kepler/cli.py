@@ -138,7 +138,7 @@ def _add_doctor(sub) -> None:
     p.add_argument("--backend", action="append", default=None, metavar="BACKEND",
                    help="check only BACKEND (repeatable; default: every backend available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per speed figure (the median is shown)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per speed figure (the median is shown)")
     p.add_argument("--quick", action="store_true", help="time the tiny check inputs (a smoke run; figures say little)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full report as JSON")
     p.set_defaults(func=_cmd_doctor)
@@ -171,8 +171,6 @@ def _cmd_train(args) -> int:
     resume = args.resume
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
-    if resume and args.overwrite:
-        raise CLIError("--resume and --overwrite exclude each other: continue the run, or start it over")
     try:
         metrics = train(cfg, resume=resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:

@@ -241,25 +241,32 @@ def _agreement(got: torch.Tensor, yardstick: torch.Tensor, oracle: torch.Tensor,
     return Agreement(error=error, allowed=2 * yard_error + 2 * torch.finfo(result_dtype).eps * scale)
 
 
-def _check(case: _OpCase, backend: str, device: torch.device, dtype: torch.dtype, seed: int) -> Check:
+def _checks(case: _OpCase, backends: Sequence[str], device: torch.device, dtype: torch.dtype, seed: int) -> list[Check]:
+    """One :class:`Check` per backend; the float64 oracle and the yardstick (the reference at
+    ``dtype`` on ``device``) are computed once for all of them."""
     generator = torch.Generator().manual_seed(seed)
     inputs, constants = case.make_inputs(generator, "check")
     values = [tensor.to(dtype) for tensor in inputs]  # the values every run sees, rounded to dtype
-    result = Check(case.name, str(device), backend, str(dtype).removeprefix("torch."))
-    oracle_inputs = [tensor.double() for tensor in values]
-    oracle_constants = {key: value.double() for key, value in constants.items()}
+    results = [Check(case.name, str(device), backend, str(dtype).removeprefix("torch.")) for backend in backends]
+    on_device = [tensor.to(device) for tensor in values]
+    device_constants = {key: value.to(device) for key, value in constants.items()}
     try:
-        oracle = _run(case, "reference", oracle_inputs, oracle_constants, seed)
-        on_device = [tensor.to(device) for tensor in values]
-        device_constants = {key: value.to(device) for key, value in constants.items()}
+        oracle = _run(case, "reference", [t.double() for t in values], {k: v.double() for k, v in constants.items()}, seed)
         yardstick = _run(case, "reference", on_device, device_constants, seed)
-        got = _run(case, backend, on_device, device_constants, seed)
-    except Exception as exc:  # a backend that raises is reported, not fatal: the other rows still run
-        result.failure = f"{type(exc).__name__}: {exc}"
-        return result
-    result.forward = _agreement(got[0], yardstick[0], oracle[0], torch.float32)
-    result.backward = _agreement(got[1], yardstick[1], oracle[1], dtype)
-    return result
+    except Exception as exc:  # then no backend can be judged on this device and dtype
+        for result in results:
+            result.failure = f"reference: {type(exc).__name__}: {exc}"
+        return results
+    for result in results:
+        try:
+            got = yardstick if result.backend == "reference" else _run(
+                case, result.backend, on_device, device_constants, seed)
+        except Exception as exc:  # a backend that raises is reported, not fatal: the other rows still run
+            result.failure = f"{type(exc).__name__}: {exc}"
+            continue
+        result.forward = _agreement(got[0], yardstick[0], oracle[0], torch.float32)
+        result.backward = _agreement(got[1], yardstick[1], oracle[1], dtype)
+    return results
 
 
 def _median_seconds(case: _OpCase, backend: str, inputs, constants, device: torch.device, repeats: int) -> float:
@@ -280,19 +287,33 @@ def _median_seconds(case: _OpCase, backend: str, inputs, constants, device: torc
     return statistics.median(times)
 
 
-def _speed(case: _OpCase, backend: str, device: torch.device, seed: int, repeats: int, size: str) -> Speed:
-    if backend == "triton" and triton_interpreter_on():
-        return Speed(case.name, str(device), backend, None, None, "interpreted: no speed figure")
+def _speeds(case: _OpCase, backends: Sequence[str], device: torch.device, seed: int, repeats: int,
+            size: str) -> list[Speed]:
+    """One :class:`Speed` per backend; plain PyTorch (the reference) is timed once for all of them."""
     inputs, constants = case.make_inputs(torch.Generator().manual_seed(seed), size)
     inputs = [tensor.to(device) for tensor in inputs]
     constants = {key: value.to(device) for key, value in constants.items()}
+    reference_s, reference_failure = None, ""
     try:
         reference_s = _median_seconds(case, "reference", inputs, constants, device, repeats)
-        backend_s = reference_s if backend == "reference" else _median_seconds(
-            case, backend, inputs, constants, device, repeats)
-    except Exception as exc:  # the correctness rows already report a failing backend
-        return Speed(case.name, str(device), backend, None, None, f"{type(exc).__name__}: {exc}")
-    return Speed(case.name, str(device), backend, backend_s, reference_s)
+    except Exception as exc:  # the correctness rows already report it
+        reference_failure = f"reference: {type(exc).__name__}: {exc}"
+    speeds = []
+    for backend in backends:
+        if backend == "triton" and triton_interpreter_on():
+            speeds.append(Speed(case.name, str(device), backend, None, None, "interpreted: no speed figure"))
+        elif reference_s is None:
+            speeds.append(Speed(case.name, str(device), backend, None, None, reference_failure))
+        elif backend == "reference":
+            speeds.append(Speed(case.name, str(device), backend, reference_s, reference_s))
+        else:
+            try:
+                backend_s = _median_seconds(case, backend, inputs, constants, device, repeats)
+            except Exception as exc:  # the correctness rows already report a failing backend
+                speeds.append(Speed(case.name, str(device), backend, None, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            speeds.append(Speed(case.name, str(device), backend, backend_s, reference_s))
+    return speeds
 
 
 def doctor(
@@ -320,7 +341,8 @@ def doctor(
         reference beyond the tolerance (module docstring) or raises. Nothing is printed
         (:func:`format_report` renders it).
     """
-    device_list = [torch.device(d) for d in (devices or [d["device"] for d in _devices()])]
+    machine_devices = _devices()
+    device_list = [torch.device(d) for d in (devices or [d["device"] for d in machine_devices])]
     checked = {str(device): _backend.available_backends(device) for device in device_list}
     if backends is not None:
         for name in backends:
@@ -333,11 +355,12 @@ def doctor(
     checks, speeds = [], []
     for case in OPS:
         for device in device_list:
-            for backend in checked[str(device)]:
-                checks += [_check(case, backend, device, dtype, seed) for dtype in CHECK_DTYPES]
-                speeds.append(_speed(case, backend, device, seed, repeats, "check" if quick else "speed"))
+            device_backends = checked[str(device)]
+            for dtype in CHECK_DTYPES:
+                checks += _checks(case, device_backends, device, dtype, seed)
+            speeds += _speeds(case, device_backends, device, seed, repeats, "check" if quick else "speed")
     compiled = [name for name, built in (("cpu", _ext.HAS_CPU_EXT), ("cuda", _ext.HAS_CUDA_EXT)) if built]
-    return DoctorReport(_environment(), _devices(), compiled, checked, checks, speeds)
+    return DoctorReport(_environment(), machine_devices, compiled, checked, checks, speeds)
 
 
 def _agreement_cell(agreement: Agreement | None) -> str:

@@ -23,6 +23,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def power_of_two_below(largest: torch.Tensor, exponent: int) -> torch.Tensor:
+    """The exact scale factor for values whose largest ``|value|`` is ``largest``: 1 while
+    ``largest < 2**exponent``, else the power of two that brings it into
+    ``[2**(exponent - 1), 2**exponent)``. Same shape and dtype as ``largest``; computed without a
+    branch, so torch.compile traces it (NaN and inf leave it at 1)."""
+    excess = (torch.frexp(largest).exponent - exponent).clamp_min(0)
+    return torch.ldexp(torch.ones_like(largest), -excess)
+
+
 def check_input(name: str, value) -> None:
     """The check every functional starts with: ``value`` is a tensor of one of ``INPUT_DTYPES``."""
     if not isinstance(value, torch.Tensor):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kepler.ops._common import accumulation_dtype
+from kepler.ops._common import accumulation_dtype, power_of_two_below
 
 # Below 2**32 every |value| is searched as it is: ||e||^2 - 2 z.e stays under 2**66 * D, finite in
 # float32 for any D below 2**61.
@@ -49,8 +49,7 @@ def search_scale(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     largest = _largest_magnitude(codebook, acc_dtype)
     if z.numel():  # the extrema of an empty tensor are an error
         largest = torch.maximum(largest, _largest_magnitude(z, acc_dtype))
-    excess = (torch.frexp(largest).exponent - _MAX_UNSCALED_EXPONENT).clamp_min(0)
-    return torch.ldexp(torch.ones_like(largest), -excess)
+    return power_of_two_below(largest, _MAX_UNSCALED_EXPONENT)
 
 
 def winner_rows(codebook: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kepler.ops._common import accumulation_dtype
+from kepler.ops._common import accumulation_dtype, power_of_two_below
 
 # Floor of s^2 with normalize=True. A codebook whose codewords all coincide (up to rounding) has
 # s^2 ~ 0; dividing by it would blow the points up to rounding noise. With the floor such a
@@ -34,8 +34,7 @@ def _scale_below(values: torch.Tensor, exponent: int) -> torch.Tensor:
     ``|value|`` into ``[2**(exponent - 1), 2**exponent)`` when it reaches ``2**exponent`` (else 1);
     without a branch, so torch.compile traces it. The factor is a constant to autograd."""
     largest = values.detach().abs().amax(dim=(-2, -1), keepdim=True)
-    excess = (torch.frexp(largest).exponent - exponent).clamp_min(0)
-    return values * torch.ldexp(torch.ones_like(largest), -excess)
+    return values * power_of_two_below(largest, exponent)
 
 
 def normalize_codebook(codebook: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -13,7 +13,6 @@ Learning rate: with ``optim.scale_lr: true`` (taming's rule) the rate used is
 
 from __future__ import annotations
 
-import collections.abc
 import inspect
 import math
 import os
@@ -169,12 +168,12 @@ def defaults(quantizer_type: str = DEFAULT_TYPE) -> dict:
 
 def key_types(quantizer_type: str = DEFAULT_TYPE) -> dict[str, object]:
     """Dotted config key -> its type annotation (``int``, ``float | None``, ``Sequence[int]``, ...)."""
-    types = {"model.quantizer.type": str}
+    annotations = {"model.quantizer.type": str}
     for section, (cls, exclude) in _sections(quantizer_type).items():
         hints = typing.get_type_hints(cls.__init__)
         for name in constructor_defaults(cls, exclude):
-            types[name if section is None else f"{section}.{name}"] = hints.get(name, typing.Any)
-    return types
+            annotations[name if section is None else f"{section}.{name}"] = hints.get(name, typing.Any)
+    return annotations
 
 
 def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> str:
@@ -263,12 +262,10 @@ def _expected(value: object, hint: object) -> str | None:
         return None if ok else "a finite number"
     if hint is str:
         return None if isinstance(value, str) else "a string"
-    if origin in (list, tuple, Sequence, collections.abc.Sequence) and args:
-        if not isinstance(value, (list, tuple, ListConfig)):
-            return f"a list of {_expected(object(), args[0]).removeprefix('a ').removeprefix('an ')}s"
-        for item in value:
-            if _expected(item, args[0]) is not None:
-                return f"a list of {_expected(object(), args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin in (list, tuple, Sequence) and args:
+        if not isinstance(value, (list, tuple, ListConfig)) or any(_expected(item, args[0]) for item in value):
+            item_kind = _expected(object(), args[0]).removeprefix("a ").removeprefix("an ")
+            return f"a list of {item_kind}s"
     return None
 
 

@@ -74,9 +74,7 @@ def _lr_lambda(cfg: DictConfig, progress):
     is the fraction of the run done (steps, or time under ``train.time_limit_minutes``)."""
     warmup = int(cfg.optim.warmup_steps)
     schedule = cfg.optim.schedule
-    floor = float(cfg.optim.min_lr_ratio)
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    floor = float(cfg.optim.min_lr_ratio)  # schedule, like every choice, is checked at config load (CHOICES)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -91,10 +89,7 @@ def _lr_lambda(cfg: DictConfig, progress):
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in choices:
-        raise ValueError(f"train.precision must be one of auto, fp32, bf16, fp16; got {precision!r}")
-    return choices[precision]
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class _StopSignal:
@@ -161,9 +156,7 @@ class Trainer:
         self.train_seconds = 0.0
 
         self.lr = learning_rate(cfg, dist_info.world_size)
-        optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.optim.name)
-        if optim_cls is None:
-            raise ValueError(f"optim.name must be 'adam' or 'adamw', got {cfg.optim.name!r}")
+        optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim.name]
         opt_kwargs = dict(lr=self.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
         self.opt_ae = optim_cls([p for p in self.model.parameters() if p.requires_grad], **opt_kwargs)
         self.opt_disc = optim_cls(self.loss.discriminator.parameters(), **opt_kwargs)
