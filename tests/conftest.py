@@ -12,10 +12,29 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from kepler import _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Property tests (Hypothesis) draw from a fixed seed and keep no example database, so every run
+# tries the same examples and a failure reproduces (its @reproduce_failure blob is printed).
+settings.register_profile(
+    "kepler",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("kepler")
+
+
+def property_examples(device: str, backend: str) -> int:
+    """Examples a property test of an op tries on ``backend``: fewer in the Triton interpreter,
+    which runs a kernel thousands of times slower than compiled code."""
+    return 15 if backend == "triton" and device == "cpu" else 60
 
 
 def backend_params(device: str = "cpu"):

@@ -6,19 +6,30 @@ the two exact distances differ by less than the float32 rounding of the search s
 ``sq_dist`` must equal the exact distance to the index it picked, to float32 summation rounding.
 """
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kepler
 from kepler import _backend
 from kepler.kernels._common import KERNEL_DTYPES
 from kepler.ops._common import registered_op
 from kepler.ops.nearest_codeword import NearestCodewordFunction
-from kepler.reference.nearest_codeword import nearest_codeword_ref
+from kepler.reference.nearest_codeword import nearest_codeword_ref, search_scale
 
-from conftest import F32_UNIT, device_backend_params, device_params, float32_sum_error_bound, huge_column_stride_view
+from conftest import (
+    F32_UNIT,
+    device_backend_params,
+    device_params,
+    float32_sum_error_bound,
+    huge_column_stride_view,
+    property_examples,
+)
+from strategies import value_specs
 
 
 DEVICE_BACKENDS = device_backend_params()
@@ -59,11 +70,19 @@ def _winners(codebook3, indices3):
     return torch.gather(codes, 1, indices3.unsqueeze(-1).expand(-1, -1, codes.shape[-1]))
 
 
-def assert_matches_oracle(z, codebook, indices, sq_dist):
-    """Check one backend's result against the float64 reference on the same input values."""
+def assert_matches_oracle(z, codebook, indices, sq_dist, exact=False):
+    """Check one backend's result against the float64 reference on the same input values.
+
+    Any finite values (magnitudes up to float32's range), NaN and inf: a row of ``z`` holding
+    NaN/inf has no finite score and gets index 0; a codeword holding NaN/inf never wins a finite
+    row while a finite codeword exists. With ``exact`` (inputs whose float32 scores are exact, e.g.
+    small integers at one power of two) the index must be the oracle's, ties to the lowest index.
+    """
     expected_shape = z.shape[:-1]
     assert indices.dtype == torch.int64 and indices.shape == expected_shape and indices.device == z.device
     assert sq_dist.dtype == torch.float32 and sq_dist.shape == expected_shape and sq_dist.is_contiguous()
+    # The power of two the backend searched at, to bound float32's underflow in its units.
+    scale = search_scale(*_as_groups(z, codebook)).double().item()
     z3, codebook3 = _as_groups(z.double().cpu(), codebook.double().cpu())
     indices3 = indices.cpu().reshape(z3.shape[:2])
     sq_dist3 = sq_dist.cpu().double().reshape(z3.shape[:2])
@@ -71,27 +90,48 @@ def assert_matches_oracle(z, codebook, indices, sq_dist):
     assert ((indices3 >= 0) & (indices3 < num_codes)).all(), "index out of range (unwritten output?)"
 
     oracle_indices, oracle_sq_dist = nearest_codeword_ref(z3, codebook3)
+    if exact:
+        torch.testing.assert_close(indices3, oracle_indices, rtol=0, atol=0)
+    finite_rows = torch.isfinite(z3).all(-1)  # (G, N)
+    finite_codes = torch.isfinite(codebook3).all(-1).expand(z3.shape[0], -1)  # (G, K)
+    searchable = finite_rows & finite_codes.any(-1, keepdim=True)
+    assert (indices3[~searchable] == 0).all(), "a row without any finite score must get index 0"
     picked = _winners(codebook3, indices3)
     picked_sq_dist = ((z3 - picked) ** 2).sum(-1)
+    assert torch.gather(finite_codes, 1, indices3)[searchable].all(), "a codeword holding NaN/inf won a finite row"
+
     # Worst-case float32 error of one search score ||e||^2 - 2 z.e (D-term sums, then the
     # subtraction: D + 1 roundings on the absolute terms, whatever the order or FMA use; TF32 is
-    # off in tests), doubled (the "no worse than 2x plain PyTorch" rule); two scores are compared,
-    # so both errors add up.
+    # off in tests), plus the absolute error of D + 1 results that may underflow to float32's
+    # subnormals (2**-150 each, at the search scale), doubled (the "no worse than 2x plain
+    # PyTorch" rule); two scores are compared, so both errors add up.
     oracle_picked = _winners(codebook3, oracle_indices)
+    underflow = 2 * (dim + 1) * 2.0**-150 / scale**2
 
     def score_error(codes):
-        return 2 * float32_sum_error_bound(dim + 1, (codes * codes).sum(-1) + 2 * (z3.abs() * codes.abs()).sum(-1))
+        terms = (codes * codes).sum(-1) + 2 * (z3.abs() * codes.abs()).sum(-1)
+        return 2 * float32_sum_error_bound(dim + 1, terms) + underflow
 
     allowed_gap = score_error(picked) + score_error(oracle_picked)
     gap = picked_sq_dist - oracle_sq_dist
-    differ = indices3 != oracle_indices
+    differ = (indices3 != oracle_indices) & searchable
     assert (gap[differ] <= allowed_gap[differ]).all(), (
         f"{int(differ.sum())} rows pick a codeword farther than rounding allows: gaps {gap[differ][:5].tolist()} "
         f"vs allowed {allowed_gap[differ][:5].tolist()}"
     )
-    # sq_dist is the exact distance to the picked codeword, summed over D in float32: each term
-    # rounded by the difference and the square, then a D-term sum of positive terms (doubled).
-    torch.testing.assert_close(sq_dist3, picked_sq_dist, rtol=2 * float32_sum_error_bound(dim + 3, 1.0), atol=0.0)
+    # sq_dist is the exact distance to the picked codeword, summed over D in float32 at the search
+    # scale and then multiplied back by 1/scale twice: each term rounded by the difference and the
+    # square, a D-term sum of positive terms and two products (doubled), plus underflow to
+    # subnormals at either scale. Past float32's range it is inf; NaN/inf where the exact one is.
+    relative = 2 * float32_sum_error_bound(dim + 5, 1.0)
+    absolute = 2 * (dim + 3) * 2.0**-150 / scale**2 + 2 * 2.0**-150
+    largest = torch.finfo(torch.float32).max
+    fits = picked_sq_dist.isfinite() & (picked_sq_dist <= largest * (1 - relative))
+    overflows = picked_sq_dist > largest * (1 + relative)
+    torch.testing.assert_close(sq_dist3[fits], picked_sq_dist[fits], rtol=relative, atol=absolute)
+    assert sq_dist3[overflows].isposinf().all(), "a distance past float32's range must be inf"
+    unfinished = ~picked_sq_dist.isfinite()
+    torch.testing.assert_close(sq_dist3[unfinished], picked_sq_dist[unfinished], equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,3 +559,42 @@ def test_unavailable_backend_is_refused(monkeypatch):
         kepler.nearest_codeword(torch.randn(3, 4), torch.randn(2, 4), backend="triton")
     with pytest.raises(ValueError, match="unknown backend argument 'gpu'"):
         kepler.nearest_codeword(torch.randn(3, 4), torch.randn(2, 4), backend="gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (Hypothesis): random shapes, dtypes, layouts, magnitudes 1e-20..1e19, NaN/inf, ties
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def search_cases(draw):
+    """(z, codebook, exact): z (N, D) or (G, N, D), a shared or per-group codebook of one dtype.
+    Integer codebooks get integer z at the same power of two, whose scores are exact (``exact``)."""
+    grouped = draw(st.booleans())
+    groups = draw(st.integers(1, 3)) if grouped else None
+    rows, codes, dim = draw(st.integers(0, 40)), draw(st.integers(1, 70)), draw(st.integers(1, 80))
+    codebook_spec = draw(value_specs())
+    z_spec = draw(value_specs(dtypes=(codebook_spec.dtype,)))
+    exact = codebook_spec.kind != "gaussian"
+    if exact:
+        z_spec = dataclasses.replace(z_spec, kind="integers", exponent=codebook_spec.exponent)
+    lead = () if groups is None else (groups,)
+    per_group = grouped and draw(st.booleans())
+    z = z_spec.build((*lead, rows, dim))
+    codebook = codebook_spec.build((*(lead if per_group else ()), codes, dim))
+    return z, codebook, exact
+
+
+# NaN/inf inputs make numpy (the Triton interpreter) warn; those warnings are expected here.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_random_inputs_match_the_float64_reference(device, backend, poisoned_empty):
+    @settings(max_examples=property_examples(device, backend))
+    @given(case=search_cases())
+    def check(case):
+        z, codebook, exact = (value.to(device) if torch.is_tensor(value) else value for value in case)
+        indices, sq_dist = kepler.nearest_codeword(z, codebook, backend=backend)
+        assert_matches_oracle(z, codebook, indices, sq_dist, exact=exact)
+
+    check()

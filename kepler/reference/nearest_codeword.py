@@ -32,9 +32,11 @@ _SCORE_ELEMENTS_PER_STEP = 1 << 24
 
 
 def _largest_magnitude(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """max |x| as a 0-d ``dtype`` tensor (NaN if x holds NaN). One aminmax pass: on the CPU it is
-    about 20x faster than ``linalg.vector_norm(ord=inf)``, which cost ~8% of a whole search."""
-    low, high = torch.aminmax(x.detach())
+    """max |x| over the finite values of x, as a 0-d ``dtype`` tensor. NaN/inf are read as 0: one
+    of them must not switch the scaling off for every other row (a finite row near float32's range
+    would then overflow its scores and get a wrong index). nan_to_num + aminmax costs ~0.5% of a
+    search on the CPU (16384 x 1024 x 32); masking with ``where`` would cost ~35%."""
+    low, high = torch.aminmax(torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0))
     return torch.maximum(-low, high).to(dtype)
 
 
@@ -43,7 +45,7 @@ def search_scale(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
     0-d tensor of the accumulation dtype: 1 while every ``|value|`` is below ``2**32``, else the
     power of two that brings the largest into ``[2**31, 2**32)``. Computed without a branch, so
-    torch.compile traces it; NaN and inf inputs leave it at 1 or scale the finite values exactly.
+    torch.compile traces it; NaN and inf do not count (the finite values decide it).
     """
     acc_dtype = accumulation_dtype(z.dtype)
     largest = _largest_magnitude(codebook, acc_dtype)
