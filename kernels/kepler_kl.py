@@ -85,6 +85,8 @@ def _chunk_terms(x, logq, hi, inv_scale, lse, log_eps):
 
 # Runtime ints that may equal 1 are kept as i32 (Triton would otherwise specialize them to constexpr).
 _NOT_SPECIALIZED = ["M", "has_eps", "use_std"]
+# Smallest divisor of a non-degenerate row: fp32's smallest normal number (see the fwd kernel).
+MIN_SCALE = tl.constexpr(2.0**-126)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -97,31 +99,36 @@ def _kepler_kl_fwd_kernel(
 ):  # fmt: skip
     row, x_row, q_row = _program_row(x_ptr, logq_ptr, stride_xb, stride_qb)
 
-    # (1) moments: per-chunk two-pass mean/M2 merged with Chan's update; max and min.
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
+    # (1) moments: per-chunk two-pass mean/M2 merged with Chan's update; max and min. In float64:
+    # squared deviations of values near 1e19 overflow fp32 and those near 1e-20 sink into its
+    # subnormals (one memory-bound pass, so the float64 arithmetic costs little).
+    count = tl.full((), 0.0, tl.float64)
+    mean = tl.full((), 0.0, tl.float64)
+    m2 = tl.full((), 0.0, tl.float64)
     hi = float("-inf")
     lo = float("inf")
     for start in range(0, M, BLOCK_M):
         _, mask, x = _load_chunk(x_row, start, M, stride_xm, BLOCK_M)
-        n_chunk = tl.minimum(M - start, BLOCK_M).to(tl.float32)
-        chunk_mean = tl.div_rn(tl.sum(x, axis=0), n_chunk)
-        dev = tl.where(mask, x - chunk_mean, 0.0)
+        x_wide = x.to(tl.float64)
+        n_chunk = tl.minimum(M - start, BLOCK_M).to(tl.float64)
+        chunk_mean = tl.sum(x_wide, axis=0) / n_chunk
+        dev = tl.where(mask, x_wide - chunk_mean, 0.0)
         chunk_m2 = tl.sum(dev * dev, axis=0)
         hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=0))
         lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=0))
         total = count + n_chunk
         delta = chunk_mean - mean
-        mean = mean + delta * tl.div_rn(n_chunk, total)
-        m2 = m2 + chunk_m2 + delta * delta * tl.div_rn(count * n_chunk, total)
+        mean = mean + delta * (n_chunk / total)
+        m2 = m2 + chunk_m2 + delta * delta * (count * n_chunk / total)
         count = total
 
-    variance = tl.div_rn(m2, tl.maximum(M - 1, 1).to(tl.float32))
-    scale = tl.where(use_std != 0, tl.sqrt_rn(variance), variance)
-    # One element, all equal, or a zero divisor: s = 0. A NaN scale (NaN row) stays NaN.
-    degenerate = (scale == scale) & ((M == 1) | (hi == lo) | (scale == 0.0))
-    scale = tl.where(degenerate, 0.0, scale)
+    variance = m2 / tl.maximum(M - 1, 1).to(tl.float64)
+    scale = tl.where(use_std != 0, tl.sqrt(variance), variance).to(tl.float32)
+    # One element or all equal: s = 0. A NaN scale (NaN row) stays NaN. Any other row's divisor is
+    # floored at fp32's smallest normal number, so that 1 / scale stays finite (the reference's
+    # MIN_DIVISOR_EXPONENT says why).
+    degenerate = (scale == scale) & ((M == 1) | (hi == lo))
+    scale = tl.where(degenerate, 0.0, tl.where(scale < MIN_SCALE, MIN_SCALE, scale))  # NaN stays NaN
     inv_scale = tl.where(degenerate, 0.0, tl.div_rn(1.0, tl.where(degenerate, 1.0, scale)))
 
     # (2) logsumexp of u = s - max s = (x - hi) * inv_scale. Never s = (x - mean) * inv_scale: in
@@ -169,7 +176,10 @@ def _kepler_kl_bwd_kernel(
     # lse - log M (that mean for a uniform p) while lse > log(M) / 2 (p spread out), else 0 (p on
     # a few elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
     log_cols = tl.log(M.to(tl.float32))
-    pivot = tl.where(lse > 0.5 * log_cols, lse - log_cols, 0.0)
+    # Below 2**-20 * log M, lse - log M is rounding noise of lse (p uniform to rounding, u all near
+    # 0, e.g. x ~ 1e19 in official mode), far larger than the spread of u: 0 is as near the mean.
+    spread = (lse > 0.5 * log_cols) & (tl.abs(lse - log_cols) > 2.0**-20 * log_cols)
+    pivot = tl.where(spread, lse - log_cols, 0.0)
 
     # (1) sums over the row; g_i = dL/dp_i = log(r_i + eps) + r_i / (r_i + eps).
     sum_p = tl.zeros((BLOCK_M,), tl.float32)

@@ -132,7 +132,9 @@ KEPLER_FORCE_INLINE EpsTerm eps_term(float log_ratio, float log_eps) {
 // ---- block kernels (fp32 data, fp32 accumulation over at most kBlock elements) ----
 
 struct BlockMoments {
-  float mean, m2, max, min;
+  float mean;
+  double m2;
+  float max, min;
 };
 
 KEPLER_TARGET_CLONES BlockMoments block_moments(const float* x, int64_t n) {
@@ -144,13 +146,21 @@ KEPLER_TARGET_CLONES BlockMoments block_moments(const float* x, int64_t n) {
     lo = x[i] < lo ? x[i] : lo;
   }
   const float mean = sum / static_cast<float>(n);
+  // Squares of deviations near 1e19 overflow fp32 and those near 1e-20 sink into its subnormals:
+  // they are summed at the power of two 2**-e that brings the block's largest |value| near 1
+  // (exact), and M2 scaled back in double. e >= -126 keeps 2**-e a float.
+  const float largest = std::max(std::fabs(hi), std::fabs(lo));
+  int exponent = 0;
+  if (std::isfinite(largest) && largest > 0.0f) std::frexp(largest, &exponent);
+  exponent = std::max(exponent, -126);
+  const float down = std::ldexp(1.0f, -exponent);
   float m2 = 0.0f;
 #pragma omp simd reduction(+ : m2)
   for (int64_t i = 0; i < n; ++i) {
-    const float d = x[i] - mean;
+    const float d = (x[i] - mean) * down;
     m2 += d * d;
   }
-  return {mean, m2, hi, lo};
+  return {mean, std::ldexp(static_cast<double>(m2), 2 * exponent), hi, lo};
 }
 
 KEPLER_TARGET_CLONES float block_sum_exp(const float* x, int64_t n, float hi, float inv_scale) {
@@ -281,6 +291,10 @@ Moments row_moments(const scalar_t* x, int64_t begin, int64_t end) {
   return moments;
 }
 
+// Smallest divisor of a non-degenerate row, 2**-126 (fp32's smallest normal number, so that its
+// inverse is finite): the reference's MIN_DIVISOR_EXPONENT, which says why.
+constexpr float kMinScale = 1.17549435e-38f;
+
 // What the passes after the moments need about a row.
 struct RowParams {
   float hi;         // row max: u = (x - hi) * inv_scale
@@ -294,11 +308,12 @@ RowParams row_params(const Moments& moments, int64_t num_cols, bool use_std) {
   // M2 / max(M - 1, 1), as the reference: M2 is 0 for one finite element and NaN for a NaN one.
   const double variance = moments.m2 / static_cast<double>(std::max<int64_t>(num_cols - 1, 1));
   float scale = static_cast<float>(use_std ? std::sqrt(variance) : variance);
-  // One element, all elements equal, or a divisor that is zero in fp32: s = 0 (uniform softmax).
-  // A NaN row (M == 1 included) keeps its NaN scale, so the loss and the gradient are NaN.
-  const bool degenerate =
-      !std::isnan(scale) && (num_cols == 1 || moments.max == moments.min || scale == 0.0f);
-  if (degenerate) scale = 0.0f;
+  // One element or all elements equal: s = 0 (uniform softmax). A NaN row (M == 1 included)
+  // keeps its NaN scale, so the loss and the gradient are NaN.
+  const bool degenerate = !std::isnan(scale) && (num_cols == 1 || moments.max == moments.min);
+  // Any other row has a variance > 0 that may be below fp32's normal range (values below ~1e-19):
+  // floored at the smallest normal float so that 1 / scale stays finite (see kMinScale).
+  scale = degenerate ? 0.0f : (scale < kMinScale ? kMinScale : scale);  // NaN stays NaN
   RowParams params;
   params.hi = moments.max;
   params.scale = scale;
@@ -340,8 +355,13 @@ struct GradTotals {
 // Per-row state read back from the forward's stats.
 // The gradient sums take s as u - pivot (S and s_k - s_mean do not change), pivot near the
 // p-weighted mean of u so that sum p s g - g_mean sum p s does not cancel away a large offset:
-// lse - log M (that mean for a uniform p) while lse > log(M) / 2 (p spread out), else 0 (p on
-// a few elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
+// lse - log M (that mean for a uniform p) while lse > log(M) / 2 (p spread out) and that is not
+// rounding noise (kPivotNoise), else 0 (p on a few elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
+// Below kPivotNoise * log M, lse - log M is fp32 rounding of lse (p uniform to rounding, u all
+// near 0, e.g. x ~ 1e19 in official mode): such a pivot would be noise far larger than the spread
+// of u, and 0 is as near the mean.
+constexpr double kPivotNoise = 0x1p-20;
+
 struct BackwardRow {
   float hi, inv_scale, lse, pivot;  // lse: logsumexp of u
 };
@@ -499,8 +519,9 @@ void backward_rows(const float* grad_loss, const scalar_t* x, int64_t stride_x, 
   const double log_cols = std::log(static_cast<double>(num_cols));
   auto backward_row = [&](int64_t b) {
     const float lse = stats[b * 3 + 2];
-    return BackwardRow{stats[b * 3 + 0], inverse_scale(stats[b * 3 + 1]), lse,
-                       lse > 0.5f * log_cols ? static_cast<float>(lse - log_cols) : 0.0f};
+    const double offset = lse - log_cols;
+    const bool spread = lse > 0.5f * log_cols && std::fabs(offset) > kPivotNoise * log_cols;
+    return BackwardRow{stats[b * 3 + 0], inverse_scale(stats[b * 3 + 1]), lse, spread ? static_cast<float>(offset) : 0.0f};
   };
   const Split split = split_rows(num_rows, num_cols);
   if (split.chunks == 1) {

@@ -7,6 +7,7 @@
 #include "kepler_kl/kepler_kl_checks.h"
 #include "common/dispatch.h"
 
+#include <cfloat>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,18 +23,20 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// Double: squared deviations of values near 1e19 overflow fp32 and those near 1e-20 sink into its
+// subnormals (one pass over the row, memory-bound, so the double arithmetic costs little).
 struct Welford {
-  float count, mean, m2;
+  double count, mean, m2;
 };
 
 struct WelfordMerge {
   // Chan et al.'s exact merge of two (count, mean, M2) summaries.
   __device__ Welford operator()(const Welford& a, const Welford& b) const {
-    const float total = a.count + b.count;
-    if (b.count == 0.0f) return a;
-    if (a.count == 0.0f) return b;
-    const float delta = b.mean - a.mean;
-    const float weight_b = b.count / total;
+    const double total = a.count + b.count;
+    if (b.count == 0.0) return a;
+    if (a.count == 0.0) return b;
+    const double delta = b.mean - a.mean;
+    const double weight_b = b.count / total;
     return {total, a.mean + delta * weight_b, a.m2 + b.m2 + delta * delta * a.count * weight_b};
   }
 };
@@ -49,6 +52,7 @@ struct Min {
 };
 
 __device__ inline float shfl_down(float value, int offset) { return __shfl_down_sync(0xffffffffu, value, offset); }
+__device__ inline double shfl_down(double value, int offset) { return __shfl_down_sync(0xffffffffu, value, offset); }
 
 __device__ inline Welford shfl_down(const Welford& value, int offset) {
   return {shfl_down(value.count, offset), shfl_down(value.mean, offset), shfl_down(value.m2, offset)};
@@ -93,12 +97,12 @@ __global__ void _kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const floa
   const float* q_row = logq + row * stride_qb;
 
   // (1) moments, max, min.
-  Welford moments{0.0f, 0.0f, 0.0f};
+  Welford moments{0.0, 0.0, 0.0};
   float hi = -INFINITY, lo = INFINITY;
   for (int64_t i = threadIdx.x; i < num_cols; i += kThreads) {
     const float v = static_cast<float>(x_row[i * stride_xm]);
-    moments.count += 1.0f;
-    const float delta = v - moments.mean;
+    moments.count += 1.0;
+    const double delta = v - moments.mean;
     moments.mean += delta / moments.count;
     moments.m2 += delta * (v - moments.mean);
     hi = fmaxf(hi, v);
@@ -108,12 +112,13 @@ __global__ void _kepler_kl_fwd_kernel(const scalar_t* __restrict__ x, const floa
   hi = block_allreduce(hi, Max());
   lo = block_allreduce(lo, Min());
   // M2 / max(M - 1, 1), as the reference: M2 is 0 for one finite element and NaN for a NaN one.
-  const float variance = moments.m2 / static_cast<float>(num_cols > 1 ? num_cols - 1 : 1);
-  float scale = use_std ? sqrtf(variance) : variance;
-  // One element, all equal, or a zero divisor: s = 0. A NaN row (M == 1 included) keeps its NaN
-  // scale, so the loss and the gradient are NaN.
-  const bool degenerate = !isnan(scale) && (num_cols == 1 || hi == lo || scale == 0.0f);
-  if (degenerate) scale = 0.0f;
+  const double variance = moments.m2 / static_cast<double>(num_cols > 1 ? num_cols - 1 : 1);
+  float scale = static_cast<float>(use_std ? sqrt(variance) : variance);
+  // One element or all equal: s = 0. A NaN row (M == 1 included) keeps its NaN scale, so the loss
+  // and the gradient are NaN. Any other row's divisor is floored at fp32's smallest normal number
+  // (2**-126), so that 1 / scale stays finite (the reference's MIN_DIVISOR_EXPONENT says why).
+  const bool degenerate = !isnan(scale) && (num_cols == 1 || hi == lo);
+  scale = degenerate ? 0.0f : (scale < FLT_MIN ? FLT_MIN : scale);  // NaN stays NaN (fmaxf would drop it)
   const float inv_scale = degenerate ? 0.0f : 1.0f / scale;
 
   // (2) logsumexp of u = s - max s = (x - hi) * inv_scale. Never s = (x - mean) * inv_scale: in
@@ -178,7 +183,10 @@ __global__ void _kepler_kl_bwd_kernel(const float* __restrict__ grad_loss, const
   // (that mean for a uniform p) while lse > log(M) / 2 (p spread out), else 0 (p on a few
   // elements near u = 0; exactly 0 keeps S exactly 0 for a one-hot p, as in the reference).
   const float log_cols = logf(static_cast<float>(num_cols));
-  const float pivot = lse > 0.5f * log_cols ? lse - log_cols : 0.0f;
+  // Below 2**-20 * log M, lse - log M is rounding noise of lse (p uniform to rounding, u all near
+  // 0, e.g. x ~ 1e19 in official mode), far larger than the spread of u: 0 is as near the mean.
+  const bool spread = lse > 0.5f * log_cols && fabsf(lse - log_cols) > 0x1p-20f * log_cols;
+  const float pivot = spread ? lse - log_cols : 0.0f;
 
   // (1) sums over the row.
   float sp = 0.0f, spg = 0.0f, sps = 0.0f, spsg = 0.0f, ss = 0.0f;

@@ -8,7 +8,8 @@ divides by the unbiased standard deviation instead.
 
 Degenerate rows (decided here, followed by every backend): a row with a single element (unbiased
 variance undefined) or with all elements equal (variance zero) standardizes to all zeros, so its
-softmax is uniform; its gradient is zero. A NaN anywhere in a row makes that row's loss NaN.
+softmax is uniform; its gradient is zero. A NaN or an infinity anywhere in a row makes that row's
+loss NaN. Any other row's divisor is at least ``2**MIN_DIVISOR_EXPONENT`` (below).
 """
 
 from __future__ import annotations
@@ -18,28 +19,47 @@ import torch
 from kepler.ops._common import accumulation_dtype
 
 MODES = ("official", "std")
+# Smallest divisor (variance or std) of a row that is not constant: 2**-126, float32's smallest
+# normal number, so that the float32 kernels' 1 / divisor is finite. Only rows whose values differ
+# by less than ~1e-19 reach it; their softmax saturates either way, so the loss is the same as
+# with the exact divisor, and the gradient (~1 / divisor, past float32's range) is taken at it.
+MIN_DIVISOR_EXPONENT = -126
 
 
 def standardize_rows(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Standardize each row of ``x: (..., M)``: ``(x - mean) / var`` (official) or ``/ std`` (std).
 
-    The variance is the unbiased one (``M - 1``). Rows with ``M == 1``, with all elements equal or
-    whose divisor is zero standardize to zeros (see the module docstring).
+    The variance is the unbiased one (``M - 1``). Rows with ``M == 1`` or all elements equal
+    standardize to zeros; other rows' divisors are floored at ``2**MIN_DIVISOR_EXPONENT`` (see
+    the module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     num_cols = x.shape[-1]
+    # Each row is first multiplied by the power of two 2**-k that brings its largest finite |value|
+    # into [0.5, 1) (exact), and official mode's result by 2**-k again (x = 2**k y gives
+    # (x - mean) / var = 2**-k (y - mean) / var): squares of values near 1e19 overflow float32 and
+    # those of values near 1e-20 lose their digits in its subnormals (issue 15's magnitudes).
+    largest = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0).abs().amax(dim=-1, keepdim=True)
+    # The exponent is kept at or above -126 so that 2**-k is a float32 number.
+    exponent = torch.frexp(largest).exponent.clamp_min(-126)
+    unscale = torch.ldexp(torch.ones_like(largest), -exponent)
+    x = x * unscale
     deviation = x - x.mean(dim=-1, keepdim=True)
     variance = deviation.square().sum(dim=-1, keepdim=True) / max(num_cols - 1, 1)
     # amax == amin rather than variance == 0: the mean of a constant row is rounded, so its
     # deviations (and variance) can be tiny but nonzero; NaN rows are never "constant".
-    constant = x.amax(dim=-1, keepdim=True) == x.amin(dim=-1, keepdim=True)
+    # A row of one infinity repeated is not constant: inf - inf is undefined, its loss NaN.
+    high = x.amax(dim=-1, keepdim=True)
+    constant = (high == x.amin(dim=-1, keepdim=True)) & high.isfinite()
     # Masked before sqrt and division so no inf/NaN gradient leaks through torch.where.
     safe_variance = torch.where(constant, torch.ones_like(variance), variance)
     scale = safe_variance if mode == "official" else safe_variance.sqrt()
-    constant = constant | (scale == 0)
-    safe_scale = torch.where(constant, torch.ones_like(scale), scale)
-    return torch.where(constant, torch.zeros_like(deviation), deviation / safe_scale)
+    # The divisor is at least MIN_DIVISOR at x's scale (2**-k here: 2**-2k for a variance).
+    floor = torch.ldexp(torch.ones_like(largest), MIN_DIVISOR_EXPONENT - (2 if mode == "official" else 1) * exponent)
+    safe_scale = torch.where(constant, torch.ones_like(scale), torch.maximum(scale, floor))
+    standardized = deviation / safe_scale * (unscale if mode == "official" else 1.0)
+    return torch.where(constant, torch.zeros_like(deviation), standardized)
 
 
 def kepler_kl_prior_logq_ref(prior: torch.Tensor, mode: str = "official") -> torch.Tensor:
@@ -57,9 +77,10 @@ def kepler_kl_rows_ref(
     acc_dtype = accumulation_dtype(x.dtype)
     log_p = torch.log_softmax(standardize_rows(x.to(acc_dtype), mode), dim=-1)
     log_q = prior_logq.to(acc_dtype)
-    p = log_p.exp()
-    ratio = torch.exp(log_p - log_q)  # p / q
-    return (p * torch.log(ratio + eps)).sum(dim=-1)
+    # log(p / q + eps) as logaddexp(log p - log q, log eps): p / q overflows where q is tiny, and
+    # with eps = 0 a saturated softmax (p = 0) would give 0 * log(0) = NaN instead of its limit 0.
+    log_eps = torch.tensor(float(eps), dtype=acc_dtype, device=x.device).log()
+    return (log_p.exp() * torch.logaddexp(log_p - log_q, log_eps)).sum(dim=-1)
 
 
 def kepler_kl_ref(
