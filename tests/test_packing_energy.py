@@ -7,11 +7,14 @@ the reference itself run on the input dtype (float32 internally, like the kernel
 of rounding units of the output dtype (grown like sqrt(K d)) for where the plain error is ~0.
 """
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kepler
 from kepler import _backend
@@ -26,10 +29,13 @@ from conftest import (
     device_params,
     float32_sum_error_bound,
     huge_column_stride_view,
+    property_examples,
 )
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+
+from strategies import value_specs  # noqa: E402
 
 DEVICE_BACKENDS = device_backend_params()
 FUSED_DEVICE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "reference"]
@@ -97,10 +103,16 @@ def assert_matches_oracle(codebook, t, normalize, backend, weights=None):
     # distance, K per row), in a different order than the plain way; random-walk growth sqrt(K d).
     growth = math.sqrt(codebook.shape[-2] * codebook.shape[-1])
 
+    # The fused backward sums w_ij (y_i - y_j) over j as y_i sum_j w_ij - sum_j w_ij y_j: without
+    # normalization its rounding is relative to 2 t |y|, not to the gradient, which cancels to ~0
+    # where the nearest pairs coincide (repeated codewords far from the origin).
+    raw_terms = 0.0 if normalize else 2 * t * codebook.detach().abs().max().item() * weights.abs().max().item()
+
     def check(name, ours, plain, oracle, unit):
         ours, plain = ours.cpu().double(), plain.cpu().double()
         assert torch.isfinite(ours).all(), f"{name}: non-finite values (unwritten output?)"
         scale = oracle.abs().max().item() if oracle.numel() else 0.0
+        scale = max(scale, raw_terms) if name == "grad" else scale
         floor = 4 * unit * growth * max(scale, 1.0 if name == "energy" else 0.0)
         allowed = 2 * (plain - oracle).abs().max().item() + floor
         error = (ours - oracle).abs().max().item() if oracle.numel() else 0.0
@@ -459,3 +471,46 @@ def test_compiled_ops_check_their_input(device):
     energy, row_lse = torch.ops.kepler.packing_energy(points, 1.0)
     with pytest.raises(RuntimeError, match=r"row_lse must be \(G, K\) = \(2, 5\)"):
         torch.ops.kepler.packing_energy_backward(torch.ones(2, device=device), points, 1.0, energy, row_lse[:, :4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (Hypothesis): random shapes, dtypes, layouts, magnitudes 1e-20..1e19, NaN/inf, ties
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def energy_cases(draw):
+    """(codebook (K, d) or (G, K, d), t, normalize); "repeated" codebooks hold coincident codewords."""
+    lead = draw(st.sampled_from([(), (1,), (3,)]))
+    shape = (*lead, draw(st.integers(2, 40)), draw(st.integers(1, 40)))
+    spec = draw(value_specs())
+    normalize = draw(st.booleans())
+    if not normalize:
+        # Raw energies are -t ||y_i - y_j||^2 and gradients 2 t (y_i - y_j): kept within the
+        # input dtype's range (normalized codebooks take every magnitude).
+        spec = dataclasses.replace(spec, exponent=min(spec.exponent, 4 if spec.dtype == torch.float16 else 40))
+    return spec.build(shape), draw(st.sampled_from([0.1, 1.0, 7.0])), normalize
+
+
+# NaN/inf inputs make numpy (the Triton interpreter) warn; those warnings are expected here.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_random_inputs_match_the_float64_reference(device, backend, poisoned_empty):
+    @settings(max_examples=property_examples(device, backend))
+    @given(case=energy_cases())
+    def check(case):
+        codebook, t, normalize = case
+        codebook = codebook.to(device)
+        oracle = packing_energy_ref(codebook.double().cpu(), t, normalize)
+        if codebook.isfinite().all() and oracle.abs().le(torch.finfo(torch.float32).max).all():
+            # fixed weights: the global RNG would make an example's replay differ from its first run
+            weights = torch.linspace(1.0, -0.5, max(codebook[..., 0, 0].numel(), 1), device=device)
+            assert_matches_oracle(codebook, t, normalize, backend, weights.reshape(codebook.shape[:-2]))
+        else:  # NaN/inf codewords (the gradient is NaN) or an energy past float32's range (-inf)
+            energy = packing_energy(codebook, t=t, normalize=normalize, backend=backend).cpu().double()
+            past_range = oracle.isfinite() & (oracle.abs() > torch.finfo(torch.float32).max)
+            expected = torch.where(past_range, -torch.inf, oracle)
+            torch.testing.assert_close(energy, expected, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+    check()
