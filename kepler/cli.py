@@ -1,4 +1,4 @@
-"""``kepler`` command line: train, eval, reconstruct, encode, decode, study, doctor.
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, export, study, doctor.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     kepler reconstruct runs/sample/checkpoints/last.pt photo.jpg --out recon/
     kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
     kepler decode runs/sample/checkpoints/last.pt codes/photo.npy --out decoded/
+    kepler export runs/sample/checkpoints/last.pt --out sample_model/   # to share; works wherever a checkpoint does
     kepler doctor --triton-interpret                   # versions, devices, every backend vs the reference
 """
 
@@ -67,7 +68,8 @@ def _add_train(sub) -> None:
 
 
 def _add_checkpoint_args(p) -> None:
-    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt) "
+                                      "or a pretrained model folder (from kepler export or VQModel.save_pretrained)")
     p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
 
 
@@ -106,6 +108,17 @@ def _add_image_io(sub) -> None:
     p.add_argument("codes", nargs="+", help=".npy files of (H, W, P) int code indices")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_decode)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's model as a folder to share (safetensors, config, card)",
+                       description="Write the model of a training checkpoint as a pretrained folder: "
+                                   "model.safetensors, config.yaml (with the weights' SHA-256) and a README.md model "
+                                   "card (metrics from the run's metrics.json). Every command that takes a checkpoint "
+                                   "takes the folder; in Python, VQModel.from_pretrained(folder).")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
 
 
 def _add_study(sub) -> None:
@@ -155,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_image_io(sub)
+    _add_export(sub)
     _add_study(sub)
     _add_doctor(sub)
     return parser
@@ -317,6 +331,16 @@ def _cmd_decode(args) -> int:
         target = out / f"{Path(path).stem}.png"
         _save_png(to_uint8(image), target)
         print(target)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from kepler.models.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, export_checkpoint
+
+    out = _output_folder(args.out)
+    _, metrics = export_checkpoint(args.checkpoint, out)
+    print(f"kepler export: wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
+          + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
     return 0
 
 
