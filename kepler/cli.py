@@ -2,9 +2,10 @@
 
 Examples::
 
-    kepler train configs/sample.yaml optim.base_lr=2e-5 train.max_steps=500
-    kepler train configs/sample.yaml --resume          # continue runs/sample/checkpoints/last.pt
-    torchrun --nproc_per_node 4 -m kepler train configs/celebahq_f16.yaml
+    kepler train sample optim.base_lr=2e-5 train.max_steps=500   # a built-in config, or a YAML path
+    kepler train sample --resume                       # continue runs/sample/checkpoints/last.pt
+    kepler train --list-configs                        # the built-in configs
+    torchrun --nproc_per_node 4 -m kepler train celebahq_f16
     kepler eval runs/sample/checkpoints/last.pt --data sample --resolution 64 128
     kepler reconstruct runs/sample/checkpoints/last.pt photo.jpg --out recon/
     kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
@@ -56,7 +57,8 @@ def _output_folder(path: str, option: str = "--out") -> Path:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a tokenizer from a YAML config",
                        description="Train a Kepler image tokenizer. Runs under torchrun for DDP.")
-    p.add_argument("config", help="YAML config (see configs/); unknown keys are an error")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a YAML config file or a built-in config name (see --list-configs); unknown keys are an error")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides in dot notation, e.g. optim.base_lr=1e-5 data.batch_size=8")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
@@ -64,6 +66,8 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that holds a previous run (deletes its checkpoint, "
                         "log.jsonl, metrics.json and tb/)")
+    p.add_argument("--list-configs", action="store_true",
+                   help="list the built-in configs (kepler train NAME, kepler study NAME) and exit")
     p.set_defaults(func=_cmd_train)
 
 
@@ -124,7 +128,7 @@ def _add_export(sub) -> None:
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a codebook study (see kepler.study)",
                        description="Run a codebook study.")
-    p.add_argument("config", help="study config (YAML), e.g. configs/study_sample.yaml")
+    p.add_argument("config", help="study config: a YAML file or a built-in name, e.g. study_sample")
     p.add_argument("--quick", action="store_true",
                    help="the config's quick block: tiny model, a few steps per variant (a smoke test)")
     p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
@@ -178,9 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from kepler.train.config import load_config
+    from kepler.train.config import builtin_configs, load_config
     from kepler.train.trainer import TrainingInterrupted, train
 
+    if args.list_configs:
+        configs = builtin_configs().values()
+        width = max(len(c.name) for c in configs)
+        for c in configs:
+            print(f"{c.name:<{width}}  kepler {c.kind:<5}  {c.description}")
+        return 0
+    if args.config is None:
+        raise CLIError("give a config file or a built-in config name (kepler train --list-configs shows them)")
     cfg = load_config(args.config, args.overrides)
     resume = args.resume
     if isinstance(resume, str) and not Path(resume).is_file():
