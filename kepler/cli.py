@@ -195,6 +195,9 @@ def _cmd_train(args) -> int:
         raise CLIError("give a config file or a built-in config name (kepler train --list-configs shows them)")
     cfg = load_config(args.config, args.overrides)
     resume = args.resume
+    if isinstance(resume, str) and Path(resume).is_dir():
+        raise CLIError(f"--resume: {resume} is a folder; training resumes from a checkpoint file "
+                       "(an exported model holds no optimizer state)")
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
     try:

@@ -192,6 +192,21 @@ def test_every_checkpoint_command_takes_an_exported_folder(run, tmp_path, capsys
     assert by_folder["resolutions"] == by_checkpoint["resolutions"]  # the training crop size from config.yaml's data
 
 
+def test_a_folder_saved_without_training_data_is_evaluated_at_its_resolution(saved, tmp_path):
+    _, folder = saved  # tiny_model: resolution 16, no data section
+    images = random_images(tmp_path / "images", count=2)
+    assert main(["eval", str(folder), "--data", str(images), "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert list(results["resolutions"]) == ["16"] and results["step"] == 7
+
+
+def test_resume_from_a_folder_says_it_needs_a_checkpoint(saved, tmp_path, capsys):
+    _, folder = saved
+    assert main(["train", "sample", "--resume", str(folder)]) == 2
+    assert capsys.readouterr().err == (f"kepler train: error: --resume: {folder} is a folder; training resumes from a "
+                                       "checkpoint file (an exported model holds no optimizer state)\n")
+
+
 def test_export_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "kepler export: error: checkpoint" in capsys.readouterr().err

@@ -126,8 +126,8 @@ def model_card(model: VQModel, name: str, manifest: Mapping, metrics: Mapping | 
     lines = [
         f"# {name}: a kepler image tokenizer",
         "",
-        f"- Model: VQGAN encoder/decoder, downsampling f{model.downsample_factor}, {config['ch']} base channels "
-        f"x {config['ch_mult']}, latent width {config['embed_dim']}",
+        f"- Model: VQGAN encoder/decoder, downsampling f{model.downsample_factor}, {config['ch']} base channels, "
+        f"multipliers {config['ch_mult']}, latent width {config['embed_dim']}",
         f"- Quantizer: {config['quantizer'].get('type', 'kepler')}, {q.tokens_per_position} token(s) per position, "
         f"{q.codebook_size} codes{' (shared)' if q.shared_codebook else ''}",
         f"- Parameters: {sum(p.numel() for p in model.parameters()):,}",

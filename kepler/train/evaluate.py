@@ -296,8 +296,8 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
     if Path(checkpoint).is_dir():
         model, manifest = load_pretrained(checkpoint, device)
         # A model saved without its training data section is evaluated at its architecture's resolution.
-        data = manifest.get("data") or {"size": manifest["model"]["resolution"]}
-        return model, {"step": manifest.get("step") or 0, "config": {"model": manifest["model"], "data": data}}
+        data = manifest.get("data") or {"size": model.config["resolution"]}
+        return model, {"step": manifest.get("step") or 0, "config": {"model": model.config, "data": data}}
     state = load_checkpoint(checkpoint)
     model = checked_model(state["config"], state["model"], f"checkpoint {checkpoint}")
     return model.to(device).eval(), state
