@@ -28,11 +28,11 @@ test: build
 # (minutes of nvcc); target-specific, so it reaches `build` for this target only.
 demo: export KEPLER_SKIP_CUDA_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,1)
 demo: build
-	$(PY) -m kepler train configs/sample.yaml --overwrite
+	$(PY) -m kepler train sample --overwrite
 	$(PY) -m kepler eval runs/sample/checkpoints/last.pt --data sample --out runs/sample
 
 study: build
-	$(PY) -m kepler study configs/study_sample.yaml
+	$(PY) -m kepler study study_sample
 
 bench: build
 	mkdir -p bench_results

@@ -137,6 +137,8 @@ def main() -> None:
         description="Triton- and CUDA-accelerated vector quantization with Kepler codebooks",
         packages=find_packages(include=["kepler", "kepler.*"]) + ["kepler.kernels"],
         package_dir={"kepler.kernels": "kernels"},
+        # The built-in training and study configs (kepler train sample): resolved inside the package.
+        package_data={"kepler": ["configs/*.yaml"]},
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={"triton": ["triton>=3.0"]},

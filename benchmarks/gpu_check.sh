@@ -80,9 +80,9 @@ run_part "quantizer fp32/bf16/compile" 120 quantizer.log \
 run_part "GPU tests" 180 gpu_tests.log \
   "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 
-# ~30 s: configs/sample.yaml for 300 steps on the GPU (bf16 autocast by default there), then its
+# ~30 s: the built-in config sample for 300 steps on the GPU (bf16 autocast by default there), then its
 # validation; img/s from the run's metrics.json. time_limit_minutes guards against a slow machine.
-if run_part "train sample.yaml 300 steps" 120 train.log "$PY" -m kepler train configs/sample.yaml \
+if run_part "train sample 300 steps" 120 train.log "$PY" -m kepler train sample \
     train.max_steps=300 train.time_limit_minutes=1.5 train.progress=false device=cuda run_dir="$OUT/train_sample"; then
   train_figures=$("$PY" -c "import json, sys; m = json.load(open(sys.argv[1]))
 print(f\"{m['step']} steps, {m['train_images_per_s']:.0f} img/s, PSNR {m['psnr']:.2f} dB\")" "$OUT/train_sample/metrics.json")

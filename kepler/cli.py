@@ -1,14 +1,16 @@
-"""``kepler`` command line: train, eval, reconstruct, encode, decode, study, doctor.
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, export, study, doctor.
 
 Examples::
 
-    kepler train configs/sample.yaml optim.base_lr=2e-5 train.max_steps=500
-    kepler train configs/sample.yaml --resume          # continue runs/sample/checkpoints/last.pt
-    torchrun --nproc_per_node 4 -m kepler train configs/celebahq_f16.yaml
+    kepler train sample optim.base_lr=2e-5 train.max_steps=500   # a built-in config, or a YAML path
+    kepler train sample --resume                       # continue runs/sample/checkpoints/last.pt
+    kepler train --list-configs                        # the built-in configs
+    torchrun --nproc_per_node 4 -m kepler train celebahq_f16
     kepler eval runs/sample/checkpoints/last.pt --data sample --resolution 64 128
     kepler reconstruct runs/sample/checkpoints/last.pt photo.jpg --out recon/
     kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
     kepler decode runs/sample/checkpoints/last.pt codes/photo.npy --out decoded/
+    kepler export runs/sample/checkpoints/last.pt --out sample_model/   # to share; works wherever a checkpoint does
     kepler doctor --triton-interpret                   # versions, devices, every backend vs the reference
 """
 
@@ -55,7 +57,8 @@ def _output_folder(path: str, option: str = "--out") -> Path:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a tokenizer from a YAML config",
                        description="Train a Kepler image tokenizer. Runs under torchrun for DDP.")
-    p.add_argument("config", help="YAML config (see configs/); unknown keys are an error")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a YAML config file or a built-in config name (see --list-configs); unknown keys are an error")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides in dot notation, e.g. optim.base_lr=1e-5 data.batch_size=8")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
@@ -63,11 +66,14 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that holds a previous run (deletes its checkpoint, "
                         "log.jsonl, metrics.json and tb/)")
+    p.add_argument("--list-configs", action="store_true",
+                   help="list the built-in configs (kepler train NAME, kepler study NAME) and exit")
     p.set_defaults(func=_cmd_train)
 
 
 def _add_checkpoint_args(p) -> None:
-    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt) "
+                                      "or a pretrained model folder (from kepler export or VQModel.save_pretrained)")
     p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
 
 
@@ -108,10 +114,21 @@ def _add_image_io(sub) -> None:
     p.set_defaults(func=_cmd_decode)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's model as a folder to share (safetensors, config, card)",
+                       description="Write the model of a training checkpoint as a pretrained folder: "
+                                   "model.safetensors, config.yaml (with the weights' SHA-256) and a README.md model "
+                                   "card (metrics from the run's metrics.json). Every command that takes a checkpoint "
+                                   "takes the folder; in Python, VQModel.from_pretrained(folder).")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a codebook study (see kepler.study)",
                        description="Run a codebook study.")
-    p.add_argument("config", help="study config (YAML), e.g. configs/study_sample.yaml")
+    p.add_argument("config", help="study config: a YAML file or a built-in name, e.g. study_sample")
     p.add_argument("--quick", action="store_true",
                    help="the config's quick block: tiny model, a few steps per variant (a smoke test)")
     p.add_argument("--out", default=None, help="output folder (default: the config's 'out')")
@@ -155,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_image_io(sub)
+    _add_export(sub)
     _add_study(sub)
     _add_doctor(sub)
     return parser
@@ -164,11 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from kepler.train.config import load_config
+    from kepler.train.config import builtin_configs, load_config
     from kepler.train.trainer import TrainingInterrupted, train
 
+    if args.list_configs:
+        configs = builtin_configs().values()
+        width = max(len(c.name) for c in configs)
+        for c in configs:
+            print(f"{c.name:<{width}}  kepler {c.kind:<5}  {c.description}")
+        return 0
+    if args.config is None:
+        raise CLIError("give a config file or a built-in config name (kepler train --list-configs shows them)")
     cfg = load_config(args.config, args.overrides)
     resume = args.resume
+    if isinstance(resume, str) and Path(resume).is_dir():
+        raise CLIError(f"--resume: {resume} is a folder; training resumes from a checkpoint file "
+                       "(an exported model holds no optimizer state)")
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
     try:
@@ -317,6 +346,16 @@ def _cmd_decode(args) -> int:
         target = out / f"{Path(path).stem}.png"
         _save_png(to_uint8(image), target)
         print(target)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from kepler.models.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, export_checkpoint
+
+    out = _output_folder(args.out)
+    _, metrics = export_checkpoint(args.checkpoint, out)
+    print(f"kepler export: wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
+          + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
     return 0
 
 

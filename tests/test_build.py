@@ -95,3 +95,51 @@ def test_import_without_triton_registers_every_op():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['kepler.kernels', 'kepler.kernels._common']"
+
+
+def _installed_layout(build_lib: Path) -> None:
+    """What a wheel installs, minus the compiled extension: ``setup.py build_py`` copies the Python
+    packages and their package data (the built-in configs) as ``pip wheel`` does."""
+    env = dict(os.environ, KEPLER_SKIP_EXT="1")
+    out = subprocess.run([sys.executable, "setup.py", "--quiet", "build_py", "--build-lib", str(build_lib)],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+def test_builtin_configs_resolve_in_the_installed_package(tmp_path):
+    """``kepler train sample`` works without the repository: the configs are package data."""
+    build_lib = tmp_path / "site"
+    _installed_layout(build_lib)
+    code = (
+        "import kepler, sys\n"
+        "from kepler.train.config import resolve_config\n"
+        "from kepler.cli import main\n"
+        "print(kepler.__file__)\n"
+        "print(resolve_config('sample'))\n"
+        "sys.exit(main(['train', '--list-configs']))\n"
+    )
+    elsewhere = tmp_path / "elsewhere"  # no configs/ folder, no repository
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(build_lib), TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    package, sample, *listing = out.stdout.splitlines()
+    assert package == str(build_lib / "kepler" / "__init__.py")
+    assert sample == str(build_lib / "kepler" / "configs" / "sample.yaml")
+    assert [line.split()[0] for line in listing] == ["ade20k_f16", "celebahq_f16", "sample", "study_sample"]
+
+
+@pytest.mark.skipif(os.environ.get("KEPLER_TEST_WHEEL") != "1",
+                    reason="builds the wheel (minutes of C++ compile): set KEPLER_TEST_WHEEL=1")
+def test_the_wheel_holds_the_configs_and_kernels(tmp_path):
+    import zipfile
+
+    env = dict(os.environ, KEPLER_SKIP_CUDA_BUILD="1")
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", str(ROOT),
+                          "-w", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("kepler-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"kepler/configs/{path.name}" for path in (ROOT / "kepler" / "configs").glob("*.yaml")}
+    assert configs and configs <= names
+    assert "kepler/kernels/nearest_codeword.py" in names and any(n.startswith("kepler/_C") for n in names)

@@ -14,7 +14,7 @@ from kepler.cli import main
 from kepler.train.config import load_config
 from kepler.train.trainer import train
 
-COMMANDS = ["train", "eval", "reconstruct", "encode", "decode", "study", "doctor"]
+COMMANDS = ["train", "eval", "reconstruct", "encode", "decode", "export", "study", "doctor"]
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 and a bad value is one ValueError naming the key (Hypothesis tries random values for every key)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,43 @@ def test_any_value_of_any_key_loads_or_is_one_line_naming_the_key(tmp_path_facto
     except ValueError as exc:  # the model's and the loss's own checks: one line naming the argument
         message = str(exc)
         assert "\n" not in message and key.rsplit(".", 1)[-1] in message, (key, value, message)
+
+
+def test_builtin_names_resolve_and_an_existing_file_wins(tmp_path, monkeypatch):
+    from kepler.train.config import CONFIGS_DIR, resolve_config
+
+    assert resolve_config("sample") == CONFIGS_DIR / "sample.yaml"
+    assert load_config("sample").name == "sample"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample").write_text("name: mine\n")  # a file called like a built-in config
+    assert resolve_config("sample") == Path("sample")
+    assert load_config("sample").name == "mine"
+
+
+def test_an_unknown_config_name_lists_the_builtin_names(tmp_path, capsys):
+    from kepler.train.config import builtin_configs
+
+    names = ", ".join(builtin_configs())
+    assert names.startswith("ade20k_f16, celebahq_f16, sample")
+    with pytest.raises(FileNotFoundError) as error:
+        load_config("smaple")
+    assert str(error.value) == f"config file smaple does not exist and is not a built-in config name (built-in: {names})"
+    assert main(["study", "no_such_study"]) == 2
+    assert capsys.readouterr().err == ("kepler study: error: config file no_such_study does not exist and is not a "
+                                       f"built-in config name (built-in: {names})\n")
+
+
+def test_list_configs_shows_each_builtin_with_its_kind_and_description(capsys):
+    from kepler.train.config import builtin_configs
+
+    assert main(["train", "--list-configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    configs = builtin_configs()
+    assert [line.split()[0] for line in lines] == list(configs)
+    for line, config in zip(lines, configs.values()):
+        assert line.split()[1:3] == ["kepler", config.kind] and line.endswith(config.description)
+    assert configs["sample"].kind == "train" and configs["study_sample"].kind == "study"
+    assert configs["sample"].description.startswith("The demo: a small Kepler tokenizer")
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == ("kepler train: error: give a config file or a built-in config name "
+                                       "(kepler train --list-configs shows them)\n")

@@ -11,7 +11,7 @@ from kepler.cli import main
 from kepler.study import config, report, runner, stats
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY_CONFIG = ROOT / "configs" / "study_sample.yaml"
+STUDY_CONFIG = ROOT / "kepler" / "configs" / "study_sample.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -187,12 +187,24 @@ def test_load_study_config_errors(tmp_path):
         config.load_study_config(_write(tmp_path, "base: x.yaml\nseeds: []\nvariants:\n  a: {set: {}}\n"))
 
 
-def test_base_is_relative_to_the_study_config_and_stays_relative(monkeypatch):
+def test_base_is_relative_to_the_study_config_and_stays_relative(tmp_path, monkeypatch):
     # The path is written into study.json and every run's result.json: no machine paths there.
-    monkeypatch.chdir(STUDY_CONFIG.parent.parent)
-    loaded = config.load_study_config(STUDY_CONFIG.relative_to(STUDY_CONFIG.parent.parent))
-    assert loaded["base"] == str(Path("configs") / "sample.yaml")
-    assert Path(loaded["base"]).is_file()
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "mine.yaml").write_text("base: train.yaml\nseeds: [0]\nvariants:\n  a: {set: {}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert config.load_study_config(Path("studies") / "mine.yaml")["base"] == str(Path("studies") / "train.yaml")
+
+
+def test_a_builtin_base_is_kept_as_its_name(tmp_path, monkeypatch):
+    # The built-in study, by name or by path: its base is the built-in name, the same in a checkout
+    # and in an installed package.
+    monkeypatch.chdir(ROOT)
+    assert config.load_study_config("study_sample")["base"] == "sample"
+    assert config.load_study_config(STUDY_CONFIG.relative_to(ROOT))["base"] == "sample"
+    # A study of one's own can name a built-in base when no file of that name is beside it.
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: sample\nseeds: [0]\nvariants:\n  a: {set: {}}\n")
+    assert config.load_study_config(mine)["base"] == "sample"
 
 
 def test_quick_block_replaces_budget_and_keeps_variants():

@@ -235,9 +235,10 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_shipped_configs_load():
     for name in ("sample", "celebahq_f16", "ade20k_f16"):
-        cfg = load_config(REPO / "configs" / f"{name}.yaml")
-        assert cfg.name
-    paper = load_config(REPO / "configs" / "ade20k_f16.yaml")
+        cfg = load_config(name)
+        assert cfg.name == name
+        assert cfg == load_config(REPO / "kepler" / "configs" / f"{name}.yaml")
+    paper = load_config("ade20k_f16")
     assert paper.model.quantizer.num_codes == 1024 and paper.model.quantizer.partitions == 4
     assert 2 ** (len(paper.model.ch_mult) - 1) == 16
 

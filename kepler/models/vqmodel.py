@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +53,14 @@ class VQModel(nn.Module):
         quantizer: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        # The ``model`` config section this model was built from (lists, not tuples): what
+        # save_pretrained writes beside the weights.
+        self.config = dict(
+            ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
+            z_channels=z_channels, resolution=resolution, in_channels=in_channels, out_ch=out_ch, dropout=dropout,
+            norm_groups=norm_groups, zero_init_residual=zero_init_residual, embed_dim=embed_dim,
+            quantizer=dict(quantizer or {}),
+        )
         arch = dict(
             ch=ch,
             ch_mult=tuple(ch_mult),
@@ -123,3 +133,19 @@ class VQModel(nn.Module):
     def from_config(cls, model_cfg: Mapping[str, Any]) -> VQModel:
         """Build from the ``model`` section of a training config (plain containers)."""
         return cls(**model_cfg)
+
+    def save_pretrained(self, directory: str | os.PathLike, **card) -> Path:
+        """Write this model to ``directory`` for others: weights (safetensors), config and model card.
+        See :func:`kepler.models.pretrained.save_pretrained` (``card``: its keyword arguments)."""
+        from kepler.models.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, **card)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> VQModel:
+        """A model written by :meth:`save_pretrained` (or ``kepler export``), in eval mode on ``device``.
+        ``directory`` is a local folder, e.g. one downloaded in full; every file is checked
+        (:func:`kepler.models.pretrained.load_pretrained`)."""
+        from kepler.models.pretrained import load_pretrained
+
+        return load_pretrained(directory, device)[0]

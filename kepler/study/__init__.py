@@ -9,14 +9,14 @@ on held-out images and writes, to its output folder:
 * ``curves.png`` (validation PSNR and utilization against steps), ``usage.png`` (code usage per
   variant) and ``codewords_<variant>.png`` (the codewords of 3-D sub-codebooks).
 
-The study config (``configs/study_sample.yaml``) names a trainer config every run starts from,
-``common`` trainer overrides, the ``variants`` (trainer overrides each, and the reference each is
-compared to) and the ``sweep``: a variant whose regularizer weight is ``sweep`` takes the weight the
-sweep chose, never one written by hand. The sweep trains the sweep's base variant once per candidate
-weight (and once with weight 0) for a shorter budget, and picks, per regularizer, the weight with
-the best held-out PSNR among those that visibly change training (see
-:func:`kepler.study.stats.select_weight`), judged against a reference run of the same variant at
-weight 0 or at the sweep's ``reference`` weight for that key.
+The study config (built-in ``study_sample``: ``kepler/configs/study_sample.yaml``) names a trainer
+config every run starts from, ``common`` trainer overrides, the ``variants`` (trainer overrides
+each, and the reference each is compared to) and the ``sweep``: a variant whose regularizer weight
+is ``sweep`` takes the weight the sweep chose, never one written by hand. The sweep trains the
+sweep's base variant once per candidate weight (and once with weight 0) for a shorter budget, and
+picks, per regularizer, the weight with the best held-out PSNR among those that visibly change
+training (see :func:`kepler.study.stats.select_weight`), judged against a reference run of the same
+variant at weight 0 or at the sweep's ``reference`` weight for that key.
 
 ``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
 the results between the README's ``kepler-study`` markers.

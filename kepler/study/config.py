@@ -25,13 +25,15 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     """The study config at ``path`` as plain containers, checked; with ``quick`` its ``quick`` block
     replaces ``seeds``/``jobs`` and is merged over ``common`` and ``sweep``.
 
-    ``base`` (the trainer config) is resolved relative to the study config's folder.
+    ``path`` is a file or a built-in config name (:func:`kepler.train.config.resolve_config`).
+    ``base`` (the trainer config) is resolved relative to the study config's folder, else it is a
+    built-in name; a built-in base is kept as its name.
     """
     from omegaconf import OmegaConf
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study config {path} does not exist")
+    from kepler.train.config import CONFIGS_DIR, builtin_configs, resolve_config
+
+    path = resolve_config(path)
     study = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(study, dict):
         raise ValueError(f"study config {path} must be a mapping")
@@ -39,8 +41,17 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
         if key not in study:
             raise ValueError(f"study config {path} has no {key!r} entry")
     # Relative to the study config's folder, kept as relative as the config path was given: the
-    # path lands in study.json and in each run's result.json (the reuse check compares it).
-    study["base"] = os.path.normpath(path.parent / study["base"]) if study["base"] else None
+    # path lands in study.json and in each run's result.json (the reuse check compares it). A base
+    # among the built-in configs is kept as its name (load_config resolves it): the same in a
+    # checkout and in an installed package, whose folder would be a machine path there.
+    if study["base"]:
+        beside = Path(os.path.normpath(path.parent / study["base"]))
+        if beside.resolve().parent == CONFIGS_DIR:
+            study["base"] = beside.stem
+        elif beside.is_file() or str(study["base"]) not in builtin_configs():
+            study["base"] = str(beside)
+    else:
+        study["base"] = None
     study.setdefault("name", path.stem)
     study.setdefault("out", f"runs/{study['name']}")
     study.setdefault("jobs", 1)

@@ -7,6 +7,10 @@ names (:func:`kepler.nn.register_quantizer`; ``kepler`` by default) and of
 :class:`kepler.models.VQGANLoss`, with their defaults read off the constructors' signatures (their
 docstrings say what each key means). The other sections are defined here.
 
+Built-in configs: the YAML files in ``kepler/configs/`` ship inside the package, so ``kepler train
+sample`` works from an installed wheel. :func:`resolve_config` turns a path or a built-in name into a
+file (an existing file wins over a name); :func:`builtin_configs` lists them.
+
 Learning rate: with ``optim.scale_lr: true`` (taming's rule) the rate used is
 ``base_lr * batch_size * grad_accum * world_size``; otherwise ``base_lr`` itself.
 """
@@ -21,6 +25,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import yaml
@@ -128,6 +133,52 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
+# The built-in configs: package data, installed with kepler (setup.py package_data).
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The first sentence of a config's leading comment block, which is its description.
+_FIRST_SENTENCE = re.compile(r"^(.+?[.?!])(?:\s|$)")
+
+
+@dataclass(frozen=True)
+class BuiltinConfig:
+    name: str
+    path: Path
+    kind: str  # "train" (for kepler train) or "study" (for kepler study)
+    description: str
+
+
+def builtin_configs() -> dict[str, BuiltinConfig]:
+    """The configs shipped with kepler, by name (the file name without ``.yaml``), sorted."""
+    configs = {}
+    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
+        text = path.read_text()
+        comment = []
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        joined = " ".join(comment)
+        match = _FIRST_SENTENCE.match(joined)
+        keys = yaml.safe_load(text)
+        kind = "study" if isinstance(keys, dict) and "variants" in keys else "train"
+        configs[path.stem] = BuiltinConfig(path.stem, path, kind, match.group(1) if match else joined)
+    return configs
+
+
+def resolve_config(config: str | os.PathLike) -> Path:
+    """The config file that ``config`` names: an existing file at that path, else the built-in
+    config of that name (:func:`builtin_configs`). FileNotFoundError naming the built-in names
+    otherwise."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    builtin = builtin_configs()
+    if str(config) in builtin:
+        return builtin[str(config)].path
+    raise FileNotFoundError(
+        f"config file {config} does not exist and is not a built-in config name (built-in: {', '.join(builtin)})"
+    )
+
 
 def constructor_defaults(cls: type, exclude: Iterable[str] = ()) -> dict:
     """The keyword arguments of ``cls``'s constructor and their defaults, as config values (tuples
@@ -189,9 +240,9 @@ def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> str:
 
 
 def _read_yaml(path: str | os.PathLike) -> DictConfig:
-    """The YAML file at ``path``, which must hold a mapping of config keys."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
+    """The YAML file at ``path`` (or the built-in config of that name), which must hold a mapping
+    of config keys."""
+    path = resolve_config(path)
     try:
         layer = OmegaConf.load(path)
     except yaml.YAMLError as exc:
@@ -206,7 +257,8 @@ def _read_yaml(path: str | os.PathLike) -> DictConfig:
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, merged with the YAML file at ``path`` (None: defaults only), then with ``overrides``
+    """Defaults, merged with the YAML file at ``path`` (or the built-in config of that name, see
+    :func:`resolve_config`; None: defaults only), then with ``overrides``
     (``"optim.base_lr=1e-4"`` dotlist strings), then checked against the schema (:func:`key_types`,
     :data:`RANGES`, :data:`CHOICES`). Raises ValueError naming an unknown key, a bad override or a
     value of the wrong type or range, FileNotFoundError for a missing file."""

@@ -30,9 +30,9 @@ from kepler.data import build_dataset, collate
 from kepler.distributed import all_reduce_sum, resolve_device
 from kepler.metrics import packing_report
 from kepler.models import VQModel, load_lpips
+from kepler.models.pretrained import checked_model, load_pretrained
 from kepler.train.checkpoint import load_checkpoint
-from kepler.train.config import model_config
-from kepler.weights import check_state_dict, load_weights, sha256_prefix_matches
+from kepler.weights import load_weights, sha256_prefix_matches
 
 log = logging.getLogger("kepler")
 
@@ -285,20 +285,21 @@ def format_table(results: dict) -> str:
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[VQModel, dict]:
-    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``).
+    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``) or a
+    pretrained folder (:mod:`kepler.models.pretrained`; its dict has the checkpoint's ``step`` and
+    ``config`` entries, ``config`` holding the folder's ``model`` and ``data`` sections).
 
-    The model is first built from the checkpoint's config on the ``meta`` device and the weights are
+    The model is first built from the saved config on the ``meta`` device and the weights are
     checked against it (:func:`kepler.weights.check_state_dict`): a config that does not describe the
     weights, however large the model it asks for, is a one-line ValueError before anything is allocated.
     """
+    if Path(checkpoint).is_dir():
+        model, manifest = load_pretrained(checkpoint, device)
+        # A model saved without its training data section is evaluated at its architecture's resolution.
+        data = manifest.get("data") or {"size": model.config["resolution"]}
+        return model, {"step": manifest.get("step") or 0, "config": {"model": model.config, "data": data}}
     state = load_checkpoint(checkpoint)
-    source = f"checkpoint {checkpoint}"
-    config = model_config(state["config"], source)
-    with torch.device("meta"):
-        skeleton = VQModel.from_config(config)
-    check_state_dict(skeleton, state["model"], source)
-    model = VQModel.from_config(config)
-    model.load_state_dict(state["model"])
+    model = checked_model(state["config"], state["model"], f"checkpoint {checkpoint}")
     return model.to(device).eval(), state
 
 
