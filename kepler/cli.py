@@ -1,4 +1,4 @@
-"""``kepler`` command line: train, eval, reconstruct, encode, decode, study, doctor.
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, convert, study, doctor.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     kepler reconstruct runs/sample/checkpoints/last.pt photo.jpg --out recon/
     kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
     kepler decode runs/sample/checkpoints/last.pt codes/photo.npy --out decoded/
+    kepler convert last.ckpt --config released.yaml --out converted/   # a released Kepler/taming VQGAN
     kepler doctor --triton-interpret                   # versions, devices, every backend vs the reference
 """
 
@@ -108,6 +109,21 @@ def _add_image_io(sub) -> None:
     p.set_defaults(func=_cmd_decode)
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a released Kepler Codebook / taming VQGAN checkpoint",
+                       description="Convert a Lightning checkpoint of the released Kepler Codebook or taming-"
+                                   "transformers VQModel, with its YAML config, into OUT/model.pt (for eval, "
+                                   "reconstruct, encode, decode) and OUT/config.yaml (for kepler train: it starts "
+                                   "from the converted weights).")
+    p.add_argument("checkpoint", help="the released .ckpt file")
+    p.add_argument("--config", required=True, help="its YAML config (model.params: ddconfig, n_embed, ...)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--trust-global", action="append", default=[], metavar="NAME",
+                   help="allow the global NAME (module.name) while unpickling the checkpoint; only for a file "
+                        "you trust, when the error names it (repeatable)")
+    p.set_defaults(func=_cmd_convert)
+
+
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a codebook study (see kepler.study)",
                        description="Run a codebook study.")
@@ -155,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_image_io(sub)
+    _add_convert(sub)
     _add_study(sub)
     _add_doctor(sub)
     return parser
@@ -317,6 +334,17 @@ def _cmd_decode(args) -> int:
         target = out / f"{Path(path).stem}.png"
         _save_png(to_uint8(image), target)
         print(target)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from kepler.train.convert import convert
+
+    out = _output_folder(args.out)
+    written = convert(args.checkpoint, args.config, out, trusted_globals=args.trust_global)
+    q = written["model"].quantize
+    print(f"kepler convert: {q.tokens_per_position} partition(s) {q.partition.name!r}, {q.codebook_size} codes, "
+          f"f={written['model'].downsample_factor}; wrote {written['checkpoint']}, {written['config']}")
     return 0
 
 

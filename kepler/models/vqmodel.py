@@ -123,3 +123,11 @@ class VQModel(nn.Module):
     def from_config(cls, model_cfg: Mapping[str, Any]) -> VQModel:
         """Build from the ``model`` section of a training config (plain containers)."""
         return cls(**model_cfg)
+
+    @classmethod
+    def from_taming(cls, checkpoint, config, trusted_globals=()) -> VQModel:
+        """The model of a released Kepler Codebook or taming-transformers Lightning checkpoint and its
+        YAML config, computing what the released model computes: see :func:`kepler.models.taming.from_taming`."""
+        from kepler.models.taming import from_taming
+
+        return from_taming(checkpoint, config, trusted_globals)
