@@ -118,9 +118,12 @@ def _add_convert(sub) -> None:
     p.add_argument("checkpoint", help="the released .ckpt file")
     p.add_argument("--config", required=True, help="its YAML config (model.params: ddconfig, n_embed, ...)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stub-global", action="append", default=[], metavar="NAME",
+                   help="read the global NAME (module.name) that the error names as an inert placeholder: "
+                        "nothing of it runs (Lightning's callbacks, hyper-parameters; repeatable)")
     p.add_argument("--trust-global", action="append", default=[], metavar="NAME",
-                   help="allow the global NAME (module.name) while unpickling the checkpoint; only for a file "
-                        "you trust, when the error names it (repeatable)")
+                   help="import the global NAME and let it run while unpickling; only for a file you trust "
+                        "(repeatable)")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -341,7 +344,8 @@ def _cmd_convert(args) -> int:
     from kepler.train.convert import convert
 
     out = _output_folder(args.out)
-    written = convert(args.checkpoint, args.config, out, trusted_globals=args.trust_global)
+    written = convert(args.checkpoint, args.config, out, trusted_globals=args.trust_global,
+                      stubbed_globals=args.stub_global)
     q = written["model"].quantize
     print(f"kepler convert: {q.tokens_per_position} partition(s) {q.partition.name!r}, {q.codebook_size} codes, "
           f"f={written['model'].downsample_factor}; wrote {written['checkpoint']}, {written['config']}")

@@ -40,29 +40,53 @@ class RefusedGlobals(ValueError):
         self.names = names
 
 
+class GlobalPlaceholder:
+    """What :func:`load_weights` reads a stubbed global as (a subclass named after it): called or
+    restored, it only keeps its arguments."""
+
+    name = ""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.name}>"
+
+
 def load_weights(
     source: str | os.PathLike | bytes,
     what: str,
     map_location: str | torch.device = "cpu",
     trusted_globals: Sequence[str] = (),
+    stubbed_globals: Sequence[str] = (),
 ) -> Any:
     """``torch.load(source, weights_only=True)``; ``source`` is a path or the file's bytes.
 
-    ``trusted_globals``: ``"module.name"`` globals the caller allows on top of weights_only's own
-    (e.g. ``omegaconf.dictconfig.DictConfig`` for a Lightning checkpoint's hyper-parameters); each is
-    imported, and unpickling may run its code: only for a file the user trusts.
+    Two ways to let a file ask for ``"module.name"`` globals beyond weights_only's own, each only for
+    the names the caller passes:
+
+    * ``trusted_globals``: each is imported and unpickling may run its code (only for a file the
+      user trusts);
+    * ``stubbed_globals``: each is read as an inert :class:`GlobalPlaceholder` that keeps the
+      arguments it was given and runs nothing; for objects beside the weights that the caller does
+      not need (a Lightning checkpoint's callbacks or OmegaConf hyper-parameters). Modules torch
+      blocks (``os``, ``posix``, ...) stay refused.
 
     Raises :class:`RefusedGlobals` (a ValueError, one line, starting with ``what``) for a file that
     asks for anything else, ValueError for a file torch cannot read.
     """
     allowed = [(_import_global(name), name) for name in trusted_globals]
+    allowed += [(type(name.rpartition(".")[2], (GlobalPlaceholder,), {"name": name}), name) for name in stubbed_globals]
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is a paragraph; the globals the file asks for are the part that matters.
-        names = _refused_globals(source, str(exc), trusted_globals)
+        names = _refused_globals(source, str(exc), [*trusted_globals, *stubbed_globals])
         detail = f"it asks for {', '.join(names)}" if names else str(exc).splitlines()[0]
         raise RefusedGlobals(
             f"{what} holds more than tensors and plain containers ({detail}); refused to unpickle it", names

@@ -2,7 +2,10 @@
 partitions and taming's plain quantizer against the released algorithm, every mismatch's message,
 ``kepler convert`` and fine-tuning from a converted model (``train.init_from``)."""
 
+import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -275,30 +278,88 @@ def test_released_group_norm_variant_is_named(tmp_path):
         from_taming(tmp_path / "gn.ckpt", CONFIG)
 
 
-def test_lightning_hyper_parameters_are_refused_until_trusted(tmp_path, reference, capsys):
-    """A real Lightning checkpoint keeps its hyper-parameters as OmegaConf containers, which
-    weights_only refuses: the error names every global and the flag that allows them."""
+def lightning_checkpoint(path: Path, extra: dict) -> Path:
+    """The fixture saved as Lightning would, with ``extra`` entries beside the weights."""
     state = torch.load(CKPT, weights_only=True)
-    state["hyper_parameters"] = OmegaConf.create({"n_embed": 64, "ddconfig": {"ch_mult": [1, 1, 2]}})
-    path = tmp_path / "lightning.ckpt"
-    torch.save(state, path)
+    torch.save({**state, **extra}, path)
+    return path
+
+
+def lightning_1x_callbacks(patch: pytest.MonkeyPatch) -> dict:
+    """Lightning 1.x keyed ``callbacks`` by the callback's class: pickled as a reference to
+    pytorch_lightning's ModelCheckpoint. Stand-in modules (under ``patch``) let this test write it
+    without pytorch_lightning installed."""
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        patch.setitem(sys.modules, name, types.ModuleType(name))
+    model_checkpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = model_checkpoint
+    return {model_checkpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "last.ckpt"}}
+
+
+def test_lightning_objects_are_refused_until_named(tmp_path, reference, monkeypatch, capsys):
+    """Lightning's callbacks (keyed by class) and OmegaConf hyper-parameters are refused by
+    weights_only: the error names every global; --stub-global reads them as inert placeholders,
+    --trust-global imports them."""
+    with monkeypatch.context() as patch:
+        callbacks = lightning_1x_callbacks(patch)
+        path = lightning_checkpoint(tmp_path / "lightning.ckpt", {
+            "callbacks": callbacks, "hyper_parameters": OmegaConf.create({"n_embed": 64, "ch_mult": [1, 1, 2]})})
     with pytest.raises(ValueError) as error:
         from_taming(path, CONFIG)
     message = str(error.value)
     assert message.startswith(f"checkpoint {path} holds more than tensors and plain containers (it asks for ")
     names = re.search(r"it asks for ([^)]*)\)", message).group(1).split(", ")
-    assert "omegaconf.dictconfig.DictConfig" in names and names == sorted(names)
-    assert "--trust-global omegaconf.dictconfig.DictConfig" in message
-    assert "torch.serialization.add_safe_globals" in message
+    assert names == sorted(names)
+    assert {"omegaconf.dictconfig.DictConfig", "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"} <= set(names)
+    assert "--stub-global pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in message
+    assert "--trust-global NAME" in message and "torch.serialization.add_safe_globals" in message
     assert "\n" not in message
-    model = from_taming(path, CONFIG, trusted_globals=names)
+    # Trusting imports: pytorch_lightning is not installed here.
+    with pytest.raises(ValueError) as error:
+        from_taming(path, CONFIG, trusted_globals=names)
+    assert str(error.value) == ("trusted global 'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint' "
+                                "is not an importable module.name")
+    model = from_taming(path, CONFIG, stubbed_globals=names)
     assert torch.equal(model.encode_to_indices(reference["x"]), reference["indices"])
-    # The command line: refused, then allowed by naming each global.
+    # The importable ones can be trusted instead, the rest stubbed.
+    trusted = [name for name in names if not name.startswith("pytorch_lightning.")]
+    model = from_taming(path, CONFIG, trusted_globals=trusted,
+                        stubbed_globals=["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"])
+    assert torch.equal(model.encode_to_indices(reference["x"]), reference["indices"])
+    # The command line: refused, then read with a flag per global.
     out = tmp_path / "converted"
     assert main(["convert", str(path), "--config", str(CONFIG), "--out", str(out)]) == 2
-    assert "--trust-global omegaconf.dictconfig.DictConfig" in capsys.readouterr().err
-    flags = [arg for name in names for arg in ("--trust-global", name)]
+    assert "--stub-global omegaconf.dictconfig.DictConfig" in capsys.readouterr().err
+    flags = [arg for name in names for arg in ("--stub-global", name)]
     assert main(["convert", str(path), "--config", str(CONFIG), "--out", str(out), *flags]) == 0
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_stubbing_runs_nothing(tmp_path, monkeypatch):
+    """A stubbed global is a placeholder, never the original: a file whose weights are not tensors
+    is still refused, and modules torch blocks stay blocked."""
+    with monkeypatch.context() as patch:
+        callbacks = lightning_1x_callbacks(patch)
+        weights = {"state_dict": {"encoder.conv_in.weight": next(iter(callbacks))}}
+        torch.save(weights, tmp_path / "class_as_weight.ckpt")
+    with pytest.raises(ValueError) as error:
+        from_taming(tmp_path / "class_as_weight.ckpt", CONFIG,
+                    stubbed_globals=["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"])
+    assert str(error.value) == (f"checkpoint {tmp_path / 'class_as_weight.ckpt'}: state_dict entry "
+                                "'encoder.conv_in.weight' is not a named tensor")
+    marker = tmp_path / "code_ran"
+    path = lightning_checkpoint(tmp_path / "planted.ckpt", {"hyper_parameters": _Planted(marker)})
+    with pytest.raises(ValueError, match="holds more than tensors and plain containers"):
+        from_taming(path, CONFIG, stubbed_globals=[f"{os.mkdir.__module__}.mkdir"])
+    assert not marker.exists()
 
 
 def test_trusted_global_must_be_importable():

@@ -221,25 +221,30 @@ def read_taming_config(config: str | os.PathLike | Mapping) -> tuple[dict, str]:
     return OmegaConf.to_container(_read_yaml(config), resolve=True), f"config file {config}"
 
 
-def load_taming_checkpoint(checkpoint: str | os.PathLike, trusted_globals: Sequence[str] = ()) -> dict:
+def load_taming_checkpoint(
+    checkpoint: str | os.PathLike, trusted_globals: Sequence[str] = (), stubbed_globals: Sequence[str] = ()
+) -> dict:
     """A Lightning checkpoint read with ``weights_only=True``, checked to hold a ``state_dict`` of
     named tensors.
 
-    ``trusted_globals``: see :func:`kepler.weights.load_weights`. A checkpoint that asks for more (a
-    Lightning ``hyper_parameters`` of OmegaConf containers, say) is a one-line ValueError naming the
-    globals and the deliberate ways to allow them; it is never loaded unsafely.
+    ``trusted_globals``, ``stubbed_globals``: see :func:`kepler.weights.load_weights`. A checkpoint
+    that asks for more (Lightning 1.x keys its ``callbacks`` by class, later versions keep
+    ``hyper_parameters`` as OmegaConf containers) is a one-line ValueError naming the globals and the
+    deliberate ways to allow them; it is never loaded unsafely.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     source = f"checkpoint {path}"
     try:
-        state = load_weights(path, source, trusted_globals=trusted_globals)
+        state = load_weights(path, source, trusted_globals=trusted_globals, stubbed_globals=stubbed_globals)
     except RefusedGlobals as exc:
-        flags = " ".join(f"--trust-global {name}" for name in exc.names)
+        flags = " ".join(f"--stub-global {name}" for name in exc.names)
         raise ValueError(
-            f"{exc}. If you trust the file, allow them deliberately: `kepler convert ... {flags}`, or in "
-            f"Python from_taming(..., trusted_globals=[...]) or torch.serialization.add_safe_globals"
+            f"{exc}. To read it, name them deliberately: `kepler convert ... {flags}` reads them as inert "
+            f"placeholders (nothing of theirs runs; the weights must still be tensors), --trust-global NAME "
+            f"imports NAME and lets it run (only for a file you trust); in Python, stubbed_globals=[...] or "
+            f"trusted_globals=[...] (or torch.serialization.add_safe_globals)"
         ) from None
     if not isinstance(state, Mapping) or not isinstance(state.get("state_dict"), Mapping):
         found = ", ".join(repr(k) for k in list(state)[:5]) if isinstance(state, Mapping) else type(state).__name__
@@ -325,13 +330,15 @@ def from_taming(
     checkpoint: str | os.PathLike,
     config: str | os.PathLike | Mapping,
     trusted_globals: Sequence[str] = (),
+    stubbed_globals: Sequence[str] = (),
 ) -> VQModel:
     """A kepler :class:`VQModel` (eval mode, CPU) from a released Lightning checkpoint and its YAML config.
 
     Args:
         checkpoint: the ``.ckpt`` file (read with ``weights_only=True``).
         config: its YAML config (a path, or the loaded mapping) with ``model.params``.
-        trusted_globals: globals to allow while unpickling (see :func:`load_taming_checkpoint`).
+        trusted_globals, stubbed_globals: globals to allow while unpickling, imported or as inert
+            placeholders (see :func:`load_taming_checkpoint`).
 
     The model maps images ``(B, in_channels, H, W)`` float32 in [-1, 1] to the released model's
     indices as ``(B, H/f, W/f, P)`` int64 (flattened, the released flat order), its quantized
@@ -340,5 +347,5 @@ def from_taming(
     """
     plain, config_source = read_taming_config(config)
     model_cfg = taming_config(plain, config_source)["model"]
-    state = load_taming_checkpoint(checkpoint, trusted_globals)
+    state = load_taming_checkpoint(checkpoint, trusted_globals, stubbed_globals)
     return taming_model(state["state_dict"], model_cfg, f"checkpoint {checkpoint}")

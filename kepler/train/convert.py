@@ -29,17 +29,19 @@ def convert(
     config: str | os.PathLike,
     out: str | os.PathLike,
     trusted_globals: Sequence[str] = (),
+    stubbed_globals: Sequence[str] = (),
 ) -> dict:
     """Convert ``checkpoint`` (a Lightning ``.ckpt``) with its YAML ``config`` into the folder ``out``.
 
     Returns ``{"checkpoint", "config"}`` (the written paths) and ``"model"`` (the converted
     :class:`kepler.models.VQModel`). Raises ValueError (one line) for a config kepler cannot express or
-    weights that do not match it, FileNotFoundError for a missing file.
+    weights that do not match it, FileNotFoundError for a missing file. ``trusted_globals``,
+    ``stubbed_globals``: see :func:`kepler.models.taming.load_taming_checkpoint`.
     """
     out = Path(out)
     plain, config_source = read_taming_config(config)
     sections = taming_config(plain, config_source)
-    released = load_taming_checkpoint(checkpoint, trusted_globals)
+    released = load_taming_checkpoint(checkpoint, trusted_globals, stubbed_globals)
     model = taming_model(released["state_dict"], sections["model"], f"checkpoint {checkpoint}")
     step = released.get("global_step")
     layer = {"name": out.resolve().name, **sections}
