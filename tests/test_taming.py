@@ -410,6 +410,14 @@ def test_converted_model_works_with_every_command(tmp_path, converted_dir, conve
     assert "psnr" in capsys.readouterr().out
 
 
+def test_convert_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: kepler convert" in out and "--stub-global" in out and "--trust-global" in out
+
+
 def test_convert_command_errors(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing.ckpt"), "--config", str(CONFIG), "--out", str(tmp_path)]) == 2
     assert f"kepler convert: error: checkpoint {tmp_path / 'missing.ckpt'} does not exist" in capsys.readouterr().err
@@ -438,6 +446,9 @@ def test_init_from_errors(tmp_path, converted_dir):
     with pytest.raises(ValueError) as error:
         load_config(converted_dir / "config.yaml", [f"train.init_from={tmp_path / 'none.pt'}"])
     assert str(error.value) == f"config key 'train.init_from': checkpoint {tmp_path / 'none.pt'} does not exist"
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["train.init_from=5"])
+    assert str(error.value) == "config key 'train.init_from' must be a string or null, got 5"
     images = random_images(tmp_path / "images")
     cfg = load_config(converted_dir / "config.yaml", [f"run_dir={tmp_path / 'run'}", f"data.train={images}",
                                                      f"data.val={images}", "model.ch=64", "loss.perceptual_weight=0"])
