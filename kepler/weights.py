@@ -86,7 +86,13 @@ def load_weights(
             return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is a paragraph; the globals the file asks for are the part that matters.
-        names = _refused_globals(source, str(exc), [*trusted_globals, *stubbed_globals])
+        allowed_names = [*trusted_globals, *stubbed_globals]
+        names = _refused_globals(source, str(exc), allowed_names)
+        blocked = [name for name in names if name in allowed_names]
+        if blocked:  # torch refuses some modules (os, subprocess, ...) whatever the caller allows
+            raise ValueError(
+                f"{what} asks for {blocked[0]}, from a module torch never unpickles; refused to unpickle it"
+            ) from None
         detail = f"it asks for {', '.join(names)}" if names else str(exc).splitlines()[0]
         raise RefusedGlobals(
             f"{what} holds more than tensors and plain containers ({detail}); refused to unpickle it", names
