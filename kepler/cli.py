@@ -1,4 +1,4 @@
-"""``kepler`` command line: train, eval, reconstruct, encode, decode, export, study, doctor.
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, export, convert, study, doctor.
 
 Examples::
 
@@ -11,6 +11,7 @@ Examples::
     kepler encode runs/sample/checkpoints/last.pt photo.jpg --out codes/   # codes/photo.npy
     kepler decode runs/sample/checkpoints/last.pt codes/photo.npy --out decoded/
     kepler export runs/sample/checkpoints/last.pt --out sample_model/   # to share; works wherever a checkpoint does
+    kepler convert last.ckpt --config released.yaml --out converted/   # a released Kepler/taming VQGAN
     kepler doctor --triton-interpret                   # versions, devices, every backend vs the reference
 """
 
@@ -125,6 +126,24 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a released Kepler Codebook / taming VQGAN checkpoint",
+                       description="Convert a Lightning checkpoint of the released Kepler Codebook or taming-"
+                                   "transformers VQModel, with its YAML config, into OUT/model.pt (for eval, "
+                                   "reconstruct, encode, decode) and OUT/config.yaml (for kepler train: it starts "
+                                   "from the converted weights).")
+    p.add_argument("checkpoint", help="the released .ckpt file")
+    p.add_argument("--config", required=True, help="its YAML config (model.params: ddconfig, n_embed, ...)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stub-global", action="append", default=[], metavar="NAME",
+                   help="read the global NAME (module.name) that the error names as an inert placeholder: "
+                        "nothing of it runs (Lightning's callbacks, hyper-parameters; repeatable)")
+    p.add_argument("--trust-global", action="append", default=[], metavar="NAME",
+                   help="import the global NAME and let it run while unpickling; only for a file you trust "
+                        "(repeatable)")
+    p.set_defaults(func=_cmd_convert)
+
+
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a codebook study (see kepler.study)",
                        description="Run a codebook study.")
@@ -173,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_image_io(sub)
     _add_export(sub)
+    _add_convert(sub)
     _add_study(sub)
     _add_doctor(sub)
     return parser
@@ -356,6 +376,18 @@ def _cmd_export(args) -> int:
     _, metrics = export_checkpoint(args.checkpoint, out)
     print(f"kepler export: wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
           + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from kepler.train.convert import convert
+
+    out = _output_folder(args.out)
+    written = convert(args.checkpoint, args.config, out, trusted_globals=args.trust_global,
+                      stubbed_globals=args.stub_global)
+    q = written["model"].quantize
+    print(f"kepler convert: {q.tokens_per_position} partition(s) {q.partition.name!r}, {q.codebook_size} codes, "
+          f"f={written['model'].downsample_factor}; wrote {written['checkpoint']}, {written['config']}")
     return 0
 
 

@@ -13,11 +13,12 @@ refused without allocating it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,25 +28,101 @@ from torch import nn
 _NAMES_SHOWN = 3
 
 
-def load_weights(source: str | os.PathLike | bytes, what: str, map_location: str | torch.device = "cpu") -> Any:
+class RefusedGlobals(ValueError):
+    """:func:`load_weights` refused a file that asks for globals beyond tensors and plain containers.
+
+    ``names``: the globals it asks for, as ``"module.name"`` strings (all of them where torch can
+    list them), for a caller that can offer a deliberate way to allow them.
+    """
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
+class GlobalPlaceholder:
+    """What :func:`load_weights` reads a stubbed global as (a subclass named after it): called or
+    restored, it only keeps its arguments."""
+
+    name = ""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.name}>"
+
+
+def load_weights(
+    source: str | os.PathLike | bytes,
+    what: str,
+    map_location: str | torch.device = "cpu",
+    trusted_globals: Sequence[str] = (),
+    stubbed_globals: Sequence[str] = (),
+) -> Any:
     """``torch.load(source, weights_only=True)``; ``source`` is a path or the file's bytes.
 
-    Raises ValueError (one line, starting with ``what``) for a file that asks for anything but
-    tensors and plain containers, or that torch cannot read.
+    Two ways to let a file ask for ``"module.name"`` globals beyond weights_only's own, each only for
+    the names the caller passes:
+
+    * ``trusted_globals``: each is imported and unpickling may run its code (only for a file the
+      user trusts);
+    * ``stubbed_globals``: each is read as an inert :class:`GlobalPlaceholder` that keeps the
+      arguments it was given and runs nothing; for objects beside the weights that the caller does
+      not need (a Lightning checkpoint's callbacks or OmegaConf hyper-parameters). Modules torch
+      blocks (``os``, ``posix``, ...) stay refused.
+
+    Raises :class:`RefusedGlobals` (a ValueError, one line, starting with ``what``) for a file that
+    asks for anything else, ValueError for a file torch cannot read.
     """
+    allowed = [(_import_global(name), name) for name in trusted_globals]
+    allowed += [(type(name.rpartition(".")[2], (GlobalPlaceholder,), {"name": name}), name) for name in stubbed_globals]
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        return torch.load(stream, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is a paragraph; the global the file asked for is the part that matters.
-        asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        detail = f"it asks for {asked.group(1)}" if asked else str(exc).splitlines()[0]
-        raise ValueError(
-            f"{what} holds more than tensors and plain containers ({detail}); refused to unpickle it"
+        # torch's message is a paragraph; the globals the file asks for are the part that matters.
+        allowed_names = [*trusted_globals, *stubbed_globals]
+        names = _refused_globals(source, str(exc), allowed_names)
+        blocked = [name for name in names if name in allowed_names]
+        if blocked:  # torch refuses some modules (os, subprocess, ...) whatever the caller allows
+            raise ValueError(
+                f"{what} asks for {blocked[0]}, from a module torch never unpickles; refused to unpickle it"
+            ) from None
+        detail = f"it asks for {', '.join(names)}" if names else str(exc).splitlines()[0]
+        raise RefusedGlobals(
+            f"{what} holds more than tensors and plain containers ({detail}); refused to unpickle it", names
         ) from None
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"{what} could not be read: {first_line}") from None
+
+
+def _import_global(name: str) -> Any:
+    """The object a pickle's ``GLOBAL module.name`` refers to; ValueError naming ``name`` otherwise."""
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"trusted global {name!r} is not an importable module.name") from None
+
+
+def _refused_globals(source: str | os.PathLike | bytes, message: str, trusted: Sequence[str]) -> list[str]:
+    """Every global of ``source`` that weights_only refuses (torch lists them for zip-format files),
+    else the one named in torch's ``message``."""
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else source
+        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(stream)) - set(trusted))
+    except Exception:  # a legacy (non-zip) file: torch can only name the first global it met
+        names = []
+    if not names:
+        asked = re.search(r"GLOBAL ([\w.]+)", message)
+        names = [asked.group(1)] if asked else []
+    return names
 
 
 def sha256_prefix_matches(data: bytes, prefix: str) -> tuple[bool, str]:

@@ -149,3 +149,11 @@ class VQModel(nn.Module):
         from kepler.models.pretrained import load_pretrained
 
         return load_pretrained(directory, device)[0]
+
+    @classmethod
+    def from_taming(cls, checkpoint, config, trusted_globals=(), stubbed_globals=()) -> VQModel:
+        """The model of a released Kepler Codebook or taming-transformers Lightning checkpoint and its
+        YAML config, computing what the released model computes: see :func:`kepler.models.taming.from_taming`."""
+        from kepler.models.taming import from_taming
+
+        return from_taming(checkpoint, config, trusted_globals, stubbed_globals)

@@ -88,6 +88,7 @@ class TrainSection:
     grid_images: int = 8
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default
+    init_from: str | None = None  # start from this checkpoint's model weights (kepler convert's or a run's)
 
 
 class Range(typing.NamedTuple):
@@ -272,6 +273,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
     cfg = _merged(layers)
     _check_backend_runs_here(cfg)
+    _check_init_from_exists(cfg)
     return cfg
 
 
@@ -349,6 +351,14 @@ def _check_backend_runs_here(cfg: DictConfig) -> None:
         reason = _backend._unavailable_reason(backend, device_type)
         if reason is not None:
             raise ValueError(f"config key 'model.quantizer.backend' is {backend!r}, which cannot run here: {reason}")
+
+
+def _check_init_from_exists(cfg: DictConfig) -> None:
+    """``train.init_from`` of a training config must be a file now (a saved config is not checked
+    this way: the run that started from it may outlive the file)."""
+    path = cfg.train.init_from
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"config key 'train.init_from': checkpoint {path} does not exist")
 
 
 def model_config(config: object, source: str) -> dict:

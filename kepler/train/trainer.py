@@ -167,6 +167,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         if resume:
             self._load(resume)
+        elif cfg.train.init_from:
+            self._init_model(cfg.train.init_from)
 
         if dist_info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -236,6 +238,15 @@ class Trainer:
             save_checkpoint(state, self.ckpt_path)
         barrier()
         return self.ckpt_path
+
+    def _init_model(self, path: str) -> None:
+        """Start from the model weights of the checkpoint at ``path`` (``train.init_from``): a fine-tune
+        of a converted or trained model; its optimizers, step and data position are not taken."""
+        state = load_checkpoint(path)
+        check_state_dict(self.model, state["model"], f"train.init_from checkpoint {path}")
+        self.model.load_state_dict(state["model"])
+        if self.dist.is_main:
+            log.info("model weights from %s", path)
 
     def _load(self, path: str) -> None:
         state = load_checkpoint(path)

@@ -1,0 +1,66 @@
+"""``kepler convert``: a released Kepler Codebook or taming-transformers checkpoint as a kepler one.
+
+Writes, into one folder, ``model.pt`` (the checkpoint format :func:`kepler.train.trainer.train`
+writes, so ``kepler eval``, ``reconstruct``, ``encode`` and ``decode`` take it as they take a run's
+``last.pt``) and ``config.yaml`` (a kepler training config equivalent to the released one, with
+``train.init_from`` pointing at ``model.pt``: ``kepler train config.yaml data.train=...`` fine-tunes
+the converted model). The conversion itself is :mod:`kepler.models.taming`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from kepler.models.taming import load_taming_checkpoint, read_taming_config, taming_config, taming_model
+from kepler.train.checkpoint import save_checkpoint
+from kepler.train.config import _merged, to_dict
+
+CHECKPOINT_NAME = "model.pt"
+CONFIG_NAME = "config.yaml"
+
+
+def convert(
+    checkpoint: str | os.PathLike,
+    config: str | os.PathLike,
+    out: str | os.PathLike,
+    trusted_globals: Sequence[str] = (),
+    stubbed_globals: Sequence[str] = (),
+) -> dict:
+    """Convert ``checkpoint`` (a Lightning ``.ckpt``) with its YAML ``config`` into the folder ``out``.
+
+    Returns ``{"checkpoint", "config"}`` (the written paths) and ``"model"`` (the converted
+    :class:`kepler.models.VQModel`). Raises ValueError (one line) for a config kepler cannot express or
+    weights that do not match it, FileNotFoundError for a missing file. ``trusted_globals``,
+    ``stubbed_globals``: see :func:`kepler.models.taming.load_taming_checkpoint`.
+    """
+    out = Path(out)
+    plain, config_source = read_taming_config(config)
+    sections = taming_config(plain, config_source)
+    released = load_taming_checkpoint(checkpoint, trusted_globals, stubbed_globals)
+    model = taming_model(released["state_dict"], sections["model"], f"checkpoint {checkpoint}")
+    step = released.get("global_step")
+    layer = {"name": out.resolve().name, **sections}
+    cfg = _merged([(config_source, OmegaConf.create(layer))])
+    checkpoint_path = save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": to_dict(cfg),
+            # The released run's step, for the record (eval reports it).
+            "step": step if isinstance(step, int) else 0,
+            "converted_from": {"checkpoint": str(checkpoint), "config": str(config)},
+        },
+        out / CHECKPOINT_NAME,
+    )
+    layer["train"] = {"init_from": str(checkpoint_path.resolve())}
+    config_path = out / CONFIG_NAME
+    header = (
+        f"# Converted by kepler convert from {checkpoint} and {config}.\n"
+        f"# Fine-tune: kepler train {config_path} data.train=IMAGES data.val=IMAGES\n"
+    )
+    config_path.write_text(header + yaml.safe_dump(layer, sort_keys=False))
+    return {"checkpoint": checkpoint_path, "config": config_path, "model": model}
