@@ -21,6 +21,7 @@ from kepler.lattice import get_lattice, official_grid_prior, prior_row
 from kepler.losses import kepler_kl, packing_energy
 from kepler.nn.codebook import CodebookUpkeep
 from kepler.nn.protocol import Quantizer, QuantizerInfo, QuantizerOutput, register_quantizer, straight_through
+from kepler.nn.rotation_trick import rotation_trick as rotated_codewords
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import make_partition
 from kepler.reference.kepler_kl import standardize_rows
@@ -138,6 +139,9 @@ class KeplerQuantizer(Quantizer):
             in that window are re-seeded from random sub-vectors of the current batch.
         backend: kernel backend for every op (see :func:`kepler.available_backends`).
         dead_code_window: training forwards per dead-code window.
+        rotation_trick: False: the straight-through gradient to ``z``; True: the rotation trick's
+            (:mod:`kepler.nn.rotation_trick`), each sub-vector's gradient rotated and scaled as the
+            rotation that takes the sub-vector onto its codeword. The forward value is the same.
 
     Tokens per position: ``P`` (one index per sub-vector); the quantizer protocol
     (:mod:`kepler.nn.protocol`) gives the code counts, usage and decoding.
@@ -170,6 +174,7 @@ class KeplerQuantizer(Quantizer):
         dead_code_threshold: float = 0,
         backend: str | None = None,
         dead_code_window: int = 1,
+        rotation_trick: bool = False,
     ):
         num_codes = _check_int("num_codes", num_codes, 1)
         dim = _check_int("dim", dim, 1)
@@ -216,6 +221,9 @@ class KeplerQuantizer(Quantizer):
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.backend = backend
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be a bool, got {type(rotation_trick).__name__}")
+        self.rotation_trick = rotation_trick
 
         self._groups = 1 if self.shared_codebook else partitions
         codebook_shape = (codebook_size, self.sub_dim)
@@ -261,6 +269,8 @@ class KeplerQuantizer(Quantizer):
             parts.append(f"packing_weight={self.packing_weight}, packing_t={self.packing_t}")
         if self.init != "uniform":
             parts.append(f"init={self.init!r}")
+        if self.rotation_trick:
+            parts.append("rotation_trick=True")
         if self.ema_decay is not None:
             parts.append(f"ema_decay={self.ema_decay}")
         if self.upkeep.dead_code_threshold:
@@ -329,12 +339,17 @@ class KeplerQuantizer(Quantizer):
             kl_active = self.kepler_kl_weight > 0
             gather_from = codebook if kl_active else codebook.detach()
             codes = F.embedding(flat_index, gather_from.reshape(-1, self.sub_dim))
-            z_q = self.partition.unpartition(self._codes_to_parts(codes, batch, slots), shape)
+            code_parts = self._codes_to_parts(codes, batch, slots)
+            z_q = self.partition.unpartition(code_parts, shape)
             if kl_active and batch > 0:
                 loss = loss + self.kepler_kl_weight * self._kepler_kl(z_q)
             if self.packing_weight > 0:
                 loss = loss + self.packing_weight * self._packing_energy()
-            out = straight_through(z, z_q)
+            if self.rotation_trick:
+                rotated = rotated_codewords(self.partition.partition(z), code_parts)
+                out = self.partition.unpartition(rotated, shape).contiguous()
+            else:
+                out = straight_through(z, z_q)
 
         if self.shared_codebook:
             index_map = indices.view(batch, shape[2], shape[3], self.partitions)
