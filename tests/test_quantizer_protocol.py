@@ -208,3 +208,18 @@ def test_new_quantizer_types_train_through_the_cli(tmp_path, case):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 2 and np.isfinite(metrics["psnr"])
     assert metrics["codebook_entries"] == codes * (1 if build_quantizer(config, dim=DIM).shared_codebook else tokens)
+    # The checkpoint loads (built on the meta device first) and evaluates.
+    out = tmp_path / "eval"
+    assert main(["eval", metrics["checkpoint"], "--data", str(tmp_path / "val_images"), "--out", str(out)]) == 0
+    counts = np.array(json.loads((out / "eval.json").read_text())["resolutions"]["32"]["code_counts"])
+    assert counts.shape == (tokens, codes) and counts.sum() == 3 * 16 * 16 * tokens
+
+
+@pytest.mark.parametrize("case", sorted(PROTOCOL_CASES))
+def test_every_quantizer_type_builds_on_the_meta_device(case):
+    # How a checkpoint's config is checked before its weights are loaded (kepler.train.evaluate.load_model).
+    config = PROTOCOL_CASES[case][0]
+    with torch.device("meta"):
+        quantizer = build_quantizer(config, dim=DIM)
+    real = build_quantizer(config, dim=DIM)
+    assert {k: v.shape for k, v in quantizer.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}

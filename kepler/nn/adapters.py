@@ -35,6 +35,18 @@ from kepler.nn.protocol import (
 )
 
 
+def _library_module(factory) -> nn.Module:
+    """``factory()``, built on the CPU and moved when the default device is ``meta`` (how checkpoints
+    are checked before loading): FSQ computes its codebook size with ``.item()``, which meta tensors
+    cannot do."""
+    device = torch.get_default_device()
+    if device.type != "meta":
+        return factory()
+    with torch.device("cpu"):
+        module = factory()
+    return module.to(device)
+
+
 class _LibraryQuantizer(Quantizer):
     """The protocol around a library module ``self.library`` built with ``channel_first=True`` and
     ``keep_num_codebooks_dim=True``: its forward gives ``(B, C, H, W)`` codes and ``(B, H, W, P)``
@@ -89,8 +101,10 @@ class FSQQuantizer(_LibraryQuantizer):
         super().__init__(dim=dim, codebook_size=math.prod(levels), tokens_per_position=num_codebooks,
                          shared_codebook=True)
         self.levels = levels
-        self.library = FSQ(levels=levels, dim=dim, num_codebooks=num_codebooks, channel_first=True,
-                           keep_num_codebooks_dim=True)
+        self.library = _library_module(
+            lambda: FSQ(levels=levels, dim=dim, num_codebooks=num_codebooks, channel_first=True,
+                        keep_num_codebooks_dim=True)
+        )
 
     def _library_forward(self, z):
         codes, indices = self.library(z)
@@ -129,15 +143,14 @@ class LFQQuantizer(_LibraryQuantizer):
         num_codebooks = check_int("num_codebooks", num_codebooks, 1)
         super().__init__(dim=dim, codebook_size=codebook_size, tokens_per_position=num_codebooks,
                          shared_codebook=True)
-        self.library = LFQ(
-            dim=dim,
-            codebook_size=codebook_size,
-            num_codebooks=num_codebooks,
-            entropy_loss_weight=check_number("entropy_loss_weight", entropy_loss_weight),
-            commitment_loss_weight=check_number("commitment_loss_weight", commitment_loss_weight),
-            diversity_gamma=check_number("diversity_gamma", diversity_gamma),
-            channel_first=True,
-            keep_num_codebooks_dim=True,
+        weights = {
+            "entropy_loss_weight": check_number("entropy_loss_weight", entropy_loss_weight),
+            "commitment_loss_weight": check_number("commitment_loss_weight", commitment_loss_weight),
+            "diversity_gamma": check_number("diversity_gamma", diversity_gamma),
+        }
+        self.library = _library_module(
+            lambda: LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, channel_first=True,
+                        keep_num_codebooks_dim=True, **weights)
         )
 
     def _library_forward(self, z):
