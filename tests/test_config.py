@@ -2,6 +2,7 @@
 and a bad value is one ValueError naming the key (Hypothesis tries random values for every key)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,16 @@ def test_any_value_of_any_key_loads_or_is_one_line_naming_the_key(tmp_path_facto
     except ValueError as exc:  # the model's and the loss's own checks: one line naming the argument
         message = str(exc)
         assert "\n" not in message and key.rsplit(".", 1)[-1] in message, (key, value, message)
+
+
+def test_a_layer_that_changes_the_quantizer_type_starts_its_section_afresh():
+    sample = Path(__file__).resolve().parents[1] / "configs" / "sample.yaml"
+    cfg = load_config(sample, ["model.quantizer.type=lattice", "model.quantizer.lattice=D4", "model.quantizer.q=3"])
+    assert cfg.model.quantizer.type == "lattice" and cfg.model.quantizer.q == 3
+    assert "num_codes" not in cfg.model.quantizer and cfg.model.ch == 16 and cfg.data.resize == 48
+    # Naming the type already in effect keeps the file's quantizer keys.
+    kept = load_config(sample, ["model.quantizer.type=kepler"])
+    assert kept.model.quantizer.num_codes == 256 and kept.model.quantizer.init == "kmeans"
+    # Keys for the new type in the layer that changes it are checked against that type.
+    with pytest.raises(ValueError, match="unknown config key 'model.quantizer.num_codes' in overrides"):
+        load_config(sample, ["model.quantizer.type=fsq", "model.quantizer.num_codes=4"])
