@@ -13,8 +13,9 @@ generators (the lattices' natural scale, not unit minimal distance):
   lattice, so the closer of the two cosets' roundings is the closest point.
 
 Ties (a point equidistant from two lattice points) go to either; the distance is the minimum.
-Computed in float32 (float64 for float64 inputs; bfloat16/float16 are upcast); exact for
-coordinates below ``2**22`` in float32.
+Computed in float32 (float64 for float64 inputs; bfloat16/float16 are upcast by
+:func:`closest_point`); exact in float32 for coordinates of magnitude below ``2**21`` (the
+coordinate sums that decide ``D_n``'s parity stay integers float32 holds).
 
 :class:`VoronoiCode` (Conway & Sloane, "A fast encoding method for lattice codes and quantizers",
 1983) is a finite code of ``q**n`` lattice points: those of ``Lambda`` inside ``a + q V``, with ``V``
