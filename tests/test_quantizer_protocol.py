@@ -223,3 +223,18 @@ def test_every_quantizer_type_builds_on_the_meta_device(case):
         quantizer = build_quantizer(config, dim=DIM)
     real = build_quantizer(config, dim=DIM)
     assert {k: v.shape for k, v in quantizer.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "config, error, match",
+    [
+        ({"type": "fsq", "levels": [8, 1]}, ValueError, r"levels must be a non-empty list of ints >= 2, got \[8, 1\]"),
+        ({"type": "fsq", "levels": []}, ValueError, r"levels must be a non-empty list of ints >= 2, got \[\]"),
+        ({"type": "fsq", "num_codebooks": 0}, ValueError, "num_codebooks must be >= 1, got 0"),
+        ({"type": "lfq", "codebook_size": 48}, ValueError, "codebook_size must be a power of two, got 48"),
+        ({"type": "lfq", "entropy_loss_weight": -1.0}, ValueError, "entropy_loss_weight must be >= 0.0, got -1.0"),
+    ],
+)
+def test_adapter_arguments_are_checked(config, error, match):
+    with pytest.raises(error, match=match):
+        build_quantizer(config, dim=DIM)

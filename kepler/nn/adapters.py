@@ -94,9 +94,11 @@ class FSQQuantizer(_LibraryQuantizer):
         from vector_quantize_pytorch import FSQ
 
         dim = check_int("dim", dim, 1)
-        if not isinstance(levels, Sequence) or not levels:
+        if not isinstance(levels, Sequence) or not levels or not all(
+            isinstance(level, int) and not isinstance(level, bool) and level >= 2 for level in levels
+        ):
             raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels!r}")
-        levels = [check_int("levels[]", level, 2) for level in levels]
+        levels = list(levels)
         num_codebooks = check_int("num_codebooks", num_codebooks, 1)
         super().__init__(dim=dim, codebook_size=math.prod(levels), tokens_per_position=num_codebooks,
                          shared_codebook=True)

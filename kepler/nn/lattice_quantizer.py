@@ -62,7 +62,9 @@ class LatticeQuantizer(Quantizer):
             is the codewords' (``d z_q / d scale = codeword``), through the decoder's loss.
         beta: weight of the commitment loss ``mean((z - sg[z_q])^2)``.
         rotation_trick: the rotation trick's gradient to ``z`` (:mod:`kepler.nn.rotation_trick`)
-            instead of the straight-through one; the forward value is the same.
+            instead of the straight-through one; the forward value is the same. A Voronoi code holds
+            the origin, where there is no rotation: sub-vectors coded as 0 keep the straight-through
+            gradient.
         backend: kernel backend of the Leech shell's search (:func:`kepler.nearest_codeword`).
 
     Tokens per position: ``P``; token ``p`` indexes partition ``p``'s code (the scales differ, so
