@@ -115,3 +115,22 @@ def test_latent_errors_name_the_shape():
     with pytest.raises(ValueError, match="z has C=4 channels but the quantizer has dim=8"):
         quantizer(torch.zeros(1, 4, 2, 2))
     assert math.isclose(quantizer.scale.item(), 1.0)
+
+
+@pytest.mark.parametrize("config", [dict(lattice="E8", q=2), dict(lattice="D4", q=3, rotation_trick=True),
+                                    dict(lattice="Leech")], ids=["e8", "d4-rotation", "leech"])
+def test_torch_compile_fullgraph_matches_eager(config):
+    dim = 24 if config["lattice"] == "Leech" else 16
+    eager = LatticeQuantizer(dim=dim, scale=0.8, **config)
+    traced = LatticeQuantizer(dim=dim, scale=0.8, **config)
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        z = torch.randn(2, dim, 3, 3, generator=torch.Generator().manual_seed(step))
+        expected = eager(z.clone().requires_grad_(True))
+        z_compiled = z.clone().requires_grad_(True)
+        out = compiled(z_compiled)
+        assert torch.equal(out.indices, expected.indices) and torch.equal(out.z_q, expected.z_q)
+        torch.testing.assert_close(out.loss, expected.loss)
+        (out.loss + out.z_q.sum()).backward()
+        assert z_compiled.grad is not None and traced.log_scale.grad is not None
+    assert torch.equal(traced.code_counts, eager.code_counts)
