@@ -8,7 +8,7 @@ from kepler._backend import BACKENDS, available_backends
 from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler import lattice, metrics
-from kepler.nn import KeplerQuantizer
+from kepler.nn import KeplerQuantizer, LatticeQuantizer
 # The function shadows its module as the attribute kepler.doctor; `from kepler.doctor import ...`
 # still reaches the module (format_report, DoctorReport).
 from kepler.doctor import doctor
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "KeplerQuantizer",
+    "LatticeQuantizer",
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",
     "available_backends",

@@ -150,3 +150,16 @@ def test_list_configs_shows_each_builtin_with_its_kind_and_description(capsys):
     assert main(["train"]) == 2
     assert capsys.readouterr().err == ("kepler train: error: give a config file or a built-in config name "
                                        "(kepler train --list-configs shows them)\n")
+
+
+def test_a_layer_that_changes_the_quantizer_type_starts_its_section_afresh():
+    sample = "sample"  # the built-in demo config
+    cfg = load_config(sample, ["model.quantizer.type=lattice", "model.quantizer.lattice=D4", "model.quantizer.q=3"])
+    assert cfg.model.quantizer.type == "lattice" and cfg.model.quantizer.q == 3
+    assert "num_codes" not in cfg.model.quantizer and cfg.model.ch == 16 and cfg.data.resize == 48
+    # Naming the type already in effect keeps the file's quantizer keys.
+    kept = load_config(sample, ["model.quantizer.type=kepler"])
+    assert kept.model.quantizer.num_codes == 256 and kept.model.quantizer.init == "kmeans"
+    # Keys for the new type in the layer that changes it are checked against that type.
+    with pytest.raises(ValueError, match="unknown config key 'model.quantizer.num_codes' in overrides"):
+        load_config(sample, ["model.quantizer.type=fsq", "model.quantizer.num_codes=4"])

@@ -147,3 +147,94 @@ def test_a_study_run_of_the_rounding_quantizer(tmp_path):
     assert 0 <= metrics["effective_bits"] <= result["layout"]["bits"] and np.isfinite(metrics["psnr"])
     assert metrics["min_nn"] is None and result["packing_normalized"] is None and result["codewords"] is None
     assert np.array(result["code_counts"]).shape == (8, 5)
+
+
+# Every registered type with a small configuration for a latent of DIM channels (P tokens, K codes).
+DIM = 24
+PROTOCOL_CASES = {
+    "kepler": ({"type": "kepler", "num_codes": 16, "partitions": 4}, 4, 16),
+    "kepler_rotation": ({"type": "kepler", "num_codes": 16, "partitions": 4, "rotation_trick": True}, 4, 16),
+    "lattice_e8": ({"type": "lattice", "lattice": "E8", "q": 2}, 3, 256),
+    "lattice_d4": ({"type": "lattice", "lattice": "D4", "q": 3, "rotation_trick": True}, 6, 81),
+    "lattice_leech": ({"type": "lattice", "lattice": "Leech"}, 1, 196560),
+    "fsq": ({"type": "fsq", "levels": [8, 5, 5], "num_codebooks": 2}, 2, 200),
+    "lfq": ({"type": "lfq", "codebook_size": 64, "num_codebooks": 2}, 2, 64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROTOCOL_CASES))
+def test_every_quantizer_type_follows_the_protocol(case):
+    config, tokens, codes = PROTOCOL_CASES[case]
+    torch.manual_seed(0)
+    quantizer = build_quantizer(config, dim=DIM).train()
+    assert quantizer.type_name == config["type"] and quantizer.dim == DIM
+    assert quantizer.tokens_per_position == tokens and quantizer.codebook_size == codes
+    z = torch.randn(2, DIM, 3, 5, requires_grad=True)
+    out = quantizer(z)
+    assert isinstance(out, QuantizerOutput) and isinstance(out.info, QuantizerInfo)
+    z_q, loss, (perplexity, min_encodings, indices, utilization) = out
+    assert z_q.shape == z.shape and z_q.dtype == z.dtype and z_q.is_contiguous()
+    assert loss.dim() == 0 and torch.isfinite(loss) and min_encodings is None
+    assert indices.shape == (2, 3, 5, tokens) and indices.dtype == torch.int64
+    assert 0 <= int(indices.min()) and int(indices.max()) < codes
+    assert perplexity.shape == (() if quantizer.shared_codebook else (tokens,))
+    assert utilization.dim() == 0 and 0 < utilization.item() <= 1
+    assert quantizer.code_counts.shape == (tokens, codes) and int(quantizer.code_counts.sum()) == indices.numel()
+    # Decoding the indices gives the forward's z_q exactly, in both spellings.
+    with torch.no_grad():
+        assert torch.equal(quantizer.indices_to_latents(indices).to(z.dtype), z_q)
+        flat = quantizer.get_codebook_entry(indices.reshape(-1), (2, 3, 5, DIM))
+        assert torch.equal(flat.to(z.dtype), z_q)
+    # The gradient reaches the latents.
+    (grad,) = torch.autograd.grad((z_q * torch.randn_like(z_q)).sum() + loss, z)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    codewords, vectors = quantizer.codewords(), quantizer.sub_vectors(z.detach())
+    assert (codewords is None) == (vectors is None)
+    if codewords is not None:
+        assert codewords.shape[1:] == (codes, vectors.shape[-1]) and codewords.shape[0] == vectors.shape[0]
+    quantizer.reset_usage()
+    assert int(quantizer.code_counts.sum()) == 0
+
+
+@pytest.mark.parametrize("case", ["lattice_e8", "lattice_leech", "fsq", "lfq"])
+def test_new_quantizer_types_train_through_the_cli(tmp_path, case):
+    config, tokens, codes = PROTOCOL_CASES[case]
+    path = tiny_config(tmp_path, steps=2, disc_start=2)
+    section = ", ".join(f"{key}: {json.dumps(value)}" for key, value in config.items())
+    path.write_text(path.read_text().replace("quantizer: {num_codes: 16, partitions: 4}", f"quantizer: {{{section}}}")
+                    .replace("embed_dim: 8", f"embed_dim: {DIM}"))
+    run = tmp_path / "run"
+    assert main(["train", str(path), f"run_dir={run}"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 2 and np.isfinite(metrics["psnr"])
+    assert metrics["codebook_entries"] == codes * (1 if build_quantizer(config, dim=DIM).shared_codebook else tokens)
+    # The checkpoint loads (built on the meta device first) and evaluates.
+    out = tmp_path / "eval"
+    assert main(["eval", metrics["checkpoint"], "--data", str(tmp_path / "val_images"), "--out", str(out)]) == 0
+    counts = np.array(json.loads((out / "eval.json").read_text())["resolutions"]["32"]["code_counts"])
+    assert counts.shape == (tokens, codes) and counts.sum() == 3 * 16 * 16 * tokens
+
+
+@pytest.mark.parametrize("case", sorted(PROTOCOL_CASES))
+def test_every_quantizer_type_builds_on_the_meta_device(case):
+    # How a checkpoint's config is checked before its weights are loaded (kepler.train.evaluate.load_model).
+    config = PROTOCOL_CASES[case][0]
+    with torch.device("meta"):
+        quantizer = build_quantizer(config, dim=DIM)
+    real = build_quantizer(config, dim=DIM)
+    assert {k: v.shape for k, v in quantizer.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "config, error, match",
+    [
+        ({"type": "fsq", "levels": [8, 1]}, ValueError, r"levels must be a non-empty list of ints >= 2, got \[8, 1\]"),
+        ({"type": "fsq", "levels": []}, ValueError, r"levels must be a non-empty list of ints >= 2, got \[\]"),
+        ({"type": "fsq", "num_codebooks": 0}, ValueError, "num_codebooks must be >= 1, got 0"),
+        ({"type": "lfq", "codebook_size": 48}, ValueError, "codebook_size must be a power of two, got 48"),
+        ({"type": "lfq", "entropy_loss_weight": -1.0}, ValueError, "entropy_loss_weight must be >= 0.0, got -1.0"),
+    ],
+)
+def test_adapter_arguments_are_checked(config, error, match):
+    with pytest.raises(error, match=match):
+        build_quantizer(config, dim=DIM)

@@ -310,3 +310,24 @@ def test_sweep_only_reuses_the_study_sweep_and_agrees(quick_study, capsys):
     full = json.loads((quick_study / "study.json").read_text())["sweep"]
     assert {k: p["weight"] for k, p in sweep["params"].items()} == {k: p["weight"] for k, p in full["params"].items()}
     assert (quick_study / "sweep.md").read_text().startswith("# Weight sweep")
+
+
+def test_equal_bits_study_variants_load_and_spend_their_budget():
+    import torch
+
+    from kepler.models import VQModel
+    from kepler.train.config import load_config, to_dict
+
+    study = config.load_study_config(ROOT / "kepler" / "configs" / "study_equal_bits.yaml")
+    types = set()
+    for name, variant in study["variants"].items():
+        overrides = [config.override_string(k, v) for k, v in {**study["common"], **variant["set"]}.items()]
+        cfg = to_dict(load_config(study["base"], overrides))
+        with torch.device("meta"):
+            quantizer = VQModel.from_config(cfg["model"]).quantize
+        layout = config.quantizer_layout(quantizer, cfg["model"]["quantizer"])
+        types.add(layout["type"])
+        budget = int(name.rsplit("_", 1)[1])
+        # Equal bits where the code allows it (FSQ 8,8,8,5,5,5 is 15.97); the Leech shell's single code is 17.6 bits.
+        assert budget - 0.05 <= layout["bits"] <= budget + (1.6 if name.startswith("leech") else 0.7), name
+    assert types == {"kepler", "fsq", "lfq", "lattice"}

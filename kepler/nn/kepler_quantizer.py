@@ -11,8 +11,6 @@ initializations, EMA codebook updates, dead-code re-seeding and ``torch.distribu
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +18,16 @@ from torch import nn
 from kepler.lattice import get_lattice, official_grid_prior, prior_row
 from kepler.losses import kepler_kl, packing_energy
 from kepler.nn.codebook import CodebookUpkeep
-from kepler.nn.protocol import Quantizer, QuantizerInfo, QuantizerOutput, register_quantizer, straight_through
+from kepler.nn.protocol import (
+    Quantizer,
+    QuantizerInfo,
+    QuantizerOutput,
+    check_int,
+    check_number,
+    register_quantizer,
+    straight_through,
+)
+from kepler.nn.rotation_trick import rotation_trick as rotated_codewords
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import make_partition
 from kepler.reference.kepler_kl import standardize_rows
@@ -63,25 +70,6 @@ def _lattice_points(name: str, count: int, dim: int | None) -> torch.Tensor:
             f"sub-vectors have dim/partitions={dim} elements"
         )
     return lattice.points(count)
-
-
-def _check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    # nan passes every comparison below (and would switch features off); inf makes losses inf.
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    if (value <= minimum) if strict else (value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 @register_quantizer("kepler")
@@ -138,6 +126,9 @@ class KeplerQuantizer(Quantizer):
             in that window are re-seeded from random sub-vectors of the current batch.
         backend: kernel backend for every op (see :func:`kepler.available_backends`).
         dead_code_window: training forwards per dead-code window.
+        rotation_trick: False: the straight-through gradient to ``z``; True: the rotation trick's
+            (:mod:`kepler.nn.rotation_trick`), each sub-vector's gradient rotated and scaled as the
+            rotation that takes the sub-vector onto its codeword. The forward value is the same.
 
     Tokens per position: ``P`` (one index per sub-vector); the quantizer protocol
     (:mod:`kepler.nn.protocol`) gives the code counts, usage and decoding.
@@ -170,13 +161,14 @@ class KeplerQuantizer(Quantizer):
         dead_code_threshold: float = 0,
         backend: str | None = None,
         dead_code_window: int = 1,
+        rotation_trick: bool = False,
     ):
-        num_codes = _check_int("num_codes", num_codes, 1)
-        dim = _check_int("dim", dim, 1)
-        partitions = _check_int("partitions", partitions, 1)
+        num_codes = check_int("num_codes", num_codes, 1)
+        dim = check_int("dim", dim, 1)
+        partitions = check_int("partitions", partitions, 1)
         if dim % partitions:
             raise ValueError(f"dim={dim} must be divisible by partitions={partitions}")
-        scale = _check_number("scale", scale, strict=True)
+        scale = check_number("scale", scale, strict=True)
         codebook_size = round(num_codes * scale)
         if codebook_size < 1:
             raise ValueError(f"scale={scale} leaves round(num_codes * scale) = {codebook_size} codes")
@@ -188,21 +180,21 @@ class KeplerQuantizer(Quantizer):
         self.partition = make_partition(partition, partitions)
         self.scale = scale
         self.sub_dim = dim // partitions
-        self.beta = _check_number("beta", beta)
+        self.beta = check_number("beta", beta)
         self.legacy = bool(legacy)
-        self.kepler_kl_weight = _check_number("kepler_kl_weight", kepler_kl_weight)
+        self.kepler_kl_weight = check_number("kepler_kl_weight", kepler_kl_weight)
         self.kl_prior = kl_prior
         _, kl_lattice = _parse_prefixed(kl_prior, "kl_prior", ("grid",))
         if kl_prior_seed is not None:
-            _check_int("kl_prior_seed", kl_prior_seed, 0)
-        self.packing_weight = _check_number("packing_weight", packing_weight)
-        self.packing_t = _check_number("packing_t", packing_t, strict=True)
+            check_int("kl_prior_seed", kl_prior_seed, 0)
+        self.packing_weight = check_number("packing_weight", packing_weight)
+        self.packing_t = check_number("packing_t", packing_t, strict=True)
         if self.packing_weight > 0 and codebook_size < 2:
             raise ValueError("packing_weight > 0 needs a codebook of at least 2 codes")
         self.init = init
         init_kind, init_lattice = _parse_prefixed(init, "init", ("uniform", "kmeans"))
         if ema_decay is not None:
-            ema_decay = _check_number("ema_decay", ema_decay, strict=True)
+            ema_decay = check_number("ema_decay", ema_decay, strict=True)
             if ema_decay >= 1:
                 raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
@@ -211,11 +203,14 @@ class KeplerQuantizer(Quantizer):
             raise ValueError(
                 "kepler_kl_weight and packing_weight need a gradient-trained codebook (ema_decay=None)"
             )
-        dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
-        dead_code_window = _check_int("dead_code_window", dead_code_window, 1)
+        dead_code_threshold = check_number("dead_code_threshold", dead_code_threshold)
+        dead_code_window = check_int("dead_code_window", dead_code_window, 1)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.backend = backend
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be a bool, got {type(rotation_trick).__name__}")
+        self.rotation_trick = rotation_trick
 
         self._groups = 1 if self.shared_codebook else partitions
         codebook_shape = (codebook_size, self.sub_dim)
@@ -261,6 +256,8 @@ class KeplerQuantizer(Quantizer):
             parts.append(f"packing_weight={self.packing_weight}, packing_t={self.packing_t}")
         if self.init != "uniform":
             parts.append(f"init={self.init!r}")
+        if self.rotation_trick:
+            parts.append("rotation_trick=True")
         if self.ema_decay is not None:
             parts.append(f"ema_decay={self.ema_decay}")
         if self.upkeep.dead_code_threshold:
@@ -273,14 +270,7 @@ class KeplerQuantizer(Quantizer):
     # ----------------------------------------------------------------------------------- layout
 
     def _check_latent(self, z: torch.Tensor) -> None:
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 4:
-            raise ValueError(f"z must be (B, C, H, W), got shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"z must be a floating point tensor, got {z.dtype}")
-        if z.shape[1] != self.dim:
-            raise ValueError(f"z has C={z.shape[1]} channels but the quantizer has dim={self.dim}")
+        self.check_latent(z)
         self.partition.check(z.shape, self.sub_dim)
 
     def _search_rows(self, parts: torch.Tensor) -> torch.Tensor:
@@ -329,12 +319,17 @@ class KeplerQuantizer(Quantizer):
             kl_active = self.kepler_kl_weight > 0
             gather_from = codebook if kl_active else codebook.detach()
             codes = F.embedding(flat_index, gather_from.reshape(-1, self.sub_dim))
-            z_q = self.partition.unpartition(self._codes_to_parts(codes, batch, slots), shape)
+            code_parts = self._codes_to_parts(codes, batch, slots)
+            z_q = self.partition.unpartition(code_parts, shape)
             if kl_active and batch > 0:
                 loss = loss + self.kepler_kl_weight * self._kepler_kl(z_q)
             if self.packing_weight > 0:
                 loss = loss + self.packing_weight * self._packing_energy()
-            out = straight_through(z, z_q)
+            if self.rotation_trick:
+                rotated = rotated_codewords(self.partition.partition(z), code_parts)
+                out = self.partition.unpartition(rotated, shape).contiguous()
+            else:
+                out = straight_through(z, z_q)
 
         if self.shared_codebook:
             index_map = indices.view(batch, shape[2], shape[3], self.partitions)

@@ -27,6 +27,7 @@ What a quantizer provides:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -123,6 +124,17 @@ class Quantizer(nn.Module):
         self.tokens_per_position = tokens_per_position
         self.shared_codebook = shared_codebook
         self.register_buffer("code_counts", torch.zeros(tokens_per_position, codebook_size, dtype=torch.int64))
+
+    def check_latent(self, z: torch.Tensor) -> None:
+        """TypeError/ValueError unless ``z`` is a ``(B, C, H, W)`` float tensor with ``C == dim``."""
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 4:
+            raise ValueError(f"z must be (B, C, H, W), got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating point tensor, got {z.dtype}")
+        if z.shape[1] != self.dim:
+            raise ValueError(f"z has C={z.shape[1]} channels but the quantizer has dim={self.dim}")
 
     @property
     def codebook_entries(self) -> int:
@@ -224,6 +236,28 @@ class Quantizer(nn.Module):
     def sub_vectors(self, z: torch.Tensor) -> torch.Tensor | None:
         """The vectors of ``z: (B, C, H, W)`` matched against :meth:`codewords`: ``(G, N, d)``, or None."""
         return None
+
+
+def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a float if it is a finite number ``>= minimum`` (``> minimum`` if ``strict``);
+    TypeError/ValueError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    # nan passes every comparison below (and would switch features off); inf makes losses inf.
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if (value <= minimum) if strict else (value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` if it is an int ``>= minimum``; TypeError/ValueError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def register_quantizer(name: str):

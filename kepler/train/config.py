@@ -228,16 +228,28 @@ def key_types(quantizer_type: str = DEFAULT_TYPE) -> dict[str, object]:
     return annotations
 
 
-def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> str:
-    """``model.quantizer.type`` as the last layer that sets it says (the default otherwise)."""
-    quantizer_type = DEFAULT_TYPE
-    for source, layer in layers:
+def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> tuple[str, int]:
+    """``model.quantizer.type`` as the last layer that sets it says (the default otherwise), and the
+    index of the last layer that changed it (0 if none did)."""
+    quantizer_type, changed_at = DEFAULT_TYPE, 0
+    for index, (source, layer) in enumerate(layers):
         value = OmegaConf.select(layer, "model.quantizer.type", default=None)
         if value is not None:
             if not isinstance(value, str):
                 raise ValueError(f"model.quantizer.type in {source} must be a name, got {value!r}")
+            if value != quantizer_type:
+                changed_at = index
             quantizer_type = value
-    return quantizer_type
+    return quantizer_type, changed_at
+
+
+def _without_quantizer(layer: DictConfig) -> DictConfig:
+    """``layer`` without its ``model.quantizer`` section."""
+    layer = layer.copy()
+    model = OmegaConf.select(layer, "model", default=None)
+    if isinstance(model, DictConfig) and "quantizer" in model:
+        model.pop("quantizer")
+    return layer
 
 
 def _read_yaml(path: str | os.PathLike) -> DictConfig:
@@ -280,8 +292,13 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 def _merged(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
     """The defaults with ``(source, layer)`` merged over them in order, checked: unknown keys, values
     of the wrong type or range (:func:`_check_values`) and keys left without a value are a
-    ValueError naming them."""
-    quantizer_type = _quantizer_type(layers)
+    ValueError naming them.
+
+    A layer that changes ``model.quantizer.type`` starts the quantizer section afresh: the layers
+    before it keep everything but their ``model.quantizer`` keys, which were another type's
+    (``configs/sample.yaml model.quantizer.type=fsq`` is an FSQ model with sample.yaml's settings)."""
+    quantizer_type, changed_at = _quantizer_type(layers)
+    layers = [(source, _without_quantizer(layer)) for source, layer in layers[:changed_at]] + list(layers[changed_at:])
     cfg = OmegaConf.create(defaults(quantizer_type))
     OmegaConf.set_struct(cfg, True)
     for source, layer in layers:

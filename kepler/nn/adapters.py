@@ -1,0 +1,160 @@
+"""Baselines from vector-quantize-pytorch behind kepler's quantizer protocol: ``type: fsq`` and ``type: lfq``.
+
+The library's modules do the quantization (adapted, not re-implemented); the adapters give them the
+protocol's layout: ``(B, H, W, P)`` int64 indices with ``P`` = the library's ``num_codebooks``, the
+code counts, perplexity and utilization, ``indices_to_latents`` through the library's
+``indices_to_codes``, and a forward whose ``z_q`` is exactly that decoding (the library's own output,
+with its straight-through gradient, carries the gradient).
+
+* :class:`FSQQuantizer` (Mentzer et al. 2023, finite scalar quantization): each of ``P`` groups of
+  ``len(levels)`` channels is bounded and rounded to a grid of ``prod(levels)`` codes; no loss.
+* :class:`LFQQuantizer` (Yu et al. 2023, lookup-free quantization): each of ``P`` groups of
+  ``log2(codebook_size)`` channels becomes its signs; the loss is the library's entropy (and
+  optional commitment) loss.
+
+Where ``dim`` differs from what the codes need (``P * len(levels)``, ``P * log2(codebook_size)``), the
+library adds linear projections in and out, trained with the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from kepler.nn.protocol import (
+    Quantizer,
+    QuantizerInfo,
+    QuantizerOutput,
+    check_int,
+    check_number,
+    register_quantizer,
+    straight_through,
+)
+
+
+def _library_module(factory) -> nn.Module:
+    """``factory()``, built on the CPU and moved when the default device is ``meta`` (how checkpoints
+    are checked before loading): FSQ computes its codebook size with ``.item()``, which meta tensors
+    cannot do."""
+    device = torch.get_default_device()
+    if device.type != "meta":
+        return factory()
+    with torch.device("cpu"):
+        module = factory()
+    return module.to(device)
+
+
+class _LibraryQuantizer(Quantizer):
+    """The protocol around a library module ``self.library`` built with ``channel_first=True`` and
+    ``keep_num_codebooks_dim=True``: its forward gives ``(B, C, H, W)`` codes and ``(B, H, W, P)``
+    indices, its ``indices_to_codes`` inverts them."""
+
+    library: nn.Module
+
+    def _library_forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``z`` -> the library's ``(codes, indices, loss)``."""
+        raise NotImplementedError
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z: (B, C, H, W)``; returns :class:`~kepler.nn.QuantizerOutput` (``z_q`` in ``z``'s dtype)."""
+        self.check_latent(z)
+        codes, indices, loss = self._library_forward(z)
+        index_map = indices.to(torch.int64)
+        with torch.no_grad():
+            decoded = self._decode(index_map)
+        z_q = straight_through(codes, decoded).to(z.dtype)
+        batch_counts = self.count_codes(index_map)
+        info = QuantizerInfo(self.perplexity_of(batch_counts), None, index_map, self.codebook_utilization())
+        return QuantizerOutput(z_q, loss.reshape(()).to(torch.float32), info)
+
+    def _decode(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.library.indices_to_codes(indices)
+
+    def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, P)`` int64 -> ``(B, C, H, W)`` through the library's ``indices_to_codes``."""
+        return self._decode(indices)
+
+
+@register_quantizer("fsq")
+class FSQQuantizer(_LibraryQuantizer):
+    """vector-quantize-pytorch's ``FSQ`` as a kepler quantizer.
+
+    Args:
+        dim: latent channels ``C``.
+        levels: quantization levels per channel of a group; ``K = prod(levels)`` codes per token.
+        num_codebooks: groups (tokens) per latent position, ``P``.
+
+    The loss is 0 (FSQ has none); the codebooks are implicit (:meth:`codewords` is None).
+    """
+
+    def __init__(self, dim: int = 256, levels: Sequence[int] = (8, 5, 5, 5), num_codebooks: int = 1):
+        from vector_quantize_pytorch import FSQ
+
+        dim = check_int("dim", dim, 1)
+        if not isinstance(levels, Sequence) or not levels or not all(
+            isinstance(level, int) and not isinstance(level, bool) and level >= 2 for level in levels
+        ):
+            raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels!r}")
+        levels = list(levels)
+        num_codebooks = check_int("num_codebooks", num_codebooks, 1)
+        super().__init__(dim=dim, codebook_size=math.prod(levels), tokens_per_position=num_codebooks,
+                         shared_codebook=True)
+        self.levels = levels
+        self.library = _library_module(
+            lambda: FSQ(levels=levels, dim=dim, num_codebooks=num_codebooks, channel_first=True,
+                        keep_num_codebooks_dim=True)
+        )
+
+    def _library_forward(self, z):
+        codes, indices = self.library(z)
+        return codes, indices, z.new_zeros((), dtype=torch.float32)
+
+
+@register_quantizer("lfq")
+class LFQQuantizer(_LibraryQuantizer):
+    """vector-quantize-pytorch's ``LFQ`` as a kepler quantizer.
+
+    Args:
+        dim: latent channels ``C``.
+        codebook_size: codes per token ``K``, a power of two (``log2 K`` sign bits per group).
+        num_codebooks: groups (tokens) per latent position, ``P``.
+        entropy_loss_weight, commitment_loss_weight, diversity_gamma: the library's loss weights
+            (per-sample entropy minus ``diversity_gamma`` times batch entropy; commitment).
+
+    The loss is the library's auxiliary loss (0 in eval mode); codebooks are implicit.
+    """
+
+    def __init__(
+        self,
+        dim: int = 256,
+        codebook_size: int = 1024,
+        num_codebooks: int = 1,
+        entropy_loss_weight: float = 0.1,
+        commitment_loss_weight: float = 0.0,
+        diversity_gamma: float = 1.0,
+    ):
+        from vector_quantize_pytorch import LFQ
+
+        dim = check_int("dim", dim, 1)
+        codebook_size = check_int("codebook_size", codebook_size, 2)
+        if codebook_size & (codebook_size - 1):
+            raise ValueError(f"codebook_size must be a power of two, got {codebook_size}")
+        num_codebooks = check_int("num_codebooks", num_codebooks, 1)
+        super().__init__(dim=dim, codebook_size=codebook_size, tokens_per_position=num_codebooks,
+                         shared_codebook=True)
+        weights = {
+            "entropy_loss_weight": check_number("entropy_loss_weight", entropy_loss_weight),
+            "commitment_loss_weight": check_number("commitment_loss_weight", commitment_loss_weight),
+            "diversity_gamma": check_number("diversity_gamma", diversity_gamma),
+        }
+        self.library = _library_module(
+            lambda: LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, channel_first=True,
+                        keep_num_codebooks_dim=True, **weights)
+        )
+
+    def _library_forward(self, z):
+        result = self.library(z)
+        return result.quantized, result.indices, result.entropy_aux_loss

@@ -1,0 +1,228 @@
+"""``LatticeQuantizer`` (``type: lattice``): the densest packings themselves as the codebook.
+
+Each latent is cut into ``P = dim / n`` sub-vectors of the lattice's dimension ``n`` (as
+:class:`~kepler.nn.KeplerQuantizer`'s partitions cut it, :mod:`kepler.partition`), each divided by
+its partition's scale and replaced by a codeword of a fixed finite code of the lattice
+(:mod:`kepler.lattice_codes`):
+
+* ``Z<n>``, ``A2``, ``D3`` (FCC), ``D4``, ``E8``: the Voronoi code of ``q**n`` lattice points, found by
+  the lattice's exact closest-point algorithm; a sub-vector outside the code's region takes the
+  codeword of its closest point's coset (it wraps around: keep the latents inside, through the
+  scale and the commitment loss). ``Z<n>`` with ``q`` levels is FSQ's grid without its bounding.
+* ``Leech``: the 196560 minimal vectors of the Leech lattice at unit norm, a spherical code; the
+  nearest is the one of largest inner product, found by :func:`kepler.nearest_codeword`.
+
+Nothing is learned but the scales: there is no codebook to collapse, and every code stays reachable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kepler.lattice import get_lattice
+from kepler.lattice_codes import VoronoiCode, leech_shell
+from kepler.nn.protocol import (
+    Quantizer,
+    QuantizerInfo,
+    QuantizerOutput,
+    check_int,
+    check_number,
+    register_quantizer,
+    straight_through,
+)
+from kepler.nn.rotation_trick import rotation_trick as rotated_codewords
+from kepler.ops.nearest_codeword import nearest_codeword
+from kepler.partition import make_partition
+
+# code_counts is (P, K) int64: past this many codes per token it outgrows the model.
+MAX_CODES = 2**20
+# The packing report's nearest-neighbour search is O(K^2 d): codewords() gives None above this.
+MAX_EXPLICIT_CODES = 2**16
+
+
+@register_quantizer("lattice")
+class LatticeQuantizer(Quantizer):
+    """Lattice quantizer of a latent map ``(B, C, H, W)``: a fixed lattice code per sub-vector.
+
+    Args:
+        dim: latent channels ``C``; a multiple of the lattice's dimension ``n``.
+        lattice: ``"E8"``, ``"D4"``, ``"D3"`` (or ``"fcc"``), ``"A2"``, ``"Z<n>"`` (Voronoi codes) or
+            ``"Leech"`` (the minimal-vector shell); names as :func:`kepler.lattice.get_lattice`.
+        q: the Voronoi code's codes per basis direction, >= 2: ``K = q**n`` codes per sub-vector
+            (``n log2 q`` bits). None: 2. The Leech shell has ``K = 196560`` and takes no ``q``.
+        partition: how a latent is cut into sub-vectors, ``"group"``, ``"custom"`` or ``"layer"``
+            (:func:`kepler.partition.make_partition`).
+        scale: every partition's initial scale (> 0): a sub-vector ``v`` is coded as
+            ``scale * codeword(v / scale)``, codewords at the lattice's natural scale (minimal norm
+            2 for ``D_n`` and ``E8``, 1 for ``Z<n>`` and ``A2``, unit norm for the Leech shell).
+        learn_scale: learn the ``P`` scales (kept positive as ``exp`` of a parameter). Their gradient
+            is the codewords' (``d z_q / d scale = codeword``), through the decoder's loss.
+        beta: weight of the commitment loss ``mean((z - sg[z_q])^2)``.
+        rotation_trick: the rotation trick's gradient to ``z`` (:mod:`kepler.nn.rotation_trick`)
+            instead of the straight-through one; the forward value is the same. A Voronoi code holds
+            the origin, where there is no rotation: sub-vectors coded as 0 keep the straight-through
+            gradient.
+        backend: kernel backend of the Leech shell's search (:func:`kepler.nearest_codeword`).
+
+    Tokens per position: ``P``; token ``p`` indexes partition ``p``'s code (the scales differ, so
+    the codebooks are not shared). Indices of a Voronoi code are the codeword's lattice coordinates
+    modulo ``q`` as base-``q`` digits; of the Leech shell, the row of
+    :func:`kepler.lattice_codes.leech_shell`. The sub-vector search runs in float32.
+    """
+
+    def __init__(
+        self,
+        dim: int = 256,
+        lattice: str = "E8",
+        q: int | None = None,
+        partition: str = "group",
+        scale: float = 1.0,
+        learn_scale: bool = True,
+        beta: float = 0.25,
+        rotation_trick: bool = False,
+        backend: str | None = None,
+    ):
+        dim = check_int("dim", dim, 1)
+        self.lattice = get_lattice(lattice)
+        n = self.lattice.dim
+        if dim % n:
+            raise ValueError(f"dim={dim} must be a multiple of lattice {self.lattice.name}'s dimension {n}")
+        partitions = dim // n
+        if self.lattice.name == "Leech":
+            if q is not None:
+                raise ValueError(f"the Leech shell is a fixed code of 196560 codewords; q must be null, got {q!r}")
+            code, codebook_size = None, self.lattice.kissing_number
+        else:
+            code = VoronoiCode(self.lattice.name, 2 if q is None else check_int("q", q, 2))
+            codebook_size = code.size
+        if codebook_size > MAX_CODES:
+            raise ValueError(
+                f"lattice {self.lattice.name} with q={q} has {codebook_size} codes per sub-vector; at most "
+                f"{MAX_CODES} are counted"
+            )
+        super().__init__(dim=dim, codebook_size=codebook_size, tokens_per_position=partitions, shared_codebook=False)
+        self.partitions = partitions
+        self.sub_dim = n
+        self.code = code
+        self.q = None if code is None else code.q
+        self.partition = make_partition(partition, partitions)
+        scale = check_number("scale", scale, strict=True)
+        if not isinstance(learn_scale, bool):
+            raise TypeError(f"learn_scale must be a bool, got {type(learn_scale).__name__}")
+        self.log_scale = nn.Parameter(torch.full((partitions,), math.log(scale)), requires_grad=learn_scale)
+        self.beta = check_number("beta", beta)
+        if not isinstance(rotation_trick, bool):
+            raise TypeError(f"rotation_trick must be a bool, got {type(rotation_trick).__name__}")
+        self.rotation_trick = rotation_trick
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        self.backend = backend
+        if code is None:
+            # Rebuilt from the Golay code at construction, so kept out of the state dict (19 MB).
+            self.register_buffer("shell", leech_shell(torch.float32), persistent=False)
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"lattice={self.lattice.name!r}"]
+        if self.q is not None:
+            parts.append(f"q={self.q}")
+        parts += [
+            f"partitions={self.partitions}",
+            f"partition={self.partition.name!r}",
+            f"codebook_size={self.codebook_size}",
+            f"learn_scale={self.log_scale.requires_grad}",
+            f"beta={self.beta}",
+        ]
+        if self.rotation_trick:
+            parts.append("rotation_trick=True")
+        return ", ".join(parts)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """``(P,)`` float32: each partition's scale."""
+        return self.log_scale.exp()
+
+    # ------------------------------------------------------------------------------- codes
+
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sub-vectors at the lattice's scale ``(N, n)`` float32 -> code indices ``(N,)`` int64."""
+        if self.code is not None:
+            return self.code.encode(rows)
+        indices, _ = nearest_codeword(rows, self.shell, backend=self.backend)
+        return indices
+
+    def _unit_codewords(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices ``(..., P)`` -> codewords at the lattice's scale ``(..., P, n)`` float32."""
+        flat = indices.reshape(-1)
+        unit = self.code.decode(flat, torch.float32) if self.code is not None else self.shell[flat]
+        return unit.view(*indices.shape, self.sub_dim)
+
+    def _decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices ``(..., P)`` -> scaled codewords ``(..., P, n)`` float32, no gradient."""
+        return self.scale.detach().unsqueeze(-1) * self._unit_codewords(indices)
+
+    # ------------------------------------------------------------------------------- forward
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z: (B, C, H, W)`` (any float dtype; the search runs in float32).
+
+        Returns :class:`~kepler.nn.QuantizerOutput` ``(z_q, loss, (perplexity, None, indices,
+        utilization))``; ``z_q`` has ``z``'s dtype.
+        """
+        self.check_latent(z)
+        self.partition.check(z.shape, self.sub_dim)
+        shape = z.shape
+        batch = shape[0]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            parts = self.partition.partition(z)  # (B, L, P, n)
+            scale = self.scale
+            rows = (parts.detach().to(torch.float32) / scale.detach().unsqueeze(-1)).reshape(-1, self.sub_dim)
+            indices = self._encode(rows).view(parts.shape[:-1])  # (B, L, P)
+            unit = self._unit_codewords(indices)
+            code_parts = scale.detach().unsqueeze(-1) * unit
+            if self.rotation_trick:
+                out_parts = rotated_codewords(parts, code_parts)
+            else:
+                out_parts = straight_through(parts, code_parts)
+            # Adds exactly zero: the scales' gradient is the codewords, d z_q / d scale = codeword.
+            scale_gradient = (scale - scale.detach()).unsqueeze(-1) * unit
+            out_parts = out_parts + scale_gradient.to(out_parts.dtype)
+            out = self.partition.unpartition(out_parts, shape).contiguous()
+            z_q = out.detach()
+            residual = z.to(torch.float32) - z_q.to(torch.float32)
+            loss = self.beta * residual.square().mean() if z.numel() else residual.new_zeros(())
+
+        index_map = indices.view(batch, shape[2], shape[3], self.partitions)
+        batch_counts = self.count_codes(index_map)
+        info = QuantizerInfo(self.perplexity_of(batch_counts), None, index_map, self.codebook_utilization())
+        return QuantizerOutput(out, loss, info)
+
+    # ------------------------------------------------------------------------------ protocol
+
+    def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, P)`` int64 -> the scaled codewords laid out as ``(B, C, H, W)``, float32."""
+        batch, height, width, _ = indices.shape
+        latent_shape = (batch, self.dim, height, width)
+        self.partition.check(latent_shape, self.sub_dim)
+        index = indices.reshape(batch, self.partition.slots(latent_shape), self.partitions)
+        return self.partition.unpartition(self._decode(index), latent_shape)
+
+    def codewords(self) -> torch.Tensor | None:
+        """Every partition's scaled codewords ``(P, K, n)`` float32, or None past
+        ``MAX_EXPLICIT_CODES`` codes (the Leech shell: its packing is known, minimal angle 60 degrees)."""
+        if self.codebook_size > MAX_EXPLICIT_CODES:
+            return None
+        all_indices = torch.arange(self.codebook_size, device=self.log_scale.device)
+        return self._decode(all_indices.unsqueeze(-1).expand(-1, self.partitions)).transpose(0, 1).detach()
+
+    def sub_vectors(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The sub-vectors of ``z: (B, C, H, W)`` as :meth:`codewords` are laid out: ``(P, N, n)``;
+        None where :meth:`codewords` is."""
+        if self.codebook_size > MAX_EXPLICIT_CODES:
+            return None
+        self.check_latent(z)
+        self.partition.check(z.shape, self.sub_dim)
+        parts = self.partition.partition(z.to(torch.float32))
+        return parts.permute(2, 0, 1, 3).reshape(self.partitions, -1, self.sub_dim)
