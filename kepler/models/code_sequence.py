@@ -122,7 +122,9 @@ class CodeLayout:
         partitions = tokens // self.codebook_size
         expected = torch.arange(self.tokens_per_position, device=tokens.device).expand_as(tokens)
         if not torch.equal(partitions, expected):
-            raise ValueError(f"tokens: sub-code p of each position must be in [p*K, (p+1)*K) with K={self.codebook_size}")
+            raise ValueError(
+                f"tokens: sub-code p of each position must be in [p*K, (p+1)*K) with K={self.codebook_size}"
+            )
 
     # ------------------------------------------------------------------------------ maps
 

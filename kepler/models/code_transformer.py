@@ -356,8 +356,8 @@ class CodeTransformer(nn.Module):
 
     def forward(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
         """Teacher-forced logits of every sub-code: ``indices: (B, H, W, P)`` -> ``(B, H*W, P, K)``
-        float32 (float64 for a float64 model), entry ``[b, n, p]`` the distribution of sub-code ``p`` of position ``n`` (raster
-        order) given everything before it."""
+        float32 (float64 for a float64 model), entry ``[b, n, p]`` the distribution of sub-code ``p``
+        of position ``n`` (raster order) given everything before it."""
         self.layout.check_indices(indices)
         batch = indices.shape[0]
         labels = self.class_labels_for(batch, class_labels, indices.device)
