@@ -81,6 +81,16 @@ class CodeLikelihood(NamedTuple):
         return self.nats_per_position / math.log(2)
 
 
+class _CachedStep(NamedTuple):
+    """What one layer's attention needs for a cached step: its cache, the step's position (0-d
+    int64) and which cache entries it sees (``(1, steps)`` bool, up to ``position``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    position: torch.Tensor
+    visible: torch.Tensor
+
+
 class _SelfAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, dropout: float):
         super().__init__()
@@ -90,24 +100,19 @@ class _SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, position: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``x: (B, T, d)`` -> ``(B, T, d)``, causal. With ``kv`` (a layer's cache) and ``position``
-        (0-d int64), ``T`` is 1: the step's key and value are written at ``position`` and the query
-        attends to the cache up to it."""
+    def forward(self, x: torch.Tensor, step: _CachedStep | None = None) -> torch.Tensor:
+        """``x: (B, T, d)`` -> ``(B, T, d)``, causal. With ``step`` (one cached step), ``T`` is 1: its
+        key and value are written into the layer's cache at ``step.position`` and the query attends
+        to the cache up to there."""
         batch, steps, width = x.shape
         q, k, v = self.qkv(x).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if kv is None:
+        if step is None:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            keys, values = kv
-            keys.index_copy_(2, position.view(1), k.to(keys.dtype))
-            values.index_copy_(2, position.view(1), v.to(values.dtype))
-            # The whole cache under a mask rather than a slice up to `position`: one shape at every step.
-            visible = (torch.arange(keys.shape[2], device=x.device) <= position).view(1, -1)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+            step.keys.index_copy_(2, step.position.view(1), k.to(step.keys.dtype))
+            step.values.index_copy_(2, step.position.view(1), v.to(step.values.dtype))
+            y = F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=step.visible)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, steps, width)))
 
 
@@ -122,8 +127,8 @@ class _Block(nn.Module):
             nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), nn.Dropout(dropout)
         )
 
-    def forward(self, x, kv=None, position=None):
-        x = x + self.attn(self.norm1(x), kv, position)
+    def forward(self, x, step: _CachedStep | None = None):
+        x = x + self.attn(self.norm1(x), step)
         return x + self.mlp(self.norm2(x))
 
 
@@ -136,8 +141,13 @@ class _Stack(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x, cache: KVCache | None = None, position: torch.Tensor | None = None):
+        """With ``cache`` and ``position`` (0-d int64): one cached step, ``x: (B, 1, d)``."""
+        if cache is not None:
+            # The whole cache under a mask rather than a slice up to `position`: one shape at every step.
+            visible = (torch.arange(cache.keys[0].shape[2], device=x.device) <= position).view(1, -1)
         for layer, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else (cache.keys[layer], cache.values[layer]), position)
+            step = None if cache is None else _CachedStep(cache.keys[layer], cache.values[layer], position, visible)
+            x = block(x, step)
         return self.norm(x)
 
 
