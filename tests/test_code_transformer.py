@@ -290,3 +290,26 @@ def test_cached_decode_step_compiles_without_graph_breaks():
     model.decode_step = torch.compile(model.decode_step, fullgraph=True)
     compiled = model.generate(2, 1, generator=torch.Generator().manual_seed(3))
     assert torch.equal(compiled, eager)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("order", ORDERS)
+def test_bf16_autocast_on_cuda(order):
+    layout = CodeLayout(2, 3, 2, 5, False)
+    model = tiny_prior(layout, order).cuda()
+    indices = random_indices(layout).cuda()
+    full = model(indices)
+    assert full.dtype == torch.float32
+    assert all(buffer.dtype == torch.bfloat16 for buffer in model.new_cache(2).keys)
+    recorded = []
+    model.decode(teacher_forced(indices, recorded), 2)
+    # bf16 rounding (8 bits of mantissa) of the activations, a few layers deep, relative to the logits' size.
+    tolerance = 16 * torch.finfo(torch.bfloat16).eps * float(full.detach().abs().max())
+    torch.testing.assert_close(torch.stack(recorded, dim=1).view_as(full), full, rtol=0, atol=tolerance)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    first = model.generate(2, generator=generator)
+    assert torch.equal(first, model.generate(2, generator=torch.Generator(device="cuda").manual_seed(0)))
