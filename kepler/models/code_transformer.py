@@ -1,0 +1,486 @@
+"""``CodeTransformer``: an autoregressive prior over a tokenizer's index maps (the second stage).
+
+A decoder-only, pre-norm transformer (learned absolute positions, GELU MLPs) on
+:func:`torch.nn.functional.scaled_dot_product_attention`. Its first input is a start token: a
+learned vector for an unconditional prior, the class's embedding for a class-conditional one
+(taming's start-of-sequence conditioning). The sequence is an index map in one of the two orders of
+:mod:`kepler.models.code_sequence`:
+
+* ``flat``: one step per sub-code (``H*W*P`` steps); the hidden state of a step is read out as
+  logits over the ``K`` codes of the next sub-code's codebook (with one codebook per sub-code the
+  readout of sub-code ``p`` is the ``[p*K, (p+1)*K)`` slice of the ``P*K`` vocabulary: a token of
+  another codebook can never be sampled there).
+* ``factorized``: one step per position (``H*W`` steps, ``P^2`` times less attention); a step's
+  input is the sum of the embeddings of the previous position's ``P`` sub-codes, and a small
+  causal transformer over the ``P`` sub-codes of a position (its inputs: the step's hidden state,
+  plus the embedding of the sub-code before) predicts them one after another.
+
+Both orders give logits ``(B, H*W, P, K)``: one distribution per sub-code, in raster order. On a
+CUDA device the model runs under bf16 autocast (``bf16_on_gpu``); on the CPU in its parameters' dtype.
+
+Sampling (:meth:`CodeTransformer.generate`) keeps a static key/value cache per layer: each step runs
+one token through the stack and attends to the cache under a mask, so the step has the same shapes
+at every position and compiles whole (``torch.compile(model.decode_step, fullgraph=True)``).
+``use_cache=False`` recomputes the whole prefix at every step instead: the reference the cache is
+tested and benchmarked against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kepler.models.code_sequence import ORDERS, CodeLayout
+
+# choose(logits (B, K) float32 (float64 model: float64), token index in raster order) -> (B,) int64 codes
+ChooseFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer of a stack, one ``(B, heads, steps, head_dim)`` tensor each,
+    filled one step at a time by :meth:`CodeTransformer.decode_step`."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+
+class CodeLikelihood(NamedTuple):
+    """Negative log-likelihood of index maps under a prior.
+
+    nats: ``(B,)`` float64, the NLL of each whole map in nats.
+    tokens_per_map: sub-codes per map, ``H*W*P``.
+    positions_per_map: positions per map, ``H*W``.
+    """
+
+    nats: torch.Tensor
+    tokens_per_map: int
+    positions_per_map: int
+
+    @property
+    def nats_per_token(self) -> torch.Tensor:
+        """0-d: the mean NLL of a sub-code, over the batch."""
+        return self.nats.mean() / self.tokens_per_map
+
+    @property
+    def bits_per_token(self) -> torch.Tensor:
+        return self.nats_per_token / math.log(2)
+
+    @property
+    def nats_per_position(self) -> torch.Tensor:
+        """0-d: the mean NLL of a position's ``P`` sub-codes together, over the batch."""
+        return self.nats.mean() / self.positions_per_map
+
+    @property
+    def bits_per_position(self) -> torch.Tensor:
+        return self.nats_per_position / math.log(2)
+
+
+class _CachedStep(NamedTuple):
+    """What one layer's attention needs for a cached step: its cache, the step's position (0-d
+    int64) and which cache entries it sees (``(1, steps)`` bool, up to ``position``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    position: torch.Tensor
+    visible: torch.Tensor
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, step: _CachedStep | None = None) -> torch.Tensor:
+        """``x: (B, T, d)`` -> ``(B, T, d)``, causal. With ``step`` (one cached step), ``T`` is 1: its
+        key and value are written into the layer's cache at ``step.position`` and the query attends
+        to the cache up to there."""
+        batch, steps, width = x.shape
+        q, k, v = self.qkv(x).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if step is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            step.keys.index_copy_(2, step.position.view(1), k.to(step.keys.dtype))
+            step.values.index_copy_(2, step.position.view(1), v.to(step.values.dtype))
+            y = F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=step.visible)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, steps, width)))
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = round(d_model * mlp_ratio)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = _SelfAttention(d_model, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), nn.Dropout(dropout)
+        )
+
+    def forward(self, x, step: _CachedStep | None = None):
+        x = x + self.attn(self.norm1(x), step)
+        return x + self.mlp(self.norm2(x))
+
+
+class _Stack(nn.Module):
+    """Pre-norm blocks and the final LayerNorm: ``(B, T, d) -> (B, T, d)``."""
+
+    def __init__(self, d_model: int, num_layers: int, num_heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(d_model, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x, cache: KVCache | None = None, position: torch.Tensor | None = None):
+        """With ``cache`` and ``position`` (0-d int64): one cached step, ``x: (B, 1, d)``."""
+        if cache is not None:
+            # The whole cache under a mask rather than a slice up to `position`: one shape at every step.
+            visible = (torch.arange(cache.keys[0].shape[2], device=x.device) <= position).view(1, -1)
+        for layer, block in enumerate(self.blocks):
+            step = None if cache is None else _CachedStep(cache.keys[layer], cache.values[layer], position, visible)
+            x = block(x, step)
+        return self.norm(x)
+
+
+class _SubCodeReadout(nn.Module):
+    """Hidden states -> logits over a sub-code's ``K`` codes: one ``(K, d)`` map for a shared
+    codebook, one per sub-code otherwise."""
+
+    def __init__(self, groups: int, codebook_size: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, codebook_size, d_model))
+        self.bias = nn.Parameter(torch.zeros(groups, codebook_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden: (B, N, P, d)`` -> ``(B, N, P, K)``."""
+        if self.weight.shape[0] == 1:
+            return F.linear(hidden, self.weight[0], self.bias[0])
+        return torch.einsum("bnpd,pkd->bnpk", hidden, self.weight) + self.bias
+
+    def one(self, hidden: torch.Tensor, token: int) -> torch.Tensor:
+        """``hidden: (B, d)`` of sub-code ``token`` -> ``(B, K)``."""
+        group = 0 if self.weight.shape[0] == 1 else token
+        return F.linear(hidden, self.weight[group], self.bias[group])
+
+
+class _SubCodeHead(nn.Module):
+    """The factorized order's head: a causal transformer over a position's ``P`` sub-codes.
+
+    Input ``p`` is the trunk's hidden state for the position, plus a learned embedding of ``p``,
+    plus (``p > 0``) the embedding of sub-code ``p - 1``'s code (token ``(p-1)*K + k``)."""
+
+    def __init__(self, layout: CodeLayout, d_model: int, num_layers: int, num_heads: int, mlp_ratio: float,
+                 dropout: float):
+        super().__init__()
+        tokens, codes = layout.tokens_per_position, layout.codebook_size
+        self.previous_code = nn.Embedding((tokens - 1) * codes, d_model) if tokens > 1 else None
+        self.sub_code_embedding = nn.Parameter(torch.empty(tokens, d_model))
+        self.stack = _Stack(d_model, num_layers, num_heads, mlp_ratio, dropout)
+        self.readout = _SubCodeReadout(1 if layout.shared_codebook else tokens, codes, d_model)
+        self.register_buffer("offsets", layout.partition_offsets()[:-1], persistent=False)
+
+    def _inputs(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """``hidden: (..., d)``, ``previous: (..., p)`` codes of the first ``p`` sub-codes ->
+        ``(..., p + 1, d)``."""
+        count = previous.shape[-1] + 1
+        x = hidden.unsqueeze(-2) + self.sub_code_embedding[:count]
+        if count == 1:
+            return x
+        shifted = self.previous_code(previous + self.offsets[: count - 1])
+        return torch.cat([x[..., :1, :], x[..., 1:, :] + shifted], dim=-2)
+
+    def forward(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: ``hidden: (B, N, d)``, ``codes: (B, N, P)`` -> logits ``(B, N, P, K)``."""
+        batch, positions, tokens = codes.shape
+        x = self._inputs(hidden, codes[..., :-1]).flatten(0, 1)
+        return self.readout(self.stack(x).view(batch, positions, tokens, -1))
+
+    def one(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """``hidden: (B, d)``, ``previous: (B, p)`` -> logits ``(B, K)`` of sub-code ``p``."""
+        token = previous.shape[-1]
+        return self.readout.one(self.stack(self._inputs(hidden, previous))[:, -1], token)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it is (a float64 model is the reference in tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``logits: (B, K)`` with every code outside the sampling support set to ``-inf``.
+
+    top_k: keep the ``top_k`` largest logits (ties at the boundary all kept). top_p: keep the
+    smallest set of most likely codes whose probability reaches ``top_p`` (nucleus sampling; the most
+    likely code is always kept). Both: the intersection. None: no restriction."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        # A code is dropped when the codes more likely than it already reach top_p.
+        dropped = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(dropped.scatter(-1, order, dropped), float("-inf"))
+    return logits
+
+
+class CodeTransformer(nn.Module):
+    """Autoregressive prior over index maps of one :class:`~kepler.models.code_sequence.CodeLayout`.
+
+    Its keyword arguments are a config section (the layout comes from the tokenizer:
+    :meth:`CodeLayout.from_quantizer`).
+
+    Args:
+        layout: ``H, W, P, K`` and the codebook sharing of the index maps modelled.
+        order: ``"flat"`` (one step per sub-code) or ``"factorized"`` (one step per position, a
+            small head for its ``P`` sub-codes); see the module docstring.
+        num_classes: 0 for an unconditional prior; otherwise class labels in ``[0, num_classes)``
+            condition it (the class embedding is the first input).
+        d_model: width of the residual stream; a multiple of ``num_heads``.
+        num_layers: transformer blocks of the trunk.
+        num_heads: attention heads (trunk and sub-code head).
+        mlp_ratio: MLP hidden width over ``d_model``.
+        dropout: dropout on the attention weights and on each residual branch, in ``[0, 1)``.
+        head_layers: blocks of the factorized order's sub-code head (unused by ``flat``).
+        bf16_on_gpu: run forward, scoring and sampling under bf16 autocast on CUDA devices.
+
+    Index maps are ``(B, H, W, P)`` int64 with codes in ``[0, K)``; class labels ``(B,)`` int64.
+    """
+
+    def __init__(
+        self,
+        layout: CodeLayout,
+        *,
+        order: str = "flat",
+        num_classes: int = 0,
+        d_model: int = 256,
+        num_layers: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        head_layers: int = 1,
+        bf16_on_gpu: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(layout, CodeLayout):
+            raise TypeError(f"layout must be a CodeLayout, got {type(layout).__name__}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+        for name, value, low in (("num_classes", num_classes, 0), ("d_model", d_model, 1),
+                                 ("num_layers", num_layers, 1), ("num_heads", num_heads, 1),
+                                 ("head_layers", head_layers, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be a multiple of num_heads={num_heads}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.layout = layout
+        self.order = order
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.bf16_on_gpu = bool(bf16_on_gpu)
+        tokens = layout.tokens_per_position
+        self.steps = layout.flat_length if order == "flat" else layout.positions
+        vocab = layout.flat_vocab_size if order == "flat" else layout.position_vocab_size
+        # Unconditional priors use row 0 as their learned start token.
+        self.start_embedding = nn.Embedding(max(num_classes, 1), d_model)
+        self.token_embedding = nn.Embedding(vocab, d_model)
+        self.position_embedding = nn.Parameter(torch.empty(self.steps, d_model))
+        self.register_buffer("token_offsets", layout.token_offsets(order), persistent=False)
+        self.trunk = _Stack(d_model, num_layers, num_heads, mlp_ratio, dropout)
+        if order == "flat":
+            self.readout = _SubCodeReadout(1 if layout.shared_codebook else tokens, layout.codebook_size, d_model)
+        else:
+            self.head = _SubCodeHead(layout, d_model, head_layers, num_heads, mlp_ratio, dropout)
+        self._init_weights(num_layers)
+
+    def _init_weights(self, num_layers: int) -> None:
+        """GPT-2's: N(0, 0.02) weights, zero biases, residual output maps scaled by 1/sqrt(2 layers)."""
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif "norm" in name:
+                nn.init.ones_(param)
+            else:
+                residual = name.endswith(("attn.proj.weight", "mlp.2.weight"))
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * num_layers) if residual else 0.02)
+
+    # ------------------------------------------------------------------------------ inputs
+
+    def _autocast(self, device: torch.device):
+        if device.type == "cuda" and self.bf16_on_gpu:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def class_labels_for(self, batch: int, class_labels: torch.Tensor | int | None,
+                         device: torch.device | None = None) -> torch.Tensor:
+        """``(batch,)`` int64 rows of the start-token table: ``class_labels`` checked (a tensor
+        ``(batch,)`` or one int for all), zeros for an unconditional prior."""
+        if self.num_classes == 0:
+            if class_labels is not None:
+                raise ValueError("class_labels given to an unconditional CodeTransformer (num_classes=0); "
+                                 "only a prior trained with num_classes > 0 takes a class")
+            return torch.zeros(batch, dtype=torch.int64, device=device)
+        if class_labels is None:
+            raise ValueError(f"class_labels are required: this CodeTransformer is class-conditional "
+                             f"(num_classes={self.num_classes})")
+        if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+            class_labels = torch.full((batch,), class_labels, dtype=torch.int64, device=device)
+        if not isinstance(class_labels, torch.Tensor) or class_labels.dtype not in (torch.int32, torch.int64):
+            raise TypeError("class_labels must be an int or an int32/int64 torch.Tensor")
+        if tuple(class_labels.shape) != (batch,):
+            raise ValueError(f"class_labels must be ({batch},), got shape {tuple(class_labels.shape)}")
+        if not torch.compiler.is_compiling() and batch:
+            low, high = int(class_labels.min()), int(class_labels.max())
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"class_labels must be in [0, {self.num_classes}), got [{low}, {high}]")
+        return class_labels.to(device=device, dtype=torch.int64)
+
+    def _step_embedding(self, codes: torch.Tensor) -> torch.Tensor:
+        """Input embedding of positions' codes ``(B, N, P)`` as steps: flat ``(B, N*P, d)``,
+        factorized ``(B, N, d)`` (the sum over the ``P`` sub-codes)."""
+        embedded = self.token_embedding(codes + self.token_offsets)
+        return embedded.flatten(1, 2) if self.order == "flat" else embedded.sum(dim=-2)
+
+    def _inputs(self, labels: torch.Tensor, codes: torch.Tensor, length: int) -> torch.Tensor:
+        """The first ``length`` inputs ``(B, length, d)``: the start token, then the steps of
+        ``codes: (B, N, P)`` (only those before step ``length - 1`` are read), plus positions."""
+        x = self.start_embedding(labels).unsqueeze(1)
+        if length > 1:
+            x = torch.cat([x, self._step_embedding(codes)[:, : length - 1]], dim=1)
+        return x + self.position_embedding[:length]
+
+    # ------------------------------------------------------------------------------ training
+
+    def forward(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Teacher-forced logits of every sub-code: ``indices: (B, H, W, P)`` -> ``(B, H*W, P, K)``
+        float32 (float64 for a float64 model), entry ``[b, n, p]`` the distribution of sub-code ``p``
+        of position ``n`` (raster order) given everything before it."""
+        self.layout.check_indices(indices)
+        batch = indices.shape[0]
+        labels = self.class_labels_for(batch, class_labels, indices.device)
+        codes = indices.to(torch.int64).reshape(batch, self.layout.positions, self.layout.tokens_per_position)
+        with self._autocast(indices.device):
+            hidden = self.trunk(self._inputs(labels, codes, self.steps))
+            if self.order == "flat":
+                logits = self.readout(hidden.view(*codes.shape, -1))
+            else:
+                logits = self.head(hidden, codes)
+        return _at_least_float32(logits)
+
+    def loss(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+        """0-d float32: the mean cross-entropy of a sub-code, in nats (the training objective)."""
+        logits = self(indices, class_labels)
+        return F.cross_entropy(logits.flatten(0, 2), indices.reshape(-1).to(torch.int64))
+
+    def nll(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> CodeLikelihood:
+        """Negative log-likelihood of each index map ``(B, H, W, P)``; read it per token or per
+        position off the result (:class:`CodeLikelihood`)."""
+        logits = self(indices, class_labels)
+        per_token = F.cross_entropy(logits.flatten(0, 2), indices.reshape(-1).to(torch.int64), reduction="none")
+        nats = per_token.view(indices.shape[0], -1).double().sum(dim=1)
+        return CodeLikelihood(nats, self.layout.flat_length, self.layout.positions)
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences, on this model's device (bf16 under
+        ``bf16_on_gpu`` on CUDA, the parameters' dtype otherwise)."""
+        reference = self.position_embedding
+        dtype = torch.bfloat16 if reference.is_cuda and self.bf16_on_gpu else reference.dtype
+        shape = (batch, self.num_heads, self.steps, reference.shape[1] // self.num_heads)
+
+        def layer_buffers():
+            return tuple(torch.zeros(shape, dtype=dtype, device=reference.device) for _ in self.trunk.blocks)
+
+        return KVCache(layer_buffers(), layer_buffers())
+
+    def decode_step(self, inputs: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One cached trunk step: ``inputs: (B, d)`` (the step's input embedding, position not yet
+        added) at ``position`` (0-d int64) -> the trunk's hidden state ``(B, d)``; writes the step's
+        keys and values into ``cache``. Same shapes at every position: compile it once with
+        ``model.decode_step = torch.compile(model.decode_step, fullgraph=True)``."""
+        x = (inputs + self.position_embedding[position]).unsqueeze(1)
+        return self.trunk(x, cache, position)[:, 0]
+
+    @torch.no_grad()
+    def decode(self, choose: ChooseFn, num: int, class_labels: torch.Tensor | int | None = None, *,
+               use_cache: bool = True) -> torch.Tensor:
+        """Index maps ``(num, H, W, P)`` int64 made one sub-code at a time in raster order:
+        ``choose(logits (num, K) float32 or float64, token)`` picks the ``(num,)`` codes of sub-code ``token``
+        (``n * P + p``). ``use_cache=False`` recomputes the prefix at every step (the reference for
+        the cache). Runs in eval mode (dropout off), then restores the mode."""
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"num must be an int >= 1, got {num!r}")
+        device = self.position_embedding.device
+        labels = self.class_labels_for(num, class_labels, device)
+        tokens = self.layout.tokens_per_position
+        codes = torch.zeros(num, self.layout.positions, tokens, dtype=torch.int64, device=device)
+        cache = self.new_cache(num) if use_cache else None
+        was_training = self.training
+        self.eval()
+        try:
+            with self._autocast(device):
+                for step in range(self.steps):
+                    hidden = self._step_hidden(labels, codes, step, cache)
+                    if self.order == "flat":
+                        position, token = divmod(step, tokens)
+                        logits = self.readout.one(hidden, token)
+                        codes[:, position, token] = choose(_at_least_float32(logits), step)
+                    else:
+                        for token in range(tokens):
+                            logits = self.head.one(hidden, codes[:, step, :token])
+                            codes[:, step, token] = choose(_at_least_float32(logits), step * tokens + token)
+        finally:
+            self.train(was_training)
+        return codes.view(num, self.layout.height, self.layout.width, tokens)
+
+    def _step_hidden(self, labels: torch.Tensor, codes: torch.Tensor, step: int, cache: KVCache | None):
+        """The trunk's hidden state ``(B, d)`` at ``step``, from the cache or by recomputing the prefix."""
+        if cache is None:
+            return self.trunk(self._inputs(labels, codes, step + 1))[:, -1]
+        if step == 0:
+            inputs = self.start_embedding(labels)
+        elif self.order == "flat":
+            position, token = divmod(step - 1, self.layout.tokens_per_position)
+            inputs = self.token_embedding(codes[:, position, token] + self.token_offsets[token])
+        else:
+            inputs = self._step_embedding(codes[:, step - 1 : step])[:, 0]
+        return self.decode_step(inputs, torch.tensor(step, device=codes.device), cache)
+
+    def generate(self, num: int, class_labels: torch.Tensor | int | None = None, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample ``num`` index maps ``(num, H, W, P)`` int64.
+
+        Each code is drawn from ``softmax(logits / temperature)`` restricted by ``top_k`` / ``top_p``
+        (:func:`filter_logits`). The draws use ``generator`` (on the model's device; None: torch's
+        global generator), so a seeded generator gives the same maps every time on one device.
+        ``class_labels``: one int or ``(num,)``, required by a class-conditional prior, refused by an
+        unconditional one."""
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        codebook_size = self.layout.codebook_size
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 (at most K={codebook_size} matters), got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+        def sample(logits: torch.Tensor, token: int) -> torch.Tensor:
+            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+        return self.decode(sample, num, class_labels, use_cache=use_cache)
