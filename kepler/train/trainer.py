@@ -1,11 +1,14 @@
-"""The training loop: a plain PyTorch loop over a :class:`kepler.models.VQModel` and its GAN loss.
+"""The training loop: a plain PyTorch loop over a task's models, one loop for every kind of model.
 
-One optimizer step = ``grad_accum`` micro-batches through the autoencoder (generator update), then,
-from ``loss.disc_start`` on, the same micro-batches through the discriminator. Runs on one CPU/GPU
-or under ``torchrun`` (DDP; NCCL on GPUs, gloo on CPUs).
+A task builds what is trained and owns one optimizer step and the validation: a tokenizer
+(:class:`kepler.train.vqgan_task.VQGANTask`, the default: a :class:`kepler.models.VQModel` and its
+GAN loss) or a prior over a frozen tokenizer's codes (:mod:`kepler.train.prior_task`). The trainer
+owns the rest: data order, learning-rate schedule, progress bar, TensorBoard and JSONL logs,
+checkpoints, exact resume, signals. Runs on one CPU/GPU or under ``torchrun`` (DDP; NCCL on GPUs,
+gloo on CPUs).
 
-Everything a run needs to continue exactly is in ``checkpoints/last.pt``: weights, optimizers,
-schedulers, grad scaler, every rank's RNG states, the step and the position in the data (epoch and
+Everything a run needs to continue exactly is in ``checkpoints/last.pt``: the task's weights,
+optimizers and schedulers, the grad scaler, every rank's RNG states, the step and the position in the data (epoch and
 batch; augmentations are seeded per sample, see :class:`kepler.data.SeededSampler`), and the
 quantizer's statistics (buffers of the model). SIGINT/SIGTERM finish the current step, save, and
 raise :class:`TrainingInterrupted`.
@@ -24,10 +27,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from kepler.data import SeededSampler, build_dataset, collate
+from kepler.data import SeededSampler
 from kepler.distributed import (
     DistInfo,
     all_gather_objects,
@@ -37,12 +39,10 @@ from kepler.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from kepler.models import VQGANLoss, VQModel
 from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kepler.train.config import to_dict
-from kepler.train.evaluate import run_validation, save_grid
 from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
-from kepler.weights import check_state_dict
+from kepler.train.vqgan_task import VQGANTask
 
 log = logging.getLogger("kepler")
 
@@ -118,9 +118,12 @@ class _StopSignal:
 
 
 class Trainer:
-    """Holds the run's state; :meth:`run` trains to ``train.max_steps`` and returns the run folder."""
+    """Holds the run's state; :meth:`run` trains to ``train.max_steps`` and returns the run folder.
 
-    def __init__(self, cfg: DictConfig, dist_info: DistInfo, resume: str | None = None):
+    ``task_class`` builds what is trained (models, optimizers, one step, validation):
+    :class:`~kepler.train.vqgan_task.VQGANTask` (a tokenizer) by default."""
+
+    def __init__(self, cfg: DictConfig, dist_info: DistInfo, resume: str | None = None, task_class=VQGANTask):
         self.cfg = cfg
         self.dist = dist_info
         self.device = dist_info.device
@@ -128,59 +131,37 @@ class Trainer:
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         if cfg.train.threads:
             torch.set_num_threads(int(cfg.train.threads))
-        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
-        self.model = VQModel.from_config(to_dict(cfg.model)).to(self.device)
-        self.loss = VQGANLoss(**to_dict(cfg.loss)).to(self.device)
         self.autocast_dtype = _autocast_dtype(cfg.train.precision, self.device)
-
-        data = cfg.data
-        self.train_set = build_dataset(
-            data.train, "train", data.size, data.resize, data.random_crop, data.flip, data.samples_per_epoch
-        )
-        self.val_set = build_dataset(data.val, "val", data.size, data.resize)
-        if data.val_max_images is not None:
-            self.val_set = Subset(self.val_set, range(min(int(data.val_max_images), len(self.val_set))))
-        self.sampler = SeededSampler(self.train_set, cfg.seed, dist_info.rank, dist_info.world_size)
-        self.batches_per_epoch = len(self.sampler) // data.batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the training set has {len(self.train_set)} images, fewer than one batch of "
-                f"{data.batch_size} per process ({dist_info.world_size} processes)"
-            )
-
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
         self.images_seen = 0
         self.skipped_images = 0
         self.train_seconds = 0.0
+        self.tb = None
+        self.log_file = None
 
         self.lr = learning_rate(cfg, dist_info.world_size)
-        optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim.name]
-        opt_kwargs = dict(lr=self.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-        self.opt_ae = optim_cls([p for p in self.model.parameters() if p.requires_grad], **opt_kwargs)
-        self.opt_disc = optim_cls(self.loss.discriminator.parameters(), **opt_kwargs)
-        lr_factor = _lr_lambda(cfg, self.progress)
-        self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_factor)
-        # The discriminator only steps from disc_start on; its rate follows the generator's step.
-        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lambda _: lr_factor(self.step))
+        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
+        self.task = task_class(self, self.lr, _lr_lambda(cfg, self.progress))
+        self.sampler = SeededSampler(self.task.train_set, cfg.seed, dist_info.rank, dist_info.world_size)
+        self.batches_per_epoch = len(self.sampler) // cfg.data.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(self.task.train_set)} items, fewer than one batch of "
+                f"{cfg.data.batch_size} per process ({dist_info.world_size} processes)"
+            )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         if resume:
             self._load(resume)
         elif cfg.train.init_from:
-            self._init_model(cfg.train.init_from)
+            self.task.init_from(cfg.train.init_from)
+            if self.dist.is_main:
+                log.info("model weights from %s", cfg.train.init_from)
 
         if dist_info.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # The quantizer all-reduces its own statistics; broadcasting buffers would overwrite them.
-            self.model_ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
-            self.disc_ddp = DDP(self.loss.discriminator, device_ids=ids)
-        else:
-            self.model_ddp = self.model
-            self.disc_ddp = self.loss.discriminator
+            self.task.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
 
-        self.tb = None
-        self.log_file = None
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
@@ -209,12 +190,7 @@ class Trainer:
     def state_dict(self) -> dict:
         rng = all_gather_objects(capture_rng())
         return {
-            "model": self.model.state_dict(),
-            "discriminator": self.loss.discriminator.state_dict(),
-            "opt_ae": self.opt_ae.state_dict(),
-            "opt_disc": self.opt_disc.state_dict(),
-            "sched_ae": self.sched_ae.state_dict(),
-            "sched_disc": self.sched_disc.state_dict(),
+            **self.task.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "step": self.step,
@@ -223,10 +199,6 @@ class Trainer:
                 "images_seen": self.images_seen,
                 "skipped_images": self.skipped_images,
                 "train_seconds": self.train_seconds,
-            },
-            "quantizer": {
-                "utilization": self.model.quantize.codebook_utilization().item(),
-                "code_counts": self.model.quantize.code_counts.cpu(),
             },
             "world_size": self.dist.world_size,
             "config": to_dict(self.cfg),
@@ -239,26 +211,9 @@ class Trainer:
         barrier()
         return self.ckpt_path
 
-    def _init_model(self, path: str) -> None:
-        """Start from the model weights of the checkpoint at ``path`` (``train.init_from``): a fine-tune
-        of a converted or trained model; its optimizers, step and data position are not taken."""
-        state = load_checkpoint(path)
-        check_state_dict(self.model, state["model"], f"train.init_from checkpoint {path}")
-        self.model.load_state_dict(state["model"])
-        if self.dist.is_main:
-            log.info("model weights from %s", path)
-
     def _load(self, path: str) -> None:
         state = load_checkpoint(path)
-        # A run resumed with a changed model config: one line naming the keys, not load_state_dict's report.
-        check_state_dict(self.model, state["model"], f"--resume checkpoint {path}")
-        check_state_dict(self.loss.discriminator, state["discriminator"], f"--resume checkpoint {path} (discriminator)")
-        self.model.load_state_dict(state["model"])
-        self.loss.discriminator.load_state_dict(state["discriminator"])
-        self.opt_ae.load_state_dict(state["opt_ae"])
-        self.opt_disc.load_state_dict(state["opt_disc"])
-        self.sched_ae.load_state_dict(state["sched_ae"])
-        self.sched_disc.load_state_dict(state["sched_disc"])
+        self.task.load_state_dict(state, f"--resume checkpoint {path}")
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["data"]["epoch"])
@@ -286,10 +241,10 @@ class Trainer:
         while True:
             self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
             loader = DataLoader(
-                self.train_set,
+                self.task.train_set,
                 batch_size=cfg.batch_size,
                 sampler=self.sampler,
-                collate_fn=collate,
+                collate_fn=self.task.collate,
                 num_workers=cfg.num_workers,
                 drop_last=True,
                 pin_memory=self.device.type == "cuda",
@@ -305,67 +260,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _autocast(self):
+    def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _clip_and_step(self, optimizer, params) -> None:
+    def clip_and_step(self, optimizer, params) -> None:
+        """``optimizer.step()`` through the grad scaler, after clipping to ``optim.grad_clip``."""
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.scaler.step(optimizer)
 
     def train_step(self, batches) -> dict:
-        accum = int(self.cfg.optim.grad_accum)
-        gan = self.loss.gan_active(self.step)
-        disc = self.loss.discriminator
-        totals: dict[str, float] = {}
-        micro = []
-
-        def add(logs: dict) -> None:
-            for k, v in logs.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / accum
-
-        # Generator (autoencoder) update. The discriminator only scores here: no grads into it.
-        disc.requires_grad_(False)
-        self.opt_ae.zero_grad(set_to_none=True)
-        for i in range(accum):
-            images, skipped = next(batches)
-            self.skipped_images += len(skipped)
-            x = images.to(self.device, non_blocking=True)
-            sync = i == accum - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.model_ddp.no_sync():
-                with self._autocast():
-                    x_rec, q_loss, info = self.model_ddp(x)
-                    loss, logs = self.loss.generator_loss(
-                        q_loss, x, x_rec.float(), self.step, self.model.last_layer, discriminator=disc
-                    )
-                self.scaler.scale(loss / accum).backward()
-            logs["perplexity"] = info.perplexity.float().mean()
-            add(logs)
-            micro.append((x, x_rec.detach()))
-        disc.requires_grad_(True)
-        self._clip_and_step(self.opt_ae, self.model.parameters())
-
-        if gan:
-            self.opt_disc.zero_grad(set_to_none=True)
-            for i, (x, x_rec) in enumerate(micro):
-                sync = i == accum - 1 or not self.dist.enabled
-                with contextlib.nullcontext() if sync else self.disc_ddp.no_sync():
-                    with self._autocast():
-                        d_loss, logs = self.loss.discriminator_loss(x, x_rec, self.step, discriminator=self.disc_ddp)
-                    self.scaler.scale(d_loss / accum).backward()
-                add(logs)
-            self._clip_and_step(self.opt_disc, disc.parameters())
-        self.scaler.update()
+        """One optimizer step of the task; its logged values, ``loss`` first."""
+        logs = self.task.train_step(batches)
         self.step += 1
-        self.sched_ae.step()
-        if gan:
-            self.sched_disc.step()
-        self.images_seen += accum * self.cfg.data.batch_size * self.dist.world_size
-        totals["utilization"] = float(info.utilization)
-        return totals
+        self.images_seen += self.cfg.optim.grad_accum * self.cfg.data.batch_size * self.dist.world_size
+        return logs
 
     # ------------------------------------------------------------------ logging and eval
 
@@ -380,24 +292,8 @@ class Trainer:
                 self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
 
     def validate(self) -> dict:
-        cfg = self.cfg
-        metrics, grid, _ = run_validation(
-            self.model,
-            self.val_set,
-            batch_size=cfg.data.val_batch_size,
-            device=self.device,
-            autocast_dtype=self.autocast_dtype,
-            grid_images=cfg.train.grid_images if self.dist.is_main else 0,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        record = {"event": "eval", "step": self.step, **metrics}
+        record = {"event": "eval", "step": self.step, **self.task.validate()}
         self._log(record)
-        if self.dist.is_main and grid is not None:
-            path = save_grid(*grid, self.run_dir / f"recon_step{self.step}.png")
-            (self.run_dir / "reconstructions.png").write_bytes(path.read_bytes())
-            self.tb.add_images("val/originals_and_reconstructions",
-                               (torch.cat(grid, dim=-1) + 1) / 2, self.step)
         return record
 
     # ------------------------------------------------------------------ the loop
@@ -409,9 +305,8 @@ class Trainer:
         is_main = self.dist.is_main
         if is_main:
             log.info(
-                "training %s: %d steps, lr %.3g, %d process(es) on %s, perceptual loss %s",
-                self.run_dir, cfg.max_steps, self.lr, self.dist.world_size, self.device,
-                self.loss.perceptual_status,
+                "training %s: %d steps, lr %.3g, %d process(es) on %s, %s",
+                self.run_dir, cfg.max_steps, self.lr, self.dist.world_size, self.device, self.task.status,
             )
         from tqdm import tqdm
 
@@ -434,20 +329,18 @@ class Trainer:
                     record = {
                         "event": "train",
                         "step": self.step,
-                        "loss": logs["ae_loss"],
-                        **{k: v for k, v in logs.items() if k != "ae_loss"},
-                        "lr": self.sched_ae.get_last_lr()[0],
+                        **logs,
+                        "lr": self.task.current_lr(),
                         "images_per_s": window_images / max(elapsed, 1e-9),
                         "epoch": self.epoch,
                         "skipped_images": self.skipped_images,
                     }
                     self._log(record)
                     bar.set_postfix(
-                        loss=f"{record['loss']:.4f}", util=f"{record['utilization']:.2f}",
+                        loss=f"{record['loss']:.4f}", **self.task.progress_fields(record),
                         img_s=f"{record['images_per_s']:.1f}",
                     )
-                    # Utilization in the logs is over the last log_every steps.
-                    self.model.quantize.reset_usage()
+                    self.task.after_log()
                     window_images, window_start = 0, time.perf_counter()
                 if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self.validate()
@@ -490,7 +383,7 @@ class Trainer:
             skipped_images=self.skipped_images,
             train_seconds=round(self.train_seconds, 2),
             train_images_per_s=self.images_seen / max(self.train_seconds, 1e-9),
-            perceptual_loss=self.loss.perceptual_status,
+            **self.task.final_metrics(),
             stopped_by_time_limit=self.step < self.cfg.train.max_steps,
         )
         return metrics

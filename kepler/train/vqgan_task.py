@@ -1,0 +1,196 @@
+"""What the trainer trains for a tokenizer: a :class:`kepler.models.VQModel` and its GAN loss.
+
+:class:`kepler.train.trainer.Trainer` runs the loop (data order, LR schedule, logging, checkpoints,
+resume, signals, DDP); a task owns the models, their optimizers and schedulers, one optimizer step
+and the validation. One optimizer step here = ``grad_accum`` micro-batches through the autoencoder
+(generator update), then, from ``loss.disc_start`` on, the same micro-batches through the
+discriminator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Subset
+
+from kepler.data import build_dataset, collate
+from kepler.models import VQGANLoss, VQModel
+from kepler.train.checkpoint import load_checkpoint
+from kepler.train.config import to_dict
+from kepler.train.evaluate import run_validation, save_grid
+from kepler.weights import check_state_dict
+
+
+class VQGANTask:
+    """The tokenizer task: built by the trainer after it seeded the RNG.
+
+    Args:
+        trainer: the :class:`~kepler.train.trainer.Trainer` (its config, device, step, autocast,
+            grad scaler and optimizer-step helper are shared).
+        lr: the learning rate; ``lr_factor(step)`` scales it (warmup, schedule).
+    """
+
+    def __init__(self, trainer, lr: float, lr_factor):
+        cfg = trainer.cfg
+        self.trainer = trainer
+        device = trainer.device
+        self.model = VQModel.from_config(to_dict(cfg.model)).to(device)
+        self.loss = VQGANLoss(**to_dict(cfg.loss)).to(device)
+        data = cfg.data
+        self.train_set = build_dataset(
+            data.train, "train", data.size, data.resize, data.random_crop, data.flip, data.samples_per_epoch
+        )
+        self.val_set = build_dataset(data.val, "val", data.size, data.resize)
+        if data.val_max_images is not None:
+            self.val_set = Subset(self.val_set, range(min(int(data.val_max_images), len(self.val_set))))
+        self.collate = collate
+
+        optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim.name]
+        opt_kwargs = dict(lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        self.opt_ae = optim_cls([p for p in self.model.parameters() if p.requires_grad], **opt_kwargs)
+        self.opt_disc = optim_cls(self.loss.discriminator.parameters(), **opt_kwargs)
+        self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_factor)
+        # The discriminator only steps from disc_start on; its rate follows the generator's step.
+        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lambda _: lr_factor(trainer.step))
+        self.model_ddp = self.model
+        self.disc_ddp = self.loss.discriminator
+
+    @property
+    def status(self) -> str:
+        """What the run's first log line adds about this task."""
+        return f"perceptual loss {self.loss.perceptual_status}"
+
+    def wrap_ddp(self, device_ids) -> None:
+        # The quantizer all-reduces its own statistics; broadcasting buffers would overwrite them.
+        self.model_ddp = DDP(self.model, device_ids=device_ids, broadcast_buffers=False)
+        self.disc_ddp = DDP(self.loss.discriminator, device_ids=device_ids)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """This task's entries of the checkpoint (the trainer adds step, RNG, data position, ...)."""
+        return {
+            "model": self.model.state_dict(),
+            "discriminator": self.loss.discriminator.state_dict(),
+            "opt_ae": self.opt_ae.state_dict(),
+            "opt_disc": self.opt_disc.state_dict(),
+            "sched_ae": self.sched_ae.state_dict(),
+            "sched_disc": self.sched_disc.state_dict(),
+            "quantizer": {
+                "utilization": self.model.quantize.codebook_utilization().item(),
+                "code_counts": self.model.quantize.code_counts.cpu(),
+            },
+        }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        # A run resumed with a changed model config: one line naming the keys, not load_state_dict's report.
+        check_state_dict(self.model, state["model"], source)
+        check_state_dict(self.loss.discriminator, state["discriminator"], f"{source} (discriminator)")
+        self.model.load_state_dict(state["model"])
+        self.loss.discriminator.load_state_dict(state["discriminator"])
+        self.opt_ae.load_state_dict(state["opt_ae"])
+        self.opt_disc.load_state_dict(state["opt_disc"])
+        self.sched_ae.load_state_dict(state["sched_ae"])
+        self.sched_disc.load_state_dict(state["sched_disc"])
+
+    def init_from(self, path: str) -> None:
+        """The model weights of the checkpoint at ``path`` (``train.init_from``)."""
+        state = load_checkpoint(path)
+        check_state_dict(self.model, state["model"], f"train.init_from checkpoint {path}")
+        self.model.load_state_dict(state["model"])
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over ``grad_accum`` batches of ``batches``; the logged values, ``loss``
+        first. The trainer counts the step and the images afterwards."""
+        trainer = self.trainer
+        accum = int(trainer.cfg.optim.grad_accum)
+        step = trainer.step
+        gan = self.loss.gan_active(step)
+        disc = self.loss.discriminator
+        totals: dict[str, float] = {}
+        micro = []
+
+        def add(logs: dict) -> None:
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / accum
+
+        # Generator (autoencoder) update. The discriminator only scores here: no grads into it.
+        disc.requires_grad_(False)
+        self.opt_ae.zero_grad(set_to_none=True)
+        for i in range(accum):
+            images, skipped = next(batches)
+            trainer.skipped_images += len(skipped)
+            x = images.to(trainer.device, non_blocking=True)
+            sync = i == accum - 1 or not trainer.dist.enabled
+            with contextlib.nullcontext() if sync else self.model_ddp.no_sync():
+                with trainer.autocast():
+                    x_rec, q_loss, info = self.model_ddp(x)
+                    loss, logs = self.loss.generator_loss(
+                        q_loss, x, x_rec.float(), step, self.model.last_layer, discriminator=disc
+                    )
+                trainer.scaler.scale(loss / accum).backward()
+            logs["perplexity"] = info.perplexity.float().mean()
+            add(logs)
+            micro.append((x, x_rec.detach()))
+        disc.requires_grad_(True)
+        trainer.clip_and_step(self.opt_ae, self.model.parameters())
+
+        if gan:
+            self.opt_disc.zero_grad(set_to_none=True)
+            for i, (x, x_rec) in enumerate(micro):
+                sync = i == accum - 1 or not trainer.dist.enabled
+                with contextlib.nullcontext() if sync else self.disc_ddp.no_sync():
+                    with trainer.autocast():
+                        d_loss, logs = self.loss.discriminator_loss(x, x_rec, step, discriminator=self.disc_ddp)
+                    trainer.scaler.scale(d_loss / accum).backward()
+                add(logs)
+            trainer.clip_and_step(self.opt_disc, disc.parameters())
+        trainer.scaler.update()
+        self.sched_ae.step()
+        if gan:
+            self.sched_disc.step()
+        totals["utilization"] = float(info.utilization)
+        return {"loss": totals.pop("ae_loss"), **totals}
+
+    def current_lr(self) -> float:
+        return self.sched_ae.get_last_lr()[0]
+
+    def progress_fields(self, record: dict) -> dict:
+        """The progress bar's fields besides the loss and the throughput."""
+        return {"util": f"{record['utilization']:.2f}"}
+
+    def after_log(self) -> None:
+        # Utilization in the logs is over the last log_every steps.
+        self.model.quantize.reset_usage()
+
+    # ------------------------------------------------------------------ eval
+
+    def validate(self) -> dict:
+        """Held-out metrics; rank 0 also writes the reconstruction grid to the run folder."""
+        trainer = self.trainer
+        cfg = trainer.cfg
+        metrics, grid, _ = run_validation(
+            self.model,
+            self.val_set,
+            batch_size=cfg.data.val_batch_size,
+            device=trainer.device,
+            autocast_dtype=trainer.autocast_dtype,
+            grid_images=cfg.train.grid_images if trainer.dist.is_main else 0,
+            rank=trainer.dist.rank,
+            world_size=trainer.dist.world_size,
+        )
+        if trainer.dist.is_main and grid is not None:
+            run_dir: Path = trainer.run_dir
+            path = save_grid(*grid, run_dir / f"recon_step{trainer.step}.png")
+            (run_dir / "reconstructions.png").write_bytes(path.read_bytes())
+            trainer.tb.add_images("val/originals_and_reconstructions", (torch.cat(grid, dim=-1) + 1) / 2, trainer.step)
+        return metrics
+
+    def final_metrics(self) -> dict:
+        """What the run's summary adds about this task."""
+        return {"perceptual_loss": self.loss.perceptual_status}
