@@ -33,7 +33,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from kepler import _backend
-from kepler.models import VQGANLoss, VQModel
+from kepler.models import CodeTransformer, VQGANLoss, VQModel
 from kepler.nn import quantizer_class
 from kepler.nn.protocol import DEFAULT_TYPE
 
@@ -91,6 +91,11 @@ class TrainSection:
     init_from: str | None = None  # start from this checkpoint's model weights (kepler convert's or a run's)
 
 
+@dataclass
+class TokenizerSection:
+    checkpoint: str | None = None  # the frozen tokenizer of a prior: a run's checkpoint or an exported folder
+
+
 class Range(typing.NamedTuple):
     """Allowed values of a number: ``low <= value`` (``low < value`` if ``low_open``), ``value <= high``."""
 
@@ -131,6 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("constant", "cosine"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "model.quantizer.backend": ("auto", *_backend.BACKENDS),
+    "model.order": ("flat", "factorized"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -207,6 +213,29 @@ def _sections(quantizer_type: str) -> dict:
     }
 
 
+def _prior_sections() -> dict:
+    """The sections of a prior's config (``kepler prior train``): ``model`` is the
+    :class:`~kepler.models.CodeTransformer`'s keyword arguments (its layout comes from the tokenizer)."""
+    return {
+        None: (RunSection, ()),
+        "tokenizer": (TokenizerSection, ()),
+        "model": (CodeTransformer, ("layout",)),
+        "data": (DataSection, ()),
+        "optim": (OptimSection, ()),
+        "train": (TrainSection, ()),
+    }
+
+
+def _section_types(sections: dict) -> dict[str, object]:
+    """Dotted config key -> its type annotation, for the keys of ``sections`` (see :func:`_sections`)."""
+    annotations = {}
+    for section, (cls, exclude) in sections.items():
+        hints = typing.get_type_hints(cls.__init__)
+        for name in constructor_defaults(cls, exclude):
+            annotations[name if section is None else f"{section}.{name}"] = hints.get(name, typing.Any)
+    return annotations
+
+
 def defaults(quantizer_type: str = DEFAULT_TYPE) -> dict:
     """Every config key and its default, for a model whose quantizer is ``quantizer_type``."""
     sections = {name: constructor_defaults(cls, exclude) for name, (cls, exclude) in _sections(quantizer_type).items()}
@@ -220,12 +249,7 @@ def defaults(quantizer_type: str = DEFAULT_TYPE) -> dict:
 
 def key_types(quantizer_type: str = DEFAULT_TYPE) -> dict[str, object]:
     """Dotted config key -> its type annotation (``int``, ``float | None``, ``Sequence[int]``, ...)."""
-    annotations = {"model.quantizer.type": str}
-    for section, (cls, exclude) in _sections(quantizer_type).items():
-        hints = typing.get_type_hints(cls.__init__)
-        for name in constructor_defaults(cls, exclude):
-            annotations[name if section is None else f"{section}.{name}"] = hints.get(name, typing.Any)
-    return annotations
+    return {"model.quantizer.type": str, **_section_types(_sections(quantizer_type))}
 
 
 def _quantizer_type(layers: Sequence[tuple[str, DictConfig]]) -> tuple[str, int]:
@@ -289,6 +313,31 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def load_prior_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """A prior's config (:func:`_prior_sections`), merged and checked as :func:`load_config` does;
+    ``tokenizer.checkpoint`` must name an existing file or folder."""
+    layers = [] if path is None else [(str(path), _read_yaml(path))]
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+    if overrides:
+        layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
+    sections = _prior_sections()
+    cfg = _merged_into(
+        constructor_defaults(RunSection)
+        | {name: constructor_defaults(cls, exclude) for name, (cls, exclude) in sections.items() if name},
+        layers,
+        _section_types(sections),
+    )
+    tokenizer = cfg.tokenizer.checkpoint
+    if tokenizer is None:
+        raise ValueError("config key 'tokenizer.checkpoint' is not set: a prior needs its tokenizer "
+                         "(a run's checkpoints/last.pt or an exported folder)")
+    if not os.path.exists(tokenizer):
+        raise ValueError(f"config key 'tokenizer.checkpoint': tokenizer {tokenizer} does not exist")
+    return cfg
+
+
 def _merged(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
     """The defaults with ``(source, layer)`` merged over them in order, checked: unknown keys, values
     of the wrong type or range (:func:`_check_values`) and keys left without a value are a
@@ -299,7 +348,13 @@ def _merged(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
     (``configs/sample.yaml model.quantizer.type=fsq`` is an FSQ model with sample.yaml's settings)."""
     quantizer_type, changed_at = _quantizer_type(layers)
     layers = [(source, _without_quantizer(layer)) for source, layer in layers[:changed_at]] + list(layers[changed_at:])
-    cfg = OmegaConf.create(defaults(quantizer_type))
+    return _merged_into(defaults(quantizer_type), layers, key_types(quantizer_type))
+
+
+def _merged_into(default_values: dict, layers: Sequence[tuple[str, DictConfig]], types_of: dict) -> DictConfig:
+    """``default_values`` with the layers merged over them, checked against ``types_of`` (dotted key
+    -> annotation; see :func:`_merged`)."""
+    cfg = OmegaConf.create(default_values)
     OmegaConf.set_struct(cfg, True)
     for source, layer in layers:
         try:
@@ -311,7 +366,7 @@ def _merged(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"config keys without a value: {', '.join(missing)}")
-    _check_values(cfg, quantizer_type)
+    _check_values(cfg, types_of)
     return cfg
 
 
@@ -340,10 +395,10 @@ def _expected(value: object, hint: object) -> str | None:
     return None
 
 
-def _check_values(cfg: DictConfig, quantizer_type: str) -> None:
-    """Every key's value against its type annotation, then :data:`RANGES`, :data:`CHOICES` and the
-    device's form: a ValueError naming the first bad key."""
-    for key, hint in key_types(quantizer_type).items():
+def _check_values(cfg: DictConfig, types_of: dict) -> None:
+    """Every key's value against its type annotation in ``types_of``, then :data:`RANGES`,
+    :data:`CHOICES` and the device's form: a ValueError naming the first bad key."""
+    for key, hint in types_of.items():
         value = OmegaConf.select(cfg, key)
         problem = _expected(value, hint)
         if problem is not None:

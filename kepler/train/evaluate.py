@@ -226,11 +226,16 @@ def run_validation(
 
 def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, columns: int = 4) -> Path:
     """PNG grid: pairs (original | reconstruction) side by side, ``columns`` pairs per row."""
+    pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
+    return save_image_grid(pairs, path, columns=2 * min(columns, len(originals)))
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, columns: int = 8) -> Path:
+    """PNG grid of ``images (N, 3, H, W)`` in [-1, 1], ``columns`` per row."""
     from PIL import Image
     from torchvision.utils import make_grid
 
-    pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
-    grid = make_grid(to_unit(pairs), nrow=2 * min(columns, len(originals)), padding=2, pad_value=1.0)
+    grid = make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
     array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -395,7 +395,7 @@ class Trainer:
             self.log_file.close()
 
 
-def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = False) -> dict:
+def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = False, task_class=VQGANTask) -> dict:
     """Train per ``cfg`` (see :mod:`kepler.train.config`); returns the run's summary (``metrics.json``:
     the final held-out metrics, ``run`` folder, ``checkpoint``, ``step`` and the training counters).
 
@@ -404,6 +404,9 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
             (a fresh start when it does not exist yet).
         overwrite: a fresh start may replace a previous run in the run folder (its checkpoint, log,
             metrics and TensorBoard files are deleted first); without it, that is an error.
+        task_class: what is trained (see :class:`Trainer`); a prior:
+            :class:`kepler.train.prior_task.PriorTask` with a config of
+            :func:`kepler.train.config.load_prior_config`.
 
     Raises:
         RunDirError: another training holds the run folder, or a fresh start would replace a
@@ -430,7 +433,7 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
         refusal = all_gather_objects(refusal)[0]
         if refusal is not None:
             raise RunDirError(refusal)
-        trainer = Trainer(cfg, dist_info, resume=resume or None)
+        trainer = Trainer(cfg, dist_info, resume=resume or None, task_class=task_class)
         return trainer.run()
     finally:
         lock.release()

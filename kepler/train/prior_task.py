@@ -1,0 +1,326 @@
+"""What the trainer trains for a prior: a :class:`kepler.models.CodeTransformer` over the index maps
+of a frozen tokenizer (the second stage; ``kepler prior train``).
+
+The tokenizer (config key ``tokenizer.checkpoint``: a run's checkpoint or an exported folder) encodes
+the training images (center crops, and their horizontal flips when ``data.flip``) and the held-out
+images once; the index maps are cached under the run folder (``codes/<key>.pt``), keyed by the
+tokenizer file's SHA-256 and the data settings, so a resumed run or a rerun reads them back and a
+changed tokenizer or data section encodes again. Validation is the held-out negative log-likelihood in
+bits per token (sub-code) and per position, next to two baselines fitted on the training maps (add-one
+smoothed, also in bits per token): one code histogram per codebook (unigram) and one per slot
+``(h, w, p)`` of the map (per-position unigram).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+
+from kepler.data import build_dataset, collate
+from kepler.data.images import split_key
+from kepler.distributed import barrier
+from kepler.models import CodeTransformer, VQModel
+from kepler.models.code_sequence import CodeLayout
+from kepler.train.checkpoint import load_checkpoint, save_checkpoint
+from kepler.train.config import to_dict
+from kepler.train.evaluate import load_model
+from kepler.weights import check_state_dict
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_layout(tokenizer: VQModel, size: int) -> CodeLayout:
+    """The layout of ``tokenizer``'s index maps of ``size x size`` images."""
+    factor = 2 ** (len(tokenizer.config["ch_mult"]) - 1)
+    return CodeLayout.from_quantizer(tokenizer.quantize, (size // factor, size // factor))
+
+
+@torch.no_grad()
+def encode_dataset(tokenizer: VQModel, dataset: Dataset, batch_size: int, device: torch.device,
+                   flips: bool = False) -> torch.Tensor:
+    """Index maps ``(N, H, W, P)`` int64 of every image of ``dataset`` (then of their horizontal
+    flips, ``2N`` maps, when ``flips``)."""
+    maps, flipped = [], []
+    for images, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        images = images.to(device)
+        maps.append(tokenizer.encode_to_indices(images).cpu())
+        if flips:
+            flipped.append(tokenizer.encode_to_indices(images.flip(-1)).cpu())
+    return torch.cat(maps + flipped)
+
+
+class CodeMaps(Dataset):
+    """Index maps as a data set: items ``(map (H, W, P) int64, ())`` for :func:`kepler.data.collate`."""
+
+    def __init__(self, codes: torch.Tensor):
+        self.codes = codes
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, key):
+        index, _ = split_key(key)  # SeededSampler's (index, seed): maps take no augmentation
+        return self.codes[index], ()
+
+
+def slot_counts(codes: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
+    """``(H*W*P, K)`` int64: how often each code fills each slot of ``codes (N, H, W, P)``."""
+    slots = codes.reshape(len(codes), -1)
+    counts = torch.zeros(slots.shape[1], layout.codebook_size, dtype=torch.int64)
+    counts.scatter_add_(1, slots.T.contiguous(), torch.ones_like(slots.T))
+    return counts
+
+
+def baseline_bits(train_counts: torch.Tensor, val_codes: torch.Tensor, layout: CodeLayout) -> dict[str, float]:
+    """Held-out bits per token of ``val_codes`` under the two baselines fitted on ``train_counts``
+    (:func:`slot_counts` of the training maps), add-one smoothed."""
+    val_counts = slot_counts(val_codes, layout).double()
+    per_slot = train_counts.double().view(layout.positions, layout.tokens_per_position, -1)
+    # Unigram: one histogram per codebook (one in all when the P sub-codes share it).
+    unigram = per_slot.sum(0, keepdim=True)
+    if layout.shared_codebook:
+        unigram = unigram.sum(1, keepdim=True)
+    tokens = val_counts.sum()
+
+    def bits(counts: torch.Tensor) -> float:
+        log_probs = torch.log2((counts + 1) / (counts + 1).sum(-1, keepdim=True))
+        return float(-(val_counts.view_as(per_slot) * log_probs.expand_as(per_slot)).sum() / tokens)
+
+    return {"unigram_bits_per_token": bits(unigram), "position_unigram_bits_per_token": bits(per_slot)}
+
+
+@torch.no_grad()
+def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, device: torch.device) -> dict:
+    """``bits_per_token`` and ``bits_per_position`` of ``codes (N, H, W, P)`` under ``model``."""
+    nats = 0.0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(codes), batch_size):
+        nats += float(model.nll(codes[start : start + batch_size].to(device)).nats.sum())
+    model.train(was_training)
+    layout = model.layout
+    bits = nats / math.log(2) / len(codes)
+    return {"bits_per_token": bits / layout.flat_length, "bits_per_position": bits / layout.positions}
+
+
+def load_tokenizer(path: str, device: torch.device | str = "cpu") -> VQModel:
+    """The frozen tokenizer at ``path``; FileNotFoundError, one line, when it is not there."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path} does not exist (the prior's tokenizer.checkpoint)")
+    tokenizer, _ = load_model(path, device)
+    return tokenizer.requires_grad_(False)
+
+
+class PriorTask:
+    """The prior task (see the module docstring); the trainer's interface as
+    :class:`~kepler.train.vqgan_task.VQGANTask`'s."""
+
+    def __init__(self, trainer, lr: float, lr_factor):
+        cfg = trainer.cfg
+        self.trainer = trainer
+        device = trainer.device
+        self.tokenizer_path = str(cfg.tokenizer.checkpoint)
+        if cfg.model.num_classes:
+            raise ValueError(f"config key 'model.num_classes' is {cfg.model.num_classes}: class-conditional "
+                             "priors need labelled data, which training does not read yet (use 0)")
+        tokenizer = load_tokenizer(self.tokenizer_path, device)
+        self.layout = tokenizer_layout(tokenizer, cfg.data.size)
+        self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
+        train_codes, self.val_codes = self._codes(tokenizer, trainer)
+        del tokenizer
+        self.train_counts = slot_counts(train_codes, self.layout)
+        self.train_set = CodeMaps(train_codes)
+        self.collate = collate
+
+        self.model = CodeTransformer(self.layout, **to_dict(cfg.model)).to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
+                                     weight_decay=cfg.optim.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
+        self.model_ddp = self.model
+
+    def _codes(self, tokenizer: VQModel, trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training and held-out index maps, from the run's cache or encoded (by rank 0) and cached."""
+        data = trainer.cfg.data
+        settings = {key: data[key] for key in ("train", "val", "size", "resize", "random_crop", "flip",
+                                               "samples_per_epoch", "val_max_images")}
+        key = hashlib.sha256(json.dumps({"tokenizer": self.tokenizer_sha256, **settings}, sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
+        path = trainer.run_dir / "codes" / f"{key}.pt"
+        if trainer.dist.is_main and not path.is_file():
+            # No random crops or flips: each map is encoded once, the flips added as maps of their own.
+            train_set = build_dataset(data.train, "train", data.size, data.resize, random_crop=False,
+                                      flip=False, samples_per_epoch=data.samples_per_epoch)
+            val_set = build_dataset(data.val, "val", data.size, data.resize)
+            val_codes = encode_dataset(tokenizer, val_set, data.val_batch_size, trainer.device)
+            if data.val_max_images is not None:
+                val_codes = val_codes[: int(data.val_max_images)]
+            train_codes = encode_dataset(tokenizer, train_set, data.val_batch_size, trainer.device, flips=data.flip)
+            save_checkpoint({"train": train_codes, "val": val_codes, "tokenizer_sha256": self.tokenizer_sha256,
+                             "data": settings}, path)
+        barrier()
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return cached["train"], cached["val"]
+
+    @property
+    def status(self) -> str:
+        return (f"{len(self.train_set)} training maps of {self.layout.height}x{self.layout.width}x"
+                f"{self.layout.tokens_per_position} codes (K={self.layout.codebook_size})")
+
+    def wrap_ddp(self, device_ids) -> None:
+        self.model_ddp = DDP(self.model, device_ids=device_ids)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "tokenizer": {"checkpoint": self.tokenizer_path, "sha256": self.tokenizer_sha256,
+                          "layout": asdict(self.layout)},
+            "train_slot_counts": self.train_counts,
+        }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        check_state_dict(self.model, state["model"], source)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+    def init_from(self, path: str) -> None:
+        state = load_checkpoint(path)
+        check_state_dict(self.model, state["model"], f"train.init_from checkpoint {path}")
+        self.model.load_state_dict(state["model"])
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, batches) -> dict:
+        trainer = self.trainer
+        accum = int(trainer.cfg.optim.grad_accum)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(accum):
+            codes, _ = next(batches)
+            codes = codes.to(trainer.device, non_blocking=True)
+            sync = i == accum - 1 or not trainer.dist.enabled
+            with contextlib.nullcontext() if sync else self.model_ddp.no_sync():
+                with trainer.autocast():
+                    logits = self.model_ddp(codes)
+                loss = F.cross_entropy(logits.float().flatten(0, 2), codes.reshape(-1))
+                trainer.scaler.scale(loss / accum).backward()
+            total += float(loss.detach()) / accum
+        trainer.clip_and_step(self.opt, self.model.parameters())
+        trainer.scaler.update()
+        self.sched.step()
+        return {"loss": total, "bits_per_token": total / math.log(2)}
+
+    def current_lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def progress_fields(self, record: dict) -> dict:
+        return {"bits": f"{record['bits_per_token']:.3f}"}
+
+    def after_log(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ eval
+
+    def validate(self) -> dict:
+        trainer = self.trainer
+        return {
+            **held_out_bits(self.model, self.val_codes, trainer.cfg.data.val_batch_size, trainer.device),
+            **baseline_bits(self.train_counts, self.val_codes, self.layout),
+            "val_maps": len(self.val_codes),
+        }
+
+    def final_metrics(self) -> dict:
+        return {"tokenizer": self.tokenizer_path, "train_maps": len(self.train_set)}
+
+
+# ---------------------------------------------------------------------- trained priors
+
+
+def _layout_text(layout: CodeLayout) -> str:
+    shared = "shared" if layout.shared_codebook else "separate"
+    return (f"{layout.height}x{layout.width}x{layout.tokens_per_position} codes of K={layout.codebook_size} "
+            f"({shared} codebook)")
+
+
+def load_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[CodeTransformer, dict]:
+    """``(CodeTransformer in eval mode, checkpoint dict)`` from a ``kepler prior train`` checkpoint."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"prior checkpoint {checkpoint} does not exist")
+    state = load_checkpoint(checkpoint)
+    if "tokenizer" not in state:
+        raise ValueError(f"{checkpoint} is not a prior checkpoint (it names no tokenizer; kepler prior train writes one)")
+    model = CodeTransformer(CodeLayout(**state["tokenizer"]["layout"]), **state["config"]["model"])
+    check_state_dict(model, state["model"], f"prior checkpoint {checkpoint}")
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def prior_tokenizer(prior: CodeTransformer, state: dict, device: torch.device | str = "cpu") -> VQModel:
+    """The tokenizer a prior checkpoint names, checked to make the index maps the prior models."""
+    path = state["tokenizer"]["checkpoint"]
+    tokenizer = load_tokenizer(path, device)
+    layout = tokenizer_layout(tokenizer, int(state["config"]["data"]["size"]))
+    if layout != prior.layout:
+        raise ValueError(f"mismatched vocabulary: the prior models {_layout_text(prior.layout)}, "
+                         f"tokenizer {path} makes {_layout_text(layout)}")
+    return tokenizer
+
+
+@torch.no_grad()
+def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int, class_label: int | None = None, *,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` samples: ``(index maps (num, H, W, P) int64, images (num, 3, H*f, W*f) float32 in [-1, 1])``,
+    the same for the same ``seed`` on one device."""
+    if class_label is not None and prior.num_classes == 0:
+        raise ValueError(f"a class ({class_label}) was given, but the prior is unconditional (model.num_classes=0)")
+    device = next(prior.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    codes = prior.generate(num, class_label, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return codes, tokenizer.decode_indices(codes).float().clamp(-1, 1)
+
+
+def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
+    """Held-out bits per token and per position of a prior, on its config's validation data encoded by
+    its tokenizer, and the two baselines (fitted on its training maps) in bits per token."""
+    prior, state = load_prior(checkpoint, device)
+    tokenizer = prior_tokenizer(prior, state, device)
+    data = state["config"]["data"]
+    val_set = build_dataset(data["val"], "val", data["size"], data["resize"])
+    val_codes = encode_dataset(tokenizer, val_set, batch_size, torch.device(device))
+    if data["val_max_images"] is not None:
+        val_codes = val_codes[: int(data["val_max_images"])]
+    return {
+        "checkpoint": str(checkpoint),
+        "step": int(state["step"]),
+        "tokenizer": state["tokenizer"]["checkpoint"],
+        "val_data": str(data["val"]),
+        "val_maps": len(val_codes),
+        **held_out_bits(prior, val_codes, batch_size, torch.device(device)),
+        **baseline_bits(state["train_slot_counts"], val_codes, prior.layout),
+    }
