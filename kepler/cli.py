@@ -1,4 +1,5 @@
-"""``kepler`` command line: train, eval, reconstruct, encode, decode, export, convert, study, doctor.
+"""``kepler`` command line: train, eval, reconstruct, encode, decode, export, convert, study, doctor,
+prior (train, eval), sample.
 
 Examples::
 
@@ -13,6 +14,9 @@ Examples::
     kepler export runs/sample/checkpoints/last.pt --out sample_model/   # to share; works wherever a checkpoint does
     kepler convert last.ckpt --config released.yaml --out converted/   # a released Kepler/taming VQGAN
     kepler doctor --triton-interpret                   # versions, devices, every backend vs the reference
+    kepler prior train prior_sample                    # a prior over the demo tokenizer's codes
+    kepler prior eval runs/prior_sample/checkpoints/last.pt
+    kepler sample runs/prior_sample/checkpoints/last.pt --num 16 --seed 0 --out samples/
 """
 
 from __future__ import annotations
@@ -92,6 +96,42 @@ def _add_eval(sub) -> None:
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-layer weights (lpips v0.1 vgg.pth)")
     p.add_argument("--inception", default=None, help="local FID Inception weights (pt_inception-2015-12-05)")
     p.set_defaults(func=_cmd_eval)
+
+
+def _add_prior(sub) -> None:
+    p = sub.add_parser("prior", help="train or evaluate a prior over a tokenizer's codes",
+                       description="The second stage: an autoregressive CodeTransformer over the index maps "
+                                   "of a frozen tokenizer (config key tokenizer.checkpoint).")
+    prior_sub = p.add_subparsers(dest="prior_command", metavar="PRIOR_COMMAND", required=True)
+    t = prior_sub.add_parser("train", help="train a prior from a YAML config")
+    t.add_argument("config", help="a YAML config file or a built-in config name (e.g. prior_sample)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides in dot notation")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT, or (no value) from the run's checkpoints/last.pt")
+    t.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a previous run")
+    t.set_defaults(func=_cmd_prior_train)
+    e = prior_sub.add_parser("eval", help="held-out bits per token and per position, and their baselines")
+    e.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
+    e.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
+    e.add_argument("--out", default=None, help="folder for metrics.json (default: eval/ in the checkpoint's run folder)")
+    e.add_argument("--batch-size", type=_positive_int, default=16)
+    e.add_argument("--inception", default=None, help="local FID Inception weights (sample FID/IS: not implemented yet)")
+    e.set_defaults(func=_cmd_prior_eval)
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from a prior (PNG grid, PNGs and .npy code maps)",
+                       description="Sample index maps from a prior and decode them with its tokenizer.")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
+    p.add_argument("--num", type=_positive_int, default=16, help="samples to draw")
+    p.add_argument("--class", dest="class_label", type=int, default=None, help="class of a class-conditional prior")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples on one device")
+    p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_sample)
 
 
 def _add_image_io(sub) -> None:
@@ -195,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_study(sub)
     _add_doctor(sub)
+    _add_prior(sub)
+    _add_sample(sub)
     return parser
 
 
@@ -227,6 +269,72 @@ def _cmd_train(args) -> int:
         return 128 + stop.signum
     if int(os.environ.get("RANK", "0")) == 0:
         print(_train_summary(metrics))
+    return 0
+
+
+def _cmd_prior_train(args) -> int:
+    from kepler.train.config import load_prior_config
+    from kepler.train.prior_task import PriorTask
+    from kepler.train.trainer import TrainingInterrupted, train
+
+    cfg = load_prior_config(args.config, args.overrides)
+    if isinstance(args.resume, str) and not Path(args.resume).is_file():
+        raise CLIError(f"--resume: checkpoint {args.resume} does not exist")
+    try:
+        m = train(cfg, resume=args.resume, overwrite=args.overwrite, task_class=PriorTask)
+    except TrainingInterrupted as stop:
+        print(f"kepler prior train: {stop}; continue with --resume", file=sys.stderr)
+        return 128 + stop.signum
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"kepler prior train: {m['run']}: {m['step']} steps, {m['images_seen']} maps in "
+              f"{m['train_seconds'] / 60:.1f} min\n{_prior_summary(m)}\n"
+              f"  wrote {Path(m['run']) / 'metrics.json'}, {m['checkpoint']}")
+    return 0
+
+
+def _prior_summary(m: dict) -> str:
+    return (f"  validation ({m['val_maps']} held-out maps): {m['bits_per_token']:.4f} bits/token, "
+            f"{m['bits_per_position']:.4f} bits/position\n"
+            f"  baselines: unigram {m['unigram_bits_per_token']:.4f} bits/token, "
+            f"per-position unigram {m['position_unigram_bits_per_token']:.4f} bits/token")
+
+
+def _cmd_prior_eval(args) -> int:
+    import json
+
+    from kepler.distributed import resolve_device
+    from kepler.train.prior_task import evaluate_prior
+
+    # Not the run folder itself: its metrics.json is the training's summary.
+    out = _output_folder(args.out or str(Path(args.checkpoint).resolve().parent.parent / "eval"))
+    metrics = evaluate_prior(args.checkpoint, resolve_device(args.device), args.batch_size)
+    metrics["fid"] = ("not implemented yet" if args.inception else "off: no Inception weights (--inception)")
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"kepler prior eval: {args.checkpoint} (step {metrics['step']})\n{_prior_summary(metrics)}\n"
+          f"  FID/IS: {metrics['fid']}\n  wrote {path}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+
+    from kepler.data import to_uint8
+    from kepler.distributed import resolve_device
+    from kepler.train.evaluate import save_image_grid
+    from kepler.train.prior_task import load_prior, prior_tokenizer, sample_images
+
+    out = _output_folder(args.out)
+    device = resolve_device(args.device)
+    prior, state = load_prior(args.checkpoint, device)
+    tokenizer = prior_tokenizer(prior, state, device)
+    codes, images = sample_images(prior, tokenizer, args.num, args.class_label, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for i, (code_map, image) in enumerate(zip(codes.cpu().numpy(), images.cpu())):
+        np.save(out / f"sample{i:04d}.npy", code_map)
+        _save_png(to_uint8(image), out / f"sample{i:04d}.png")
+    grid = save_image_grid(images.cpu(), out / "grid.png")
+    print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {grid.name}, sample*.png, sample*.npy")
     return 0
 
 
