@@ -150,7 +150,7 @@ _FIRST_SENTENCE = re.compile(r"^(.+?[.?!])(?:\s|$)")
 class BuiltinConfig:
     name: str
     path: Path
-    kind: str  # "train" (for kepler train) or "study" (for kepler study)
+    kind: str  # "train" (for kepler train), "prior" (for kepler prior train) or "study" (for kepler study)
     description: str
 
 
@@ -167,7 +167,11 @@ def builtin_configs() -> dict[str, BuiltinConfig]:
         joined = " ".join(comment)
         match = _FIRST_SENTENCE.match(joined)
         keys = yaml.safe_load(text)
-        kind = "study" if isinstance(keys, dict) and "variants" in keys else "train"
+        kind = "train"
+        if isinstance(keys, dict) and "variants" in keys:
+            kind = "study"
+        elif isinstance(keys, dict) and "tokenizer" in keys:
+            kind = "prior"
         configs[path.stem] = BuiltinConfig(path.stem, path, kind, match.group(1) if match else joined)
     return configs
 
