@@ -144,11 +144,14 @@ class PriorTask:
         if cfg.model.num_classes:
             raise ValueError(f"config key 'model.num_classes' is {cfg.model.num_classes}: class-conditional "
                              "priors need labelled data, which training does not read yet (use 0)")
-        tokenizer = load_tokenizer(self.tokenizer_path, device)
-        self.layout = tokenizer_layout(tokenizer, cfg.data.size)
-        self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
-        train_codes, self.val_codes = self._codes(tokenizer, trainer)
-        del tokenizer
+        # Loading and encoding must not draw from the seeded RNG: the prior's initial weights are the
+        # same whether the codes are encoded now or read from the cache.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            tokenizer = load_tokenizer(self.tokenizer_path, device)
+            self.layout = tokenizer_layout(tokenizer, cfg.data.size)
+            self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
+            train_codes, self.val_codes = self._codes(tokenizer, trainer)
+            del tokenizer
         self.train_counts = slot_counts(train_codes, self.layout)
         self.train_set = CodeMaps(train_codes)
         self.collate = collate

@@ -1,0 +1,170 @@
+"""The prior (second stage) end to end: kepler prior train / prior eval / sample on a tiny tokenizer."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kepler.cli import main
+from kepler.train.checkpoint import load_checkpoint, save_checkpoint
+from kepler.train.config import load_prior_config
+
+TOKENIZER = """
+name: tok
+model: {{ch: 8, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [], z_channels: 8, resolution: 16,
+        norm_groups: 4, embed_dim: 8, quantizer: {{num_codes: 16, partitions: {partitions}}}}}
+loss: {{perceptual_weight: 0.0, disc_start: 100, disc_ndf: 8, disc_num_layers: 2}}
+data: {{size: 16, resize: 24, batch_size: 2, samples_per_epoch: 16, val_batch_size: 8, val_max_images: 8}}
+train: {{max_steps: 2, eval_every: 2, ckpt_every: 2, log_every: 1, grid_images: 0, progress: false, threads: 1}}
+"""
+
+PRIOR = """
+name: prior
+seed: 3
+tokenizer: {{checkpoint: {tokenizer}}}
+model: {{d_model: 32, num_layers: 2, num_heads: 2}}
+data: {{size: 16, resize: 24, batch_size: 4, samples_per_epoch: 16, val_batch_size: 8, val_max_images: 8}}
+optim: {{name: adamw, base_lr: 1.0e-3, scale_lr: false, betas: [0.9, 0.95]}}
+train: {{max_steps: {steps}, eval_every: 2, ckpt_every: 2, log_every: 1, progress: false, threads: 1}}
+"""
+
+
+def train_tokenizer(folder: Path, partitions: int) -> Path:
+    config = folder / f"tok{partitions}.yaml"
+    config.write_text(TOKENIZER.format(partitions=partitions))
+    run = folder / f"tok{partitions}"
+    assert main(["train", str(config), f"run_dir={run}"]) == 0
+    return run / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    """A tiny tokenizer (2 steps): 16x16 crops are 8x8 positions of 2 sub-codes, K=16."""
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"), partitions=2)
+
+
+def prior_config(tmp_path: Path, tokenizer: Path, steps: int = 4) -> Path:
+    path = tmp_path / f"prior{steps}.yaml"
+    path.write_text(PRIOR.format(tokenizer=tokenizer, steps=steps))
+    return path
+
+
+def records(run: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("prior")
+    run = folder / "run"
+    assert main(["prior", "train", str(prior_config(folder, tokenizer)), f"run_dir={run}"]) == 0
+    return run
+
+
+def test_training_logs_bits_and_baselines_and_caches_the_codes(prior_run, tokenizer, capsys):
+    assert [r["step"] for r in records(prior_run, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(prior_run, "eval")] == [2, 4]
+    metrics = json.loads((prior_run / "metrics.json").read_text())
+    for key in ("bits_per_token", "bits_per_position", "unigram_bits_per_token", "position_unigram_bits_per_token"):
+        assert np.isfinite(metrics[key]) and metrics[key] > 0, key
+    assert metrics["bits_per_position"] == pytest.approx(2 * metrics["bits_per_token"])  # P = 2
+    assert metrics["train_maps"] == 32  # 16 crops and their flips
+    # A uniform prior over K=16 codes is 4 bits a token; the histogram baselines fit the data better.
+    assert metrics["unigram_bits_per_token"] < 4.0
+    (cache,) = (prior_run / "codes").glob("*.pt")
+    cached = torch.load(cache, weights_only=True)
+    assert cached["train"].shape == (32, 8, 8, 2) and cached["val"].shape == (8, 8, 8, 2)
+    assert cached["train"].dtype == torch.int64
+
+
+def test_a_changed_tokenizer_file_or_data_section_encodes_again(tmp_path, tokenizer):
+    copy = tmp_path / "tok.pt"
+    shutil.copy(tokenizer, copy)
+    run = tmp_path / "run"
+    config = str(prior_config(tmp_path, copy, steps=1))
+    assert main(["prior", "train", config, f"run_dir={run}"]) == 0
+    first = json.loads((run / "metrics.json").read_text())
+    assert main(["prior", "train", config, f"run_dir={run}", "--overwrite"]) == 0
+    assert len(list((run / "codes").glob("*.pt"))) == 1  # the same tokenizer and data: read back
+    # Encoding does not draw from the seeded RNG: the rerun from the cache is the same run.
+    assert json.loads((run / "metrics.json").read_text())["bits_per_token"] == first["bits_per_token"]
+    state = load_checkpoint(copy)
+    state["step"] += 1  # other bytes, same weights
+    save_checkpoint(state, copy)
+    assert main(["prior", "train", config, f"run_dir={run}", "--overwrite"]) == 0
+    assert main(["prior", "train", config, f"run_dir={run}", "data.val_max_images=4", "--overwrite"]) == 0
+    assert len(list((run / "codes").glob("*.pt"))) == 3
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=4)), f"run_dir={straight}"]) == 0
+    assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=2)), f"run_dir={halves}"]) == 0
+    assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=4)), f"run_dir={halves}",
+                 "--resume"]) == 0
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(halves / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
+
+
+def test_sampling_is_deterministic_for_a_seed(prior_run, tmp_path, capsys):
+    checkpoint = str(prior_run / "checkpoints" / "last.pt")
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        assert main(["sample", checkpoint, "--num", "3", "--seed", seed, "--top-k", "8", "--device", "cpu",
+                     "--out", str(tmp_path / name)]) == 0
+    assert "3 samples (seed 7)" in capsys.readouterr().out
+    a, b, c = ([np.load(tmp_path / name / f"sample{i:04d}.npy") for i in range(3)] for name in "abc")
+    assert a[0].shape == (8, 8, 2) and a[0].dtype == np.int64 and all(0 <= m.min() and m.max() < 16 for m in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, z) for x, z in zip(a, c))
+    assert (tmp_path / "a" / "grid.png").is_file() and (tmp_path / "a" / "sample0002.png").is_file()
+    assert (tmp_path / "a" / "sample0000.png").read_bytes() == (tmp_path / "b" / "sample0000.png").read_bytes()
+
+
+def test_eval_prints_and_writes_the_metrics(prior_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["prior", "eval", str(prior_run / "checkpoints" / "last.pt"), "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bits/token" in printed and "per-position unigram" in printed and "off: no Inception weights" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((prior_run / "metrics.json").read_text())
+    for key in ("bits_per_token", "bits_per_position", "unigram_bits_per_token", "position_unigram_bits_per_token"):
+        assert metrics[key] == pytest.approx(trained[key]), key  # the same held-out maps and weights
+    assert metrics["step"] == 4 and metrics["val_maps"] == 8
+
+
+def test_errors_are_one_line(prior_run, tokenizer, tmp_path, capsys):
+    checkpoint = str(prior_run / "checkpoints" / "last.pt")
+    missing = tmp_path / "nowhere.pt"
+    assert main(["prior", "train", str(prior_config(tmp_path, missing))]) == 2
+    assert capsys.readouterr().err == (f"kepler prior: error: config key 'tokenizer.checkpoint': tokenizer {missing} "
+                                       "does not exist\n")
+    with pytest.raises(ValueError, match="config key 'tokenizer.checkpoint' is not set"):
+        load_prior_config(None)
+
+    assert main(["sample", checkpoint, "--class", "2", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == ("kepler sample: error: a class (2) was given, but the prior is unconditional "
+                                       "(model.num_classes=0)\n")
+
+    # A prior whose tokenizer file was replaced by one with another layout (4 sub-codes a position).
+    copy = tmp_path / "tok.pt"
+    shutil.copy(tokenizer, copy)
+    run = tmp_path / "run"
+    assert main(["prior", "train", str(prior_config(tmp_path, copy, steps=1)), f"run_dir={run}"]) == 0
+    shutil.copy(train_tokenizer(tmp_path, partitions=4), copy)
+    capsys.readouterr()
+    assert main(["sample", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (
+        f"kepler sample: error: mismatched vocabulary: the prior models 8x8x2 codes of K=16 (shared codebook), "
+        f"tokenizer {copy} makes 8x8x4 codes of K=16 (shared codebook)\n"
+    )
+    copy.unlink()
+    assert main(["sample", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (f"kepler sample: error: tokenizer {copy} does not exist "
+                                       "(the prior's tokenizer.checkpoint)\n")
