@@ -168,3 +168,12 @@ def test_errors_are_one_line(prior_run, tokenizer, tmp_path, capsys):
     assert main(["sample", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err == (f"kepler sample: error: tokenizer {copy} does not exist "
                                        "(the prior's tokenizer.checkpoint)\n")
+
+
+def test_builtin_prior_configs_load_and_default_to_adamw(tokenizer):
+    for name in ("prior_sample", "celebahq_prior"):
+        cfg = load_prior_config(name, [f"tokenizer.checkpoint={tokenizer}"])
+        assert cfg.optim.name == "adamw" and cfg.model.order == "flat", name
+    assert load_prior_config(None, [f"tokenizer.checkpoint={tokenizer}"]).optim.betas == [0.9, 0.95]
+    with pytest.raises(ValueError, match="config key 'model.order' must be one of flat, factorized, got 'raster'"):
+        load_prior_config(None, [f"tokenizer.checkpoint={tokenizer}", "model.order=raster"])

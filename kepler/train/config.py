@@ -327,12 +327,13 @@ def load_prior_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     if overrides:
         layers.append(("overrides", OmegaConf.from_dotlist(list(overrides))))
     sections = _prior_sections()
-    cfg = _merged_into(
-        constructor_defaults(RunSection)
-        | {name: constructor_defaults(cls, exclude) for name, (cls, exclude) in sections.items() if name},
-        layers,
-        _section_types(sections),
-    )
+    default_values = constructor_defaults(RunSection) | {
+        name: constructor_defaults(cls, exclude) for name, (cls, exclude) in sections.items() if name
+    }
+    # A transformer's usual optimizer, not the GAN's Adam(0.5, 0.9).
+    default_values["optim"].update(name="adamw", betas=[0.9, 0.95])
+    cfg = _merged_into(default_values, layers, _section_types(sections))
+    _check_init_from_exists(cfg)
     tokenizer = cfg.tokenizer.checkpoint
     if tokenizer is None:
         raise ValueError("config key 'tokenizer.checkpoint' is not set: a prior needs its tokenizer "
@@ -448,6 +449,12 @@ def model_config(config: object, source: str) -> dict:
     except OmegaConfBaseException as exc:
         raise ValueError(f"bad config value in {source}: {exc.msg}") from None
     return to_dict(_merged([(source, layer)]))["model"]
+
+
+def build_optimizer(optim: DictConfig, params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer an ``optim`` section names (``adam`` or ``adamw``), at learning rate ``lr``."""
+    optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.name]
+    return optim_cls(params, lr=lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
 
 
 def to_dict(cfg: DictConfig) -> dict:

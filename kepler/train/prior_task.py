@@ -32,7 +32,7 @@ from kepler.distributed import barrier
 from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
-from kepler.train.config import to_dict
+from kepler.train.config import build_optimizer, to_dict
 from kepler.train.evaluate import load_model
 from kepler.weights import check_state_dict
 
@@ -157,8 +157,7 @@ class PriorTask:
         self.collate = collate
 
         self.model = CodeTransformer(self.layout, **to_dict(cfg.model)).to(device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(cfg.optim.betas),
-                                     weight_decay=cfg.optim.weight_decay)
+        self.opt = build_optimizer(cfg.optim, self.model.parameters(), lr)  # AdamW unless optim.name says otherwise
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
         self.model_ddp = self.model
 

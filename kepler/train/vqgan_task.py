@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 from kepler.data import build_dataset, collate
 from kepler.models import VQGANLoss, VQModel
 from kepler.train.checkpoint import load_checkpoint
-from kepler.train.config import to_dict
+from kepler.train.config import build_optimizer, to_dict
 from kepler.train.evaluate import run_validation, save_grid
 from kepler.weights import check_state_dict
 
@@ -48,10 +48,8 @@ class VQGANTask:
             self.val_set = Subset(self.val_set, range(min(int(data.val_max_images), len(self.val_set))))
         self.collate = collate
 
-        optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optim.name]
-        opt_kwargs = dict(lr=lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-        self.opt_ae = optim_cls([p for p in self.model.parameters() if p.requires_grad], **opt_kwargs)
-        self.opt_disc = optim_cls(self.loss.discriminator.parameters(), **opt_kwargs)
+        self.opt_ae = build_optimizer(cfg.optim, [p for p in self.model.parameters() if p.requires_grad], lr)
+        self.opt_disc = build_optimizer(cfg.optim, self.loss.discriminator.parameters(), lr)
         self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_factor)
         # The discriminator only steps from disc_start on; its rate follows the generator's step.
         self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lambda _: lr_factor(trainer.step))
