@@ -2,7 +2,8 @@
 of a frozen tokenizer (the second stage; ``kepler prior train``).
 
 The tokenizer (config key ``tokenizer.checkpoint``: a run's checkpoint or an exported folder) encodes
-the training images (center crops, and their horizontal flips when ``data.flip``) and the held-out
+the training images (one crop each: a folder's center crop, the embedded sets' seeded crops; and its
+horizontal flip when ``data.flip``) and the held-out
 images once; the index maps are cached under the run folder (``codes/<key>.pt``), keyed by the
 tokenizer file's SHA-256 and the data settings, so a resumed run or a rerun reads them back and a
 changed tokenizer or data section encodes again. Validation is the held-out negative log-likelihood in
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from kepler.data import build_dataset, collate
 from kepler.data.images import split_key
@@ -124,6 +125,15 @@ def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, 
     return {"bits_per_token": bits / layout.flat_length, "bits_per_position": bits / layout.positions}
 
 
+def held_out_set(data) -> Dataset:
+    """The held-out images of a ``data`` section (a config section or its dict): the first
+    ``val_max_images``."""
+    val_set = build_dataset(data["val"], "val", data["size"], data["resize"])
+    if data["val_max_images"] is not None:
+        val_set = Subset(val_set, range(min(int(data["val_max_images"]), len(val_set))))
+    return val_set
+
+
 def load_tokenizer(path: str, device: torch.device | str = "cpu") -> VQModel:
     """The frozen tokenizer at ``path``; FileNotFoundError, one line, when it is not there."""
     if not os.path.exists(path):
@@ -164,19 +174,17 @@ class PriorTask:
     def _codes(self, tokenizer: VQModel, trainer) -> tuple[torch.Tensor, torch.Tensor]:
         """Training and held-out index maps, from the run's cache or encoded (by rank 0) and cached."""
         data = trainer.cfg.data
-        settings = {key: data[key] for key in ("train", "val", "size", "resize", "random_crop", "flip",
-                                               "samples_per_epoch", "val_max_images")}
+        settings = {key: data[key] for key in ("train", "val", "size", "resize", "flip", "samples_per_epoch",
+                                               "val_max_images")}
         key = hashlib.sha256(json.dumps({"tokenizer": self.tokenizer_sha256, **settings}, sort_keys=True,
                                         default=str).encode()).hexdigest()[:16]
         path = trainer.run_dir / "codes" / f"{key}.pt"
         if trainer.dist.is_main and not path.is_file():
-            # No random crops or flips: each map is encoded once, the flips added as maps of their own.
+            # Each training image is encoded once (a folder's as its center crop; the embedded sets'
+            # crops are seeded per image), its horizontal flip as a map of its own.
             train_set = build_dataset(data.train, "train", data.size, data.resize, random_crop=False,
                                       flip=False, samples_per_epoch=data.samples_per_epoch)
-            val_set = build_dataset(data.val, "val", data.size, data.resize)
-            val_codes = encode_dataset(tokenizer, val_set, data.val_batch_size, trainer.device)
-            if data.val_max_images is not None:
-                val_codes = val_codes[: int(data.val_max_images)]
+            val_codes = encode_dataset(tokenizer, held_out_set(data), data.val_batch_size, trainer.device)
             train_codes = encode_dataset(tokenizer, train_set, data.val_batch_size, trainer.device, flips=data.flip)
             save_checkpoint({"train": train_codes, "val": val_codes, "tokenizer_sha256": self.tokenizer_sha256,
                              "data": settings}, path)
@@ -313,10 +321,7 @@ def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "
     prior, state = load_prior(checkpoint, device)
     tokenizer = prior_tokenizer(prior, state, device)
     data = state["config"]["data"]
-    val_set = build_dataset(data["val"], "val", data["size"], data["resize"])
-    val_codes = encode_dataset(tokenizer, val_set, batch_size, torch.device(device))
-    if data["val_max_images"] is not None:
-        val_codes = val_codes[: int(data["val_max_images"])]
+    val_codes = encode_dataset(tokenizer, held_out_set(data), batch_size, torch.device(device))
     return {
         "checkpoint": str(checkpoint),
         "step": int(state["step"]),
