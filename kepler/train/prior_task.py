@@ -242,8 +242,11 @@ class PriorTask:
             total += float(loss.detach()) / accum
         trainer.clip_and_step(self.opt, self.model.parameters())
         trainer.scaler.update()
-        self.sched.step()
         return {"loss": total, "bits_per_token": total / math.log(2)}
+
+    def step_schedulers(self) -> None:
+        """Advance the learning rate, once the trainer has counted the step (see Trainer.train_step)."""
+        self.sched.step()
 
     def current_lr(self) -> float:
         return self.sched.get_last_lr()[0]

@@ -276,6 +276,9 @@ class Trainer:
         """One optimizer step of the task; its logged values, ``loss`` first."""
         logs = self.task.train_step(batches)
         self.step += 1
+        # After the count: the cosine factor reads progress(), which must include this step (as
+        # before the task split; stepping first shifted the schedule by one step).
+        self.task.step_schedulers()
         self.images_seen += self.cfg.optim.grad_accum * self.cfg.data.batch_size * self.dist.world_size
         return logs
 

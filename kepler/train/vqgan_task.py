@@ -149,11 +149,15 @@ class VQGANTask:
                 add(logs)
             trainer.clip_and_step(self.opt_disc, disc.parameters())
         trainer.scaler.update()
-        self.sched_ae.step()
-        if gan:
-            self.sched_disc.step()
+        self.discriminator_stepped = gan
         totals["utilization"] = float(info.utilization)
         return {"loss": totals.pop("ae_loss"), **totals}
+
+    def step_schedulers(self) -> None:
+        """Advance the learning rates, once the trainer has counted the step (see Trainer.train_step)."""
+        self.sched_ae.step()
+        if self.discriminator_stepped:
+            self.sched_disc.step()
 
     def current_lr(self) -> float:
         return self.sched_ae.get_last_lr()[0]
