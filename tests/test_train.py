@@ -1,6 +1,7 @@
 """Training end to end: outputs, exact resume, signals, DDP on 2 gloo processes, config errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -73,6 +74,13 @@ def test_tiny_run_end_to_end_through_the_cli(tmp_path, capsys):
     for key in ("loss", "l1", "utilization", "perplexity", "images_per_s", "lr"):
         assert np.isfinite(train_records[-1][key]), key
     assert "d_loss" in train_records[-1]  # the GAN is on from step 1
+    # The lr logged after step k is the next step's: warmup (k + 1) / 2, then cosine over
+    # progress k / max_steps (it ran a step behind once, when the schedulers stepped before the count).
+    cfg = load_config(config)
+    base, floor = learning_rate(cfg, world_size=1), cfg.optim.min_lr_ratio
+    cosine = [floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    expected = [base * (min(1.0, (k + 1) / 2) if k < 2 else cosine[k]) for k in (1, 2, 3, 4)]
+    assert [r["lr"] for r in train_records] == pytest.approx(expected, rel=1e-9)
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("psnr", "ssim", "l1", "baseline_psnr", "utilization", "perplexity"):
         assert np.isfinite(metrics[key]), key
