@@ -245,7 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from kepler.train.config import builtin_configs, load_config
-    from kepler.train.trainer import TrainingInterrupted, train
 
     if args.list_configs:
         configs = builtin_configs().values()
@@ -255,7 +254,14 @@ def _cmd_train(args) -> int:
         return 0
     if args.config is None:
         raise CLIError("give a config file or a built-in config name (kepler train --list-configs shows them)")
-    cfg = load_config(args.config, args.overrides)
+    return _run_training(args, load_config(args.config, args.overrides), "kepler train", _train_summary)
+
+
+def _run_training(args, cfg, command: str, summary, **train_options) -> int:
+    """What ``kepler train`` and ``kepler prior train`` share: the --resume checks, the trainer,
+    a signal's exit code, the summary printed by rank 0."""
+    from kepler.train.trainer import TrainingInterrupted, train
+
     resume = args.resume
     if isinstance(resume, str) and Path(resume).is_dir():
         raise CLIError(f"--resume: {resume} is a folder; training resumes from a checkpoint file "
@@ -263,33 +269,27 @@ def _cmd_train(args) -> int:
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
     try:
-        metrics = train(cfg, resume=resume, overwrite=args.overwrite)
+        metrics = train(cfg, resume=resume, overwrite=args.overwrite, **train_options)
     except TrainingInterrupted as stop:
-        print(f"kepler train: {stop}; continue with --resume", file=sys.stderr)
+        print(f"{command}: {stop}; continue with --resume", file=sys.stderr)
         return 128 + stop.signum
     if int(os.environ.get("RANK", "0")) == 0:
-        print(_train_summary(metrics))
+        print(summary(metrics))
     return 0
 
 
 def _cmd_prior_train(args) -> int:
     from kepler.train.config import load_prior_config
     from kepler.train.prior_task import PriorTask
-    from kepler.train.trainer import TrainingInterrupted, train
 
     cfg = load_prior_config(args.config, args.overrides)
-    if isinstance(args.resume, str) and not Path(args.resume).is_file():
-        raise CLIError(f"--resume: checkpoint {args.resume} does not exist")
-    try:
-        m = train(cfg, resume=args.resume, overwrite=args.overwrite, task_class=PriorTask)
-    except TrainingInterrupted as stop:
-        print(f"kepler prior train: {stop}; continue with --resume", file=sys.stderr)
-        return 128 + stop.signum
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"kepler prior train: {m['run']}: {m['step']} steps, {m['images_seen']} maps in "
-              f"{m['train_seconds'] / 60:.1f} min\n{_prior_summary(m)}\n"
-              f"  wrote {Path(m['run']) / 'metrics.json'}, {m['checkpoint']}")
-    return 0
+    return _run_training(args, cfg, "kepler prior train", _prior_train_summary, task_class=PriorTask)
+
+
+def _prior_train_summary(m: dict) -> str:
+    return (f"kepler prior train: {m['run']}: {m['step']} steps, {m['images_seen']} maps in "
+            f"{m['train_seconds'] / 60:.1f} min\n{_prior_summary(m)}\n"
+            f"  wrote {Path(m['run']) / 'metrics.json'}, {m['checkpoint']}")
 
 
 def _prior_summary(m: dict) -> str:

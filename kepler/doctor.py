@@ -248,9 +248,9 @@ def _checks(case: _OpCase, backends: Sequence[str], device: torch.device, dtype:
     inputs, constants = case.make_inputs(generator, "check")
     values = [tensor.to(dtype) for tensor in inputs]  # the values every run sees, rounded to dtype
     results = [Check(case.name, str(device), backend, str(dtype).removeprefix("torch.")) for backend in backends]
-    on_device = [tensor.to(device) for tensor in values]
-    device_constants = {key: value.to(device) for key, value in constants.items()}
-    try:
+    try:  # moving the inputs may fail too (out of memory): then every row reports it
+        on_device = [tensor.to(device) for tensor in values]
+        device_constants = {key: value.to(device) for key, value in constants.items()}
         oracle = _run(case, "reference", [t.double() for t in values], {k: v.double() for k, v in constants.items()}, seed)
         yardstick = _run(case, "reference", on_device, device_constants, seed)
     except Exception as exc:  # then no backend can be judged on this device and dtype

@@ -56,6 +56,11 @@ class GlobalPlaceholder:
         return f"<placeholder for {self.name}>"
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none), for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_weights(
     source: str | os.PathLike | bytes,
     what: str,
@@ -98,8 +103,7 @@ def load_weights(
             f"{what} holds more than tensors and plain containers ({detail}); refused to unpickle it", names
         ) from None
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{what} could not be read: {first_line}") from None
+        raise ValueError(f"{what} could not be read: {error_line(exc)}") from None
 
 
 def _import_global(name: str) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kepler.cli import main
@@ -82,8 +82,7 @@ def _nested(key: str, value) -> dict:
     return value
 
 
-@settings(max_examples=150, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150)  # fixed seed, no database, no deadline: the "kepler" profile (conftest.py)
 @given(key=st.sampled_from(KEYS), value=ANY_YAML_VALUE)
 def test_any_value_of_any_key_loads_or_is_one_line_naming_the_key(tmp_path_factory, key, value):
     """Either the config loads and its model and loss can be built (on the meta device: no memory),

@@ -293,7 +293,7 @@ Moments row_moments(const scalar_t* x, int64_t begin, int64_t end) {
 
 // Smallest divisor of a non-degenerate row, 2**-126 (fp32's smallest normal number, so that its
 // inverse is finite): the reference's MIN_DIVISOR_EXPONENT, which says why.
-constexpr float kMinScale = 1.17549435e-38f;
+constexpr float kMinScale = std::numeric_limits<float>::min();
 
 // What the passes after the moments need about a row.
 struct RowParams {

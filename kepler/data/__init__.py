@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from kepler.data.embedded import LFWFaces, SamplePhotos
 from kepler.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, ImagePaths
@@ -48,6 +48,14 @@ def build_dataset(
     )
 
 
+def first_items(dataset: Dataset, count: int | None) -> Dataset:
+    """The first ``count`` items of ``dataset`` (all of them for ``None``): how ``val_max_images``
+    and ``--max-images`` cap a held-out set."""
+    if count is None:
+        return dataset
+    return Subset(dataset, range(min(int(count), len(dataset))))
+
+
 __all__ = [
     "EMBEDDED",
     "IMAGE_EXTENSIONS",
@@ -59,6 +67,7 @@ __all__ = [
     "SeededSampler",
     "build_dataset",
     "collate",
+    "first_items",
     "to_rgb",
     "to_tensor",
     "to_uint8",

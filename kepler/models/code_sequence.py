@@ -30,6 +30,12 @@ from kepler.nn.protocol import Quantizer
 ORDERS = ("flat", "factorized")
 
 
+def _value_range(tokens: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor, read to the host in one transfer (one GPU sync)."""
+    low, high = torch.aminmax(tokens)
+    return tuple(torch.stack((low, high)).tolist())
+
+
 @dataclass(frozen=True)
 class CodeLayout:
     """Shape of a tokenizer's index maps: ``(H, W, P)`` sub-codes in ``[0, K)``.
@@ -104,7 +110,7 @@ class CodeLayout:
                              f"got shape {tuple(indices.shape)}")
         if torch.compiler.is_compiling() or not indices.numel():
             return
-        low, high = int(indices.min()), int(indices.max())
+        low, high = _value_range(indices)
         if low < 0 or high >= self.codebook_size:
             raise ValueError(f"{name} must hold codes in [0, {self.codebook_size}), got [{low}, {high}]")
 
@@ -113,8 +119,11 @@ class CodeLayout:
             raise TypeError(f"{name} must be an int32 or int64 torch.Tensor")
         if tokens.dim() != len(shape) + 1 or tuple(tokens.shape[1:]) != shape:
             raise ValueError(f"{name} must be (B, {', '.join(map(str, shape))}), got shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-            raise ValueError(f"{name} must be in [0, {vocab}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        if not tokens.numel():
+            return
+        low, high = _value_range(tokens)
+        if low < 0 or high >= vocab:
+            raise ValueError(f"{name} must be in [0, {vocab}), got [{low}, {high}]")
 
     def _check_partitions(self, tokens: torch.Tensor) -> None:
         """ValueError unless each ``P * K`` token ``(..., p)`` of ``tokens: (..., P)`` is in sub-code

@@ -233,6 +233,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def token_cross_entropy(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in nats of each sub-code of ``indices: (B, H, W, P)`` under ``logits: (B, H*W,
+    P, K)`` (what :class:`CodeTransformer` returns): the training objective, 0-d with ``"mean"``,
+    ``(B * H * W * P,)`` with ``"none"``."""
+    return F.cross_entropy(logits.flatten(0, 2), indices.reshape(-1).to(torch.int64), reduction=reduction)
+
+
 class CodeTransformer(nn.Module):
     """Autoregressive prior over index maps of one :class:`~kepler.models.code_sequence.CodeLayout`.
 
@@ -382,14 +389,12 @@ class CodeTransformer(nn.Module):
 
     def loss(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
         """0-d float32: the mean cross-entropy of a sub-code, in nats (the training objective)."""
-        logits = self(indices, class_labels)
-        return F.cross_entropy(logits.flatten(0, 2), indices.reshape(-1).to(torch.int64))
+        return token_cross_entropy(self(indices, class_labels), indices)
 
     def nll(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> CodeLikelihood:
         """Negative log-likelihood of each index map ``(B, H, W, P)``; read it per token or per
         position off the result (:class:`CodeLikelihood`)."""
-        logits = self(indices, class_labels)
-        per_token = F.cross_entropy(logits.flatten(0, 2), indices.reshape(-1).to(torch.int64), reduction="none")
+        per_token = token_cross_entropy(self(indices, class_labels), indices, reduction="none")
         nats = per_token.view(indices.shape[0], -1).double().sum(dim=1)
         return CodeLikelihood(nats, self.layout.flat_length, self.layout.positions)
 
@@ -429,12 +434,13 @@ class CodeTransformer(nn.Module):
         tokens = self.layout.tokens_per_position
         codes = torch.zeros(num, self.layout.positions, tokens, dtype=torch.int64, device=device)
         cache = self.new_cache(num) if use_cache else None
+        positions = torch.arange(self.steps, device=device)  # one 0-d index per step, made once
         was_training = self.training
         self.eval()
         try:
             with self._autocast(device):
                 for step in range(self.steps):
-                    hidden = self._step_hidden(labels, codes, step, cache)
+                    hidden = self._step_hidden(labels, codes, step, positions[step], cache)
                     if self.order == "flat":
                         position, token = divmod(step, tokens)
                         logits = self.readout.one(hidden, token)
@@ -447,8 +453,10 @@ class CodeTransformer(nn.Module):
             self.train(was_training)
         return codes.view(num, self.layout.height, self.layout.width, tokens)
 
-    def _step_hidden(self, labels: torch.Tensor, codes: torch.Tensor, step: int, cache: KVCache | None):
-        """The trunk's hidden state ``(B, d)`` at ``step``, from the cache or by recomputing the prefix."""
+    def _step_hidden(self, labels: torch.Tensor, codes: torch.Tensor, step: int, step_index: torch.Tensor,
+                     cache: KVCache | None):
+        """The trunk's hidden state ``(B, d)`` at ``step`` (``step_index``: the same, as a 0-d tensor on
+        the model's device), from the cache or by recomputing the prefix."""
         if cache is None:
             return self.trunk(self._inputs(labels, codes, step + 1))[:, -1]
         if step == 0:
@@ -458,7 +466,7 @@ class CodeTransformer(nn.Module):
             inputs = self.token_embedding(codes[:, position, token] + self.token_offsets[token])
         else:
             inputs = self._step_embedding(codes[:, step - 1 : step])[:, 0]
-        return self.decode_step(inputs, torch.tensor(step, device=codes.device), cache)
+        return self.decode_step(inputs, step_index, cache)
 
     def generate(self, num: int, class_labels: torch.Tensor | int | None = None, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,

@@ -30,7 +30,8 @@ import torch
 import yaml
 
 from kepler.models.vqmodel import VQModel
-from kepler.weights import check_state_dict
+from kepler.train.checkpoint import write_atomically
+from kepler.weights import check_state_dict, error_line
 
 FORMAT = "kepler-pretrained/1"
 CONFIG_FILE = "config.yaml"
@@ -64,16 +65,6 @@ def checked_model(config: Any, weights: Any, source: str) -> VQModel:
     return model
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write beside ``path``, then rename over it: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_pretrained(
     model: VQModel,
     directory: str | os.PathLike,
@@ -103,7 +94,7 @@ def save_pretrained(
     from safetensors.torch import save
 
     blob = save(weights, metadata={"format": "pt"})
-    _write_atomically(directory / WEIGHTS_FILE, blob)
+    write_atomically(directory / WEIGHTS_FILE, lambda f: f.write(blob))
     manifest = {
         "format": FORMAT,
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(blob).hexdigest()},
@@ -111,9 +102,9 @@ def save_pretrained(
         "data": None if data is None else dict(data),
         "model": model_section,
     }
-    _write_atomically(directory / CONFIG_FILE, yaml.safe_dump(manifest, sort_keys=False).encode())
+    write_atomically(directory / CONFIG_FILE, lambda f: f.write(yaml.safe_dump(manifest, sort_keys=False).encode()))
     card = model_card(model, name or directory.resolve().name, manifest, metrics)
-    _write_atomically(directory / CARD_FILE, card.encode())
+    write_atomically(directory / CARD_FILE, lambda f: f.write(card.encode()))
     return directory
 
 
@@ -177,8 +168,7 @@ def _read_manifest(directory: Path) -> dict:
     try:
         manifest = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path} is not valid YAML: {first_line}") from None
+        raise ValueError(f"{path} is not valid YAML: {error_line(exc)}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ValueError(f"{path} is not a kepler pretrained config: 'format' must be {FORMAT!r}, got {found!r}")
@@ -219,8 +209,7 @@ def load_pretrained(directory: str | os.PathLike, device: torch.device | str = "
     try:
         weights = load(blob)
     except Exception as exc:  # safetensors raises its own error type, and others for odd headers
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {first_line}") from None
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error_line(exc)}") from None
     model = checked_model(manifest, weights, f"pretrained model {directory}")
     return model.to(device).eval(), manifest
 

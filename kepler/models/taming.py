@@ -345,7 +345,19 @@ def from_taming(
     latents and its reconstructions. Raises ValueError (one line) for a config kepler cannot
     express or weights that do not match it.
     """
+    return load_taming(checkpoint, config, trusted_globals, stubbed_globals)[3]
+
+
+def load_taming(
+    checkpoint: str | os.PathLike,
+    config: str | os.PathLike | Mapping,
+    trusted_globals: Sequence[str] = (),
+    stubbed_globals: Sequence[str] = (),
+) -> tuple[str, dict, dict, VQModel]:
+    """What :func:`from_taming` and ``kepler convert`` read: the config's source name, its kepler
+    config sections, the released checkpoint dict and the model."""
     plain, config_source = read_taming_config(config)
-    model_cfg = taming_config(plain, config_source)["model"]
-    state = load_taming_checkpoint(checkpoint, trusted_globals, stubbed_globals)
-    return taming_model(state["state_dict"], model_cfg, f"checkpoint {checkpoint}")
+    sections = taming_config(plain, config_source)
+    released = load_taming_checkpoint(checkpoint, trusted_globals, stubbed_globals)
+    model = taming_model(released["state_dict"], sections["model"], f"checkpoint {checkpoint}")
+    return config_source, sections, released, model

@@ -31,7 +31,7 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     """
     from omegaconf import OmegaConf
 
-    from kepler.train.config import CONFIGS_DIR, builtin_configs, resolve_config
+    from kepler.train.config import CONFIGS_DIR, builtin_config_path, resolve_config
 
     path = resolve_config(path)
     study = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -48,7 +48,7 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
         beside = Path(os.path.normpath(path.parent / study["base"]))
         if beside.resolve().parent == CONFIGS_DIR:
             study["base"] = beside.stem
-        elif beside.is_file() or str(study["base"]) not in builtin_configs():
+        elif beside.is_file() or builtin_config_path(str(study["base"])) is None:
             study["base"] = str(beside)
     else:
         study["base"] = None

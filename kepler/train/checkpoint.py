@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -42,22 +44,27 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``: a crash
-    mid-write leaves the previous checkpoint intact."""
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(f)`` into a temporary file beside ``path`` (``.NAME.tmpPID``, which
+    :func:`remove_stale_temporaries` cleans after a kill), fsync, then rename over ``path``: a
+    crash mid-write leaves the previous file intact and a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`write_atomically`."""
+    return write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -183,12 +183,19 @@ def resolve_config(config: str | os.PathLike) -> Path:
     path = Path(config)
     if path.is_file():
         return path
-    builtin = builtin_configs()
-    if str(config) in builtin:
-        return builtin[str(config)].path
+    builtin = builtin_config_path(str(config))
+    if builtin is not None:
+        return builtin
     raise FileNotFoundError(
-        f"config file {config} does not exist and is not a built-in config name (built-in: {', '.join(builtin)})"
+        f"config file {config} does not exist and is not a built-in config name "
+        f"(built-in: {', '.join(builtin_configs())})"
     )
+
+
+def builtin_config_path(name: str) -> Path | None:
+    """The file of the built-in config ``name``, or None if there is none (without reading any)."""
+    path = CONFIGS_DIR / f"{name}.yaml"
+    return path if Path(name).name == name and path.is_file() else None
 
 
 def constructor_defaults(cls: type, exclude: Iterable[str] = ()) -> dict:

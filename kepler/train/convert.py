@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from kepler.models.taming import load_taming_checkpoint, read_taming_config, taming_config, taming_model
+from kepler.models.taming import load_taming
 from kepler.train.checkpoint import save_checkpoint
 from kepler.train.config import _merged, to_dict
 
@@ -39,10 +39,7 @@ def convert(
     ``stubbed_globals``: see :func:`kepler.models.taming.load_taming_checkpoint`.
     """
     out = Path(out)
-    plain, config_source = read_taming_config(config)
-    sections = taming_config(plain, config_source)
-    released = load_taming_checkpoint(checkpoint, trusted_globals, stubbed_globals)
-    model = taming_model(released["state_dict"], sections["model"], f"checkpoint {checkpoint}")
+    config_source, sections, released, model = load_taming(checkpoint, config, trusted_globals, stubbed_globals)
     step = released.get("global_step")
     layer = {"name": out.resolve().name, **sections}
     cfg = _merged([(config_source, OmegaConf.create(layer))])

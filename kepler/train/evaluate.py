@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from kepler.data import build_dataset, collate
+from kepler.data import build_dataset, collate, first_items
 from kepler.distributed import all_reduce_sum, resolve_device
 from kepler.metrics import packing_report
 from kepler.models import VQModel, load_lpips
@@ -359,9 +359,7 @@ def evaluate_model(
         resize = train_data.get("resize")
         if resize is not None:
             resize = round(resize * size / train_size)
-        dataset = build_dataset(data, "val", size, resize)
-        if max_images is not None:
-            dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+        dataset = first_items(build_dataset(data, "val", size, resize), max_images)
         validation = run_validation(model, dataset, batch_size=batch_size, device=device, lpips=lpips_model, fid=fid)
         results["resolutions"][str(size)] = {**validation.metrics, "code_counts": validation.code_counts.tolist()}
         if res == resolutions[0]:

@@ -23,15 +23,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from kepler.data import build_dataset, collate
+from kepler.data import build_dataset, collate, first_items
 from kepler.data.images import split_key
 from kepler.distributed import barrier
 from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
+from kepler.models.code_transformer import token_cross_entropy
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import build_optimizer, to_dict
 from kepler.train.evaluate import load_model
@@ -53,7 +53,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def tokenizer_layout(tokenizer: VQModel, size: int) -> CodeLayout:
     """The layout of ``tokenizer``'s index maps of ``size x size`` images."""
-    factor = 2 ** (len(tokenizer.config["ch_mult"]) - 1)
+    factor = tokenizer.downsample_factor
     return CodeLayout.from_quantizer(tokenizer.quantize, (size // factor, size // factor))
 
 
@@ -128,10 +128,7 @@ def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, 
 def held_out_set(data) -> Dataset:
     """The held-out images of a ``data`` section (a config section or its dict): the first
     ``val_max_images``."""
-    val_set = build_dataset(data["val"], "val", data["size"], data["resize"])
-    if data["val_max_images"] is not None:
-        val_set = Subset(val_set, range(min(int(data["val_max_images"]), len(val_set))))
-    return val_set
+    return first_items(build_dataset(data["val"], "val", data["size"], data["resize"]), data["val_max_images"])
 
 
 def load_tokenizer(path: str, device: torch.device | str = "cpu") -> VQModel:
@@ -164,7 +161,6 @@ class PriorTask:
             del tokenizer
         self.train_counts = slot_counts(train_codes, self.layout)
         self.train_set = CodeMaps(train_codes)
-        self.collate = collate
 
         self.model = CodeTransformer(self.layout, **to_dict(cfg.model)).to(device)
         self.opt = build_optimizer(cfg.optim, self.model.parameters(), lr)  # AdamW unless optim.name says otherwise
@@ -237,7 +233,7 @@ class PriorTask:
             with contextlib.nullcontext() if sync else self.model_ddp.no_sync():
                 with trainer.autocast():
                     logits = self.model_ddp(codes)
-                loss = F.cross_entropy(logits.float().flatten(0, 2), codes.reshape(-1))
+                loss = token_cross_entropy(logits, codes)
                 trainer.scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
         trainer.clip_and_step(self.opt, self.model.parameters())

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from kepler.data import SeededSampler
+from kepler.data import SeededSampler, collate
 from kepler.distributed import (
     DistInfo,
     all_gather_objects,
@@ -244,7 +244,7 @@ class Trainer:
                 self.task.train_set,
                 batch_size=cfg.batch_size,
                 sampler=self.sampler,
-                collate_fn=self.task.collate,
+                collate_fn=collate,
                 num_workers=cfg.num_workers,
                 drop_last=True,
                 pin_memory=self.device.type == "cuda",

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import Subset
 
-from kepler.data import build_dataset, collate
+from kepler.data import build_dataset, first_items
 from kepler.models import VQGANLoss, VQModel
 from kepler.train.checkpoint import load_checkpoint
 from kepler.train.config import build_optimizer, to_dict
@@ -43,10 +42,7 @@ class VQGANTask:
         self.train_set = build_dataset(
             data.train, "train", data.size, data.resize, data.random_crop, data.flip, data.samples_per_epoch
         )
-        self.val_set = build_dataset(data.val, "val", data.size, data.resize)
-        if data.val_max_images is not None:
-            self.val_set = Subset(self.val_set, range(min(int(data.val_max_images), len(self.val_set))))
-        self.collate = collate
+        self.val_set = first_items(build_dataset(data.val, "val", data.size, data.resize), data.val_max_images)
 
         self.opt_ae = build_optimizer(cfg.optim, [p for p in self.model.parameters() if p.requires_grad], lr)
         self.opt_disc = build_optimizer(cfg.optim, self.loss.discriminator.parameters(), lr)
