@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kepler.lattice import get_lattice
 from kepler.lattice_codes import closest_point_function
 
 ROWS = 2**20
@@ -40,7 +41,7 @@ def threads(request):
 @pytest.mark.parametrize("lattice", LATTICES)
 def test_closest_point(benchmark, lattice, threads, implementation):
     function = closest_point_function(lattice)
-    dim = {"D4": 4, "E8": 8}[lattice]
+    dim = get_lattice(lattice).dim
     x = torch.randn(ROWS, dim, generator=torch.Generator().manual_seed(0)) * 3
     if implementation == "memcpy":
         run = _memcpy
@@ -49,9 +50,8 @@ def test_closest_point(benchmark, lattice, threads, implementation):
     else:
         run = torch.compile(function, fullgraph=True, dynamic=False)
         run(x)  # compile outside the timing
-    expected = function(x)
     if implementation != "memcpy":
-        assert torch.equal(run(x), expected)
+        assert torch.equal(run(x), function(x))
     benchmark.group = f"closest point {lattice}, {threads} thread(s), N=2**20 float32"
     benchmark.extra_info.update(lattice=lattice, threads=threads, implementation=implementation)
     benchmark.pedantic(run, args=(x,), rounds=10, warmup_rounds=2)

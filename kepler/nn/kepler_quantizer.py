@@ -22,6 +22,8 @@ from kepler.nn.protocol import (
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
+    check_backend,
+    check_bool,
     check_int,
     check_number,
     register_quantizer,
@@ -205,12 +207,8 @@ class KeplerQuantizer(Quantizer):
             )
         dead_code_threshold = check_number("dead_code_threshold", dead_code_threshold)
         dead_code_window = check_int("dead_code_window", dead_code_window, 1)
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-        self.backend = backend
-        if not isinstance(rotation_trick, bool):
-            raise TypeError(f"rotation_trick must be a bool, got {type(rotation_trick).__name__}")
-        self.rotation_trick = rotation_trick
+        self.backend = check_backend(backend)
+        self.rotation_trick = check_bool("rotation_trick", rotation_trick)
 
         self._groups = 1 if self.shared_codebook else partitions
         codebook_shape = (codebook_size, self.sub_dim)

@@ -28,6 +28,8 @@ from kepler.nn.protocol import (
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
+    check_backend,
+    check_bool,
     check_int,
     check_number,
     register_quantizer,
@@ -110,16 +112,11 @@ class LatticeQuantizer(Quantizer):
         self.q = None if code is None else code.q
         self.partition = make_partition(partition, partitions)
         scale = check_number("scale", scale, strict=True)
-        if not isinstance(learn_scale, bool):
-            raise TypeError(f"learn_scale must be a bool, got {type(learn_scale).__name__}")
+        learn_scale = check_bool("learn_scale", learn_scale)
         self.log_scale = nn.Parameter(torch.full((partitions,), math.log(scale)), requires_grad=learn_scale)
         self.beta = check_number("beta", beta)
-        if not isinstance(rotation_trick, bool):
-            raise TypeError(f"rotation_trick must be a bool, got {type(rotation_trick).__name__}")
-        self.rotation_trick = rotation_trick
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-        self.backend = backend
+        self.rotation_trick = check_bool("rotation_trick", rotation_trick)
+        self.backend = check_backend(backend)
         if code is None:
             # Rebuilt from the Golay code at construction, so kept out of the state dict (19 MB).
             self.register_buffer("shell", leech_shell(torch.float32), persistent=False)
@@ -186,9 +183,10 @@ class LatticeQuantizer(Quantizer):
                 out_parts = rotated_codewords(parts, code_parts)
             else:
                 out_parts = straight_through(parts, code_parts)
-            # Adds exactly zero: the scales' gradient is the codewords, d z_q / d scale = codeword.
-            scale_gradient = (scale - scale.detach()).unsqueeze(-1) * unit
-            out_parts = out_parts + scale_gradient.to(out_parts.dtype)
+            if scale.requires_grad:
+                # Adds exactly zero: the scales' gradient is the codewords, d z_q / d scale = codeword.
+                scale_gradient = (scale - scale.detach()).unsqueeze(-1) * unit
+                out_parts = out_parts + scale_gradient.to(out_parts.dtype)
             out = self.partition.unpartition(out_parts, shape).contiguous()
             z_q = out.detach()
             residual = z.to(torch.float32) - z_q.to(torch.float32)

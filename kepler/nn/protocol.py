@@ -260,6 +260,20 @@ def check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool; TypeError naming the argument otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_backend(value) -> str | None:
+    """A quantizer's ``backend`` argument: a str (checked when an op runs) or None."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"backend must be a str or None, got {type(value).__name__}")
+    return value
+
+
 def register_quantizer(name: str):
     """Class decorator: ``@register_quantizer("kepler")`` makes the class ``model.quantizer.type: kepler``."""
 
