@@ -36,6 +36,10 @@ TORCH_LIBRARY(kepler, m) {
   m.def(
       "packing_energy_backward(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) "
       "-> Tensor");
+
+  // x: (N, n) float, lattice one of "Z" (Z^n), "D" (D_n), "A2" (n = 2), "E8" (n = 8). Returns the
+  // closest lattice point of every row, (N, n) float32; a row holding NaN/inf gives NaN. No backward.
+  m.def("closest_lattice_point(Tensor x, str lattice) -> Tensor");
 }
 
 namespace kepler {

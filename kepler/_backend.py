@@ -115,8 +115,11 @@ def compiled_kernel_registered(op: str, device_type: str) -> bool:
     """Whether ``kepler._C`` holds a kernel of ``kepler::<op>`` for ``device_type``.
 
     A ``kepler._C`` built before the op had kernels (a stale editable build) loads fine but would
-    fail on the first call; :func:`choose_backend` treats it as an unavailable backend instead.
+    fail on the first call, or does not define the op at all; :func:`choose_backend` treats either
+    as an unavailable backend instead.
     """
+    if not hasattr(torch.ops.kepler, op):
+        return False
     dispatch_key = "CUDA" if device_type == "cuda" else "CPU"
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"kepler::{op}", dispatch_key)
 

@@ -45,14 +45,16 @@ def register_op(name: str, schema: str, fake: Callable, kernels: str) -> None:
 
     Args:
         name: the compiled op's name, e.g. ``"kepler_kl_backward"``; its schema lives in
-            ``csrc/kepler.cpp``, and its fake is registered here when ``kepler._C`` is built.
+            ``csrc/kepler.cpp``, and its fake is registered here when ``kepler._C`` is built and
+            defines it (a ``kepler._C`` built before the op was added does not: the op then runs
+            on the Triton and reference backends, see :func:`kepler._backend.choose_backend`).
         schema: the argument and return list both ops share, e.g. ``"(Tensor y, float t) -> Tensor"``.
         fake: output shapes and dtypes from the inputs' (for ``torch.compile`` and ``opcheck``).
         kernels: the module of the Triton launcher ``<name>_triton``, e.g. ``"kepler.kernels.kepler_kl"``.
             It is imported on the first call, so ``import kepler`` does not import triton; the
             launcher is called with the schema's argument names as keywords.
     """
-    if _ext.HAS_CPU_EXT:
+    if _ext.HAS_CPU_EXT and hasattr(torch.ops.kepler, name):
         torch.library.register_fake(f"kepler::{name}", fake)
     launcher_name = f"{name}_triton"
     argument_names = [argument.name for argument in torch._C.parse_schema(f"kepler::{launcher_name}{schema}").arguments]
