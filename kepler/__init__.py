@@ -6,6 +6,7 @@ reference and Triton backends work without it (see :func:`available_backends`).
 
 from kepler._backend import BACKENDS, available_backends
 from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
+from kepler.ops.closest_lattice_point import closest_lattice_point
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler import lattice, metrics
 from kepler.nn import KeplerQuantizer, LatticeQuantizer
@@ -22,6 +23,7 @@ __all__ = [
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",
     "available_backends",
+    "closest_lattice_point",
     "doctor",
     "nearest_codeword",
     "lattice",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kepler.lattice import get_lattice, leech_minimal_vectors
-from kepler.lattice_codes import VoronoiCode, closest_point, closest_point_function, leech_shell
+from kepler.lattice_codes import VoronoiCode, leech_shell
+from kepler.ops.closest_lattice_point import closest_lattice_point
 
 LATTICES = ["Z2", "Z3", "Z5", "A2", "D3", "D4", "E8"]
 # Inputs are drawn with norm below INPUT_RADIUS, so their closest points lie within INPUT_RADIUS plus
@@ -65,7 +66,7 @@ def boundary_inputs(name: str) -> torch.Tensor:
 
 def check_closest(name: str, x: torch.Tensor) -> torch.Tensor:
     """The closest points are lattice points at the brute-force minimum distance; returns them."""
-    found = closest_point(name, x)
+    found = closest_lattice_point(x, name)
     lattice = get_lattice(name)
     coefficients = lattice.coefficients(found)
     assert torch.allclose(coefficients, coefficients.round(), atol=1e-9), "not a lattice point"
@@ -97,12 +98,12 @@ def test_closest_point_at_large_norm_is_the_translated_answer(name):
     # A lattice point of norm ~1e4: its coefficients in the generator basis are integers.
     far = torch.full((1, lattice.dim), 9973.0, dtype=torch.float64) @ lattice.generator
     assert far.norm() > 1e4
-    near = closest_point(name, x)
-    translated = closest_point(name, x + far)
+    near = closest_lattice_point(x, name)
+    translated = closest_lattice_point(x + far, name)
     torch.testing.assert_close((x + far - translated).square().sum(1), (x - near).square().sum(1), rtol=0, atol=1e-7)
     # float32 at that norm: the answer is a lattice point no further than the rounding of x allows.
     x32 = (x + far).to(torch.float32)
-    found32 = closest_point(name, x32)
+    found32 = closest_lattice_point(x32, name)
     assert found32.dtype == torch.float32
     best = brute_force_sq_dist(name, x32.double() - far)
     # Integral lattices are exact in float32 there; A2's irrational points are float32-rounded
@@ -114,27 +115,13 @@ def test_closest_point_at_large_norm_is_the_translated_answer(name):
 @pytest.mark.parametrize("name", LATTICES)
 def test_float32_matches_brute_force_and_half_inputs_are_upcast(name):
     x = random_inputs(get_lattice(name).dim, 1000, seed=7).to(torch.float32)
-    found = closest_point(name, x)
+    found = closest_lattice_point(x, name)
     assert found.dtype == torch.float32 and found.shape == x.shape
     x64 = x.double()
     torch.testing.assert_close((x64 - found.double()).square().sum(1), brute_force_sq_dist(name, x64), rtol=0, atol=1e-5)
     for dtype in (torch.bfloat16, torch.float16):
         half = x.to(dtype)
-        assert torch.equal(closest_point(name, half), closest_point(name, half.float()).to(dtype))
-
-
-def test_closest_point_keeps_leading_dimensions():
-    x = torch.randn(3, 5, 8)
-    assert torch.equal(closest_point("E8", x), closest_point("E8", x.reshape(-1, 8)).reshape(3, 5, 8))
-
-
-def test_closest_point_errors():
-    with pytest.raises(ValueError, match=r"lattice 'Leech' has no closest-point algorithm here; lattices with one: Z<n>, A2"):
-        closest_point_function("Leech")
-    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 8\) for lattice 'E8', got shape \(4, 3\)"):
-        closest_point("E8", torch.zeros(4, 3))
-    with pytest.raises(TypeError, match="x must be a floating point torch.Tensor, got torch.int64"):
-        closest_point("D4", torch.zeros(4, 4, dtype=torch.int64))
+        assert torch.equal(closest_lattice_point(half, name), closest_lattice_point(half.float(), name))
 
 
 # ------------------------------------------------------------------------------------ Voronoi codes
@@ -154,7 +141,7 @@ def test_voronoi_code_index_is_a_bijection(name, q):
     assert torch.allclose(coefficients, coefficients.round(), atol=1e-9)
     assert torch.unique(codewords, dim=0).shape[0] == code.size
     assert torch.equal(code.encode(codewords), torch.arange(code.size))
-    assert torch.equal(code.closest((codewords - code.offset) / q), torch.zeros_like(codewords))
+    assert torch.equal(closest_lattice_point((codewords - code.offset) / q, name), torch.zeros_like(codewords))
     # float32 codewords encode back to their indices too.
     assert torch.equal(code.encode(code.codewords(torch.float32)), torch.arange(code.size))
 

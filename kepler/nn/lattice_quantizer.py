@@ -67,7 +67,9 @@ class LatticeQuantizer(Quantizer):
             instead of the straight-through one; the forward value is the same. A Voronoi code holds
             the origin, where there is no rotation: sub-vectors coded as 0 keep the straight-through
             gradient.
-        backend: kernel backend of the Leech shell's search (:func:`kepler.nearest_codeword`).
+        backend: kernel backend of the sub-vector search: the closest point of a Voronoi code
+            (:func:`kepler.ops.closest_lattice_point.closest_lattice_point`), the nearest codeword of
+            the Leech shell (:func:`kepler.nearest_codeword`).
 
     Tokens per position: ``P``; token ``p`` indexes partition ``p``'s code (the scales differ, so
     the codebooks are not shared). Indices of a Voronoi code are the codeword's lattice coordinates
@@ -88,6 +90,7 @@ class LatticeQuantizer(Quantizer):
         backend: str | None = None,
     ):
         dim = check_int("dim", dim, 1)
+        backend = check_backend(backend)
         self.lattice = get_lattice(lattice)
         n = self.lattice.dim
         if dim % n:
@@ -98,7 +101,7 @@ class LatticeQuantizer(Quantizer):
                 raise ValueError(f"the Leech shell is a fixed code of 196560 codewords; q must be null, got {q!r}")
             code, codebook_size = None, self.lattice.kissing_number
         else:
-            code = VoronoiCode(self.lattice.name, 2 if q is None else check_int("q", q, 2))
+            code = VoronoiCode(self.lattice.name, 2 if q is None else check_int("q", q, 2), backend=backend)
             codebook_size = code.size
         if codebook_size > MAX_CODES:
             raise ValueError(
@@ -116,7 +119,7 @@ class LatticeQuantizer(Quantizer):
         self.log_scale = nn.Parameter(torch.full((partitions,), math.log(scale)), requires_grad=learn_scale)
         self.beta = check_number("beta", beta)
         self.rotation_trick = check_bool("rotation_trick", rotation_trick)
-        self.backend = check_backend(backend)
+        self.backend = backend
         if code is None:
             # Rebuilt from the Golay code at construction, so kept out of the state dict (19 MB).
             self.register_buffer("shell", leech_shell(torch.float32), persistent=False)
