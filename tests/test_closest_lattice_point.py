@@ -198,6 +198,27 @@ def test_registered_ops_check_the_row_length(device, family, dim):
             op(torch.zeros(3, dim, device=device), "B")
 
 
+@pytest.mark.parametrize("family, dim", [("Z", 1), ("D", 1), ("D", 2), ("Z", 6), ("D", 17), ("D", 300), ("D", 1024)])
+@pytest.mark.parametrize("device", device_params())
+def test_registered_ops_take_any_row_length_for_z_and_d(device, family, dim):
+    """Z^n and D_n at widths the lattice names do not reach: one element, non-powers of two, wide
+    rows (the Triton kernel holds up to 1024 in one tile), with half-integral rows for ties."""
+    ops = _registered_ops(device)
+    if not ops:
+        pytest.skip(f"no kepler closest_lattice_point op can run on {device} here")
+    x = random_rows(9, dim, 3.0, dim)
+    x[::3] = torch.round(x[::3] * 2) / 2  # ties in rounding and in D_n's largest residual
+    for op in ops:
+        torch.testing.assert_close(op(x.to(device), family).cpu(), closest_lattice_point_ref(x, family), rtol=0, atol=0)
+
+
+def test_triton_op_refuses_rows_wider_than_its_tile():
+    if _backend._unavailable_reason("triton", "cpu"):
+        pytest.skip("the triton launchers need TRITON_INTERPRET=1 for CPU tensors")
+    with pytest.raises(ValueError, match=r"D takes rows of at most 1024 here, got x of shape \(2, 1025\)"):
+        torch.ops.kepler.closest_lattice_point_triton(torch.zeros(2, 1025), "D")
+
+
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 def test_compiles_without_graph_breaks(device, backend):
     def quantize(x):

@@ -34,6 +34,7 @@ def _launcher_calls(device):
     """{launcher name: call on small inputs} for every launcher; backward calls run their forward first."""
     kernels = _kernel_modules()
     nearest, kl, packing = kernels["nearest_codeword"], kernels["kepler_kl"], kernels["packing_energy"]
+    lattice = kernels["closest_lattice_point"]
     z, codebook = torch.randn(2, 5, 3, device=device), torch.randn(1, 4, 3, device=device)
     x, logq = torch.randn(3, 7, device=device), torch.log_softmax(torch.randn(1, 7, device=device), dim=-1)
     y = torch.randn(2, 5, 3, device=device)
@@ -55,6 +56,7 @@ def _launcher_calls(device):
         "kepler_kl_backward_triton": kepler_kl_backward,
         "packing_energy_triton": lambda: packing.packing_energy_triton(y=y, t=0.5),
         "packing_energy_backward_triton": packing_energy_backward,
+        "closest_lattice_point_triton": lambda: lattice.closest_lattice_point_triton(x=y[0], lattice="D"),
     }
 
 

@@ -3,7 +3,8 @@
 The interpreter tests prove a kernel's logic; compiling it for sm_80 and sm_90 proves it builds
 for the GPUs we ship for (layouts, shared memory, dot shapes) even on a CPU-only machine, and that
 its PTX rounds square roots and divisions as PyTorch does (the interpreter computes both exactly
-whatever the kernel asks for, so only the PTX shows an approximate ``tl.sqrt`` or ``/``).
+whatever the kernel asks for, so only the PTX shows an approximate ``tl.sqrt`` or ``/``), and holds
+no fused multiply-add where the op asks for none (the interpreter never fuses either).
 
 An AOT test module (``tests/test_<op>_triton_aot.py``) states only what is particular to its op:
 its kernels' argument types and what its launchers can pick, as ``VARIANTS`` (built with
@@ -39,7 +40,7 @@ GPU_CAPABILITIES = (80, 90)
 SHARED_MEMORY_LIMIT = 99 * 1024
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 # The fields of an <Op>Config that are launch options; the others are the kernel's constexprs.
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 # Stands for the pointer type of the op's input dtype in a kernel's argument types.
 INPUT = "*input"
 # Sizes swept through a launcher's pick_config to find every configuration it can return.
@@ -47,6 +48,9 @@ SIZES = range(1, 8193)
 # PTX square roots and divisions that are not correctly rounded: what a plain ``tl.sqrt`` and a
 # float32 ``/`` lower to (sqrt.approx, div.full: up to 2 ulp off). Kernels use tl.sqrt_rn / tl.div_rn.
 APPROXIMATE_PTX = re.compile(r"\b(?:sqrt|div|rcp)\.(?:approx|full)\.[a-z0-9.]*f32")
+# A fused float32 multiply-add: what a kernel launched with ``enable_fp_fusion=False`` (a field of its
+# <Op>Config) does not compile to; ptxas does not fuse the ``mul.rn``/``add.rn`` it has instead.
+FUSED_PTX = re.compile(r"\bfma\.[a-z0-9.]*f32\b")
 
 
 class Variant(NamedTuple):
@@ -74,7 +78,7 @@ def launchable(pick: Callable[[int, torch.dtype], NamedTuple]) -> list[tuple[Nam
 def _config_label(config: NamedTuple) -> str:
     """``N64-K128-D16-w4-s2`` for BLOCK_N=64, BLOCK_K=128, BLOCK_D=16, num_warps=4, num_stages=2;
     a boolean field as 0 or 1 after its name."""
-    short = {"num_warps": "w", "num_stages": "s"}
+    short = {"num_warps": "w", "num_stages": "s", "enable_fp_fusion": "fusion"}
     return "-".join(
         f"{short.get(name, name.removeprefix('BLOCK_'))}{int(value) if isinstance(value, bool) else value}"
         for name, value in config._asdict().items()
@@ -128,8 +132,9 @@ def compile_variant(variant: Variant, capability: int):
 
 
 def compile_variants(variants: list[Variant]) -> dict:
-    """{variant id: {"shared": bytes, "approximate": [PTX ops]} or {"error": message}} for every
-    variant and capability; "approximate" lists the :data:`APPROXIMATE_PTX` instructions found.
+    """{variant id: {"shared": bytes, "approximate": [PTX ops], "fused": bool} or {"error": message}}
+    for every variant and capability; "approximate" lists the :data:`APPROXIMATE_PTX` instructions
+    found, "fused" says whether the PTX holds a :data:`FUSED_PTX` one.
 
     Errors are recorded, not raised, so each variant's test reports its own.
     """
@@ -141,6 +146,7 @@ def compile_variants(variants: list[Variant]) -> dict:
                 results[variant_id(variant, capability)] = {
                     "shared": int(compiled.metadata.shared),
                     "approximate": sorted(set(APPROXIMATE_PTX.findall(compiled.asm["ptx"]))),
+                    "fused": bool(FUSED_PTX.search(compiled.asm["ptx"])),
                 }
             except Exception as exc:
                 results[variant_id(variant, capability)] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -171,11 +177,12 @@ def compile_results(module_name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def aot_tests(variants: list[Variant], configs):
+def aot_tests(variants: list[Variant], configs, unfused: bool = False):
     """The two tests of an AOT module, to assign to module-level ``test_*`` names.
 
     ``configs``: every configuration the launchers can pick (the kernel module's ``CONFIGS``);
-    ``variants`` must compile each of them.
+    ``variants`` must compile each of them. ``unfused``: the op rounds every float32 product and
+    sum on its own, as its reference does, so no variant may compile to a fused multiply-add.
     """
     labels = [variant.label for variant in variants]
     assert len(set(labels)) == len(labels), "variant labels must be unique"
@@ -191,5 +198,7 @@ def aot_tests(variants: list[Variant], configs):
             pytest.fail(outcome["error"])
         assert outcome["shared"] <= SHARED_MEMORY_LIMIT, f"needs {outcome['shared']} bytes of shared memory"
         assert not outcome["approximate"], f"approximate square roots or divisions: {outcome['approximate']}"
+        if unfused:
+            assert not outcome["fused"], "fused multiply-adds (launch it with enable_fp_fusion=False)"
 
     return test_variants_cover_every_config, test_kernel_compiles_for_gpu
