@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from kepler.cli import main
+from kepler.models import CodeTransformer
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import load_prior_config
+from kepler.train.prior_task import load_prior
 
 TOKENIZER = """
 name: tok
@@ -171,9 +173,111 @@ def test_errors_are_one_line(prior_run, tokenizer, tmp_path, capsys):
 
 
 def test_builtin_prior_configs_load_and_default_to_adamw(tokenizer):
-    for name in ("prior_sample", "celebahq_prior"):
+    for name in ("prior_sample", "celebahq_prior", "prior_faces_cond"):
         cfg = load_prior_config(name, [f"tokenizer.checkpoint={tokenizer}"])
         assert cfg.optim.name == "adamw" and cfg.model.order == "flat", name
     assert load_prior_config(None, [f"tokenizer.checkpoint={tokenizer}"]).optim.betas == [0.9, 0.95]
     with pytest.raises(ValueError, match="config key 'model.order' must be one of flat, factorized, got 'raster'"):
         load_prior_config(None, [f"tokenizer.checkpoint={tokenizer}", "model.order=raster"])
+
+
+# ------------------------------------------------------------------ class-conditional priors
+
+FACES = ["data.train=faces", "data.val=faces", "data.val_max_images=20"]  # 10 faces then 10 non-faces
+CONDITIONAL = [*FACES, "model.num_classes=2"]
+
+
+@pytest.fixture(scope="module")
+def conditional_runs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A class-conditional prior on the faces (class 1) and non-faces (0): 4 steps straight, and 2 steps
+    then resumed to 4."""
+    folder = tmp_path_factory.mktemp("conditional")
+    straight, halves = folder / "straight", folder / "halves"
+    assert main(["prior", "train", str(prior_config(folder, tokenizer, 4)), f"run_dir={straight}", *CONDITIONAL]) == 0
+    assert main(["prior", "train", str(prior_config(folder, tokenizer, 2)), f"run_dir={halves}", *CONDITIONAL]) == 0
+    assert main(["prior", "train", str(prior_config(folder, tokenizer, 4)), f"run_dir={halves}", *CONDITIONAL,
+                 "--resume"]) == 0
+    return straight, halves
+
+
+def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditional_runs):
+    straight, halves = conditional_runs
+    (cache,) = (straight / "codes").glob("*.pt")
+    cached = torch.load(cache, weights_only=True)
+    assert cached["train"].shape == (360, 8, 8, 2)  # 180 patches and their flips
+    assert cached["train_labels"].tolist() == ([1] * 90 + [0] * 90) * 2 and cached["val_labels"].tolist() == [1] * 10 + [0] * 10
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(halves / "checkpoints" / "last.pt")
+    assert a["model"]["start_embedding.weight"].shape == (2, 32)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
+    # A class that never reached a batch keeps a zero row in the start-token table's first moment
+    # (AdamW's decay is outside it).
+    names = [name for name, _ in load_prior(straight / "checkpoints" / "last.pt")[0].named_parameters()]
+    first_moment = a["opt"]["state"][names.index("start_embedding.weight")]["exp_avg"]
+    assert first_moment.shape == (2, 32) and all(row.abs().sum() > 0 for row in first_moment)
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["val_maps"] == 20 and np.isfinite(metrics["bits_per_token"])
+
+
+def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditional_runs, tmp_path, capsys,
+                                                                        monkeypatch):
+    straight, _ = conditional_runs
+    checkpoint = str(straight / "checkpoints" / "last.pt")
+    asked = []
+    generate = CodeTransformer.generate
+
+    def spy(model, num, class_labels=None, **options):
+        asked.append(class_labels)
+        return generate(model, num, class_labels, **options)
+
+    monkeypatch.setattr(CodeTransformer, "generate", spy)
+    for name, label in (("face", "1"), ("again", "1"), ("background", "0")):
+        assert main(["sample", checkpoint, "--num", "3", "--class", label, "--seed", "5", "--device", "cpu",
+                     "--out", str(tmp_path / name)]) == 0
+    assert asked == [1, 1, 0]
+    face, again = ([np.load(tmp_path / name / f"sample{i:04d}.npy") for i in range(3)] for name in ("face", "again"))
+    assert all(np.array_equal(x, y) for x, y in zip(face, again))
+    # The trained prior tells the classes apart: the held-out maps are likelier under their own labels.
+    prior, _ = load_prior(checkpoint)
+    val = torch.load(next((straight / "codes").glob("*.pt")), weights_only=True)
+    own, swapped = (prior.nll(val["val"], labels).nats.sum() for labels in (val["val_labels"], 1 - val["val_labels"]))
+    assert own < swapped
+    assert main(["prior", "eval", checkpoint, "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["bits_per_token"] == pytest.approx(json.loads((straight / "metrics.json").read_text())["bits_per_token"])
+
+    capsys.readouterr()
+    assert main(["sample", checkpoint, "--class", "2", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == "kepler sample: error: class 2 is out of range: the prior has 2 classes, 0 to 1\n"
+    assert main(["sample", checkpoint, "--class", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == "kepler sample: error: class -1 is out of range: the prior has 2 classes, 0 to 1\n"
+    assert main(["sample", checkpoint, "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == ("kepler sample: error: the prior is class-conditional (model.num_classes=2): "
+                                       "give a class from 0 to 1\n")
+
+
+def test_labels_change_the_cache_and_an_unconditional_prior_ignores_them(tmp_path, tokenizer):
+    run = tmp_path / "run"
+    config = str(prior_config(tmp_path, tokenizer, steps=1))
+    assert main(["prior", "train", config, f"run_dir={run}", *FACES]) == 0
+    (unconditional,) = (run / "codes").glob("*.pt")
+    assert "train_labels" not in torch.load(unconditional, weights_only=True)
+    assert main(["prior", "train", config, f"run_dir={run}", *CONDITIONAL, "--overwrite"]) == 0
+    (conditional,) = set((run / "codes").glob("*.pt")) - {unconditional}
+    assert torch.load(conditional, weights_only=True)["train_labels"].shape == (360,)
+
+
+def test_num_classes_must_match_the_data(tmp_path, tokenizer, capsys):
+    config = str(prior_config(tmp_path, tokenizer, steps=1))
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'a'}", *FACES, "model.num_classes=3"]) == 2
+    assert capsys.readouterr().err == ("kepler prior: error: config key 'model.num_classes' is 3, but data.train "
+                                       "'faces' has 2 classes\n")
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'b'}", "model.num_classes=2"]) == 2
+    assert capsys.readouterr().err == ("kepler prior: error: config key 'model.num_classes' is 2, but data.train "
+                                       "'sample' has no class labels (labelled data: faces); use "
+                                       "model.num_classes=0 for an unconditional prior\n")
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'c'}", "data.train=faces", "model.num_classes=2"]) == 2
+    assert capsys.readouterr().err.startswith("kepler prior: error: config key 'model.num_classes' is 2, but "
+                                              "data.val 'sample' has no class labels")
