@@ -2,17 +2,22 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from kepler.cli import main
+from kepler.data import collate
 from kepler.models import CodeTransformer
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import load_prior_config
-from kepler.train.prior_task import load_prior
+from kepler.train import prior_task
+from kepler.train.evaluate import to_unit
+from kepler.train.prior_task import evaluate_prior, held_out_set, load_prior, prior_tokenizer, sample_images
 
 TOKENIZER = """
 name: tok
@@ -130,11 +135,15 @@ def test_sampling_is_deterministic_for_a_seed(prior_run, tmp_path, capsys):
 
 
 def test_eval_prints_and_writes_the_metrics(prior_run, tmp_path, capsys):
-    out = tmp_path / "eval"
-    assert main(["prior", "eval", str(prior_run / "checkpoints" / "last.pt"), "--device", "cpu", "--out", str(out)]) == 0
+    out, weights = tmp_path / "eval", tmp_path / "no_inception.pth"
+    assert main(["prior", "eval", str(prior_run / "checkpoints" / "last.pt"), "--device", "cpu", "--out", str(out),
+                 "--inception", str(weights), "--num-samples", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "bits/token" in printed and "per-position unigram" in printed and "off: no Inception weights" in printed
+    assert "bits/token" in printed and "per-position unigram" in printed
+    assert f"  FID: off: no weights at {weights}\n  Inception Score: off: no weights at {weights}\n" in printed
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fid_off_reason"] == metrics["is_off_reason"] == f"no weights at {weights}"
+    assert "fid" not in metrics and "inception_score" not in metrics
     trained = json.loads((prior_run / "metrics.json").read_text())
     for key in ("bits_per_token", "bits_per_position", "unigram_bits_per_token", "position_unigram_bits_per_token"):
         assert metrics[key] == pytest.approx(trained[key]), key  # the same held-out maps and weights
@@ -281,3 +290,102 @@ def test_num_classes_must_match_the_data(tmp_path, tokenizer, capsys):
     assert main(["prior", "train", config, f"run_dir={tmp_path / 'c'}", "data.train=faces", "model.num_classes=2"]) == 2
     assert capsys.readouterr().err.startswith("kepler prior: error: config key 'model.num_classes' is 2, but "
                                               "data.val 'sample' has no class labels")
+
+
+# ------------------------------------------------------------------ FID and Inception Score of samples
+
+
+class RecordingFeatures(nn.Module):
+    """A stand-in for the Inception network: keeps what the metric hands it; its features are the
+    images' channel means and spreads (in [0, 1] units, so that as logits none is a certainty)."""
+
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.clone())
+        images = images.float() / (255 if images.dtype == torch.uint8 else 1)
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+@pytest.fixture
+def stand_in_metrics(monkeypatch, tmp_path):
+    """``load_fid`` and ``load_inception_score`` replaced by torchmetrics' metrics on
+    :class:`RecordingFeatures`; yields the weights path they expect and their feature modules."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+
+    weights = tmp_path / "inception.pth"
+    made = {"fid": [], "is": []}
+
+    def load(kind, metric):
+        def loader(path):
+            assert path == weights
+            made[kind].append(RecordingFeatures())
+            return metric(feature=made[kind][-1], normalize=True), None
+        return loader
+
+    monkeypatch.setattr(prior_task, "load_fid", load("fid", FrechetInceptionDistance))
+    def inception_score(**options):
+        with warnings.catch_warnings():  # torchmetrics' note on its memory use
+            warnings.simplefilter("ignore")
+            return InceptionScore(splits=10, **options)
+
+    monkeypatch.setattr(prior_task, "load_inception_score", load("is", inception_score))
+    return weights, made
+
+
+def test_samples_and_held_out_images_reach_fid_and_inception_score(prior_run, stand_in_metrics):
+    weights, made = stand_in_metrics
+    checkpoint = prior_run / "checkpoints" / "last.pt"
+    metrics = evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights, seed=1)
+    (fid,), (score,) = made["fid"], made["is"]
+    # The 8 held-out images, then the 12 samples, in batches of 5, as floats in [0, 1] (FID) and as the
+    # uint8 images torchmetrics makes of them (Inception Score: samples only).
+    assert [len(x) for x in fid.seen] == [5, 3, 5, 5, 2] and [len(x) for x in score.seen] == [5, 5, 2]
+    assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+               for x in fid.seen)
+    assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) for x in score.seen)
+    prior, state = load_prior(checkpoint)
+    held_out, _ = collate([item for item in held_out_set(state["config"]["data"])])
+    torch.testing.assert_close(torch.cat(fid.seen[:2]), to_unit(held_out))
+    _, first = sample_images(prior, prior_tokenizer(prior, state), 5, seed=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fid.seen[2], to_unit(first))
+    assert torch.equal(score.seen[0], (to_unit(first) * 255).byte())
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0 and len(metrics["inception_score"]) == 2
+    assert metrics["inception_score"][0] >= 1 and "fid_off_reason" not in metrics and "is_off_reason" not in metrics
+    again = evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights, seed=1)
+    assert (again["fid"], again["inception_score"]) == (metrics["fid"], metrics["inception_score"])
+
+
+def test_sample_metrics_say_why_they_are_off(prior_run, stand_in_metrics, tmp_path, capsys):
+    weights, made = stand_in_metrics
+    checkpoint = prior_run / "checkpoints" / "last.pt"
+    metrics = evaluate_prior(checkpoint, num_samples=0, inception_path=weights)
+    assert metrics["fid_off_reason"] == "num_samples is 0; FID needs at least 2 samples"
+    assert metrics["is_off_reason"] == "num_samples is 0; the Inception Score needs at least 10 (one per split)"
+    assert made == {"fid": [], "is": []}  # no weights read, no samples drawn
+    metrics = evaluate_prior(checkpoint, num_samples=4, inception_path=weights)
+    assert "fid" in metrics and metrics["is_off_reason"].startswith("num_samples is 4;")
+    with pytest.raises(ValueError, match="num_samples must be an int >= 0, got -1"):
+        evaluate_prior(checkpoint, num_samples=-1)
+    assert main(["prior", "eval", str(checkpoint), "--num-samples", "-1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "kepler prior: error: --num-samples must be >= 0, got -1\n"
+
+
+def test_conditional_samples_take_the_held_out_classes_in_turn(conditional_runs, stand_in_metrics, monkeypatch):
+    weights, _ = stand_in_metrics
+    asked = []
+    generate = CodeTransformer.generate
+
+    def spy(model, num, class_labels=None, **options):
+        asked.append(class_labels)
+        return generate(model, num, class_labels, **options)
+
+    monkeypatch.setattr(CodeTransformer, "generate", spy)
+    straight, _ = conditional_runs
+    evaluate_prior(straight / "checkpoints" / "last.pt", batch_size=8, num_samples=12, inception_path=weights)
+    assert torch.cat(asked).tolist() == [1] * 10 + [0] * 2  # the held-out set: 10 faces, then 10 non-faces

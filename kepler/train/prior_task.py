@@ -39,7 +39,7 @@ from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import token_cross_entropy
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import build_optimizer, to_dict
-from kepler.train.evaluate import load_model
+from kepler.train.evaluate import INCEPTION_SCORE_SPLITS, load_fid, load_inception_score, load_model, to_unit
 from kepler.weights import check_state_dict
 
 
@@ -343,30 +343,96 @@ def prior_tokenizer(prior: CodeTransformer, state: dict, device: torch.device | 
 
 
 @torch.no_grad()
-def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int, class_label: int | None = None, *,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int,
+                  class_label: int | torch.Tensor | None = None, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  seed: int | torch.Generator = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` samples: ``(index maps (num, H, W, P) int64, images (num, 3, H*f, W*f) float32 in [-1, 1])``,
-    the same for the same ``seed`` on one device. ``class_label``: the class of every sample, required
-    by a class-conditional prior and refused by an unconditional one."""
+    the same for the same ``seed`` on one device (a generator on the prior's device: drawn from, so
+    that batches drawn one after another differ). ``class_label``: the class of every sample, or one
+    per sample ``(num,)``; required by a class-conditional prior and refused by an unconditional one."""
     num_classes = prior.num_classes
     if class_label is not None and num_classes == 0:
         raise ValueError(f"a class ({class_label}) was given, but the prior is unconditional (model.num_classes=0)")
     if class_label is None and num_classes:
         raise ValueError(f"the prior is class-conditional (model.num_classes={num_classes}): give a class "
                          f"from 0 to {num_classes - 1}")
-    if class_label is not None and not 0 <= class_label < num_classes:
+    if isinstance(class_label, int) and not 0 <= class_label < num_classes:
         raise ValueError(f"class {class_label} is out of range: the prior has {num_classes} classes, "
                          f"0 to {num_classes - 1}")
     device = next(prior.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
     codes = prior.generate(num, class_label, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     return codes, tokenizer.decode_indices(codes).float().clamp(-1, 1)
 
 
-def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
+@torch.no_grad()
+def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset, held_out_labels: torch.Tensor | None,
+                   num_samples: int, inception_path: str | os.PathLike | None, batch_size: int, seed: int) -> dict:
+    """FID of ``num_samples`` samples (:func:`sample_images` in batches of ``batch_size``, one
+    generator seeded with ``seed``) against the ``held_out`` images, and their Inception Score
+    ``[mean, std]``, on the local FID Inception weights (:func:`kepler.train.evaluate.load_fid`); a
+    class-conditional prior's samples take the held-out classes in turn (the same proportions).
+    ``fid_off_reason`` / ``is_off_reason`` instead where a metric cannot run."""
+    # The weights are looked at only where the counts allow a metric (reading them takes seconds).
+    if num_samples < 2:
+        fid, fid_reason = None, f"num_samples is {num_samples}; FID needs at least 2 samples"
+    elif len(held_out) < 2:
+        fid, fid_reason = None, f"the held-out set has {len(held_out)} image(s); FID needs at least 2"
+    else:
+        fid, fid_reason = load_fid(inception_path)
+    if num_samples < INCEPTION_SCORE_SPLITS:
+        score, is_reason = None, (f"num_samples is {num_samples}; the Inception Score needs at least "
+                                  f"{INCEPTION_SCORE_SPLITS} (one per split)")
+    else:
+        score, is_reason = load_inception_score(inception_path)
+    out = {}
+    if fid is None:
+        out["fid_off_reason"] = fid_reason
+    if score is None:
+        out["is_off_reason"] = is_reason
+    if fid is None and score is None:
+        return out
+    device = next(prior.parameters()).device
+    if fid is not None:
+        fid = fid.to(device)
+        for images, _ in DataLoader(held_out, batch_size=batch_size, collate_fn=collate):
+            fid.update(to_unit(images.to(device)), real=True)
+    if score is not None:
+        score = score.to(device)
+    labels = None
+    if held_out_labels is not None:
+        labels = held_out_labels[torch.arange(num_samples) % len(held_out_labels)].to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        batch_labels = None if labels is None else labels[start : start + count]
+        _, images = sample_images(prior, tokenizer, count, batch_labels, seed=generator)
+        images = to_unit(images)  # (count, 3, H, W) float32 in [0, 1], what both metrics take
+        if fid is not None:
+            fid.update(images, real=False)
+        if score is not None:
+            score.update(images)
+    if fid is not None:
+        out["fid"] = float(fid.compute())
+    if score is not None:
+        # The score shuffles the samples into its splits with the global RNG: seeded, so one seed
+        # gives one score.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean, std = score.compute()
+        out["inception_score"] = [float(mean), float(std)]
+    return out
+
+
+def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16, *,
+                   num_samples: int = 0, inception_path: str | os.PathLike | None = None, seed: int = 0) -> dict:
     """Held-out bits per token and per position of a prior, on its config's validation data encoded by
-    its tokenizer, and the two baselines (fitted on its training maps) in bits per token."""
+    its tokenizer, and the two baselines (fitted on its training maps) in bits per token; with
+    ``num_samples``, the FID and Inception Score of that many samples (seeded by ``seed``) against the
+    held-out images, where the Inception weights are on disk (:func:`sample_metrics`)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
     prior, state = load_prior(checkpoint, device)
     tokenizer = prior_tokenizer(prior, state, device)
     data = state["config"]["data"]
@@ -381,4 +447,7 @@ def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "
         "val_maps": len(val_codes),
         **held_out_bits(prior, val_codes, batch_size, torch.device(device), val_labels),
         **baseline_bits(state["train_slot_counts"], val_codes, prior.layout),
+        "num_samples": num_samples,
+        "seed": seed,
+        **sample_metrics(prior, tokenizer, val_set, val_labels, num_samples, inception_path, batch_size, seed),
     }
