@@ -194,10 +194,10 @@ class PriorTask:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
         self.model_ddp = self.model
 
-    def _codes(self, tokenizer: VQModel, trainer) -> dict[str, torch.Tensor]:
-        """Training and held-out index maps (``train``, ``val``) and, for a class-conditional prior,
-        their classes (``train_labels``, ``val_labels``), from the run's cache or encoded (by rank 0)
-        and cached."""
+    def _codes(self, tokenizer: VQModel, trainer) -> dict:
+        """The cache's entries: training and held-out index maps (``train``, ``val``) and, for a
+        class-conditional prior, their classes (``train_labels``, ``val_labels``), read back or encoded
+        (by rank 0) and cached."""
         data = trainer.cfg.data
         settings = {key: data[key] for key in ("train", "val", "size", "resize", "flip", "samples_per_epoch",
                                                "val_max_images")}
