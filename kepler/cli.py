@@ -110,12 +110,19 @@ def _add_prior(sub) -> None:
                    help="continue from CHECKPOINT, or (no value) from the run's checkpoints/last.pt")
     t.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds a previous run")
     t.set_defaults(func=_cmd_prior_train)
-    e = prior_sub.add_parser("eval", help="held-out bits per token and per position, and their baselines")
+    e = prior_sub.add_parser("eval", help="held-out bits per token and per position, their baselines, and the "
+                                          "FID and Inception Score of samples")
     e.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
     e.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
     e.add_argument("--out", default=None, help="folder for metrics.json (default: eval/ in the checkpoint's run folder)")
     e.add_argument("--batch-size", type=_positive_int, default=16)
-    e.add_argument("--inception", default=None, help="local FID Inception weights (sample FID/IS: not implemented yet)")
+    e.add_argument("--inception", default=None,
+                   help="local FID Inception weights (pt_inception-2015-12-05) for the samples' FID and Inception "
+                        "Score (default: torch hub's checkpoints folder; never downloaded: off without them)")
+    e.add_argument("--num-samples", type=int, default=256,
+                   help="samples for FID and Inception Score (0: none; both are biased at small counts, so "
+                        "compare priors at equal counts)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the samples")
     e.set_defaults(func=_cmd_prior_eval)
 
 
@@ -305,15 +312,27 @@ def _cmd_prior_eval(args) -> int:
     from kepler.distributed import resolve_device
     from kepler.train.prior_task import evaluate_prior
 
+    if args.num_samples < 0:
+        raise CLIError(f"--num-samples must be >= 0, got {args.num_samples}")
     # Not the run folder itself: its metrics.json is the training's summary.
     out = _output_folder(args.out or str(Path(args.checkpoint).resolve().parent.parent / "eval"))
-    metrics = evaluate_prior(args.checkpoint, resolve_device(args.device), args.batch_size)
-    metrics["fid"] = ("not implemented yet" if args.inception else "off: no Inception weights (--inception)")
+    metrics = evaluate_prior(args.checkpoint, resolve_device(args.device), args.batch_size,
+                             num_samples=args.num_samples, inception_path=args.inception, seed=args.seed)
     path = out / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"kepler prior eval: {args.checkpoint} (step {metrics['step']})\n{_prior_summary(metrics)}\n"
-          f"  FID/IS: {metrics['fid']}\n  wrote {path}")
+          f"{_sample_metrics_summary(metrics)}\n  wrote {path}")
     return 0
+
+
+def _sample_metrics_summary(m: dict) -> str:
+    """The FID and Inception Score lines of ``kepler prior eval``, or why each is off."""
+    samples = f"{m['num_samples']} samples (seed {m['seed']})"
+    fid = (f"FID {m['fid']:.2f} of {samples} against the {m['val_maps']} held-out images" if "fid" in m
+           else f"FID: off: {m['fid_off_reason']}")
+    score = (f"Inception Score {m['inception_score'][0]:.3f} +- {m['inception_score'][1]:.3f} of {samples}"
+             if "inception_score" in m else f"Inception Score: off: {m['is_off_reason']}")
+    return f"  {fid}\n  {score}"
 
 
 def _cmd_sample(args) -> int:

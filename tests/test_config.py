@@ -126,7 +126,7 @@ def test_an_unknown_config_name_lists_the_builtin_names(tmp_path, capsys):
     from kepler.train.config import builtin_configs
 
     names = ", ".join(builtin_configs())
-    assert names.startswith("ade20k_f16, celebahq_f16, celebahq_prior, prior_sample, sample")
+    assert names.startswith("ade20k_f16, celebahq_f16, celebahq_prior, prior_faces_cond, prior_sample, sample")
     with pytest.raises(FileNotFoundError) as error:
         load_config("smaple")
     assert str(error.value) == f"config file smaple does not exist and is not a built-in config name (built-in: {names})"
@@ -145,7 +145,7 @@ def test_list_configs_shows_each_builtin_with_its_kind_and_description(capsys):
     for line, config in zip(lines, configs.values()):
         assert line.split()[1:3] == ["kepler", config.kind] and line.endswith(config.description)
     assert configs["sample"].kind == "train" and configs["study_sample"].kind == "study"
-    assert configs["prior_sample"].kind == "prior" and configs["celebahq_prior"].kind == "prior"
+    assert all(configs[name].kind == "prior" for name in ("prior_sample", "celebahq_prior", "prior_faces_cond"))
     assert configs["sample"].description.startswith("The demo: a small Kepler tokenizer")
     assert main(["train"]) == 2
     assert capsys.readouterr().err == ("kepler train: error: give a config file or a built-in config name "

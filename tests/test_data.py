@@ -15,6 +15,8 @@ from kepler.data import (
     SeededSampler,
     build_dataset,
     collate,
+    dataset_labels,
+    first_items,
 )
 from kepler.data.embedded import TRAIN_PHOTOS, VAL_PHOTOS, grid_offsets
 
@@ -191,3 +193,17 @@ def test_faces_split():
     assert image.shape == (3, 16, 16)
     # greyscale replicated to RGB
     torch.testing.assert_close(image[0], image[1])
+
+
+def test_faces_are_labelled_face_then_non_face_and_other_sets_are_not(image_tree):
+    train, val = build_dataset("faces", "train", 16), build_dataset("faces", "val", 16)
+    assert dataset_labels(train)[0] == 2 and dataset_labels(train)[1].tolist() == [1] * 90 + [0] * 90
+    assert dataset_labels(val)[1].tolist() == [1] * 10 + [0] * 10  # patches 9, 19, ..., 199
+    assert dataset_labels(first_items(val, 12))[1].tolist() == [1] * 10 + [0] * 2
+    assert dataset_labels(build_dataset(image_tree, "val", 16)) == (0, None)
+
+
+def test_collate_stacks_tuples_item_by_item():
+    samples = [((torch.full((2, 3), i), torch.tensor(i)), ()) for i in range(4)]
+    (maps, labels), skipped = collate(samples)
+    assert maps.shape == (4, 2, 3) and labels.tolist() == [0, 1, 2, 3] and skipped == []

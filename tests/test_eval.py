@@ -22,6 +22,7 @@ from kepler.train.evaluate import (
     evaluate,
     format_table,
     load_fid,
+    load_inception_score,
     load_model,
     mean_colour,
     psnr,
@@ -86,8 +87,9 @@ def test_shards_have_equal_batch_counts_and_count_each_image_once():
         assert counted == list(range(n))
 
 
-def test_missing_inception_weights_say_where(tmp_path):
-    metric, reason = load_fid(tmp_path / "inception.pth")
+@pytest.mark.parametrize("loader", [load_fid, load_inception_score])
+def test_missing_inception_weights_say_where(tmp_path, loader):
+    metric, reason = loader(tmp_path / "inception.pth")
     assert metric is None and reason == f"no weights at {tmp_path / 'inception.pth'}"
 
 
@@ -112,8 +114,8 @@ def test_hostile_inception_weights_are_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     default = _plant(tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILENAME, marker)
     explicit = _plant(tmp_path / "evil.pth", marker)
-    for path in (None, explicit):
-        metric, reason = load_fid(path)
+    for path, loader in ((None, load_fid), (explicit, load_fid), (explicit, load_inception_score)):
+        metric, reason = loader(path)
         assert metric is None and not marker.exists()
         shown = default if path is None else explicit
         digest = hashlib.sha256(shown.read_bytes()).hexdigest()
@@ -127,7 +129,8 @@ def test_hostile_inception_weights_are_never_unpickled(tmp_path, monkeypatch):
     assert "it asks for" in reason and "mkdir" in reason and "\n" not in reason
 
 
-def test_checked_inception_weights_reach_the_network(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loader", [load_fid, load_inception_score])
+def test_checked_inception_weights_reach_the_network(tmp_path, monkeypatch, loader):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class Unloaded(FeatureExtractorInceptionV3):
@@ -141,10 +144,14 @@ def test_checked_inception_weights_reach_the_network(tmp_path, monkeypatch):
     path = tmp_path / INCEPTION_FILENAME
     torch.save(weights, path)
     monkeypatch.setattr(evaluate_module, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])
-    metric, reason = load_fid(path)
+    metric, reason = loader(path)
     assert reason is None
     loaded = metric.inception.state_dict()
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    if loader is load_inception_score:  # it runs offline, on float images in [0, 1] of any size
+        metric.update(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+        mean, std = metric.compute()
+        assert float(mean) >= 1 and np.isfinite(float(std))
 
 
 def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path):

@@ -2,15 +2,22 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from kepler.cli import main
+from kepler.data import collate
+from kepler.models import CodeTransformer
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import load_prior_config
+from kepler.train import prior_task
+from kepler.train.evaluate import to_unit
+from kepler.train.prior_task import evaluate_prior, held_out_set, load_prior, prior_tokenizer, sample_images
 
 TOKENIZER = """
 name: tok
@@ -128,11 +135,15 @@ def test_sampling_is_deterministic_for_a_seed(prior_run, tmp_path, capsys):
 
 
 def test_eval_prints_and_writes_the_metrics(prior_run, tmp_path, capsys):
-    out = tmp_path / "eval"
-    assert main(["prior", "eval", str(prior_run / "checkpoints" / "last.pt"), "--device", "cpu", "--out", str(out)]) == 0
+    out, weights = tmp_path / "eval", tmp_path / "no_inception.pth"
+    assert main(["prior", "eval", str(prior_run / "checkpoints" / "last.pt"), "--device", "cpu", "--out", str(out),
+                 "--inception", str(weights), "--num-samples", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "bits/token" in printed and "per-position unigram" in printed and "off: no Inception weights" in printed
+    assert "bits/token" in printed and "per-position unigram" in printed
+    assert f"  FID: off: no weights at {weights}\n  Inception Score: off: no weights at {weights}\n" in printed
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fid_off_reason"] == metrics["is_off_reason"] == f"no weights at {weights}"
+    assert "fid" not in metrics and "inception_score" not in metrics
     trained = json.loads((prior_run / "metrics.json").read_text())
     for key in ("bits_per_token", "bits_per_position", "unigram_bits_per_token", "position_unigram_bits_per_token"):
         assert metrics[key] == pytest.approx(trained[key]), key  # the same held-out maps and weights
@@ -171,9 +182,210 @@ def test_errors_are_one_line(prior_run, tokenizer, tmp_path, capsys):
 
 
 def test_builtin_prior_configs_load_and_default_to_adamw(tokenizer):
-    for name in ("prior_sample", "celebahq_prior"):
+    for name in ("prior_sample", "celebahq_prior", "prior_faces_cond"):
         cfg = load_prior_config(name, [f"tokenizer.checkpoint={tokenizer}"])
         assert cfg.optim.name == "adamw" and cfg.model.order == "flat", name
     assert load_prior_config(None, [f"tokenizer.checkpoint={tokenizer}"]).optim.betas == [0.9, 0.95]
     with pytest.raises(ValueError, match="config key 'model.order' must be one of flat, factorized, got 'raster'"):
         load_prior_config(None, [f"tokenizer.checkpoint={tokenizer}", "model.order=raster"])
+
+
+# ------------------------------------------------------------------ class-conditional priors
+
+FACES = ["data.train=faces", "data.val=faces", "data.val_max_images=20"]  # 10 faces then 10 non-faces
+CONDITIONAL = [*FACES, "model.num_classes=2"]
+
+
+@pytest.fixture(scope="module")
+def conditional_runs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A class-conditional prior on the faces (class 1) and non-faces (0): 4 steps straight, and 2 steps
+    then resumed to 4."""
+    folder = tmp_path_factory.mktemp("conditional")
+    straight, halves = folder / "straight", folder / "halves"
+    assert main(["prior", "train", str(prior_config(folder, tokenizer, 4)), f"run_dir={straight}", *CONDITIONAL]) == 0
+    assert main(["prior", "train", str(prior_config(folder, tokenizer, 2)), f"run_dir={halves}", *CONDITIONAL]) == 0
+    assert main(["prior", "train", str(prior_config(folder, tokenizer, 4)), f"run_dir={halves}", *CONDITIONAL,
+                 "--resume"]) == 0
+    return straight, halves
+
+
+def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditional_runs):
+    straight, halves = conditional_runs
+    (cache,) = (straight / "codes").glob("*.pt")
+    cached = torch.load(cache, weights_only=True)
+    assert cached["train"].shape == (360, 8, 8, 2)  # 180 patches and their flips
+    assert cached["train_labels"].tolist() == ([1] * 90 + [0] * 90) * 2 and cached["val_labels"].tolist() == [1] * 10 + [0] * 10
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(halves / "checkpoints" / "last.pt")
+    assert a["model"]["start_embedding.weight"].shape == (2, 32)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
+    # A class that never reached a batch keeps a zero row in the start-token table's first moment
+    # (AdamW's decay is outside it).
+    names = [name for name, _ in load_prior(straight / "checkpoints" / "last.pt")[0].named_parameters()]
+    first_moment = a["opt"]["state"][names.index("start_embedding.weight")]["exp_avg"]
+    assert first_moment.shape == (2, 32) and all(row.abs().sum() > 0 for row in first_moment)
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["val_maps"] == 20 and np.isfinite(metrics["bits_per_token"])
+
+
+def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditional_runs, tmp_path, capsys,
+                                                                        monkeypatch):
+    straight, _ = conditional_runs
+    checkpoint = str(straight / "checkpoints" / "last.pt")
+    asked = []
+    generate = CodeTransformer.generate
+
+    def spy(model, num, class_labels=None, **options):
+        asked.append(class_labels)
+        return generate(model, num, class_labels, **options)
+
+    monkeypatch.setattr(CodeTransformer, "generate", spy)
+    for name, label in (("face", "1"), ("again", "1"), ("background", "0")):
+        assert main(["sample", checkpoint, "--num", "3", "--class", label, "--seed", "5", "--device", "cpu",
+                     "--out", str(tmp_path / name)]) == 0
+    assert asked == [1, 1, 0]
+    face, again = ([np.load(tmp_path / name / f"sample{i:04d}.npy") for i in range(3)] for name in ("face", "again"))
+    assert all(np.array_equal(x, y) for x, y in zip(face, again))
+    # The trained prior tells the classes apart: the held-out maps are likelier under their own labels.
+    prior, _ = load_prior(checkpoint)
+    val = torch.load(next((straight / "codes").glob("*.pt")), weights_only=True)
+    own, swapped = (prior.nll(val["val"], labels).nats.sum() for labels in (val["val_labels"], 1 - val["val_labels"]))
+    assert own < swapped
+    assert main(["prior", "eval", checkpoint, "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["bits_per_token"] == pytest.approx(json.loads((straight / "metrics.json").read_text())["bits_per_token"])
+
+    capsys.readouterr()
+    assert main(["sample", checkpoint, "--class", "2", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == "kepler sample: error: class 2 is out of range: the prior has 2 classes, 0 to 1\n"
+    assert main(["sample", checkpoint, "--class", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == "kepler sample: error: class -1 is out of range: the prior has 2 classes, 0 to 1\n"
+    assert main(["sample", checkpoint, "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == ("kepler sample: error: the prior is class-conditional (model.num_classes=2): "
+                                       "give a class from 0 to 1\n")
+
+
+def test_labels_change_the_cache_and_an_unconditional_prior_ignores_them(tmp_path, tokenizer):
+    run = tmp_path / "run"
+    config = str(prior_config(tmp_path, tokenizer, steps=1))
+    assert main(["prior", "train", config, f"run_dir={run}", *FACES]) == 0
+    (unconditional,) = (run / "codes").glob("*.pt")
+    assert "train_labels" not in torch.load(unconditional, weights_only=True)
+    assert main(["prior", "train", config, f"run_dir={run}", *CONDITIONAL, "--overwrite"]) == 0
+    (conditional,) = set((run / "codes").glob("*.pt")) - {unconditional}
+    assert torch.load(conditional, weights_only=True)["train_labels"].shape == (360,)
+
+
+def test_num_classes_must_match_the_data(tmp_path, tokenizer, capsys):
+    config = str(prior_config(tmp_path, tokenizer, steps=1))
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'a'}", *FACES, "model.num_classes=3"]) == 2
+    assert capsys.readouterr().err == ("kepler prior: error: config key 'model.num_classes' is 3, but data.train "
+                                       "'faces' has 2 classes\n")
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'b'}", "model.num_classes=2"]) == 2
+    assert capsys.readouterr().err == ("kepler prior: error: config key 'model.num_classes' is 2, but data.train "
+                                       "'sample' has no class labels (labelled data: faces); use "
+                                       "model.num_classes=0 for an unconditional prior\n")
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'c'}", "data.train=faces", "model.num_classes=2"]) == 2
+    assert capsys.readouterr().err.startswith("kepler prior: error: config key 'model.num_classes' is 2, but "
+                                              "data.val 'sample' has no class labels")
+
+
+# ------------------------------------------------------------------ FID and Inception Score of samples
+
+
+class RecordingFeatures(nn.Module):
+    """A stand-in for the Inception network: keeps what the metric hands it; its features are the
+    images' channel means and spreads (in [0, 1] units, so that as logits none is a certainty)."""
+
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.clone())
+        images = images.float() / (255 if images.dtype == torch.uint8 else 1)
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
+@pytest.fixture
+def stand_in_metrics(monkeypatch, tmp_path):
+    """``load_fid`` and ``load_inception_score`` replaced by torchmetrics' metrics on
+    :class:`RecordingFeatures`; yields the weights path they expect and their feature modules."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+
+    weights = tmp_path / "inception.pth"
+    made = {"fid": [], "is": []}
+
+    def load(kind, metric):
+        def loader(path):
+            assert path == weights
+            made[kind].append(RecordingFeatures())
+            return metric(feature=made[kind][-1], normalize=True), None
+        return loader
+
+    monkeypatch.setattr(prior_task, "load_fid", load("fid", FrechetInceptionDistance))
+    def inception_score(**options):
+        with warnings.catch_warnings():  # torchmetrics' note on its memory use
+            warnings.simplefilter("ignore")
+            return InceptionScore(splits=10, **options)
+
+    monkeypatch.setattr(prior_task, "load_inception_score", load("is", inception_score))
+    return weights, made
+
+
+def test_samples_and_held_out_images_reach_fid_and_inception_score(prior_run, stand_in_metrics):
+    weights, made = stand_in_metrics
+    checkpoint = prior_run / "checkpoints" / "last.pt"
+    metrics = evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights, seed=1)
+    (fid,), (score,) = made["fid"], made["is"]
+    # The 8 held-out images, then the 12 samples, in batches of 5, as floats in [0, 1] (FID) and as the
+    # uint8 images torchmetrics makes of them (Inception Score: samples only).
+    assert [len(x) for x in fid.seen] == [5, 3, 5, 5, 2] and [len(x) for x in score.seen] == [5, 5, 2]
+    assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+               for x in fid.seen)
+    assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) for x in score.seen)
+    prior, state = load_prior(checkpoint)
+    held_out, _ = collate([item for item in held_out_set(state["config"]["data"])])
+    torch.testing.assert_close(torch.cat(fid.seen[:2]), to_unit(held_out))
+    _, first = sample_images(prior, prior_tokenizer(prior, state), 5, seed=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fid.seen[2], to_unit(first))
+    assert torch.equal(score.seen[0], (to_unit(first) * 255).byte())
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0 and len(metrics["inception_score"]) == 2
+    assert metrics["inception_score"][0] >= 1 and "fid_off_reason" not in metrics and "is_off_reason" not in metrics
+    again = evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights, seed=1)
+    assert (again["fid"], again["inception_score"]) == (metrics["fid"], metrics["inception_score"])
+
+
+def test_sample_metrics_say_why_they_are_off(prior_run, stand_in_metrics, tmp_path, capsys):
+    weights, made = stand_in_metrics
+    checkpoint = prior_run / "checkpoints" / "last.pt"
+    metrics = evaluate_prior(checkpoint, num_samples=0, inception_path=weights)
+    assert metrics["fid_off_reason"] == "num_samples is 0; FID needs at least 2 samples"
+    assert metrics["is_off_reason"] == "num_samples is 0; the Inception Score needs at least 10 (one per split)"
+    assert made == {"fid": [], "is": []}  # no weights read, no samples drawn
+    metrics = evaluate_prior(checkpoint, num_samples=4, inception_path=weights)
+    assert "fid" in metrics and metrics["is_off_reason"].startswith("num_samples is 4;")
+    with pytest.raises(ValueError, match="num_samples must be an int >= 0, got -1"):
+        evaluate_prior(checkpoint, num_samples=-1)
+    assert main(["prior", "eval", str(checkpoint), "--num-samples", "-1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "kepler prior: error: --num-samples must be >= 0, got -1\n"
+
+
+def test_conditional_samples_take_the_held_out_classes_in_turn(conditional_runs, stand_in_metrics, monkeypatch):
+    weights, _ = stand_in_metrics
+    asked = []
+    generate = CodeTransformer.generate
+
+    def spy(model, num, class_labels=None, **options):
+        asked.append(class_labels)
+        return generate(model, num, class_labels, **options)
+
+    monkeypatch.setattr(CodeTransformer, "generate", spy)
+    straight, _ = conditional_runs
+    evaluate_prior(straight / "checkpoints" / "last.pt", batch_size=8, num_samples=12, inception_path=weights)
+    assert torch.cat(asked).tolist() == [1] * 10 + [0] * 2  # the held-out set: 10 faces, then 10 non-faces

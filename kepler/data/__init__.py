@@ -1,10 +1,16 @@
-"""Image data for the tokenizer: folders and list files of images, and embedded data sets."""
+"""Image data for the tokenizer: folders and list files of images, and embedded data sets.
+
+Items are ``(image, skipped paths)``. Class labels, where a data set has them (``faces``), are not in
+the items: a labelled data set declares ``num_classes`` and its items' ``labels``, read through
+:func:`dataset_labels` (the class-conditional prior is their one user).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset, Subset
 
 from kepler.data.embedded import LFWFaces, SamplePhotos
@@ -56,6 +62,21 @@ def first_items(dataset: Dataset, count: int | None) -> Dataset:
     return Subset(dataset, range(min(int(count), len(dataset))))
 
 
+def dataset_labels(dataset: Dataset) -> tuple[int, torch.Tensor | None]:
+    """The class labels of ``dataset``'s items: ``(num_classes, labels (len(dataset),) int64 in
+    [0, num_classes))``, or ``(0, None)`` for a data set without classes.
+
+    A labelled data set has two attributes: ``num_classes`` (an int >= 1) and ``labels``, its items'
+    classes in item order; any other data set is unlabelled. A :class:`~torch.utils.data.Subset`
+    (:func:`first_items`) has the labels of the items it keeps.
+    """
+    if isinstance(dataset, Subset):
+        num_classes, labels = dataset_labels(dataset.dataset)
+        return num_classes, None if labels is None else labels[list(dataset.indices)]
+    num_classes = getattr(dataset, "num_classes", 0)
+    return (num_classes, dataset.labels) if num_classes else (0, None)
+
+
 __all__ = [
     "EMBEDDED",
     "IMAGE_EXTENSIONS",
@@ -67,6 +88,7 @@ __all__ = [
     "SeededSampler",
     "build_dataset",
     "collate",
+    "dataset_labels",
     "first_items",
     "to_rgb",
     "to_tensor",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 
@@ -42,7 +42,8 @@ class SeededSampler(Sampler):
 
 
 def collate(samples: list[tuple[torch.Tensor, tuple[str, ...]]]) -> tuple[torch.Tensor, list[str]]:
-    """Stack images; gather the paths of the unreadable files skipped while loading them."""
-    images = torch.stack([s[0] for s in samples])
+    """Stack the items' first elements (images; or tuples of tensors, stacked one by one, as the
+    prior's labelled code maps are); gather the paths of the unreadable files skipped while loading them."""
+    stacked = default_collate([s[0] for s in samples])
     skipped = [p for s in samples for p in s[1]]
-    return images, skipped
+    return stacked, skipped

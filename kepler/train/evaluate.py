@@ -10,6 +10,8 @@ pytorch-fid / torch-fidelity weights ``pt_inception-2015-12-05-6726825d.pth``, b
 in ``<torch hub dir>/checkpoints``); it is skipped, saying why, when the weights or the
 ``torch-fidelity`` package are missing, or when the file is not the published one (checked by its
 SHA-256 and read with ``weights_only=True`` before torch-fidelity sees it). Nothing is ever downloaded.
+The Inception Score of a prior's samples (``kepler prior eval``) runs on the same file, under the
+same rules (:func:`load_inception_score`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +42,8 @@ log = logging.getLogger("kepler")
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 # Start of the published file's SHA-256 (torch hub's naming: <name>-<sha256 prefix>.pth).
 INCEPTION_SHA256_PREFIX = "6726825d"
+# The Inception Score's usual splits (Salimans et al.; torchmetrics' default): mean and std over them.
+INCEPTION_SCORE_SPLITS = 10
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -85,10 +90,10 @@ def read_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_fid(weights_path: str | os.PathLike | None = None):
-    """torchmetrics ``FrechetInceptionDistance`` on the local FID Inception weights: ``(metric, None)``
-    or ``(None, reason)`` (missing file, missing torch-fidelity, or a file refused by
-    :func:`read_inception_weights`)."""
+def _checked_inception_weights(weights_path: str | os.PathLike | None) -> tuple[io.BytesIO | None, str | None]:
+    """The local FID Inception weights (default :func:`default_inception_path`) as torch-fidelity
+    reads them, ``(file object, None)``, or ``(None, reason)``: missing file, missing torch-fidelity,
+    or a file refused by :func:`read_inception_weights`."""
     path = Path(weights_path) if weights_path else default_inception_path()
     if not path.is_file():
         return None, f"no weights at {path}"
@@ -96,8 +101,6 @@ def load_fid(weights_path: str | os.PathLike | None = None):
 
     if not _TORCH_FIDELITY_AVAILABLE:
         return None, "the torch-fidelity package (FID Inception network) is not installed"
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     try:
         state = read_inception_weights(path)
     except ValueError as exc:
@@ -107,7 +110,38 @@ def load_fid(weights_path: str | os.PathLike | None = None):
     checked = io.BytesIO()
     torch.save(state, checked)
     checked.seek(0)
+    return checked, None
+
+
+def load_fid(weights_path: str | os.PathLike | None = None):
+    """torchmetrics ``FrechetInceptionDistance`` on the local FID Inception weights: ``(metric, None)``
+    or ``(None, reason)`` (see :func:`_checked_inception_weights`). It takes float images in [0, 1]."""
+    checked, reason = _checked_inception_weights(weights_path)
+    if checked is None:
+        return None, reason
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=checked), None
+
+
+def load_inception_score(weights_path: str | os.PathLike | None = None):
+    """torchmetrics ``InceptionScore`` (:data:`INCEPTION_SCORE_SPLITS` splits) on the local FID
+    Inception weights: ``(metric, None)`` or ``(None, reason)``, as :func:`load_fid`. It takes float
+    images in [0, 1]; ``compute()`` is ``(mean, std)`` over the splits."""
+    checked, reason = _checked_inception_weights(weights_path)
+    if checked is None:
+        return None, reason
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    from torchmetrics.image.inception import InceptionScore
+
+    # InceptionScore takes no weights path: it is handed the network its default would build
+    # (the logits_unbiased output), built on the checked weights.
+    network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                                 feature_extractor_weights_path=checked)
+    with warnings.catch_warnings():
+        # It keeps every sample's 1008 logits (4 KB): 200 MB at 50k samples, not worth a warning per run.
+        warnings.filterwarnings("ignore", message="Metric `InceptionScore` will save all extracted features")
+        return InceptionScore(feature=network, splits=INCEPTION_SCORE_SPLITS, normalize=True), None
 
 
 class _Sums:

@@ -10,6 +10,11 @@ changed tokenizer or data section encodes again. Validation is the held-out nega
 bits per token (sub-code) and per position, next to two baselines fitted on the training maps (add-one
 smoothed, also in bits per token): one code histogram per codebook (unigram) and one per slot
 ``(h, w, p)`` of the map (per-position unigram).
+
+A class-conditional prior (``model.num_classes > 0``) needs labelled data (``faces``; see
+:func:`kepler.data.dataset_labels`) with exactly that many classes, in ``data.train`` and ``data.val``:
+the cache then holds each map's class too (a flip keeps its image's class), and the class is the
+start token in training, validation and sampling. An unconditional prior ignores labels.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
-from kepler.data import build_dataset, collate, first_items
+from kepler.data import build_dataset, collate, dataset_labels, first_items
 from kepler.data.images import split_key
 from kepler.distributed import barrier
 from kepler.models import CodeTransformer, VQModel
@@ -34,7 +39,7 @@ from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import token_cross_entropy
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import build_optimizer, to_dict
-from kepler.train.evaluate import load_model
+from kepler.train.evaluate import INCEPTION_SCORE_SPLITS, load_fid, load_inception_score, load_model, to_unit
 from kepler.weights import check_state_dict
 
 
@@ -72,17 +77,36 @@ def encode_dataset(tokenizer: VQModel, dataset: Dataset, batch_size: int, device
 
 
 class CodeMaps(Dataset):
-    """Index maps as a data set: items ``(map (H, W, P) int64, ())`` for :func:`kepler.data.collate`."""
+    """Index maps as a data set, for :func:`kepler.data.collate`: items ``(map (H, W, P) int64, ())``,
+    or ``((map, label 0-d int64), ())`` with ``labels`` (``(N,)``, one per map)."""
 
-    def __init__(self, codes: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, labels: torch.Tensor | None = None):
         self.codes = codes
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def __getitem__(self, key):
         index, _ = split_key(key)  # SeededSampler's (index, seed): maps take no augmentation
-        return self.codes[index], ()
+        if self.labels is None:
+            return self.codes[index], ()
+        return (self.codes[index], self.labels[index]), ()
+
+
+def class_labels(dataset: Dataset, num_classes: int, where: str) -> torch.Tensor | None:
+    """The labels ``(N,)`` int64 of ``dataset`` (the data named by ``where``, e.g. ``"data.train
+    'faces'"``) for a prior of ``num_classes`` classes; None for an unconditional prior (0). A
+    ValueError naming both counts when the data set has no labels or another number of classes."""
+    if num_classes == 0:
+        return None
+    found, labels = dataset_labels(dataset)
+    if found == 0:
+        raise ValueError(f"config key 'model.num_classes' is {num_classes}, but {where} has no class labels "
+                         "(labelled data: faces); use model.num_classes=0 for an unconditional prior")
+    if found != num_classes:
+        raise ValueError(f"config key 'model.num_classes' is {num_classes}, but {where} has {found} classes")
+    return labels
 
 
 def slot_counts(codes: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
@@ -112,13 +136,17 @@ def baseline_bits(train_counts: torch.Tensor, val_codes: torch.Tensor, layout: C
 
 
 @torch.no_grad()
-def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, device: torch.device) -> dict:
-    """``bits_per_token`` and ``bits_per_position`` of ``codes (N, H, W, P)`` under ``model``."""
+def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, device: torch.device,
+                  labels: torch.Tensor | None = None) -> dict:
+    """``bits_per_token`` and ``bits_per_position`` of ``codes (N, H, W, P)`` under ``model`` (given
+    their classes ``labels (N,)`` for a class-conditional one)."""
     nats = 0.0
     was_training = model.training
     model.eval()
     for start in range(0, len(codes), batch_size):
-        nats += float(model.nll(codes[start : start + batch_size].to(device)).nats.sum())
+        batch = slice(start, start + batch_size)
+        batch_labels = None if labels is None else labels[batch].to(device)
+        nats += float(model.nll(codes[batch].to(device), batch_labels).nats.sum())
     model.train(was_training)
     layout = model.layout
     bits = nats / math.log(2) / len(codes)
@@ -148,30 +176,33 @@ class PriorTask:
         self.trainer = trainer
         device = trainer.device
         self.tokenizer_path = str(cfg.tokenizer.checkpoint)
-        if cfg.model.num_classes:
-            raise ValueError(f"config key 'model.num_classes' is {cfg.model.num_classes}: class-conditional "
-                             "priors need labelled data, which training does not read yet (use 0)")
+        self.num_classes = int(cfg.model.num_classes)
         # Loading and encoding must not draw from the seeded RNG: the prior's initial weights are the
         # same whether the codes are encoded now or read from the cache.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             tokenizer = load_tokenizer(self.tokenizer_path, device)
             self.layout = tokenizer_layout(tokenizer, cfg.data.size)
             self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
-            train_codes, self.val_codes = self._codes(tokenizer, trainer)
+            cached = self._codes(tokenizer, trainer)
             del tokenizer
-        self.train_counts = slot_counts(train_codes, self.layout)
-        self.train_set = CodeMaps(train_codes)
+        self.val_codes, self.val_labels = cached["val"], cached.get("val_labels")
+        self.train_counts = slot_counts(cached["train"], self.layout)
+        self.train_set = CodeMaps(cached["train"], cached.get("train_labels"))
 
         self.model = CodeTransformer(self.layout, **to_dict(cfg.model)).to(device)
         self.opt = build_optimizer(cfg.optim, self.model.parameters(), lr)  # AdamW unless optim.name says otherwise
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
         self.model_ddp = self.model
 
-    def _codes(self, tokenizer: VQModel, trainer) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training and held-out index maps, from the run's cache or encoded (by rank 0) and cached."""
+    def _codes(self, tokenizer: VQModel, trainer) -> dict:
+        """The cache's entries: training and held-out index maps (``train``, ``val``) and, for a
+        class-conditional prior, their classes (``train_labels``, ``val_labels``), read back or encoded
+        (by rank 0) and cached."""
         data = trainer.cfg.data
         settings = {key: data[key] for key in ("train", "val", "size", "resize", "flip", "samples_per_epoch",
                                                "val_max_images")}
+        if self.num_classes:  # only then: an unconditional prior's cache keeps its key
+            settings["num_classes"] = self.num_classes
         key = hashlib.sha256(json.dumps({"tokenizer": self.tokenizer_sha256, **settings}, sort_keys=True,
                                         default=str).encode()).hexdigest()[:16]
         path = trainer.run_dir / "codes" / f"{key}.pt"
@@ -180,18 +211,25 @@ class PriorTask:
             # crops are seeded per image), its horizontal flip as a map of its own.
             train_set = build_dataset(data.train, "train", data.size, data.resize, random_crop=False,
                                       flip=False, samples_per_epoch=data.samples_per_epoch)
-            val_codes = encode_dataset(tokenizer, held_out_set(data), data.val_batch_size, trainer.device)
-            train_codes = encode_dataset(tokenizer, train_set, data.val_batch_size, trainer.device, flips=data.flip)
-            save_checkpoint({"train": train_codes, "val": val_codes, "tokenizer_sha256": self.tokenizer_sha256,
-                             "data": settings}, path)
+            val_set = held_out_set(data)
+            train_labels = class_labels(train_set, self.num_classes, f"data.train {data.train!r}")
+            val_labels = class_labels(val_set, self.num_classes, f"data.val {data.val!r}")
+            codes = {
+                "val": encode_dataset(tokenizer, val_set, data.val_batch_size, trainer.device),
+                "train": encode_dataset(tokenizer, train_set, data.val_batch_size, trainer.device, flips=data.flip),
+            }
+            if self.num_classes:
+                # encode_dataset puts the flips after all the maps, in the same order.
+                codes.update(train_labels=train_labels.repeat(2 if data.flip else 1), val_labels=val_labels)
+            save_checkpoint({**codes, "tokenizer_sha256": self.tokenizer_sha256, "data": settings}, path)
         barrier()
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        return cached["train"], cached["val"]
+        return torch.load(path, map_location="cpu", weights_only=True)
 
     @property
     def status(self) -> str:
+        classes = f", {self.num_classes} classes" if self.num_classes else ""
         return (f"{len(self.train_set)} training maps of {self.layout.height}x{self.layout.width}x"
-                f"{self.layout.tokens_per_position} codes (K={self.layout.codebook_size})")
+                f"{self.layout.tokens_per_position} codes (K={self.layout.codebook_size}{classes})")
 
     def wrap_ddp(self, device_ids) -> None:
         self.model_ddp = DDP(self.model, device_ids=device_ids)
@@ -227,12 +265,15 @@ class PriorTask:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for i in range(accum):
-            codes, _ = next(batches)
+            batch, _ = next(batches)
+            codes, labels = batch if self.num_classes else (batch, None)
             codes = codes.to(trainer.device, non_blocking=True)
+            if labels is not None:
+                labels = labels.to(trainer.device, non_blocking=True)
             sync = i == accum - 1 or not trainer.dist.enabled
             with contextlib.nullcontext() if sync else self.model_ddp.no_sync():
                 with trainer.autocast():
-                    logits = self.model_ddp(codes)
+                    logits = self.model_ddp(codes, labels)
                 loss = token_cross_entropy(logits, codes)
                 trainer.scaler.scale(loss / accum).backward()
             total += float(loss.detach()) / accum
@@ -258,7 +299,8 @@ class PriorTask:
     def validate(self) -> dict:
         trainer = self.trainer
         return {
-            **held_out_bits(self.model, self.val_codes, trainer.cfg.data.val_batch_size, trainer.device),
+            **held_out_bits(self.model, self.val_codes, trainer.cfg.data.val_batch_size, trainer.device,
+                            self.val_labels),
             **baseline_bits(self.train_counts, self.val_codes, self.layout),
             "val_maps": len(self.val_codes),
         }
@@ -301,32 +343,111 @@ def prior_tokenizer(prior: CodeTransformer, state: dict, device: torch.device | 
 
 
 @torch.no_grad()
-def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int, class_label: int | None = None, *,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int,
+                  class_label: int | torch.Tensor | None = None, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  seed: int | torch.Generator = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` samples: ``(index maps (num, H, W, P) int64, images (num, 3, H*f, W*f) float32 in [-1, 1])``,
-    the same for the same ``seed`` on one device."""
-    if class_label is not None and prior.num_classes == 0:
+    the same for the same ``seed`` on one device (a generator on the prior's device: drawn from, so
+    that batches drawn one after another differ). ``class_label``: the class of every sample, or one
+    per sample ``(num,)``; required by a class-conditional prior and refused by an unconditional one."""
+    num_classes = prior.num_classes
+    if class_label is not None and num_classes == 0:
         raise ValueError(f"a class ({class_label}) was given, but the prior is unconditional (model.num_classes=0)")
+    if class_label is None and num_classes:
+        raise ValueError(f"the prior is class-conditional (model.num_classes={num_classes}): give a class "
+                         f"from 0 to {num_classes - 1}")
+    if isinstance(class_label, int) and not 0 <= class_label < num_classes:
+        raise ValueError(f"class {class_label} is out of range: the prior has {num_classes} classes, "
+                         f"0 to {num_classes - 1}")
     device = next(prior.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
     codes = prior.generate(num, class_label, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     return codes, tokenizer.decode_indices(codes).float().clamp(-1, 1)
 
 
-def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16) -> dict:
+@torch.no_grad()
+def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset, held_out_labels: torch.Tensor | None,
+                   num_samples: int, inception_path: str | os.PathLike | None, batch_size: int, seed: int) -> dict:
+    """FID of ``num_samples`` samples (:func:`sample_images` in batches of ``batch_size``, one
+    generator seeded with ``seed``) against the ``held_out`` images, and their Inception Score
+    ``[mean, std]``, on the local FID Inception weights (:func:`kepler.train.evaluate.load_fid`); a
+    class-conditional prior's samples take the held-out classes in turn (the same proportions).
+    ``fid_off_reason`` / ``is_off_reason`` instead where a metric cannot run."""
+    # The weights are looked at only where the counts allow a metric (reading them takes seconds).
+    if num_samples < 2:
+        fid, fid_reason = None, f"num_samples is {num_samples}; FID needs at least 2 samples"
+    elif len(held_out) < 2:
+        fid, fid_reason = None, f"the held-out set has {len(held_out)} image(s); FID needs at least 2"
+    else:
+        fid, fid_reason = load_fid(inception_path)
+    if num_samples < INCEPTION_SCORE_SPLITS:
+        score, is_reason = None, (f"num_samples is {num_samples}; the Inception Score needs at least "
+                                  f"{INCEPTION_SCORE_SPLITS} (one per split)")
+    else:
+        score, is_reason = load_inception_score(inception_path)
+    out = {}
+    if fid is None:
+        out["fid_off_reason"] = fid_reason
+    if score is None:
+        out["is_off_reason"] = is_reason
+    if fid is None and score is None:
+        return out
+    device = next(prior.parameters()).device
+    if fid is not None:
+        fid = fid.to(device)
+        for images, _ in DataLoader(held_out, batch_size=batch_size, collate_fn=collate):
+            fid.update(to_unit(images.to(device)), real=True)
+    if score is not None:
+        score = score.to(device)
+    labels = None
+    if held_out_labels is not None:
+        labels = held_out_labels[torch.arange(num_samples) % len(held_out_labels)].to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        batch_labels = None if labels is None else labels[start : start + count]
+        _, images = sample_images(prior, tokenizer, count, batch_labels, seed=generator)
+        images = to_unit(images)  # (count, 3, H, W) float32 in [0, 1], what both metrics take
+        if fid is not None:
+            fid.update(images, real=False)
+        if score is not None:
+            score.update(images)
+    if fid is not None:
+        out["fid"] = float(fid.compute())
+    if score is not None:
+        # The score shuffles the samples into its splits with the global RNG: seeded, so one seed
+        # gives one score.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean, std = score.compute()
+        out["inception_score"] = [float(mean), float(std)]
+    return out
+
+
+def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16, *,
+                   num_samples: int = 0, inception_path: str | os.PathLike | None = None, seed: int = 0) -> dict:
     """Held-out bits per token and per position of a prior, on its config's validation data encoded by
-    its tokenizer, and the two baselines (fitted on its training maps) in bits per token."""
+    its tokenizer, and the two baselines (fitted on its training maps) in bits per token; with
+    ``num_samples``, the FID and Inception Score of that many samples (seeded by ``seed``) against the
+    held-out images, where the Inception weights are on disk (:func:`sample_metrics`)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
     prior, state = load_prior(checkpoint, device)
     tokenizer = prior_tokenizer(prior, state, device)
     data = state["config"]["data"]
-    val_codes = encode_dataset(tokenizer, held_out_set(data), batch_size, torch.device(device))
+    val_set = held_out_set(data)
+    val_labels = class_labels(val_set, prior.num_classes, f"data.val {data['val']!r}")
+    val_codes = encode_dataset(tokenizer, val_set, batch_size, torch.device(device))
     return {
         "checkpoint": str(checkpoint),
         "step": int(state["step"]),
         "tokenizer": state["tokenizer"]["checkpoint"],
         "val_data": str(data["val"]),
         "val_maps": len(val_codes),
-        **held_out_bits(prior, val_codes, batch_size, torch.device(device)),
+        **held_out_bits(prior, val_codes, batch_size, torch.device(device), val_labels),
         **baseline_bits(state["train_slot_counts"], val_codes, prior.layout),
+        "num_samples": num_samples,
+        "seed": seed,
+        **sample_metrics(prior, tokenizer, val_set, val_labels, num_samples, inception_path, batch_size, seed),
     }
