@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.requirements-installed
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: venv build test demo study bench clean
+.PHONY: venv build test demo generate study bench clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,15 @@ demo: export KEPLER_SKIP_CUDA_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev
 demo: build
 	$(PY) -m kepler train sample --overwrite
 	$(PY) -m kepler eval runs/sample/checkpoints/last.pt --data sample --out runs/sample
+
+# The second command: a prior over the demo tokenizer's codes (the tokenizer is trained first if
+# runs/sample has none), then its held-out bits against the baselines and 16 samples.
+generate: export KEPLER_SKIP_CUDA_BUILD ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,1)
+generate: build
+	test -f runs/sample/checkpoints/last.pt || $(PY) -m kepler train sample --overwrite
+	$(PY) -m kepler prior train prior_sample --overwrite
+	$(PY) -m kepler prior eval runs/prior_sample/checkpoints/last.pt
+	$(PY) -m kepler sample runs/prior_sample/checkpoints/last.pt --num 16 --seed 0 --out runs/prior_sample/samples
 
 study: build
 	$(PY) -m kepler study study_sample

@@ -16,7 +16,7 @@ from kepler.models import CodeTransformer
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import load_prior_config
 from kepler.train import prior_task
-from kepler.train.evaluate import to_unit
+from kepler.train.evaluate import save_image_grid, to_unit
 from kepler.train.prior_task import evaluate_prior, held_out_set, load_prior, prior_tokenizer, sample_images
 
 TOKENIZER = """
@@ -85,6 +85,15 @@ def test_training_logs_bits_and_baselines_and_caches_the_codes(prior_run, tokeni
     cached = torch.load(cache, weights_only=True)
     assert cached["train"].shape == (32, 8, 8, 2) and cached["val"].shape == (8, 8, 8, 2)
     assert cached["train"].dtype == torch.int64
+
+
+def test_validation_writes_the_sample_grid_of_seed_0(prior_run, tmp_path):
+    assert (prior_run / "samples_step2.png").is_file() and (prior_run / "samples_step4.png").is_file()
+    assert (prior_run / "samples.png").read_bytes() == (prior_run / "samples_step4.png").read_bytes()
+    prior, state = load_prior(prior_run / "checkpoints" / "last.pt")
+    _, images = sample_images(prior, prior_tokenizer(prior, state), 8, seed=0)  # grid_images: 8 by default
+    expected = save_image_grid(images, tmp_path / "expected.png")
+    assert (prior_run / "samples.png").read_bytes() == expected.read_bytes()
 
 
 def test_a_changed_tokenizer_file_or_data_section_encodes_again(tmp_path, tokenizer):

@@ -15,6 +15,9 @@ A class-conditional prior (``model.num_classes > 0``) needs labelled data (``fac
 :func:`kepler.data.dataset_labels`) with exactly that many classes, in ``data.train`` and ``data.val``:
 the cache then holds each map's class too (a flip keeps its image's class), and the class is the
 start token in training, validation and sampling. An unconditional prior ignores labels.
+
+Each validation also draws ``train.grid_images`` samples (seed 0, so that successive grids compare)
+and writes them, decoded by the tokenizer, to ``samples_step<N>.png``, ``samples.png`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import token_cross_entropy
 from kepler.train.checkpoint import load_checkpoint, save_checkpoint
 from kepler.train.config import build_optimizer, to_dict
-from kepler.train.evaluate import INCEPTION_SCORE_SPLITS, load_fid, load_inception_score, load_model, to_unit
+from kepler.train.evaluate import (
+    INCEPTION_SCORE_SPLITS,
+    load_fid,
+    load_inception_score,
+    load_model,
+    save_image_grid,
+    to_unit,
+)
 from kepler.weights import check_state_dict
 
 
@@ -184,7 +194,9 @@ class PriorTask:
             self.layout = tokenizer_layout(tokenizer, cfg.data.size)
             self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
             cached = self._codes(tokenizer, trainer)
-            del tokenizer
+        # Kept where validation draws sample grids (rank 0); else freed.
+        self.tokenizer = tokenizer if trainer.dist.is_main and cfg.train.grid_images else None
+        del tokenizer
         self.val_codes, self.val_labels = cached["val"], cached.get("val_labels")
         self.train_counts = slot_counts(cached["train"], self.layout)
         self.train_set = CodeMaps(cached["train"], cached.get("train_labels"))
@@ -297,13 +309,26 @@ class PriorTask:
     # ------------------------------------------------------------------ eval
 
     def validate(self) -> dict:
+        """Held-out bits and their baselines; rank 0 also writes the sample grid to the run folder."""
         trainer = self.trainer
+        if self.tokenizer is not None:
+            self._write_samples(trainer.cfg.train.grid_images)
         return {
             **held_out_bits(self.model, self.val_codes, trainer.cfg.data.val_batch_size, trainer.device,
                             self.val_labels),
             **baseline_bits(self.train_counts, self.val_codes, self.layout),
             "val_maps": len(self.val_codes),
         }
+
+    def _write_samples(self, num: int) -> None:
+        """``num`` samples (seed 0; a class-conditional prior's cycle through the classes) as
+        ``samples_step<N>.png`` and ``samples.png`` in the run folder, and in TensorBoard."""
+        trainer = self.trainer
+        labels = torch.arange(num, device=trainer.device) % self.num_classes if self.num_classes else None
+        _, images = sample_images(self.model, self.tokenizer, num, labels, seed=0)
+        path = save_image_grid(images.cpu(), trainer.run_dir / f"samples_step{trainer.step}.png")
+        (trainer.run_dir / "samples.png").write_bytes(path.read_bytes())
+        trainer.tb.add_images("val/samples", to_unit(images), trainer.step)
 
     def final_metrics(self) -> dict:
         return {"tokenizer": self.tokenizer_path, "train_maps": len(self.train_set)}

@@ -24,7 +24,7 @@ log = logging.getLogger("kepler")
 
 LOCK_NAME = ".lock"
 # What a training writes into its run folder; --overwrite deletes exactly these.
-RUN_OUTPUTS = ("checkpoints/last.pt", "log.jsonl", "metrics.json", "reconstructions.png", "tb")
+RUN_OUTPUTS = ("checkpoints/last.pt", "log.jsonl", "metrics.json", "reconstructions.png", "samples.png", "tb")
 # A lock file younger than this may still be being written by a training that is just starting.
 _LOCK_WRITE_GRACE_S = 10.0
 
