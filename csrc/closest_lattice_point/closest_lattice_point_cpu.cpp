@@ -38,6 +38,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if KEPLER_X86
@@ -77,13 +78,6 @@ KEPLER_FORCE_INLINE int64_t load_block(const RowsView<scalar_t>& x, int64_t row0
   const int64_t n = kDim > 0 ? kDim : dim;
   const int64_t count = std::min(kBlockRows, x.rows - row0);
   const scalar_t* first = x.data + row0 * x.stride_n;
-  if (kDim > 0 && count == kBlockRows && x.stride_n == n && x.stride_d == 1) {
-    // Packed rows, a transpose of compile-time shape: vectorized with shuffles.
-    for (int64_t r = 0; r < kBlockRows; ++r) {
-      for (int64_t c = 0; c < n; ++c) block[c * kBlockRows + r] = static_cast<float>(first[r * n + c]);
-    }
-    return count;
-  }
   for (int64_t r = 0; r < kBlockRows; ++r) {
     for (int64_t c = 0; c < n; ++c) {
       block[c * kBlockRows + r] = r < count ? static_cast<float>(first[r * x.stride_n + c * x.stride_d]) : 0.0f;
@@ -97,12 +91,6 @@ template <int kDim>
 KEPLER_FORCE_INLINE void store_block(const float* block, int64_t count, int64_t row0, int64_t dim, float* out) {
   const int64_t n = kDim > 0 ? kDim : dim;
   float* first = out + row0 * n;
-  if (kDim > 0 && count == kBlockRows) {
-    for (int64_t r = 0; r < kBlockRows; ++r) {
-      for (int64_t c = 0; c < n; ++c) first[r * n + c] = block[c * kBlockRows + r];
-    }
-    return;
-  }
   for (int64_t r = 0; r < count; ++r) {
     for (int64_t c = 0; c < n; ++c) first[r * n + c] = block[c * kBlockRows + r];
   }
@@ -232,6 +220,109 @@ KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE __m256 checkerboard_avx2(const float* x, 
   return residual_sum;
 }
 
+// Transposes between 8 packed float32 rows of n = 1, 2, 4 or 8 coordinates (`rows`, row-major)
+// and the block layout (`columns`, column-major): shuffles within and across the 128-bit lanes.
+constexpr bool has_transpose_avx2(int dim) { return dim == 1 || dim == 2 || dim == 4 || dim == 8; }
+
+// The 8 x 8 transpose, its own inverse.
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE void transpose8x8_avx2(const float* in, float* out) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 a = _mm256_loadu_ps(in + 16 * i), b = _mm256_loadu_ps(in + 16 * i + 8);
+    t[2 * i] = _mm256_unpacklo_ps(a, b);
+    t[2 * i + 1] = _mm256_unpackhi_ps(a, b);
+  }
+  for (int i = 0; i < 2; ++i) {
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + 8 * i, _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
+    _mm256_storeu_ps(out + 8 * (i + 4), _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+  }
+}
+
+template <int kDim>
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE void rows_to_columns_avx2(const float* rows, float* columns) {
+  static_assert(has_transpose_avx2(kDim));
+  if constexpr (kDim == 1) {
+    _mm256_storeu_ps(columns, _mm256_loadu_ps(rows));
+  } else if constexpr (kDim == 2) {  // (x0 y0 x1 y1 | x2 y2 x3 y3), (rows 4 to 7)
+    const __m256 a = _mm256_loadu_ps(rows), b = _mm256_loadu_ps(rows + 8);
+    // (x0 x1 x4 x5 | x2 x3 x6 x7), then the middle 64-bit pairs swapped.
+    const __m256 xs = _mm256_shuffle_ps(a, b, 0x88), ys = _mm256_shuffle_ps(a, b, 0xDD);
+    _mm256_storeu_ps(columns, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xs), 0xD8)));
+    _mm256_storeu_ps(columns + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ys), 0xD8)));
+  } else if constexpr (kDim == 4) {  // (r0 | r1), (r2 | r3), ...: pair rows i and i + 4 in a vector, then 4 x 4 transposes per lane
+    const __m256 a = _mm256_loadu_ps(rows), b = _mm256_loadu_ps(rows + 8);
+    const __m256 c = _mm256_loadu_ps(rows + 16), d = _mm256_loadu_ps(rows + 24);
+    const __m256 p0 = _mm256_permute2f128_ps(a, c, 0x20), p1 = _mm256_permute2f128_ps(a, c, 0x31);
+    const __m256 p2 = _mm256_permute2f128_ps(b, d, 0x20), p3 = _mm256_permute2f128_ps(b, d, 0x31);
+    const __m256 t0 = _mm256_unpacklo_ps(p0, p1), t1 = _mm256_unpackhi_ps(p0, p1);
+    const __m256 t2 = _mm256_unpacklo_ps(p2, p3), t3 = _mm256_unpackhi_ps(p2, p3);
+    _mm256_storeu_ps(columns, _mm256_shuffle_ps(t0, t2, 0x44));
+    _mm256_storeu_ps(columns + 8, _mm256_shuffle_ps(t0, t2, 0xEE));
+    _mm256_storeu_ps(columns + 16, _mm256_shuffle_ps(t1, t3, 0x44));
+    _mm256_storeu_ps(columns + 24, _mm256_shuffle_ps(t1, t3, 0xEE));
+  } else {
+    transpose8x8_avx2(rows, columns);
+  }
+}
+
+template <int kDim>
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE void columns_to_rows_avx2(const float* columns, float* rows) {
+  static_assert(has_transpose_avx2(kDim));
+  if constexpr (kDim == 1) {
+    _mm256_storeu_ps(rows, _mm256_loadu_ps(columns));
+  } else if constexpr (kDim == 2) {
+    const __m256 xs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_loadu_ps(columns)), 0xD8));
+    const __m256 ys = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_loadu_ps(columns + 8)), 0xD8));
+    _mm256_storeu_ps(rows, _mm256_unpacklo_ps(xs, ys));
+    _mm256_storeu_ps(rows + 8, _mm256_unpackhi_ps(xs, ys));
+  } else if constexpr (kDim == 4) {
+    const __m256 c0 = _mm256_loadu_ps(columns), c1 = _mm256_loadu_ps(columns + 8);
+    const __m256 c2 = _mm256_loadu_ps(columns + 16), c3 = _mm256_loadu_ps(columns + 24);
+    const __m256 t0 = _mm256_unpacklo_ps(c0, c1), t1 = _mm256_unpackhi_ps(c0, c1);
+    const __m256 t2 = _mm256_unpacklo_ps(c2, c3), t3 = _mm256_unpackhi_ps(c2, c3);
+    const __m256 p0 = _mm256_shuffle_ps(t0, t2, 0x44), p1 = _mm256_shuffle_ps(t0, t2, 0xEE);  // (r0 | r4), (r1 | r5)
+    const __m256 p2 = _mm256_shuffle_ps(t1, t3, 0x44), p3 = _mm256_shuffle_ps(t1, t3, 0xEE);  // (r2 | r6), (r3 | r7)
+    _mm256_storeu_ps(rows, _mm256_permute2f128_ps(p0, p1, 0x20));
+    _mm256_storeu_ps(rows + 8, _mm256_permute2f128_ps(p2, p3, 0x20));
+    _mm256_storeu_ps(rows + 16, _mm256_permute2f128_ps(p0, p1, 0x31));
+    _mm256_storeu_ps(rows + 24, _mm256_permute2f128_ps(p2, p3, 0x31));
+  } else {
+    transpose8x8_avx2(columns, rows);
+  }
+}
+
+// load_block and store_block, by the transposes above where the rows are packed float32 (the
+// output always is) and the block is full.
+template <int kDim, typename scalar_t>
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE int64_t load_block_avx2(const RowsView<scalar_t>& x, int64_t row0, int64_t dim,
+                                                               float* block) {
+  if constexpr (std::is_same_v<scalar_t, float> && has_transpose_avx2(kDim)) {
+    if (row0 + kBlockRows <= x.rows && x.stride_n == kDim && (kDim == 1 || x.stride_d == 1)) {
+      rows_to_columns_avx2<kDim>(x.data + row0 * kDim, block);
+      return kBlockRows;
+    }
+  }
+  return load_block<kDim>(x, row0, dim, block);
+}
+
+template <int kDim>
+KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE void store_block_avx2(const float* block, int64_t count, int64_t row0,
+                                                             int64_t dim, float* out) {
+  if constexpr (has_transpose_avx2(kDim)) {
+    if (count == kBlockRows) {
+      columns_to_rows_avx2<kDim>(block, out + row0 * kDim);
+      return;
+    }
+  }
+  store_block<kDim>(block, count, row0, dim, out);
+}
+
 template <int kDim>
 KEPLER_TARGET_AVX2 KEPLER_FORCE_INLINE __m256 sq_dist_avx2(const float* x, const float* points, int64_t dim) {
   const int64_t n = kDim > 0 ? kDim : dim;
@@ -333,9 +424,9 @@ KEPLER_TARGET_AVX2 void closest_rows_avx2(const RowsView<scalar_t>& x, int64_t d
                                           int64_t block_end, float* scratch, float* out) {
   float* points = scratch + dim * kBlockRows;
   for (int64_t block = block_begin; block < block_end; ++block) {
-    const int64_t count = load_block<kDim>(x, block * kBlockRows, dim, scratch);
+    const int64_t count = load_block_avx2<kDim>(x, block * kBlockRows, dim, scratch);
     closest_block_avx2<kFamily, kDim>(scratch, points, dim);
-    store_block<kDim>(points, count, block * kBlockRows, dim, out);
+    store_block_avx2<kDim>(points, count, block * kBlockRows, dim, out);
   }
 }
 #endif
