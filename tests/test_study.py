@@ -291,12 +291,15 @@ def test_quick_study_reuses_finished_runs(quick_study):
 def test_readme_section_is_generated_between_markers(quick_study, tmp_path):
     before = json.loads((quick_study / "study.json").read_text())
     readme = tmp_path / "README.md"
-    markers = f"{report.README_BEGIN}\nold table\n{report.README_END}"
+    begin, end = report.readme_markers(before["name"])
+    other = "\n".join(report.readme_markers("another_study"))
+    markers = f"{begin}\nold table\n{end}\n\n{other}"
     readme.write_text(f"# kepler\n\nintro\n\n## Results\n\n{markers}\n\nOur reading.\n")
     assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(quick_study), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# kepler\n\nintro\n\n## Results\n\n") and text.endswith("\n\nOur reading.\n")
     assert "old table" not in text and "| `kepler_fcc` | 12.0 |" in text
+    assert other in text  # another study's section is left alone
     # every run was reused: the README reports the study that trained them
     assert f"Wall time: {before['wall_minutes']:.1f} min" in text
     assert f"Command: `{before['command']}`" in text

@@ -19,7 +19,7 @@ training (see :func:`kepler.study.stats.select_weight`), judged against a refere
 variant at weight 0 or at the sweep's ``reference`` weight for that key.
 
 ``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
-the results between the README's ``kepler-study`` markers.
+the results between the README's ``kepler-study`` markers of that study (``kepler.study.report.readme_markers``).
 
 Runs are independent processes (``jobs`` at a time, each with ``threads`` threads, by default
 ``cores // jobs``); a run
