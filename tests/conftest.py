@@ -74,6 +74,17 @@ def device_backend_params():
     return params
 
 
+@pytest.fixture(params=["avx2", "portable"])
+def cpu_kernel(request, monkeypatch):
+    """Runs a C++ CPU kernel's test with the AVX2 code paths (where the CPU has them) and with the
+    portable ones (``KEPLER_DISABLE_AVX2=1``)."""
+    if request.param == "portable":
+        monkeypatch.setenv("KEPLER_DISABLE_AVX2", "1")
+    else:
+        monkeypatch.delenv("KEPLER_DISABLE_AVX2", raising=False)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

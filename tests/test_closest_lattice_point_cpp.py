@@ -32,16 +32,6 @@ FAMILY_DIMS += [("A2", 2), ("E8", 8)]
 ROWS = (1, 7, 8, 9, 1001)
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def cpu_kernel(request, monkeypatch):
-    """Runs the test with the AVX2 block kernels (where the CPU has them) and with the portable one."""
-    if request.param == "portable":
-        monkeypatch.setenv("KEPLER_DISABLE_AVX2", "1")
-    else:
-        monkeypatch.delenv("KEPLER_DISABLE_AVX2", raising=False)
-    return request.param
-
-
 def closest_op(x, family):
     return torch.ops.kepler.closest_lattice_point(x, family)
 

@@ -50,16 +50,6 @@ def assert_nearest(z, codebook, indices, sq_dist):
     assert torch.allclose(sq_dist.double(), chosen, rtol=(dim + 1) * FLOAT32_EPS, atol=1e-30)
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def cpu_kernel(request, monkeypatch):
-    """Runs the test with the AVX2 micro-kernels (where the CPU has them) and with the portable one."""
-    if request.param == "portable":
-        monkeypatch.setenv("KEPLER_DISABLE_AVX2", "1")
-    else:
-        monkeypatch.delenv("KEPLER_DISABLE_AVX2", raising=False)
-    return request.param
-
-
 # D picks the micro-kernel and its unrolled specializations (8, 16, 32, 64) or the generic loop;
 # K crosses the 16-code panels and, for the larger D, the L2-sized code blocks; N crosses tasks.
 @pytest.mark.parametrize(

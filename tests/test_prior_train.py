@@ -239,10 +239,9 @@ def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditiona
     assert metrics["val_maps"] == 20 and np.isfinite(metrics["bits_per_token"])
 
 
-def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditional_runs, tmp_path, capsys,
-                                                                        monkeypatch):
-    straight, _ = conditional_runs
-    checkpoint = str(straight / "checkpoints" / "last.pt")
+@pytest.fixture
+def generated_classes(monkeypatch) -> list:
+    """The ``class_labels`` of every ``CodeTransformer.generate`` call in the test, in order."""
     asked = []
     generate = CodeTransformer.generate
 
@@ -251,6 +250,14 @@ def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditi
         return generate(model, num, class_labels, **options)
 
     monkeypatch.setattr(CodeTransformer, "generate", spy)
+    return asked
+
+
+def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditional_runs, tmp_path, capsys,
+                                                                        generated_classes):
+    straight, _ = conditional_runs
+    checkpoint = str(straight / "checkpoints" / "last.pt")
+    asked = generated_classes
     for name, label in (("face", "1"), ("again", "1"), ("background", "0")):
         assert main(["sample", checkpoint, "--num", "3", "--class", label, "--seed", "5", "--device", "cpu",
                      "--out", str(tmp_path / name)]) == 0
@@ -385,16 +392,9 @@ def test_sample_metrics_say_why_they_are_off(prior_run, stand_in_metrics, tmp_pa
     assert capsys.readouterr().err == "kepler prior: error: --num-samples must be >= 0, got -1\n"
 
 
-def test_conditional_samples_take_the_held_out_classes_in_turn(conditional_runs, stand_in_metrics, monkeypatch):
+def test_conditional_samples_take_the_held_out_classes_in_turn(conditional_runs, stand_in_metrics, generated_classes):
     weights, _ = stand_in_metrics
-    asked = []
-    generate = CodeTransformer.generate
-
-    def spy(model, num, class_labels=None, **options):
-        asked.append(class_labels)
-        return generate(model, num, class_labels, **options)
-
-    monkeypatch.setattr(CodeTransformer, "generate", spy)
+    asked = generated_classes
     straight, _ = conditional_runs
     evaluate_prior(straight / "checkpoints" / "last.pt", batch_size=8, num_samples=12, inception_path=weights)
     assert torch.cat(asked).tolist() == [1] * 10 + [0] * 2  # the held-out set: 10 faces, then 10 non-faces
