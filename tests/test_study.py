@@ -362,9 +362,16 @@ def test_prior_block_errors(tmp_path):
         config.load_study_config(_write(tmp_path, head + "prior: {set: {}}\n"))
     with pytest.raises(ValueError, match=r"the prior's 'set' must be a mapping of prior config overrides, got \[1\]"):
         config.load_study_config(_write(tmp_path, head + "prior: {config: prior_sample, set: [1]}\n"))
-    for key in ("data.size", "tokenizer.checkpoint", "seed"):
-        with pytest.raises(ValueError, match=rf"the prior sets '{key}', which each run sets .* set them under 'common'"):
-            config.load_study_config(_write(tmp_path, head + f"prior: {{config: prior_sample, set: {{{key}: 1}}}}\n"))
+    def prior_setting(key):
+        return _write(tmp_path, head + f"prior: {{config: prior_sample, set: {{{key}: 1}}}}\n")
+
+    with pytest.raises(ValueError, match=r"the prior sets 'data.size', which follows the tokenizer run's config .* "
+                                         r"set it under 'common'"):
+        config.load_study_config(prior_setting("data.size"))
+    for key in ("tokenizer.checkpoint", "seed"):
+        with pytest.raises(ValueError, match=rf"the prior sets '{key}', which each run sets \(tokenizer.checkpoint, "
+                                             r"run_dir, seed, name: the run's tokenizer, folder, seed and name\)"):
+            config.load_study_config(prior_setting(key))
     # The quick block's prior overrides are checked too.
     with pytest.raises(ValueError, match=r"the prior sets 'data.val'"):
         config.load_study_config(_write(tmp_path, head + "prior: {config: prior_sample}\nquick: {prior: {data.val: x}}\n"),

@@ -124,12 +124,12 @@ def _check_study(study: dict, path: Path) -> None:
                 )
     if study["prior"] is not None:
         for key in study["prior"]["set"]:
-            if key in PRIOR_KEYS_OF_THE_RUN or key in {f"data.{k}" for k in PRIOR_DATA_FROM_TOKENIZER}:
-                raise ValueError(
-                    f"study config {path}: the prior sets {key!r}, which each run sets (the prior models "
-                    f"the run's tokenizer on the run's data: data.{', data.'.join(PRIOR_DATA_FROM_TOKENIZER)} "
-                    f"follow the tokenizer; set them under 'common')"
-                )
+            if key in PRIOR_KEYS_OF_THE_RUN:
+                raise ValueError(f"study config {path}: the prior sets {key!r}, which each run sets "
+                                 f"({', '.join(PRIOR_KEYS_OF_THE_RUN)}: the run's tokenizer, folder, seed and name)")
+            if key in {f"data.{k}" for k in PRIOR_DATA_FROM_TOKENIZER}:
+                raise ValueError(f"study config {path}: the prior sets {key!r}, which follows the tokenizer run's "
+                                 "config (the prior models the run's codes of the run's images): set it under 'common'")
     sweep = study["sweep"]
     if sweep is not None:
         if sweep.get("variant") not in variants:
