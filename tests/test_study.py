@@ -348,6 +348,7 @@ def test_prior_block_is_optional_and_resolved_like_base(tmp_path):
     quick = config.load_study_config(PRIOR_STUDY_CONFIG, quick=True)
     assert quick["prior"]["set"]["train.max_steps"] < study["prior"]["set"]["train.max_steps"]
     assert quick["prior"]["set"]["train.time_limit_minutes"] is None  # merged, not replaced
+    (tmp_path / "my_prior.yaml").write_text("name: my_prior\n")
     (tmp_path / "mine.yaml").write_text("base: sample\nseeds: [0]\nvariants:\n  a: {set: {}}\n"
                                         "prior: {config: my_prior.yaml}\n")
     assert config.load_study_config(tmp_path / "mine.yaml")["prior"] == {"config": str(tmp_path / "my_prior.yaml"),
@@ -372,6 +373,11 @@ def test_prior_block_errors(tmp_path):
         with pytest.raises(ValueError, match=rf"the prior sets '{key}', which each run sets \(tokenizer.checkpoint, "
                                              r"run_dir, seed, name: the run's tokenizer, folder, seed and name\)"):
             config.load_study_config(prior_setting(key))
+    # The prior's config and overrides load before any run trains, however late the first prior would.
+    with pytest.raises(ValueError, match=r"study.yaml: prior: unknown config key 'train.max_step' in overrides"):
+        config.load_study_config(prior_setting("train.max_step"))
+    with pytest.raises(FileNotFoundError, match=r"study.yaml: prior: config file \S*no_prior.yaml does not exist"):
+        config.load_study_config(_write(tmp_path, head + "prior: {config: no_prior.yaml}\n"))
     # The quick block's prior overrides are checked too.
     with pytest.raises(ValueError, match=r"the prior sets 'data.val'"):
         config.load_study_config(_write(tmp_path, head + "prior: {config: prior_sample}\nquick: {prior: {data.val: x}}\n"),

@@ -22,7 +22,7 @@ An optional ``prior`` block (built-in ``study_prior``) also trains a code prior 
 tokenizer once it is evaluated: ``config`` names a prior config (a file relative to the study config,
 or a built-in name such as ``prior_sample``) and ``set`` its overrides for every run (a step budget
 without a time limit, so every variant gets the same); the ``quick`` block's ``prior`` mapping is
-merged over ``set``. The prior trains in ``<run>/prior`` with the run's seed, on the run's
+merged over ``set``; both are checked when the study config loads. The prior trains in ``<run>/prior`` with the run's seed, on the run's
 ``checkpoints/last.pt``, and its ``data.train``/``val``/``size``/``resize``/``val_max_images`` are the
 tokenizer run's (:data:`kepler.study.config.PRIOR_DATA_FROM_TOKENIZER`; ``set`` may not name them), so
 its held-out maps are the images PSNR is measured on. Each run's metrics gain

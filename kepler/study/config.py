@@ -130,6 +130,14 @@ def _check_study(study: dict, path: Path) -> None:
             if key in {f"data.{k}" for k in PRIOR_DATA_FROM_TOKENIZER}:
                 raise ValueError(f"study config {path}: the prior sets {key!r}, which follows the tokenizer run's "
                                  "config (the prior models the run's codes of the run's images): set it under 'common'")
+        # Now, not when the first prior trains after its tokenizer: a bad key or value fails at once.
+        from kepler.train.config import load_prior_config
+
+        overrides = [override_string(k, v) for k, v in study["prior"]["set"].items()]
+        try:
+            load_prior_config(study["prior"]["config"], overrides, check_tokenizer=False)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"study config {path}: prior: {error}") from error
     sweep = study["sweep"]
     if sweep is not None:
         if sweep.get("variant") not in variants:
