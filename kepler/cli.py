@@ -528,10 +528,16 @@ def _study_command(args) -> str:
 
 def _print_study_run(result: dict) -> None:
     """One line per finished run of a study, as the study collects them."""
-    m = result["metrics"]
-    note = " (reused)" if result.get("reused") else f" in {result['wall_s'] / 60:.1f} min"
+    m, prior = result["metrics"], result.get("prior")
+    if result.get("reused"):
+        note = " (reused)"
+    elif result.get("tokenizer_reused"):
+        note = f" (tokenizer reused; prior in {prior['wall_s'] / 60:.1f} min)"
+    else:
+        note = f" in {(result['wall_s'] + (prior['wall_s'] if prior else 0.0)) / 60:.1f} min"
+    bits = f", prior {m['prior_bits_per_image']:.1f} bits/image" if prior else ""
     print(f"kepler study: {result['variant']} seed {result['seed']}: PSNR {m['psnr']:.2f} dB, "
-          f"utilization {m['utilization']:.3f}{note}", flush=True)
+          f"utilization {m['utilization']:.3f}{bits}{note}", flush=True)
 
 
 def _cmd_study(args) -> int:
@@ -547,7 +553,8 @@ def _cmd_study(args) -> int:
     out = _output_folder(args.out or study["out"], "--out" if args.out else f"{args.config}: out")
     command = _study_command(args)
     print(f"kepler study: {len(study['variants'])} variants x {len(study['seeds'])} seeds"
-          + (" + a weight sweep" if study["sweep"] else "") + f", {study['jobs']} run(s) at a time -> {out}",
+          + (" + a weight sweep" if study["sweep"] else "") + (" + a prior per run" if study["prior"] else "")
+          + f", {study['jobs']} run(s) at a time -> {out}",
           flush=True)
     if args.sweep_only:
         summary = run_sweep_only(study, out, on_result=_print_study_run)

@@ -79,6 +79,7 @@ def test_training_logs_bits_and_baselines_and_caches_the_codes(prior_run, tokeni
         assert np.isfinite(metrics[key]) and metrics[key] > 0, key
     assert metrics["bits_per_position"] == pytest.approx(2 * metrics["bits_per_token"])  # P = 2
     assert metrics["train_maps"] == 32  # 16 crops and their flips
+    assert metrics["tokens_per_map"] == 8 * 8 * 2
     # A uniform prior over K=16 codes is 4 bits a token; the histogram baselines fit the data better.
     assert metrics["unigram_bits_per_token"] < 4.0
     (cache,) = (prior_run / "codes").glob("*.pt")

@@ -12,6 +12,7 @@ from kepler.study import config, report, runner, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = ROOT / "kepler" / "configs" / "study_sample.yaml"
+PRIOR_STUDY_CONFIG = ROOT / "kepler" / "configs" / "study_prior.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -334,3 +335,150 @@ def test_equal_bits_study_variants_load_and_spend_their_budget():
         # Equal bits where the code allows it (FSQ 8,8,8,5,5,5 is 15.97); the Leech shell's single code is 17.6 bits.
         assert budget - 0.05 <= layout["bits"] <= budget + (1.6 if name.startswith("leech") else 0.7), name
     assert types == {"kepler", "fsq", "lfq", "lattice"}
+
+
+# ------------------------------------------------------------------------------ a prior per run
+
+
+def test_prior_block_is_optional_and_resolved_like_base(tmp_path):
+    assert config.load_study_config(STUDY_CONFIG)["prior"] is None
+    study = config.load_study_config(PRIOR_STUDY_CONFIG)
+    assert study["prior"]["config"] == "prior_sample"  # a built-in config is kept as its name
+    assert study["prior"]["set"]["train.time_limit_minutes"] is None  # one step budget for every variant
+    quick = config.load_study_config(PRIOR_STUDY_CONFIG, quick=True)
+    assert quick["prior"]["set"]["train.max_steps"] < study["prior"]["set"]["train.max_steps"]
+    assert quick["prior"]["set"]["train.time_limit_minutes"] is None  # merged, not replaced
+    (tmp_path / "my_prior.yaml").write_text("name: my_prior\n")
+    (tmp_path / "mine.yaml").write_text("base: sample\nseeds: [0]\nvariants:\n  a: {set: {}}\n"
+                                        "prior: {config: my_prior.yaml}\n")
+    assert config.load_study_config(tmp_path / "mine.yaml")["prior"] == {"config": str(tmp_path / "my_prior.yaml"),
+                                                                         "set": {}}
+
+
+def test_prior_block_errors(tmp_path):
+    head = "base: sample\nseeds: [0]\nvariants:\n  a: {set: {}}\n"
+    with pytest.raises(ValueError, match=r"'prior' must be a mapping whose 'config' names a prior config .* got 7"):
+        config.load_study_config(_write(tmp_path, head + "prior: 7\n"))
+    with pytest.raises(ValueError, match=r"'prior' must be a mapping whose 'config' names .* got \{'set': \{\}\}"):
+        config.load_study_config(_write(tmp_path, head + "prior: {set: {}}\n"))
+    with pytest.raises(ValueError, match=r"the prior's 'set' must be a mapping of prior config overrides, got \[1\]"):
+        config.load_study_config(_write(tmp_path, head + "prior: {config: prior_sample, set: [1]}\n"))
+    def prior_setting(key):
+        return _write(tmp_path, head + f"prior: {{config: prior_sample, set: {{{key}: 1}}}}\n")
+
+    with pytest.raises(ValueError, match=r"the prior sets 'data.size', which follows the tokenizer run's config .* "
+                                         r"set it under 'common'"):
+        config.load_study_config(prior_setting("data.size"))
+    for key in ("tokenizer.checkpoint", "seed"):
+        with pytest.raises(ValueError, match=rf"the prior sets '{key}', which each run sets \(tokenizer.checkpoint, "
+                                             r"run_dir, seed, name: the run's tokenizer, folder, seed and name\)"):
+            config.load_study_config(prior_setting(key))
+    # The prior's config and overrides load before any run trains, however late the first prior would.
+    with pytest.raises(ValueError, match=r"study.yaml: prior: unknown config key 'train.max_step' in overrides"):
+        config.load_study_config(prior_setting("train.max_step"))
+    with pytest.raises(FileNotFoundError, match=r"study.yaml: prior: config file \S*no_prior.yaml does not exist"):
+        config.load_study_config(_write(tmp_path, head + "prior: {config: no_prior.yaml}\n"))
+    # The quick block's prior overrides are checked too.
+    with pytest.raises(ValueError, match=r"the prior sets 'data.val'"):
+        config.load_study_config(_write(tmp_path, head + "prior: {config: prior_sample}\nquick: {prior: {data.val: x}}\n"),
+                                 quick=True)
+
+
+def test_without_a_prior_the_tables_and_jobs_are_as_before(tmp_path):
+    study = config.load_study_config(STUDY_CONFIG)
+    assert report.table_metrics(study) == report.TABLE_METRICS
+    assert report.compared_metrics(study) == report.COMPARED_METRICS
+    assert all(job["prior"] is None for job in runner._jobs_for(study, "kepler", {}, [0, 1], tmp_path, prior=True))
+    with_prior = config.load_study_config(PRIOR_STUDY_CONFIG)
+    assert report.table_metrics(with_prior)[-2:] == report.PRIOR_METRICS
+    jobs = runner._jobs_for(with_prior, "kepler", {}, [0], tmp_path, prior=True)
+    assert jobs[0]["prior"] == {"config": "prior_sample",
+                                "overrides": ["train.max_steps=2000", "train.time_limit_minutes=null"]}
+    # The sweep's runs train no prior.
+    assert runner._jobs_for(with_prior, "kepler", {}, [0], tmp_path)[0]["prior"] is None
+
+
+@pytest.fixture(scope="module")
+def quick_prior_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior_study")
+    assert main(["study", str(PRIOR_STUDY_CONFIG), "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def _prior_checkpoint_times(out: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/seed*/prior/checkpoints/last.pt"))}
+
+
+@pytest.mark.slow
+def test_quick_prior_study_reports_bits_per_image(quick_prior_study):
+    result = json.loads((quick_prior_study / "study.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in result["runs"]) == [("kepler", 0), ("kepler", 1),
+                                                                         ("plain_vq", 0), ("plain_vq", 1)]
+    for run in result["runs"]:
+        prior, m = run["prior"], run["metrics"]
+        # 16x16 crops, f4: 4x4 positions of P tokens each
+        assert prior["tokens_per_map"] == 4 * 4 * run["layout"]["partitions"]
+        assert set(runner.PRIOR_RESULT_METRICS) <= set(m)
+        assert math.isfinite(m["prior_bits_per_image"]) and m["prior_bits_per_image"] > 0
+        assert m["prior_bits_per_image"] == m["prior_bits_per_token"] * prior["tokens_per_map"]
+        assert m["unigram_bits_per_image"] == prior["unigram_bits_per_token"] * prior["tokens_per_map"]
+        assert prior["steps"] == 2 and Path(prior["run_dir"]) == Path(run["run_dir"]) / "prior"
+        # The prior modelled this run's tokenizer, on the tokenizer run's held-out images.
+        metrics = json.loads(Path(prior["run_dir"], "metrics.json").read_text())
+        assert metrics["tokenizer"] == str(Path(run["run_dir"]) / "checkpoints" / "last.pt")
+        assert metrics["val_maps"] == run["held_out_images"] == 4
+    for name in ("plain_vq", "kepler"):
+        bits = result["summary"][name]["prior_bits_per_image"]
+        assert bits["n"] == 2 and bits["values"] == [r["metrics"]["prior_bits_per_image"]
+                                                     for r in result["runs"] if r["variant"] == name]
+    text = (quick_prior_study / "study.md").read_text()
+    assert "| img/s | bits/img | unigram bits/img |" in text
+    assert "| Δ eff. bits | Δ bits/img |" in text
+    delta = (result["summary"]["kepler"]["prior_bits_per_image"]["mean"]
+             - result["summary"]["plain_vq"]["prior_bits_per_image"]["mean"])
+    assert f"| {delta:+.1f} (" in text.split("| Δ bits/img |", 1)[1]
+
+
+@pytest.mark.slow
+def test_quick_prior_study_readme_shows_bits_per_image(quick_prior_study, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    assert main(["study", str(PRIOR_STUDY_CONFIG), "--quick", "--out", str(quick_prior_study),
+                 "--readme", str(readme)]) == 0
+    assert capsys.readouterr().out.count("bits/image (reused)") == 4
+    text = readme.read_text()
+    begin, end = report.readme_markers("study_prior")
+    block = text.split(begin, 1)[1].split(end, 1)[0]
+    assert "| bits/img | unigram bits/img |" in block and "| Δ bits/img |" in block
+    assert "under a prior trained on each run's own codes (`prior_sample`" in block
+
+
+@pytest.mark.slow
+def test_quick_prior_study_reuses_finished_priors(quick_prior_study):
+    before = _prior_checkpoint_times(quick_prior_study)
+    assert len(before) == 4
+    again = runner.run_study(config.load_study_config(PRIOR_STUDY_CONFIG, quick=True), quick_prior_study)
+    assert all(r.get("reused") for r in again["runs"])
+    assert _prior_checkpoint_times(quick_prior_study) == before
+
+
+@pytest.mark.slow
+def test_a_changed_prior_config_retrains_only_the_prior(quick_prior_study, tmp_path):
+    import shutil
+
+    out = tmp_path / "study"
+    shutil.copytree(quick_prior_study, out)
+    tokenizers = {str(p): p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/checkpoints/last.pt")}
+    study = config.load_study_config(PRIOR_STUDY_CONFIG, quick=True)
+    study["prior"]["set"]["train.max_steps"] = 3
+    again = runner.run_study(study, out)
+    assert all(r.get("tokenizer_reused") and not r.get("reused") for r in again["runs"])
+    assert all(r["prior"]["steps"] == 3 and "train.max_steps=3" in r["prior"]["overrides"] for r in again["runs"])
+    assert {str(p): p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/checkpoints/last.pt")} == tokenizers
+    # The same study without its prior: the tokenizer runs are reused and lose their priors.
+    study["prior"] = None
+    bare = runner.run_study(study, out)
+    assert all(r.get("reused") and r["prior"] is None for r in bare["runs"])
+    assert not any(set(runner.PRIOR_RESULT_METRICS) & set(r["metrics"]) for r in bare["runs"])
+    assert not list(out.glob("runs/*/seed*/prior"))
+    assert "prior_bits_per_image" not in bare["summary"]["kepler"]
+    assert "bits/img" not in report.render_markdown(bare, "kepler study")

@@ -18,13 +18,27 @@ picks, per regularizer, the weight with the best held-out PSNR among those that 
 training (see :func:`kepler.study.stats.select_weight`), judged against a reference run of the same
 variant at weight 0 or at the sweep's ``reference`` weight for that key.
 
+An optional ``prior`` block (built-in ``study_prior``) also trains a code prior on each run's
+tokenizer once it is evaluated: ``config`` names a prior config (a file relative to the study config,
+or a built-in name such as ``prior_sample``) and ``set`` its overrides for every run (a step budget
+without a time limit, so every variant gets the same); the ``quick`` block's ``prior`` mapping is
+merged over ``set``; both are checked when the study config loads. The prior trains in ``<run>/prior`` with the run's seed, on the run's
+``checkpoints/last.pt``, and its ``data.train``/``val``/``size``/``resize``/``val_max_images`` are the
+tokenizer run's (:data:`kepler.study.config.PRIOR_DATA_FROM_TOKENIZER`; ``set`` may not name them), so
+its held-out maps are the images PSNR is measured on. Each run's metrics gain
+``prior_bits_per_token``, ``prior_bits_per_image`` (bits per token x tokens per map ``H*W*P``: what
+a generator pays for a whole image, comparable across code layouts, unlike bits per token) and
+``unigram_bits_per_image`` (the unigram baseline, the same way); the results table gains ``bits/img``
+and ``unigram bits/img``, the differences table ``Δ bits/img``. The sweep's runs train no prior.
+
 ``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
 the results between the README's ``kepler-study`` markers of that study (``kepler.study.report.readme_markers``).
 
 Runs are independent processes (``jobs`` at a time, each with ``threads`` threads, by default
 ``cores // jobs``); a run
 whose ``result.json`` matches its configuration is reused, so an interrupted study continues where
-it stopped. ``--quick`` swaps in the config's ``quick`` block (a tiny model, a few steps) so every
+it stopped; of a reused run whose prior settings changed (or whose prior was interrupted), only the
+prior trains again. ``--quick`` swaps in the config's ``quick`` block (a tiny model, a few steps) so every
 variant and the sweep run end to end in a minute; the tests use it.
 
 One job per module, in the order a study uses them:

@@ -19,19 +19,25 @@ if TYPE_CHECKING:
     from kepler.nn import Quantizer
 
 SWEEP_MARKER = "sweep"
+# The prior of a run models that run's tokenizer on that run's images: these keys of its data
+# section follow the tokenizer run's config (so bits per image and PSNR are measured on the same
+# held-out images), and these keys are the run's; a study's prior settings may set neither.
+PRIOR_DATA_FROM_TOKENIZER = ("train", "val", "size", "resize", "val_max_images")
+PRIOR_KEYS_OF_THE_RUN = ("tokenizer.checkpoint", "run_dir", "seed", "name")
 
 
 def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     """The study config at ``path`` as plain containers, checked; with ``quick`` its ``quick`` block
-    replaces ``seeds``/``jobs`` and is merged over ``common`` and ``sweep``.
+    replaces ``seeds``/``jobs`` and is merged over ``common``, ``sweep`` and the prior's ``set``.
 
     ``path`` is a file or a built-in config name (:func:`kepler.train.config.resolve_config`).
-    ``base`` (the trainer config) is resolved relative to the study config's folder, else it is a
-    built-in name; a built-in base is kept as its name.
+    ``base`` (the trainer config) and the prior's ``config`` are resolved relative to the study
+    config's folder, else they are built-in names; a built-in config is kept as its name. ``prior``
+    is None without a prior block, else ``{"config", "set"}``.
     """
     from omegaconf import OmegaConf
 
-    from kepler.train.config import CONFIGS_DIR, builtin_config_path, resolve_config
+    from kepler.train.config import resolve_config
 
     path = resolve_config(path)
     study = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -40,18 +46,18 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     for key in ("base", "variants", "seeds"):
         if key not in study:
             raise ValueError(f"study config {path} has no {key!r} entry")
-    # Relative to the study config's folder, kept as relative as the config path was given: the
-    # path lands in study.json and in each run's result.json (the reuse check compares it). A base
-    # among the built-in configs is kept as its name (load_config resolves it): the same in a
-    # checkout and in an installed package, whose folder would be a machine path there.
-    if study["base"]:
-        beside = Path(os.path.normpath(path.parent / study["base"]))
-        if beside.resolve().parent == CONFIGS_DIR:
-            study["base"] = beside.stem
-        elif beside.is_file() or builtin_config_path(str(study["base"])) is None:
-            study["base"] = str(beside)
-    else:
-        study["base"] = None
+    study["base"] = _config_beside(path, study["base"]) if study["base"] else None
+    study.setdefault("prior", None)
+    prior = study["prior"]
+    if prior is not None:
+        if not isinstance(prior, dict) or not isinstance(prior.get("config"), str) or not prior["config"]:
+            raise ValueError(f"study config {path}: 'prior' must be a mapping whose 'config' names a prior config "
+                             f"(a file or a built-in name, e.g. prior_sample), got {prior!r}")
+        settings = prior.get("set") or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"study config {path}: the prior's 'set' must be a mapping of prior config "
+                             f"overrides, got {settings!r}")
+        study["prior"] = {"config": _config_beside(path, prior["config"]), "set": settings}
     study.setdefault("name", path.stem)
     study.setdefault("out", f"runs/{study['name']}")
     study.setdefault("jobs", 1)
@@ -69,10 +75,28 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
             if "weights" in block.get("sweep", {}):
                 sweep["weights"] = {**sweep["weights"], **block["sweep"]["weights"]}
             study["sweep"] = sweep
+        if study["prior"] is not None:
+            study["prior"]["set"] = {**study["prior"]["set"], **block.get("prior", {})}
     study.pop("quick", None)
     study["quick"] = bool(quick)
     _check_study(study, path)
     return study
+
+
+def _config_beside(study_path: Path, config: str) -> str:
+    """A config that the study config at ``study_path`` names (``base``, ``prior.config``): relative to
+    the study config's folder, kept as relative as the study config's path was given (the path lands
+    in study.json and in each run's result.json, whose reuse check compares it); else a built-in name.
+    A config among the built-in ones is kept as its name (the loaders resolve it): the same in a
+    checkout and in an installed package, whose folder would be a machine path there."""
+    from kepler.train.config import CONFIGS_DIR, builtin_config_path
+
+    beside = Path(os.path.normpath(study_path.parent / config))
+    if beside.resolve().parent == CONFIGS_DIR:
+        return beside.stem
+    if beside.is_file() or builtin_config_path(str(config)) is None:
+        return str(beside)
+    return config
 
 
 def _check_study(study: dict, path: Path) -> None:
@@ -98,6 +122,22 @@ def _check_study(study: dict, path: Path) -> None:
                     f"study config {path}: variant {name!r} takes {key!r} from the sweep, "
                     f"but the sweep has no weights for it"
                 )
+    if study["prior"] is not None:
+        for key in study["prior"]["set"]:
+            if key in PRIOR_KEYS_OF_THE_RUN:
+                raise ValueError(f"study config {path}: the prior sets {key!r}, which each run sets "
+                                 f"({', '.join(PRIOR_KEYS_OF_THE_RUN)}: the run's tokenizer, folder, seed and name)")
+            if key in {f"data.{k}" for k in PRIOR_DATA_FROM_TOKENIZER}:
+                raise ValueError(f"study config {path}: the prior sets {key!r}, which follows the tokenizer run's "
+                                 "config (the prior models the run's codes of the run's images): set it under 'common'")
+        # Now, not when the first prior trains after its tokenizer: a bad key or value fails at once.
+        from kepler.train.config import load_prior_config
+
+        overrides = [override_string(k, v) for k, v in study["prior"]["set"].items()]
+        try:
+            load_prior_config(study["prior"]["config"], overrides, check_tokenizer=False)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"study config {path}: prior: {error}") from error
     sweep = study["sweep"]
     if sweep is not None:
         if sweep.get("variant") not in variants:

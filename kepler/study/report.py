@@ -27,6 +27,21 @@ TABLE_METRICS = (
 )
 # Differences to the reference variant shown in the comparison table.
 COMPARED_METRICS = (("psnr", "PSNR dB", 2), ("utilization", "util.", 3), ("effective_bits", "eff. bits", 2))
+# A study with a prior (see kepler.study): the prior's held-out bits per image, and the unigram
+# baseline's, after the results table's columns; the first also in the comparison table.
+PRIOR_METRICS = (("prior_bits_per_image", "bits/img", 1), ("unigram_bits_per_image", "unigram bits/img", 1))
+
+
+def table_metrics(study: Mapping) -> tuple:
+    """The results table's ``(key, header, digits)`` of a study config: :data:`TABLE_METRICS`, and
+    :data:`PRIOR_METRICS` when it has a prior."""
+    return TABLE_METRICS + (PRIOR_METRICS if study.get("prior") else ())
+
+
+def compared_metrics(study: Mapping) -> tuple:
+    """The comparison table's ``(key, header, digits)``: :data:`COMPARED_METRICS`, and the prior's
+    bits per image when the study has a prior."""
+    return COMPARED_METRICS + (PRIOR_METRICS[:1] if study.get("prior") else ())
 
 
 def _fmt(summary: Mapping | None, digits: int) -> str:
@@ -72,13 +87,16 @@ def _header_lines(result: Mapping, command: str) -> list[str]:
 
 def _results_lines(result: Mapping, heading: str) -> list[str]:
     """The results table and the differences to each reference, under ``heading``-level titles."""
-    summary = result["summary"]
+    summary, study = result["summary"], result["config"]
     lines = [f"{heading} Results", "", f"Held-out images per run: {result['runs'][0]['held_out_images']}.", ""]
+    if study.get("prior"):
+        lines += [_prior_text(result), ""]
+    metrics = table_metrics(study)
     rows = []
     for name, v in result["variants"].items():
         stats = summary[name]
-        rows.append([f"`{name}`", f"{v['layout']['bits']:.1f}"] + [_fmt(stats.get(m), d) for m, _, d in TABLE_METRICS])
-    lines += _table(["variant", "bits"] + [h for _, h, _ in TABLE_METRICS], rows)
+        rows.append([f"`{name}`", f"{v['layout']['bits']:.1f}"] + [_fmt(stats.get(m), d) for m, _, d in metrics])
+    lines += _table(["variant", "bits"] + [h for _, h, _ in metrics], rows)
     lines += ["", f"{heading} Differences to the reference variant", "",
               "Outside seed noise = the seeds' [min, max] ranges of the two variants do not overlap "
               "(with 2 seeds this is weak evidence either way).", ""]
@@ -88,14 +106,25 @@ def _results_lines(result: Mapping, heading: str) -> list[str]:
         if reference is None:
             continue
         row = [f"`{name}` vs `{reference}`"]
-        for m, _, d in COMPARED_METRICS:
+        for m, _, d in compared_metrics(study):
             a, b = summary[name][m], summary[reference][m]
             verdict = outside_seed_noise(a, b)
             tag = {True: "outside noise", False: "within noise", None: "one seed"}[verdict]
             row.append(f"{a['mean'] - b['mean']:+.{d}f} ({tag})")
         rows.append(row)
-    lines += _table(["variant vs reference"] + [f"Δ {h}" for _, h, _ in COMPARED_METRICS], rows)
+    lines += _table(["variant vs reference"] + [f"Δ {h}" for _, h, _ in compared_metrics(study)], rows)
     return lines
+
+
+def _prior_text(result: Mapping) -> str:
+    """What the bits-per-image columns measure: the prior's config, budget and held-out maps."""
+    study, run = result["config"], result["runs"][0]
+    overrides = ", ".join(f"`{o}`" for o in run["prior"]["overrides"]) or "no overrides"
+    return (f"bits/img: held-out bits per image (negative log-likelihood of a whole code map: bits per token x "
+            f"tokens per map) under a prior trained on each run's own codes (`{study['prior']['config']}`, "
+            f"{overrides}; {run['prior']['steps']} steps), on the same held-out images as PSNR. Comparable across "
+            "code layouts, unlike bits per token. unigram bits/img: the same images under the training codes' "
+            "unigram histogram, what a prior that learned only how often each code occurs would spend.")
 
 
 def _sweep_lines(sweep: Mapping) -> list[str]:

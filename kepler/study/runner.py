@@ -22,9 +22,18 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from kepler.study.config import SWEEP_MARKER, override_string, quantizer_layout, sweep_references
-from kepler.study.report import TABLE_METRICS
+from kepler.study.config import (
+    PRIOR_DATA_FROM_TOKENIZER,
+    SWEEP_MARKER,
+    override_string,
+    quantizer_layout,
+    sweep_references,
+)
+from kepler.study.report import table_metrics
 from kepler.study.stats import aggregate, summarize_sweep
+
+# What a run's prior adds to its result's metrics (see _train_prior).
+PRIOR_RESULT_METRICS = ("prior_bits_per_token", "prior_bits_per_image", "unigram_bits_per_image")
 
 OnResult = Callable[[dict], None]
 """Called with each run's result (see :func:`run_one`; ``"reused": True`` when it was not trained
@@ -71,30 +80,105 @@ def _curves(log_path: Path) -> dict:
 
 
 def run_one(job: Mapping) -> dict:
-    """Train, evaluate and summarize one run; writes and returns its ``result.json``.
+    """Train, evaluate and summarize one run (its tokenizer, then its prior when the job has one);
+    writes and returns its ``result.json``.
 
-    ``job``: ``{"variant", "seed", "base", "overrides", "runtime", "run_dir"}`` (plain values: it crosses a
-    process boundary). A ``result.json`` already in ``run_dir`` with the same base config path and
-    overrides is reused; anything else there is deleted and the run starts from scratch.
+    ``job``: ``{"variant", "seed", "base", "overrides", "runtime", "run_dir", "prior"}`` (plain values:
+    it crosses a process boundary; ``prior``: None or ``{"config", "overrides"}``). A ``result.json``
+    already in ``run_dir`` with the same base config path and overrides is reused; anything else there
+    is deleted and the run starts from scratch. Of a reused tokenizer run, the prior is reused when
+    its config and overrides match too; else only the prior is trained again (or removed, when the
+    job has none). ``"reused": True`` when nothing was trained; ``"tokenizer_reused": True`` when
+    only the prior was trained.
     """
-    import torch
+    run_dir = Path(job["run_dir"])
+    result_path = run_dir / "result.json"
+    result = None
+    if result_path.is_file():
+        cached = json.loads(result_path.read_text())
+        if cached.get("overrides") == list(job["overrides"]) and cached.get("base") == job["base"]:
+            result = cached
+    trained = result is None
+    if trained:
+        if run_dir.exists():  # a stale or interrupted run: start it again from scratch
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        result = {**_train_tokenizer(job, run_dir), "prior": None}
+        result_path.write_text(json.dumps(result))  # an interrupted prior then trains again alone
+    if _prior_spec(result.get("prior")) == job.get("prior"):
+        return result if trained else {**result, "reused": True}
+    # The prior of another config, an interrupted one, or one the job no longer asks for.
+    prior_dir = run_dir / "prior"
+    if prior_dir.exists():
+        shutil.rmtree(prior_dir)
+    for key in PRIOR_RESULT_METRICS:
+        result["metrics"].pop(key, None)
+    result["prior"] = None
+    if job.get("prior") is not None:
+        result["prior"] = _train_prior(job, run_dir, prior_dir)
+        result["metrics"].update(result["prior"].pop("metrics"))
+    result_path.write_text(json.dumps(result))
+    if trained:
+        return result
+    return {**result, "tokenizer_reused": True} if result["prior"] else {**result, "reused": True}
 
+
+def _prior_spec(prior: Mapping | None) -> dict | None:
+    """What a run's prior was trained from (``{"config", "overrides"}``, as a job gives it): the
+    reuse check's part of a result's ``prior`` entry."""
+    return None if prior is None else {"config": prior["config"], "overrides": prior["overrides"]}
+
+
+def _train_prior(job: Mapping, run_dir: Path, prior_dir: Path) -> dict:
+    """Train the job's prior on the run's tokenizer (``run_dir``'s last checkpoint), in ``prior_dir``,
+    with the run's seed, and the data keys of :data:`~kepler.study.config.PRIOR_DATA_FROM_TOKENIZER`
+    taken from the tokenizer run's config. Returns the result's ``prior`` entry: its spec, folder,
+    ``tokens_per_map``, the final held-out figures and ``wall_s``; under ``"metrics"`` the run's
+    ``prior_bits_per_token``, ``prior_bits_per_image`` (bits per token x tokens per map: the
+    held-out negative log-likelihood of a whole image's code map) and ``unigram_bits_per_image``
+    (the unigram baseline's, the same way)."""
+    from kepler.train.config import load_config, load_prior_config
+    from kepler.train.prior_task import PriorTask
+    from kepler.train.trainer import train
+
+    prior = job["prior"]
+    tokenizer_cfg = load_config(job["base"], list(job["overrides"]))
+    overrides = list(prior["overrides"])
+    overrides += [override_string(f"data.{key}", tokenizer_cfg.data[key]) for key in PRIOR_DATA_FROM_TOKENIZER]
+    overrides += list(job.get("runtime", ())) + [
+        f"tokenizer.checkpoint={run_dir / 'checkpoints' / 'last.pt'}", f"run_dir={prior_dir}",
+        f"seed={job['seed']}", f"name={job['variant']}_prior",
+    ]
+    prior_dir.mkdir(parents=True)
+    started = time.perf_counter()
+    with _logged_to(prior_dir / "console.log"):
+        metrics = train(load_prior_config(prior["config"], overrides), task_class=PriorTask)
+    tokens = int(metrics["tokens_per_map"])
+    return {
+        **_prior_spec(prior),
+        "run_dir": str(prior_dir),
+        "steps": int(metrics["step"]),
+        "tokens_per_map": tokens,
+        "bits_per_position": metrics["bits_per_position"],
+        "unigram_bits_per_token": metrics["unigram_bits_per_token"],
+        "position_unigram_bits_per_token": metrics["position_unigram_bits_per_token"],
+        "wall_s": time.perf_counter() - started,
+        "metrics": {
+            "prior_bits_per_token": metrics["bits_per_token"],
+            "prior_bits_per_image": metrics["bits_per_token"] * tokens,
+            "unigram_bits_per_image": metrics["unigram_bits_per_token"] * tokens,
+        },
+    }
+
+
+def _train_tokenizer(job: Mapping, run_dir: Path) -> dict:
+    """Train and evaluate the job's tokenizer in ``run_dir``; the result's tokenizer part."""
     from kepler.distributed import resolve_device
     from kepler.metrics import effective_bits, packing_report
     from kepler.train.config import load_config, to_dict
     from kepler.train.evaluate import evaluate_model, load_model, save_evaluation
     from kepler.train.trainer import train
 
-    run_dir = Path(job["run_dir"])
-    result_path = run_dir / "result.json"
-    if result_path.is_file():
-        cached = json.loads(result_path.read_text())
-        if cached.get("overrides") == list(job["overrides"]) and cached.get("base") == job["base"]:
-            cached["reused"] = True
-            return cached
-    if run_dir.exists():  # a stale or interrupted run: start it again from scratch
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
     overrides = list(job["overrides"]) + list(job.get("runtime", ())) + [f"run_dir={run_dir}", f"seed={job['seed']}"]
     cfg = load_config(job["base"], overrides)
     started = time.perf_counter()
@@ -115,7 +199,7 @@ def run_one(job: Mapping) -> dict:
         nn_distances = {"min_nn": min(_as_list(packing["min_nn_distance"])),
                         "mean_nn": sum(_as_list(packing["mean_nn_distance"])) / len(_as_list(packing["mean_nn_distance"]))}
     layout = quantizer_layout(quantizer, to_dict(cfg.model.quantizer))
-    result = {
+    return {
         "variant": job["variant"],
         "seed": int(job["seed"]),
         "run_dir": str(run_dir),
@@ -141,8 +225,6 @@ def run_one(job: Mapping) -> dict:
         "codewords": codewords.float().tolist() if codewords is not None and layout["sub_dim"] == 3 else None,
         "wall_s": time.perf_counter() - started,
     }
-    result_path.write_text(json.dumps(result))
-    return result
 
 
 def _as_list(value) -> list[float]:
@@ -155,15 +237,21 @@ def threads_per_run(study: Mapping) -> int:
 
 
 def _jobs_for(study: dict, variant: str, settings: Mapping, seeds: Iterable[int], run_root: Path,
-              extra: Sequence[str] = ()) -> list[dict]:
+              extra: Sequence[str] = (), prior: bool = False) -> list[dict]:
+    """The jobs of ``variant``'s runs, one per seed; with ``prior``, each also trains the study's
+    prior (where the study has one; the sweep's runs train none)."""
     overrides = [override_string(k, v) for k, v in study["common"].items()]
     overrides += [override_string(k, v) for k, v in settings.items()]
     overrides += list(extra) + [f"name={variant}"]
     # How the run is executed, not what it computes: not part of the reuse check.
     runtime = [f"train.threads={threads_per_run(study)}", "train.progress=false"]
+    prior_job = None
+    if prior and study.get("prior") is not None:
+        prior_job = {"config": study["prior"]["config"],
+                     "overrides": [override_string(k, v) for k, v in study["prior"]["set"].items()]}
     return [
         {"variant": variant, "seed": seed, "base": study["base"], "overrides": overrides, "runtime": runtime,
-         "run_dir": str(run_root / variant / f"seed{seed}")}
+         "run_dir": str(run_root / variant / f"seed{seed}"), "prior": prior_job}
         for seed in seeds
     ]
 
@@ -243,7 +331,7 @@ def run_study(study: dict, out: Path, on_result: OnResult | None = None) -> dict
             (dependent if SWEEP_MARKER in variant["set"].values() else independent).append(name)
         pending = []
         for name in independent:
-            for job in _jobs_for(study, name, study["variants"][name]["set"], study["seeds"], run_root):
+            for job in _jobs_for(study, name, study["variants"][name]["set"], study["seeds"], run_root, prior=True):
                 pending.append(runner.submit(job))
         sweep_summary = None
         if pending_sweep:
@@ -254,7 +342,7 @@ def run_study(study: dict, out: Path, on_result: OnResult | None = None) -> dict
                 k: (sweep_summary["params"][k]["weight"] if v == SWEEP_MARKER else v)
                 for k, v in study["variants"][name]["set"].items()
             }
-            for job in _jobs_for(study, name, settings, study["seeds"], run_root):
+            for job in _jobs_for(study, name, settings, study["seeds"], run_root, prior=True):
                 pending.append(runner.submit(job))
         runs = [runner.result(f) for f in pending]
     finally:
@@ -273,7 +361,7 @@ def run_study(study: dict, out: Path, on_result: OnResult | None = None) -> dict
                    "note": v.get("note", ""), "layout": next(r["layout"] for r in runs if r["variant"] == name)}
             for name, v in study["variants"].items()
         },
-        "summary": aggregate(runs, [m for m, _, _ in TABLE_METRICS] + ["baseline_psnr"]),
+        "summary": aggregate(runs, [m for m, _, _ in table_metrics(study)] + ["baseline_psnr"]),
         "runs": runs,
     }
 

@@ -324,9 +324,11 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return cfg
 
 
-def load_prior_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_prior_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
+                      check_tokenizer: bool = True) -> DictConfig:
     """A prior's config (:func:`_prior_sections`), merged and checked as :func:`load_config` does;
-    ``tokenizer.checkpoint`` must name an existing file or folder."""
+    ``tokenizer.checkpoint`` must name an existing file or folder, unless ``check_tokenizer`` is
+    False (``kepler study`` checks its prior settings before the tokenizers exist)."""
     layers = [] if path is None else [(str(path), _read_yaml(path))]
     for item in overrides:
         if "=" not in item:
@@ -341,6 +343,8 @@ def load_prior_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     default_values["optim"].update(name="adamw", betas=[0.9, 0.95])
     cfg = _merged_into(default_values, layers, _section_types(sections))
     _check_init_from_exists(cfg)
+    if not check_tokenizer:
+        return cfg
     tokenizer = cfg.tokenizer.checkpoint
     if tokenizer is None:
         raise ValueError("config key 'tokenizer.checkpoint' is not set: a prior needs its tokenizer "

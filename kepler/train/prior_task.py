@@ -331,7 +331,8 @@ class PriorTask:
         trainer.tb.add_images("val/samples", to_unit(images), trainer.step)
 
     def final_metrics(self) -> dict:
-        return {"tokenizer": self.tokenizer_path, "train_maps": len(self.train_set)}
+        return {"tokenizer": self.tokenizer_path, "train_maps": len(self.train_set),
+                "tokens_per_map": self.layout.flat_length}
 
 
 # ---------------------------------------------------------------------- trained priors
