@@ -62,11 +62,12 @@ class VoronoiCode:
         if q**self.dim > 2**62:
             raise ValueError(f"q**n = {q}**{self.dim} codes do not fit int64 indices")
         self.size = q**self.dim
-        self.generator = lattice.generator.clone()
+        self.generator = lattice.generator.clone()  # a CPU tensor's clone: on the CPU
         self.inverse = torch.linalg.inv(self.generator)
-        self.offset = torch.tensor([8.0 ** -(i + 1) for i in range(self.dim)], dtype=torch.float64)
+        # Constants on the CPU (also when a model is built under torch.device("meta")), moved per call.
+        self.offset = torch.tensor([8.0 ** -(i + 1) for i in range(self.dim)], dtype=torch.float64, device="cpu")
         # Digit i of an index is basis coordinate i modulo q.
-        self.place_values = torch.tensor([q**i for i in range(self.dim)], dtype=torch.int64)
+        self.place_values = torch.tensor([q**i for i in range(self.dim)], dtype=torch.int64, device="cpu")
 
     def __repr__(self) -> str:
         return f"VoronoiCode({self.name!r}, q={self.q})"
@@ -95,8 +96,8 @@ class VoronoiCode:
         return reduced.to(dtype)
 
     def codewords(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Every codeword in index order, ``(q**n, n)``."""
-        return self.decode(torch.arange(self.size), dtype)
+        """Every codeword in index order, ``(q**n, n)``, on the CPU."""
+        return self.decode(torch.arange(self.size, device="cpu"), dtype)
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,7 +15,7 @@ CASES = [("E8", None, 16), ("D4", 3, 8), ("D3", 2, 6), ("A2", 4, 4), ("Z3", 5, 6
 @pytest.mark.parametrize("lattice, q, dim", CASES)
 @pytest.mark.parametrize("partition", ["group", "custom"])
 def test_codes_are_the_voronoi_codes_of_the_scaled_sub_vectors(lattice, q, dim, partition):
-    quantizer = LatticeQuantizer(dim=dim, lattice=lattice, q=q, partition=partition, scale=0.7)
+    quantizer = LatticeQuantizer(dim=dim, lattice=lattice, q=q, partition=partition, scale=0.7, bound=False)
     code = VoronoiCode(lattice, q or 2)
     assert quantizer.codebook_size == code.size and quantizer.tokens_per_position == dim // code.dim
     z = torch.randn(3, dim, 4, 5) * 0.5
@@ -31,7 +31,7 @@ def test_codes_are_the_voronoi_codes_of_the_scaled_sub_vectors(lattice, q, dim, 
 
 
 def test_near_the_origin_the_codeword_is_the_nearest_of_the_explicit_codebook():
-    quantizer = LatticeQuantizer(dim=16, lattice="E8", q=4, scale=0.5)
+    quantizer = LatticeQuantizer(dim=16, lattice="E8", q=4, scale=0.5, bound=False)
     z = torch.randn(2, 16, 3, 3) * 0.3
     out = quantizer(z)
     rows = quantizer.sub_vectors(z)  # (P, N, 8)
@@ -39,6 +39,29 @@ def test_near_the_origin_the_codeword_is_the_nearest_of_the_explicit_codebook():
     best = torch.cdist(rows, codewords).amin(dim=-1)
     found = (rows - quantizer.sub_vectors(out.z_q)).norm(dim=-1)
     torch.testing.assert_close(found, best, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lattice, q", [("D4", 2), ("E8", 3), ("A2", 4)])
+def test_bound_keeps_sub_vectors_inside_the_largest_codeword_norm(lattice, q):
+    quantizer = LatticeQuantizer(dim=24 if lattice == "E8" else 8, lattice=lattice, q=q, scale=0.5)
+    code = VoronoiCode(lattice, q)
+    radius = code.codewords(torch.float64).norm(dim=-1).max().item()
+    assert quantizer.bound and quantizer.bound_radius == pytest.approx(radius)
+    z = (torch.randn(2, quantizer.dim, 3, 3) * 10).requires_grad_(True)  # far outside the code
+    out = quantizer(z)
+    parts = quantizer.partition.partition(z)
+    norm = parts.norm(dim=-1, keepdim=True)
+    bounded = parts * (0.5 * radius * torch.tanh(norm / (0.5 * radius)) / norm)
+    assert (bounded.norm(dim=-1) <= 0.5 * radius * (1 + 1e-6)).all()
+    expected = code.encode((bounded.detach() / 0.5).reshape(-1, code.dim)).view(out.indices.shape)
+    assert torch.equal(out.indices, expected)
+    # The straight-through gradient passes through the bound: d z_q / d z is the bound's Jacobian.
+    g = torch.randn_like(z)
+    (grad,) = torch.autograd.grad(out.z_q, z, g)
+    (expected_grad,) = torch.autograd.grad(bounded, z, quantizer.partition.partition(g))
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    assert grad.abs().mean() < 0.5 * g.abs().mean()  # far out the bound flattens the gradient
+    assert not LatticeQuantizer(dim=48, lattice="Leech").bound  # a spherical code does not wrap
 
 
 def test_leech_shell_picks_the_largest_inner_product():
@@ -58,7 +81,7 @@ def test_leech_shell_picks_the_largest_inner_product():
 
 
 def test_gradients_straight_through_commitment_and_scales():
-    quantizer = LatticeQuantizer(dim=8, lattice="D4", q=4, scale=0.8, beta=0.5)
+    quantizer = LatticeQuantizer(dim=8, lattice="D4", q=4, scale=0.8, beta=0.5, bound=False)
     z = torch.randn(2, 8, 3, 3, requires_grad=True)
     out = quantizer(z)
     g = torch.randn_like(z)
@@ -71,7 +94,8 @@ def test_gradients_straight_through_commitment_and_scales():
 
 
 def test_fixed_scale_and_rotation_trick():
-    quantizer = LatticeQuantizer(dim=16, lattice="E8", scale=0.6, learn_scale=False, beta=0.0, rotation_trick=True)
+    quantizer = LatticeQuantizer(dim=16, lattice="E8", scale=0.6, learn_scale=False, beta=0.0, rotation_trick=True,
+                                 bound=False)
     assert not quantizer.log_scale.requires_grad
     z = torch.randn(2, 16, 2, 2, requires_grad=True)
     out = quantizer(z)
@@ -103,6 +127,7 @@ def test_bfloat16_latents_and_empty_batch():
         (dict(dim=8, lattice="E9"), ValueError, "unknown lattice name 'E9'"),
         (dict(dim=8, lattice="E8", scale=0.0), ValueError, "scale must be > 0.0, got 0.0"),
         (dict(dim=8, lattice="E8", learn_scale=1), TypeError, "learn_scale must be a bool, got int"),
+        (dict(dim=8, lattice="E8", bound="yes"), TypeError, "bound must be a bool, got str"),
     ],
 )
 def test_constructor_errors(kwargs, error, match):
@@ -134,3 +159,36 @@ def test_torch_compile_fullgraph_matches_eager(config):
         (out.loss + out.z_q.sum()).backward()
         assert z_compiled.grad is not None and traced.log_scale.grad is not None
     assert torch.equal(traced.code_counts, eager.code_counts)
+
+
+@pytest.mark.parametrize("config", [dict(lattice="E8", q=3), dict(lattice="D4", q=2), dict(lattice="Leech")],
+                         ids=["e8", "d4", "leech"])
+def test_scales_start_from_the_first_training_batch(config):
+    quantizer = LatticeQuantizer(dim=48, **config)  # scale=None: from the data
+    z = torch.randn(2, 48, 5, 5) * 0.01  # a fresh encoder's small latents
+    quantizer.eval()
+    quantizer(z)
+    assert torch.equal(quantizer.scale, torch.ones(quantizer.partitions))  # not in eval mode
+    quantizer.train()
+    out = quantizer(z)
+    parts = quantizer.partition.partition(z)  # (B, L, P, n)
+    rms = parts.square().sum(dim=-1).mean(dim=(0, 1)).sqrt()
+    torch.testing.assert_close(quantizer.scale, rms / quantizer.codeword_rms, rtol=1e-5, atol=0)
+    # Small latents are spread over the code, not all coded as its origin.
+    assert out.info.indices.unique().numel() > 10
+    # Set once: a later batch, a reload or a copy keeps the scales.
+    before = quantizer.scale.clone()
+    quantizer(z * 100)
+    assert torch.equal(quantizer.scale, before)
+    reloaded = LatticeQuantizer(dim=48, **config)
+    reloaded.load_state_dict(quantizer.state_dict())
+    reloaded.train()(z * 100)
+    assert torch.equal(reloaded.scale, before)
+
+
+def test_a_fixed_start_scale_is_kept():
+    quantizer = LatticeQuantizer(dim=8, lattice="E8", scale=0.5).train()
+    quantizer(torch.randn(2, 8, 3, 3))
+    assert torch.allclose(quantizer.scale, torch.full((1,), 0.5))
+    with pytest.raises(ValueError, match="lattice scale initialization: the first training batch has NaN or inf latents"):
+        LatticeQuantizer(dim=8, lattice="E8").train()(torch.full((1, 8, 2, 2), float("nan")))

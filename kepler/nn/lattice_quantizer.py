@@ -6,13 +6,24 @@ its partition's scale and replaced by a codeword of a fixed finite code of the l
 (:mod:`kepler.lattice_codes`):
 
 * ``Z<n>``, ``A2``, ``D3`` (FCC), ``D4``, ``E8``: the Voronoi code of ``q**n`` lattice points, found by
-  the lattice's exact closest-point algorithm; a sub-vector outside the code's region takes the
-  codeword of its closest point's coset (it wraps around: keep the latents inside, through the
-  scale and the commitment loss). ``Z<n>`` with ``q`` levels is FSQ's grid without its bounding.
+  the lattice's exact closest-point algorithm; a sub-vector outside the code's region would take the
+  codeword of its closest point's coset (it wraps around), so sub-vectors are first bounded
+  (``bound=True``): ``v -> v * R tanh(|v| / R) / |v|`` with ``R`` the largest codeword norm (times
+  the scale), FSQ's ``tanh`` bound made radial. ``Z<n>`` with ``q`` levels is FSQ's grid.
 * ``Leech``: the 196560 minimal vectors of the Leech lattice at unit norm, a spherical code; the
   nearest is the one of largest inner product, found by :func:`kepler.nearest_codeword`.
 
 Nothing is learned but the scales: there is no codebook to collapse, and every code stays reachable.
+The scales start from the data (``scale=None``, the default): at the first training step each
+partition's scale is set so that its sub-vectors' RMS norm, divided by it, is the code's RMS codeword
+norm, so the latents spread over the code. Why both: with a fixed start (``scale=1.0``) and no
+bound, the equal-bits study's first D4 and E8 runs collapsed (one code per partition, perplexity 1,
+held-out PSNR 12.6-14.5 dB, below the 17.4 dB of the mean colour). 300 steps of the demo tokenizer
+with D4, q=2 (``kepler train sample model.embed_dim=12 model.quantizer.type=lattice
+model.quantizer.lattice=D4 model.quantizer.q=2 train.max_steps=300``): data start alone, perplexity
+1.0 and 13.0 dB; data start without the commitment loss, all 16 codes used but 13.0 dB (the
+wrapped codes carry no usable signal); data start and bound, 15.9 dB (plain VQ: 15.4 dB at step 200,
+16.8 at 400).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from kepler.distributed import all_reduce_sum
 from kepler.lattice import get_lattice
 from kepler.lattice_codes import VoronoiCode, leech_shell
 from kepler.nn.protocol import (
@@ -60,9 +72,14 @@ class LatticeQuantizer(Quantizer):
         scale: every partition's initial scale (> 0): a sub-vector ``v`` is coded as
             ``scale * codeword(v / scale)``, codewords at the lattice's natural scale (minimal norm
             2 for ``D_n`` and ``E8``, 1 for ``Z<n>`` and ``A2``, unit norm for the Leech shell).
+            None: set from the first training batch (see the module docstring; the RMS norms are
+            summed over ``torch.distributed`` ranks), 1 until then.
         learn_scale: learn the ``P`` scales (kept positive as ``exp`` of a parameter). Their gradient
             is the codewords' (``d z_q / d scale = codeword``), through the decoder's loss.
         beta: weight of the commitment loss ``mean((z - sg[z_q])^2)``.
+        bound: bound each sub-vector radially inside the code's largest codeword norm (times its
+            scale) before it is coded (see the module docstring); the Leech shell, a spherical code
+            that cannot wrap, takes no bound.
         rotation_trick: the rotation trick's gradient to ``z`` (:mod:`kepler.nn.rotation_trick`)
             instead of the straight-through one; the forward value is the same. A Voronoi code holds
             the origin, where there is no rotation: sub-vectors coded as 0 keep the straight-through
@@ -83,9 +100,10 @@ class LatticeQuantizer(Quantizer):
         lattice: str = "E8",
         q: int | None = None,
         partition: str = "group",
-        scale: float = 1.0,
+        scale: float | None = None,
         learn_scale: bool = True,
         beta: float = 0.25,
+        bound: bool = True,
         rotation_trick: bool = False,
         backend: str | None = None,
     ):
@@ -114,9 +132,20 @@ class LatticeQuantizer(Quantizer):
         self.code = code
         self.q = None if code is None else code.q
         self.partition = make_partition(partition, partitions)
-        scale = check_number("scale", scale, strict=True)
+        initial_scale = 1.0 if scale is None else check_number("scale", scale, strict=True)
         learn_scale = check_bool("learn_scale", learn_scale)
-        self.log_scale = nn.Parameter(torch.full((partitions,), math.log(scale)), requires_grad=learn_scale)
+        self.log_scale = nn.Parameter(torch.full((partitions,), math.log(initial_scale)), requires_grad=learn_scale)
+        # Whether the scales still wait for the first training batch; in the state dict, so a resumed
+        # or loaded model keeps its scales.
+        self.register_buffer("scale_pending", torch.tensor(scale is None))
+        self._scale_pending = scale is None  # the buffer as a Python bool: torch.compile does not branch on tensors
+        self.bound = check_bool("bound", bound) and code is not None
+        # The code's RMS and largest codeword norms (the Leech shell's are 1), as Python floats.
+        self.codeword_rms = self.bound_radius = 1.0
+        if code is not None:
+            codeword_sq_norms = code.codewords(torch.float64).square().sum(dim=-1)  # on the CPU
+            self.codeword_rms = math.sqrt(float(codeword_sq_norms.mean()))
+            self.bound_radius = math.sqrt(float(codeword_sq_norms.max()))
         self.beta = check_number("beta", beta)
         self.rotation_trick = check_bool("rotation_trick", rotation_trick)
         self.backend = backend
@@ -135,6 +164,8 @@ class LatticeQuantizer(Quantizer):
             f"learn_scale={self.log_scale.requires_grad}",
             f"beta={self.beta}",
         ]
+        if self.code is not None and not self.bound:
+            parts.append("bound=False")
         if self.rotation_trick:
             parts.append("rotation_trick=True")
         return ", ".join(parts)
@@ -177,7 +208,11 @@ class LatticeQuantizer(Quantizer):
         batch = shape[0]
         with torch.autocast(device_type=z.device.type, enabled=False):
             parts = self.partition.partition(z)  # (B, L, P, n)
+            if self.training and self._scale_pending:
+                self._scale_from(parts.detach())
             scale = self.scale
+            if self.bound:
+                parts = self._bounded(parts, scale)
             rows = (parts.detach().to(torch.float32) / scale.detach().unsqueeze(-1)).reshape(-1, self.sub_dim)
             indices = self._encode(rows).view(parts.shape[:-1])  # (B, L, P)
             unit = self._unit_codewords(indices)
@@ -199,6 +234,31 @@ class LatticeQuantizer(Quantizer):
         batch_counts = self.count_codes(index_map)
         info = QuantizerInfo(self.perplexity_of(batch_counts), None, index_map, self.codebook_utilization())
         return QuantizerOutput(out, loss, info)
+
+    def _bounded(self, parts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Sub-vectors ``(B, L, P, n)`` moved radially inside ``R = bound_radius * scale``:
+        ``v * R tanh(|v| / R) / |v|`` (the identity near 0, differentiable in ``v`` and the scale)."""
+        radius = self.bound_radius * scale.unsqueeze(-1).to(parts.dtype)
+        norm = parts.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(parts.dtype).tiny)
+        return parts * (radius * torch.tanh(norm / radius) / norm)
+
+    @torch.no_grad()
+    def _scale_from(self, parts: torch.Tensor) -> None:
+        """Set each partition's scale from sub-vectors ``(B, L, P, n)``: their RMS norm over the
+        codewords' RMS norm (a partition whose sub-vectors are all 0 keeps its scale)."""
+        sq_norms = parts.to(torch.float64).square().sum(dim=-1).reshape(-1, self.partitions)
+        if not torch.isfinite(sq_norms).all():
+            raise ValueError("lattice scale initialization: the first training batch has NaN or inf latents")
+        totals = all_reduce_sum(torch.stack([sq_norms.sum(dim=0), torch.full_like(sq_norms[0], sq_norms.shape[0])]))
+        rms = (totals[0] / totals[1].clamp_min(1.0)).sqrt()
+        log_scale = torch.where(rms > 0, (rms / self.codeword_rms).log(), self.log_scale.double())
+        self.log_scale.copy_(log_scale.to(self.log_scale.dtype))
+        self.scale_pending.fill_(False)
+        self._scale_pending = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale_pending = bool(self.scale_pending)
 
     # ------------------------------------------------------------------------------ protocol
 
