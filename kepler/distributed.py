@@ -4,6 +4,8 @@ share. Every collective is a no-op in a single process (no process group, or a g
 
 from __future__ import annotations
 
+import contextlib
+
 import datetime
 import os
 from dataclasses import dataclass
@@ -62,9 +64,26 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+# Set by rank_local(): this process's collectives act on its own rank only.
+_RANK_LOCAL = False
+
+
 def is_distributed() -> bool:
-    """True inside a process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one rank (and not inside :func:`rank_local`)."""
+    return not _RANK_LOCAL and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def rank_local():
+    """Inside the block, :func:`all_reduce_sum`, :func:`broadcast_from_rank0` and the quantizers'
+    statistics act on this rank alone: for work one rank does while the others wait (rank 0 encoding
+    a prior's codes), where a collective would wait forever for ranks that never join it."""
+    global _RANK_LOCAL
+    previous, _RANK_LOCAL = _RANK_LOCAL, True
+    try:
+        yield
+    finally:
+        _RANK_LOCAL = previous
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

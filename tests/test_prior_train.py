@@ -1,7 +1,10 @@
 """The prior (second stage) end to end: kepler prior train / prior eval / sample on a tiny tokenizer."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -95,6 +98,25 @@ def test_validation_writes_the_sample_grid_of_seed_0(prior_run, tmp_path):
     _, images = sample_images(prior, prior_tokenizer(prior, state), 8, seed=0)  # grid_images: 8 by default
     expected = save_image_grid(images, tmp_path / "expected.png")
     assert (prior_run / "samples.png").read_bytes() == expected.read_bytes()
+
+
+def test_ddp_two_gloo_processes(tmp_path, tokenizer):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kepler", "prior", "train", str(prior_config(tmp_path, tokenizer)), f"run_dir={run}", "device=cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
+    assert state["counters"]["images_seen"] == 4 * 4 * 2  # steps x batch x ranks
+    assert len(list((run / "codes").glob("*.pt"))) == 1  # encoded once, by rank 0
+    assert sum(r["event"] == "train" for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())) == 4
+    assert (run / "samples.png").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert np.isfinite(metrics["bits_per_token"]) and metrics["val_maps"] == 8
 
 
 def test_a_changed_tokenizer_file_or_data_section_encodes_again(tmp_path, tokenizer):

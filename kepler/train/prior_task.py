@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kepler.data import build_dataset, collate, dataset_labels, first_items
 from kepler.data.images import split_key
-from kepler.distributed import barrier
+from kepler.distributed import barrier, rank_local
 from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import token_cross_entropy
@@ -219,23 +219,29 @@ class PriorTask:
                                         default=str).encode()).hexdigest()[:16]
         path = trainer.run_dir / "codes" / f"{key}.pt"
         if trainer.dist.is_main and not path.is_file():
-            # Each training image is encoded once (a folder's as its center crop; the embedded sets'
-            # crops are seeded per image), its horizontal flip as a map of its own.
-            train_set = build_dataset(data.train, "train", data.size, data.resize, random_crop=False,
-                                      flip=False, samples_per_epoch=data.samples_per_epoch)
-            val_set = held_out_set(data)
-            train_labels = class_labels(train_set, self.num_classes, f"data.train {data.train!r}")
-            val_labels = class_labels(val_set, self.num_classes, f"data.val {data.val!r}")
-            codes = {
-                "val": encode_dataset(tokenizer, val_set, data.val_batch_size, trainer.device),
-                "train": encode_dataset(tokenizer, train_set, data.val_batch_size, trainer.device, flips=data.flip),
-            }
-            if self.num_classes:
-                # encode_dataset puts the flips after all the maps, in the same order.
-                codes.update(train_labels=train_labels.repeat(2 if data.flip else 1), val_labels=val_labels)
-            save_checkpoint({**codes, "tokenizer_sha256": self.tokenizer_sha256, "data": settings}, path)
+            self._encode_and_cache(tokenizer, trainer, settings, path)
         barrier()
         return torch.load(path, map_location="cpu", weights_only=True)
+
+    @rank_local()
+    def _encode_and_cache(self, tokenizer: VQModel, trainer, settings: dict, path: Path) -> None:
+        """Rank 0 alone: encode the training and held-out images, write them to ``path``."""
+        data = trainer.cfg.data
+        # Each training image is encoded once (a folder's as its center crop; the embedded sets'
+        # crops are seeded per image), its horizontal flip as a map of its own.
+        train_set = build_dataset(data.train, "train", data.size, data.resize, random_crop=False,
+                                  flip=False, samples_per_epoch=data.samples_per_epoch)
+        val_set = held_out_set(data)
+        train_labels = class_labels(train_set, self.num_classes, f"data.train {data.train!r}")
+        val_labels = class_labels(val_set, self.num_classes, f"data.val {data.val!r}")
+        codes = {
+            "val": encode_dataset(tokenizer, val_set, data.val_batch_size, trainer.device),
+            "train": encode_dataset(tokenizer, train_set, data.val_batch_size, trainer.device, flips=data.flip),
+        }
+        if self.num_classes:
+            # encode_dataset puts the flips after all the maps, in the same order.
+            codes.update(train_labels=train_labels.repeat(2 if data.flip else 1), val_labels=val_labels)
+        save_checkpoint({**codes, "tokenizer_sha256": self.tokenizer_sha256, "data": settings}, path)
 
     @property
     def status(self) -> str:
