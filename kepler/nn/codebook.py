@@ -18,6 +18,7 @@ from torch import nn
 
 from kepler.distributed import all_reduce_sum, broadcast_from_rank0
 from kepler.ops.nearest_codeword import nearest_codeword
+from kepler.nn.protocol import check_first_batch_finite
 
 KMEANS_ITERATIONS = 10
 # Laplace smoothing of the EMA cluster sizes, so an unused code never divides by zero.
@@ -144,18 +145,8 @@ class CodebookUpkeep(nn.Module):
             self.ema_cluster_size.fill_(1.0)
 
     def _initialize(self, codebook: torch.Tensor, rows: torch.Tensor) -> None:
-        # One NaN in the first batch would spread into every codeword it touches and stay there; the
-        # count is summed over ranks so that every rank refuses together.
-        non_finite = all_reduce_sum((~torch.isfinite(rows)).sum().to(torch.int64))
-        if torch.compiler.is_compiling():
-            # A traced graph cannot branch on the count; it asserts instead (no count in the message).
-            torch._assert_async(non_finite == 0, "codebook initialization: the first batch has NaN or inf values")
-        elif non_finite:
-            values = int(all_reduce_sum(torch.tensor(rows.numel(), dtype=torch.int64, device=rows.device)))
-            raise ValueError(
-                f"codebook initialization ({self.init}): {int(non_finite)} of the first batch's {values} values are "
-                "not finite (NaN or inf); the codebook would keep them"
-            )
+        # One NaN in the first batch would spread into every codeword it touches and stay there.
+        check_first_batch_finite(rows, f"codebook initialization ({self.init})", "the codebook would keep them")
         value = self._kmeans(rows) if self.init == "kmeans" else self._lattice_codebook(rows, codebook.dtype)
         self._set_codebook(codebook, value)
         self.initialized.fill_(True)

@@ -42,6 +42,7 @@ from kepler.nn.protocol import (
     QuantizerOutput,
     check_backend,
     check_bool,
+    check_first_batch_finite,
     check_int,
     check_number,
     register_quantizer,
@@ -246,9 +247,8 @@ class LatticeQuantizer(Quantizer):
     def _scale_from(self, parts: torch.Tensor) -> None:
         """Set each partition's scale from sub-vectors ``(B, L, P, n)``: their RMS norm over the
         codewords' RMS norm (a partition whose sub-vectors are all 0 keeps its scale)."""
+        check_first_batch_finite(parts, "lattice scale initialization", "the scales would be NaN")
         sq_norms = parts.to(torch.float64).square().sum(dim=-1).reshape(-1, self.partitions)
-        if not torch.isfinite(sq_norms).all():
-            raise ValueError("lattice scale initialization: the first training batch has NaN or inf latents")
         totals = all_reduce_sum(torch.stack([sq_norms.sum(dim=0), torch.full_like(sq_norms[0], sq_norms.shape[0])]))
         rms = (totals[0] / totals[1].clamp_min(1.0)).sqrt()
         log_scale = torch.where(rms > 0, (rms / self.codeword_rms).log(), self.log_scale.double())

@@ -238,6 +238,22 @@ class Quantizer(nn.Module):
         return None
 
 
+def check_first_batch_finite(rows: torch.Tensor, what: str, consequence: str) -> None:
+    """Refuse a first training batch that holds NaN or inf, before a data-dependent initialization
+    (``what``, e.g. ``"codebook initialization (kmeans)"``) keeps it for good (``consequence``, the
+    message's end). The count is summed
+    over ranks, so that every rank refuses together (none is left waiting in a collective)."""
+    non_finite = all_reduce_sum((~torch.isfinite(rows)).sum().to(torch.int64))
+    if torch.compiler.is_compiling():
+        # A traced graph cannot branch on the count; it asserts instead (no count in the message).
+        torch._assert_async(non_finite == 0, f"{what}: the first batch has NaN or inf values")
+    elif non_finite:
+        values = int(all_reduce_sum(torch.tensor(rows.numel(), dtype=torch.int64, device=rows.device)))
+        raise ValueError(
+            f"{what}: {int(non_finite)} of the first batch's {values} values are not finite (NaN or inf); {consequence}"
+        )
+
+
 def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
     """``value`` as a float if it is a finite number ``>= minimum`` (``> minimum`` if ``strict``);
     TypeError/ValueError naming the argument otherwise."""
