@@ -5,7 +5,6 @@ share. Every collective is a no-op in a single process (no process group, or a g
 from __future__ import annotations
 
 import contextlib
-
 import datetime
 import os
 from dataclasses import dataclass

@@ -70,3 +70,9 @@ def test_auto_order_on_a_gpu(monkeypatch, runnable, expected):
 
     monkeypatch.setattr(_backend, "_unavailable_reason", reason)
     assert _backend.resolve_backend("auto", torch.device("cuda")) == expected
+
+
+def test_an_op_a_stale_extension_does_not_define_is_an_unavailable_kernel():
+    # A kepler._C built before an op was added loads fine; the op's compiled backends are then missing.
+    assert not _backend.compiled_kernel_registered("an_op_kepler_never_had", "cpu")
+    assert not _backend.compiled_kernel_registered("an_op_kepler_never_had", "cuda")

@@ -16,6 +16,7 @@ OPS = [
     ("kepler_kl_backward", "kepler.kernels.kepler_kl"),
     ("packing_energy", "kepler.kernels.packing_energy"),
     ("packing_energy_backward", "kepler.kernels.packing_energy"),
+    ("closest_lattice_point", "kepler.kernels.closest_lattice_point"),
 ]
 
 

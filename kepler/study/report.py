@@ -91,7 +91,7 @@ def _results_lines(result: Mapping, heading: str) -> list[str]:
     lines = [f"{heading} Results", "", f"Held-out images per run: {result['runs'][0]['held_out_images']}.", ""]
     if study.get("prior"):
         lines += [_prior_text(result), ""]
-    metrics = table_metrics(study)
+    metrics, compared = table_metrics(study), compared_metrics(study)
     rows = []
     for name, v in result["variants"].items():
         stats = summary[name]
@@ -106,13 +106,13 @@ def _results_lines(result: Mapping, heading: str) -> list[str]:
         if reference is None:
             continue
         row = [f"`{name}` vs `{reference}`"]
-        for m, _, d in compared_metrics(study):
+        for m, _, d in compared:
             a, b = summary[name][m], summary[reference][m]
             verdict = outside_seed_noise(a, b)
             tag = {True: "outside noise", False: "within noise", None: "one seed"}[verdict]
             row.append(f"{a['mean'] - b['mean']:+.{d}f} ({tag})")
         rows.append(row)
-    lines += _table(["variant vs reference"] + [f"Δ {h}" for _, h, _ in compared_metrics(study)], rows)
+    lines += _table(["variant vs reference"] + [f"Δ {h}" for _, h, _ in compared], rows)
     return lines
 
 
