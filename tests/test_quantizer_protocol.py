@@ -233,8 +233,24 @@ def test_every_quantizer_type_builds_on_the_meta_device(case):
         ({"type": "fsq", "num_codebooks": 0}, ValueError, "num_codebooks must be >= 1, got 0"),
         ({"type": "lfq", "codebook_size": 48}, ValueError, "codebook_size must be a power of two, got 48"),
         ({"type": "lfq", "entropy_loss_weight": -1.0}, ValueError, "entropy_loss_weight must be >= 0.0, got -1.0"),
+        ({"type": "lfq", "frac_per_sample_entropy": 0.0}, ValueError, "frac_per_sample_entropy must be > 0.0, got 0.0"),
+        ({"type": "lfq", "frac_per_sample_entropy": 1.5}, ValueError, "frac_per_sample_entropy must be <= 1.0, got 1.5"),
     ],
 )
 def test_adapter_arguments_are_checked(config, error, match):
     with pytest.raises(error, match=match):
         build_quantizer(config, dim=DIM)
+
+
+def test_lfq_entropy_fraction_reaches_the_library():
+    """A fraction below 1 makes the library estimate its entropy loss from a random subset of the
+    positions: the loss then differs from the all-positions one for the same weights and input."""
+    z = torch.randn(2, DIM, 4, 4)
+    losses = {}
+    for fraction in (1.0, 0.25):
+        torch.manual_seed(0)
+        quantizer = build_quantizer({"type": "lfq", "codebook_size": 64, "frac_per_sample_entropy": fraction}, dim=DIM)
+        assert quantizer.library.frac_per_sample_entropy == fraction
+        losses[fraction] = quantizer.train()(z).loss
+    assert torch.isfinite(losses[0.25])
+    assert not torch.allclose(losses[1.0], losses[0.25])

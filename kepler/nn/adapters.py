@@ -123,6 +123,10 @@ class LFQQuantizer(_LibraryQuantizer):
         num_codebooks: groups (tokens) per latent position, ``P``.
         entropy_loss_weight, commitment_loss_weight, diversity_gamma: the library's loss weights
             (per-sample entropy minus ``diversity_gamma`` times batch entropy; commitment).
+        frac_per_sample_entropy: the fraction of positions (in ``(0, 1]``) the library draws each
+            step to estimate both entropies. The entropy compares every position with all ``K``
+            codes, so its cost grows with ``K``; a fraction ``1/16`` makes ``K = 65536`` cost what
+            ``K = 4096`` costs with every position.
 
     The loss is the library's auxiliary loss (0 in eval mode); codebooks are implicit.
     """
@@ -135,6 +139,7 @@ class LFQQuantizer(_LibraryQuantizer):
         entropy_loss_weight: float = 0.1,
         commitment_loss_weight: float = 0.0,
         diversity_gamma: float = 1.0,
+        frac_per_sample_entropy: float = 1.0,
     ):
         from vector_quantize_pytorch import LFQ
 
@@ -150,9 +155,12 @@ class LFQQuantizer(_LibraryQuantizer):
             "commitment_loss_weight": check_number("commitment_loss_weight", commitment_loss_weight),
             "diversity_gamma": check_number("diversity_gamma", diversity_gamma),
         }
+        frac_per_sample_entropy = check_number("frac_per_sample_entropy", frac_per_sample_entropy, strict=True)
+        if frac_per_sample_entropy > 1.0:
+            raise ValueError(f"frac_per_sample_entropy must be <= 1.0, got {frac_per_sample_entropy}")
         self.library = _library_module(
             lambda: LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, channel_first=True,
-                        keep_num_codebooks_dim=True, **weights)
+                        keep_num_codebooks_dim=True, frac_per_sample_entropy=frac_per_sample_entropy, **weights)
         )
 
     def _library_forward(self, z):
