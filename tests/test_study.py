@@ -1,8 +1,15 @@
 """kepler study: the statistics by hand, the config checks, and the --quick mode end to end."""
 
+import contextlib
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -482,3 +489,60 @@ def test_a_changed_prior_config_retrains_only_the_prior(quick_prior_study, tmp_p
     assert not list(out.glob("runs/*/seed*/prior"))
     assert "prior_bits_per_image" not in bare["summary"]["kepler"]
     assert "bits/img" not in report.render_markdown(bare, "kepler study")
+
+
+def _write_pid_then_sleep(path: str) -> None:
+    """A pool job that stands for a long run: says which worker it is on, then keeps it busy."""
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie still answers kill(pid, 0): it has stopped running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow the study's death on Linux only")
+def test_pool_workers_die_with_a_killed_study(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    study_script = tmp_path / "study.py"  # a file with a main guard: what a spawn pool's parent needs
+    study_script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        if __name__ == "__main__":
+            from test_study import _write_pid_then_sleep
+            from kepler.study import runner
+            with runner._Runner(2) as pool:
+                pool.pool.submit(_write_pid_then_sleep, {str(pid_file)!r})
+                time.sleep(120)
+    """))
+    study = subprocess.Popen([sys.executable, str(study_script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+    finally:
+        study.kill()  # SIGKILL: the study runs no cleanup of its own
+        study.wait()
+    deadline = time.monotonic() + 30
+    while _pid_alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _pid_alive(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the busy worker outlived the killed study"
+
+
+def test_an_interrupted_study_starts_no_further_runs():
+    with pytest.raises(KeyboardInterrupt), runner._Runner(2) as pool:
+        futures = [pool.pool.submit(time.sleep, 0.5) for _ in range(8)]
+        raise KeyboardInterrupt
+    assert all(f.done() for f in futures)
+    assert any(f.cancelled() for f in futures)
