@@ -201,6 +201,9 @@ def _add_study(sub) -> None:
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the config's 'jobs')")
     p.add_argument("--sweep-only", action="store_true",
                    help="run only the weight sweep; writes sweep.json and sweep.md (the study reuses its runs)")
+    p.add_argument("--variants", default=None, metavar="NAME[,NAME...]",
+                   help="run only these variants (and the ones they are compared to); their runs are the "
+                        "study's, so the full study reuses them; the report goes to OUT/variants_<names>/")
     p.add_argument("--readme", default=None, metavar="README",
                    help="also write the results between the kepler-study markers of this README "
                         "(finished runs are reused, so this is quick after a study)")
@@ -523,6 +526,7 @@ def _study_command(args) -> str:
     mode, output folder, parallel runs), not where the report is copied (--readme)."""
     words = ["kepler study", str(args.config)] + (["--quick"] if args.quick else [])
     words += ([f"--out {args.out}"] if args.out else []) + ([f"--jobs {args.jobs}"] if args.jobs is not None else [])
+    words += [f"--variants {args.variants}"] if args.variants else []
     return " ".join(words)
 
 
@@ -541,11 +545,22 @@ def _print_study_run(result: dict) -> None:
 
 
 def _cmd_study(args) -> int:
-    from kepler.study.config import load_study_config
+    from kepler.study.config import load_study_config, select_variants
     from kepler.study.report import attribute_to_training_study, update_readme, write_outputs, write_sweep_outputs
     from kepler.study.runner import run_study, run_sweep_only
 
     study = load_study_config(args.config, quick=args.quick)
+    report_dir = None
+    if args.variants is not None:
+        if args.readme or args.sweep_only:
+            raise CLIError(f"--variants runs part of a study: {'--readme' if args.readme else '--sweep-only'} "
+                           "reports a whole one")
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+        try:
+            study = select_variants(study, names)
+        except ValueError as error:
+            raise CLIError(str(error)) from error
+        report_dir = f"variants_{'_'.join(names)}"
     if args.jobs is not None:
         if args.jobs < 1:
             raise CLIError(f"--jobs must be >= 1, got {args.jobs}")
@@ -564,8 +579,9 @@ def _cmd_study(args) -> int:
         print("kepler study: wrote " + ", ".join(str(p) for p in written))
         return 0
     result = run_study(study, out, on_result=_print_study_run)
-    command = attribute_to_training_study(result, out, command)
-    written = write_outputs(result, out, command)
+    if report_dir is None:
+        command = attribute_to_training_study(result, out, command)
+    written = write_outputs(result, out / report_dir if report_dir else out, command)
     if args.readme:
         written.append(update_readme(Path(args.readme), result, command, out))
     print(f"kepler study: done in {result['wall_minutes']:.1f} min; wrote " + ", ".join(str(p) for p in written))

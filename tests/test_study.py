@@ -546,3 +546,44 @@ def test_an_interrupted_study_starts_no_further_runs():
         raise KeyboardInterrupt
     assert all(f.done() for f in futures)
     assert any(f.cancelled() for f in futures)
+
+
+def test_select_variants_adds_references_and_keeps_the_sweep_only_when_needed():
+    study = config.load_study_config(STUDY_CONFIG)
+    kept = config.select_variants(study, ["kepler_e8"])
+    assert list(kept["variants"]) == ["kepler", "kepler_e8"]  # its reference added, the config's order kept
+    assert kept["sweep"] is None  # neither takes a swept weight
+    assert kept["variants"]["kepler_e8"]["compare_to"] == "kepler"
+    assert kept["variants"]["kepler"]["compare_to"] is None  # plain_vq is not in the selection
+    assert config.select_variants(study, ["kepler_kl"])["sweep"] == study["sweep"]
+    assert list(study["variants"])[0] == "plain_vq"  # the loaded study is left whole
+    with pytest.raises(ValueError, match="unknown variant.*nope; its variants are plain_vq, kepler,"):
+        config.select_variants(study, ["kepler", "nope"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--variants", "nope"], "unknown variant(s) nope"),
+        (["--variants", ","], "unknown variant(s) (none given)"),
+        (["--variants", "kepler", "--readme", "README.md"], "--variants runs part of a study: --readme"),
+        (["--variants", "kepler", "--sweep-only"], "--variants runs part of a study: --sweep-only"),
+    ],
+)
+def test_variants_option_errors(extra, message, tmp_path, capsys):
+    assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_study_of_some_variants_trains_their_runs_for_the_full_study(tmp_path, capsys):
+    assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(tmp_path), "--variants", "kepler_e8"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kepler", "kepler_e8"]
+    report = json.loads((tmp_path / "variants_kepler_e8" / "study.json").read_text())
+    assert list(report["variants"]) == ["kepler", "kepler_e8"] and report["sweep"] is None
+    assert report["command"].endswith("--variants kepler_e8")
+    assert not (tmp_path / "study.json").exists()  # the whole study's report is not replaced by a part
+    study = config.load_study_config(STUDY_CONFIG, quick=True)
+    jobs = runner._jobs_for(study, "kepler_e8", study["variants"]["kepler_e8"]["set"], study["seeds"],
+                            tmp_path / "runs", prior=True)
+    assert all(runner.run_one(job).get("reused") for job in jobs)  # what the full study would do with them

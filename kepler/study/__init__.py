@@ -33,6 +33,9 @@ and ``unigram bits/img``, the differences table ``Δ bits/img``. The sweep's run
 
 ``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
 the results between the README's ``kepler-study`` markers of that study (``kepler.study.report.readme_markers``).
+``--variants a,b`` runs only those variants and their references (and the sweep only if one of them
+takes a swept weight), into the study's own run folders, so the full study later reuses them; its
+report goes to ``<out>/variants_a_b/`` and it cannot write the README (which reports whole studies).
 
 Runs are independent processes (``jobs`` at a time, each with ``threads`` threads, by default
 ``cores // jobs``); a run

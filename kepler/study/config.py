@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,25 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     study["quick"] = bool(quick)
     _check_study(study, path)
     return study
+
+
+def select_variants(study: dict, names: Sequence[str]) -> dict:
+    """``study`` with only the variants ``names`` and the references they are compared to, added
+    where not named (their runs are the same runs a full study trains, so it reuses them later); an
+    added reference keeps no reference of its own.
+    The weight sweep is kept only when a kept variant takes a weight from it. ValueError naming the
+    study's variants for an unknown or empty selection."""
+    variants = study["variants"]
+    unknown = [n for n in names if n not in variants]
+    if not names or unknown:
+        raise ValueError(f"study {study['name']}: unknown variant(s) {', '.join(unknown) or '(none given)'}; "
+                         f"its variants are {', '.join(variants)}")
+    wanted = set(names) | {variants[n]["compare_to"] for n in names if variants[n].get("compare_to")}
+    # The config's order; an added reference is not compared with its own reference.
+    kept = {n: {**v, "compare_to": v.get("compare_to") if v.get("compare_to") in wanted else None}
+            for n, v in variants.items() if n in wanted}
+    needs_sweep = any(SWEEP_MARKER in v["set"].values() for v in kept.values())
+    return {**study, "variants": kept, "sweep": study["sweep"] if needs_sweep else None}
 
 
 def _config_beside(study_path: Path, config: str) -> str:
