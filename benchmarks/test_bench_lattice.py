@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timing import record_rate
 
 from kepler.lattice import get_lattice
 from kepler.ops.closest_lattice_point import closest_lattice_point, lattice_family
@@ -79,4 +80,4 @@ def test_closest_point(benchmark, restore_threads, lattice, device, threads, imp
         benchmark.pedantic(lambda: (run(x), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
     else:
         benchmark.pedantic(run, args=(x,), rounds=10, warmup_rounds=2)
-    benchmark.extra_info["gb_per_s"] = 2 * x.numel() * x.element_size() / benchmark.stats.stats.mean / 1e9
+    record_rate(benchmark, "gb_per_s", 2 * x.numel() * x.element_size() / 1e9, "mean")

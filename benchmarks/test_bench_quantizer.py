@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from memory import peak_step_memory_mb
+from timing import record_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_quantizer import released_forward  # noqa: E402  (the transcription the tests trust)
@@ -106,5 +107,5 @@ def test_quantizer_forward_backward(benchmark, implementation, num_codes, device
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1)
     rows = BATCH * SIDE * SIDE * PARTITIONS
     search_gflop = 2 * rows * num_codes * SUB_DIM / 1e9
-    benchmark.extra_info["search_gflop_per_s"] = search_gflop / benchmark.stats.stats.median
+    record_rate(benchmark, "search_gflop_per_s", search_gflop)
     benchmark.extra_info["peak_memory_mb"] = peak_step_memory_mb(step, device)
