@@ -1,7 +1,8 @@
 """kepler: Triton- and CUDA-accelerated vector quantization with Kepler codebooks.
 
 Importing kepler never fails because the compiled extension ``kepler._C`` is missing; the
-reference and Triton backends work without it (see :func:`available_backends`).
+reference and Triton backends work without it (see :func:`available_backends`). A trained model,
+in any form it is saved in, is one call away: :func:`load`.
 """
 
 from kepler._backend import BACKENDS, available_backends
@@ -10,6 +11,7 @@ from kepler.ops.closest_lattice_point import closest_lattice_point
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler import lattice, metrics
 from kepler.nn import KeplerQuantizer, LatticeQuantizer
+from kepler.models.load import load
 # The function shadows its module as the attribute kepler.doctor; `from kepler.doctor import ...`
 # still reaches the module (format_report, DoctorReport).
 from kepler.doctor import doctor
@@ -27,5 +29,6 @@ __all__ = [
     "doctor",
     "nearest_codeword",
     "lattice",
+    "load",
     "metrics",
 ]

@@ -112,7 +112,7 @@ def test_builtin_configs_resolve_in_the_installed_package(tmp_path):
     _installed_layout(build_lib)
     code = (
         "import kepler, sys\n"
-        "from kepler.train.config import resolve_config\n"
+        "from kepler.io.config_files import resolve_config\n"
         "from kepler.cli import main\n"
         "print(kepler.__file__)\n"
         "print(resolve_config('sample'))\n"

@@ -11,7 +11,7 @@ from PIL import Image
 from test_train import random_images, tiny_config
 
 from kepler.cli import main
-from kepler.train.config import load_config
+from kepler.io.config import load_config
 from kepler.train.trainer import train
 
 COMMANDS = ["train", "eval", "reconstruct", "encode", "decode", "export", "study", "doctor"]
@@ -71,9 +71,9 @@ def test_train_errors(tmp_path, capsys):
 
 def test_eval_errors(tmp_path, checkpoint, capsys):
     err = _error(["eval", str(tmp_path / "missing.pt")], capsys)
-    assert "kepler eval: error: checkpoint" in err and "missing.pt does not exist" in err
+    assert "kepler eval: error: model" in err and "missing.pt does not exist (a model is a checkpoint file" in err
     err = _error(["eval", str(checkpoint), "--data", str(tmp_path / "nowhere")], capsys)
-    assert "is neither an embedded data set" in err
+    assert "is not a data source: expected the embedded photos 'sample'" in err
     err = _error(["eval", str(checkpoint), "--data", "faces", "--resolution", "31"], capsys)
     assert "resolution 31 is not a multiple of the downsampling factor 2" in err
 
@@ -141,10 +141,10 @@ def test_version(capsys):
 
 @pytest.mark.parametrize("command", ["eval", "reconstruct", "encode", "decode"])
 def test_unusable_output_locations_fail_before_any_work(tmp_path, checkpoint, capsys, monkeypatch, command):
-    import kepler.cli
+    import kepler.cli.models
 
     # Any work (loading the model) after a bad --out is a failure of this test.
-    monkeypatch.setattr(kepler.cli, "_model", lambda args: pytest.fail("loaded the model before checking --out"))
+    monkeypatch.setattr(kepler.cli.models, "_tokenizer", lambda args: pytest.fail("loaded the model before checking --out"))
     monkeypatch.setattr("kepler.train.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
     a_file = tmp_path / "eval.json"
     a_file.write_text("{}")

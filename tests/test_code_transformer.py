@@ -46,22 +46,18 @@ def teacher_forced(indices: torch.Tensor, recorded: list):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-partition"])
 @pytest.mark.parametrize("tokens", [1, 2, 4, 3])
-def test_layout_round_trips_both_orders(tokens, shared):
+def test_token_offsets_of_both_orders(tokens, shared):
+    """A position's sub-code p with code k is token k (flat order, shared codebook) or p*K + k (the
+    other three cases): the vocabularies the transformer embeds and reads out."""
     layout = CodeLayout(height=3, width=5, tokens_per_position=tokens, codebook_size=7, shared_codebook=shared)
-    indices = random_indices(layout)
-    flat = layout.to_flat(indices)
-    positions = layout.to_positions(indices)
-    assert flat.shape == (2, 3 * 5 * tokens) and positions.shape == (2, 3 * 5, tokens)
-    assert torch.equal(layout.from_flat(flat), indices)
-    assert torch.equal(layout.from_positions(positions), indices)
-    # The orders spelled out: raster over positions, a position's sub-codes consecutive.
-    for b, row, col, p in [(0, 0, 0, 0), (1, 2, 4, tokens - 1), (1, 1, 3, tokens // 2)]:
-        k = int(indices[b, row, col, p])
-        position = row * 5 + col
-        assert int(flat[b, position * tokens + p]) == k + (0 if shared else p * 7)
-        assert int(positions[b, position, p]) == p * 7 + k
-    assert layout.flat_vocab_size == (7 if shared else 7 * tokens)
-    assert int(flat.max()) < layout.flat_vocab_size and int(positions.max()) < layout.position_vocab_size
+    partition_offsets = [7 * p for p in range(tokens)]
+    assert layout.partition_offsets().tolist() == partition_offsets
+    assert layout.token_offsets("factorized").tolist() == partition_offsets
+    assert layout.token_offsets("flat").tolist() == ([0] * tokens if shared else partition_offsets)
+    assert layout.flat_vocab_size == (7 if shared else 7 * tokens) and layout.position_vocab_size == 7 * tokens
+    assert layout.flat_length == 15 * tokens and layout.positions == 15
+    with pytest.raises(ValueError, match="order must be one of 'flat', 'factorized', got 'raster'"):
+        layout.token_offsets("raster")
 
 
 def test_layout_from_any_protocol_quantizer():
@@ -82,16 +78,11 @@ def test_layout_errors_name_the_bad_value():
         CodeLayout(2, 2, 2, 0, True)
     layout = CodeLayout(2, 2, 2, 5, False)
     with pytest.raises(ValueError, match=r"indices must be \(B, H, W, P\) = \(B, 2, 2, 2\), got shape \(1, 2, 2, 3\)"):
-        layout.to_flat(torch.zeros(1, 2, 2, 3, dtype=torch.int64))
+        layout.check_indices(torch.zeros(1, 2, 2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"indices must hold codes in \[0, 5\), got \[5, 5\]"):
-        layout.to_positions(torch.full((1, 2, 2, 2), 5))
+        layout.check_indices(torch.full((1, 2, 2, 2), 5))
     with pytest.raises(TypeError, match="indices must be an int32 or int64 torch.Tensor"):
-        layout.to_flat(torch.zeros(1, 2, 2, 2))
-    # Token 1 is codebook 0's code: not valid as sub-code 1.
-    with pytest.raises(ValueError, match=r"sub-code p of each position must be in \[p\*K, \(p\+1\)\*K\) with K=5"):
-        layout.from_flat(torch.tensor([[0, 1] * 4]))
-    with pytest.raises(ValueError, match=r"tokens must be in \[0, 10\), got \[0, 10\]"):
-        layout.from_positions(torch.tensor([[[0, 10]] * 4]))
+        layout.check_indices(torch.zeros(1, 2, 2, 2))
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -224,19 +215,18 @@ def test_nll_in_nats_and_bits(order):
     layout = CodeLayout(2, 3, 2, 5, True)
     model = tiny_prior(layout, order).double()
     indices = random_indices(layout, batch=3)
-    result = model.nll(indices)
+    nats = model.nll(indices)
     log_probs = torch.log_softmax(model(indices), dim=-1)
     expected = -log_probs.gather(-1, indices.reshape(3, 6, 2, 1)).reshape(3, -1).sum(dim=1)
-    torch.testing.assert_close(result.nats, expected)
-    torch.testing.assert_close(result.nats_per_token, model.loss(indices))
-    torch.testing.assert_close(result.bits_per_token, result.nats_per_token / math.log(2))
-    torch.testing.assert_close(result.bits_per_position, 2 * result.bits_per_token)
+    torch.testing.assert_close(nats, expected)
+    torch.testing.assert_close(nats.mean() / layout.flat_length, model.loss(indices))
     # A prior whose readout is zero is uniform: exactly log2(K) bits per token.
     readout = model.readout if order == "flat" else model.head.readout
     with torch.no_grad():
         readout.weight.zero_()
         readout.bias.zero_()
-    torch.testing.assert_close(model.nll(indices).bits_per_token, torch.tensor(math.log2(5), dtype=torch.float64))
+    bits_per_token = model.nll(indices) / layout.flat_length / math.log(2)
+    torch.testing.assert_close(bits_per_token, torch.full((3,), math.log2(5), dtype=torch.float64))
 
 
 def test_constructor_and_sampling_errors():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kepler.cli import main
 from kepler.models import VQGANLoss, VQModel
-from kepler.train.config import key_types, load_config, to_dict
+from kepler.io.config import key_types, load_config, to_dict
 
 # (override, the message it must give): issue 15's list of values that used to crash later or
 # train nothing, plus their neighbours.
@@ -112,7 +112,7 @@ def test_any_value_of_any_key_loads_or_is_one_line_naming_the_key(tmp_path_facto
 
 
 def test_builtin_names_resolve_and_an_existing_file_wins(tmp_path, monkeypatch):
-    from kepler.train.config import CONFIGS_DIR, resolve_config
+    from kepler.io.config_files import CONFIGS_DIR, resolve_config
 
     assert resolve_config("sample") == CONFIGS_DIR / "sample.yaml"
     assert load_config("sample").name == "sample"
@@ -123,7 +123,7 @@ def test_builtin_names_resolve_and_an_existing_file_wins(tmp_path, monkeypatch):
 
 
 def test_an_unknown_config_name_lists_the_builtin_names(tmp_path, capsys):
-    from kepler.train.config import builtin_configs
+    from kepler.io.config_files import builtin_configs
 
     names = ", ".join(builtin_configs())
     assert names.startswith("ade20k_f16, celebahq_f16, celebahq_prior, prior_faces_cond, prior_sample, sample")
@@ -136,7 +136,7 @@ def test_an_unknown_config_name_lists_the_builtin_names(tmp_path, capsys):
 
 
 def test_list_configs_shows_each_builtin_with_its_kind_and_description(capsys):
-    from kepler.train.config import builtin_configs
+    from kepler.io.config_files import builtin_configs
 
     assert main(["train", "--list-configs"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -18,7 +18,7 @@ from kepler.data import (
     dataset_labels,
     first_items,
 )
-from kepler.data.embedded import TRAIN_PHOTOS, VAL_PHOTOS, grid_offsets
+from kepler.data.sample import TRAIN_PHOTOS, VAL_PHOTOS, grid_offsets
 
 
 def write_image(path, size=(40, 30), colour=(200, 10, 10), fmt=None):
@@ -49,7 +49,7 @@ def test_folder_is_recursive_over_jpg_png_webp(image_tree):
 def test_list_file_paths_relative_to_the_list(image_tree, tmp_path):
     listing = image_tree / "train.txt"
     listing.write_text("# training images\nsub/b.png\n\n" + str(image_tree / "a.jpg") + "\n")
-    ds = build_dataset(listing, "train", 16)
+    ds = build_dataset({"size": 16}, "train", spec=listing)
     assert len(ds) == 2 and ds.paths[0] == str(image_tree / "sub" / "b.png")
 
 
@@ -84,7 +84,7 @@ def test_all_images_unreadable_is_an_error(tmp_path):
     # found when the data set is built, not later inside a DataLoader worker
     with pytest.raises(ValueError, match=f"no readable image in {tmp_path}: all 2 files failed to load "
                                          f"\\(first: {tmp_path / 'x.png'}: cannot identify image file"):
-        build_dataset(tmp_path, "train", 8)
+        build_dataset({"size": 8}, "train", spec=tmp_path)
 
 
 def write_png16(path, array) -> None:
@@ -103,7 +103,7 @@ def write_png16(path, array) -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_16_bit_pngs_are_scaled_to_the_8_bit_range(tmp_path, channels):
-    from kepler.cli import _load_images
+    from kepler.cli.models import load_images
 
     ramp = np.linspace(0, 65535, 16 * 24).round().astype(np.uint16).reshape(16, 24)
     wide = ramp if channels == 1 else np.stack([ramp, ramp[::-1], 65535 - ramp], axis=-1)
@@ -111,25 +111,27 @@ def test_16_bit_pngs_are_scaled_to_the_8_bit_range(tmp_path, channels):
     narrow = np.broadcast_to((wide / 257.0).round().astype(np.uint8)[..., None] if channels == 1
                              else (wide / 257.0).round().astype(np.uint8), (16, 24, 3))
     expected = torch.from_numpy(narrow.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-    image, _ = build_dataset(tmp_path, "val", 16)[0]
+    image, _ = build_dataset({"size": 16}, "val", spec=tmp_path)[0]
     centre = (24 - 16) // 2
     torch.testing.assert_close(image, expected[:, :, centre:centre + 16], atol=1 / 127.5, rtol=0)
-    (_, whole), = _load_images([tmp_path / "wide.png"], None, 8)
+    (_, whole), = load_images([tmp_path / "wide.png"], None, 8)
     torch.testing.assert_close(whole[0], expected, atol=1 / 127.5, rtol=0)
 
 
 def test_empty_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=r"empty dataset: no images \(.jpg, .jpeg, .png, .webp\) found under"):
-        build_dataset(tmp_path, "train", 16)
+        build_dataset({"size": 16}, "train", spec=tmp_path)
     empty_list = tmp_path / "list.txt"
     empty_list.write_text("# nothing\n")
     with pytest.raises(ValueError, match="empty dataset: list file .* names no images"):
-        build_dataset(empty_list, "train", 16)
-    with pytest.raises(ValueError, match="neither an embedded data set"):
-        build_dataset(tmp_path / "missing", "train", 16)
+        build_dataset({"size": 16}, "train", spec=empty_list)
+    with pytest.raises(ValueError, match=r"data '.*missing' is not a data source: expected the embedded photos "
+                                         r"'sample', the embedded faces 'faces', a folder of images or a list file "
+                                         r"of image paths \(no such file or folder\)"):
+        build_dataset({"size": 16}, "train", spec=tmp_path / "missing")
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
-        build_dataset("sample", "test", 16)
+        build_dataset({"size": 16}, "test")
 
 
 def test_transform_resizes_shorter_side_and_crops():
@@ -186,8 +188,8 @@ def test_grid_offsets_cover_both_ends():
 
 
 def test_faces_split():
-    train = build_dataset("faces", "train", 16)
-    val = build_dataset("faces", "val", 16)
+    train = build_dataset({"size": 16}, "train", spec="faces")
+    val = build_dataset({"size": 16}, "val", spec="faces")
     assert len(train) == 180 and len(val) == 20
     image, _ = val[0]
     assert image.shape == (3, 16, 16)
@@ -196,14 +198,35 @@ def test_faces_split():
 
 
 def test_faces_are_labelled_face_then_non_face_and_other_sets_are_not(image_tree):
-    train, val = build_dataset("faces", "train", 16), build_dataset("faces", "val", 16)
+    train, val = build_dataset({"size": 16}, "train", spec="faces"), build_dataset({"size": 16}, "val", spec="faces")
     assert dataset_labels(train)[0] == 2 and dataset_labels(train)[1].tolist() == [1] * 90 + [0] * 90
     assert dataset_labels(val)[1].tolist() == [1] * 10 + [0] * 10  # patches 9, 19, ..., 199
     assert dataset_labels(first_items(val, 12))[1].tolist() == [1] * 10 + [0] * 2
-    assert dataset_labels(build_dataset(image_tree, "val", 16)) == (0, None)
+    assert dataset_labels(build_dataset({"size": 16}, "val", spec=image_tree)) == (0, None)
 
 
 def test_collate_stacks_tuples_item_by_item():
     samples = [((torch.full((2, 3), i), torch.tensor(i)), ()) for i in range(4)]
     (maps, labels), skipped = collate(samples)
     assert maps.shape == (4, 2, 3) and labels.tolist() == [0, 1, 2, 3] and skipped == []
+
+
+def test_a_registered_source_is_built_from_the_data_section(monkeypatch):
+    """A new source is one registration: build_dataset finds it by its spec, hands it the whole
+    data section with every default filled in, and names it among the kinds when nothing matches."""
+    from kepler.data import sources
+
+    monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
+    seen = {}
+
+    @sources.register_source("noise", "random noise 'noise'")
+    def build_noise(spec, split, data):
+        seen.update(spec=spec, split=split, data=data)
+        return [torch.zeros(3, data["size"], data["size"])] * data["samples_per_epoch"]
+
+    dataset = build_dataset({"train": "noise", "size": 8, "samples_per_epoch": 3}, "train")
+    assert len(dataset) == 3 and dataset[0].shape == (3, 8, 8)
+    assert seen["spec"] == "noise" and seen["split"] == "train"
+    assert seen["data"]["flip"] is True and seen["data"]["val"] == "sample"  # DataSection's defaults
+    with pytest.raises(ValueError, match=r"'nothing' is not a data source: .* or random noise 'noise' \(no such"):
+        build_dataset({"size": 8}, "val", spec="nothing")

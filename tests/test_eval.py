@@ -14,21 +14,12 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from kepler.data import build_dataset
-from kepler.train.config import load_config
-from kepler.train import evaluate as evaluate_module
-from kepler.train.evaluate import (
-    INCEPTION_FILENAME,
-    _shard,
-    evaluate,
-    format_table,
-    load_fid,
-    load_inception_score,
-    load_model,
-    mean_colour,
-    psnr,
-    run_validation,
-    ssim,
-)
+from kepler.io.config import load_config
+from kepler.metrics import inception as inception_module
+from kepler.metrics import mean_colour, psnr, ssim
+from kepler.metrics.inception import INCEPTION_FILENAME, load_fid, load_inception_score
+from kepler.models.load import load_model
+from kepler.train.evaluate import _shard, evaluate, format_table, run_validation
 from kepler.train.trainer import train
 
 
@@ -122,7 +113,7 @@ def test_hostile_inception_weights_are_never_unpickled(tmp_path, monkeypatch):
         assert reason == (f"{shown} is not the FID Inception weights file {INCEPTION_FILENAME}: "
                           f"its SHA-256 starts with {digest[:8]}, not 6726825d")
     # A file whose hash prefix matches (32 bits: forgeable) is still read with weights_only=True.
-    monkeypatch.setattr(evaluate_module, "INCEPTION_SHA256_PREFIX", digest[:8])
+    monkeypatch.setattr(inception_module, "INCEPTION_SHA256_PREFIX", digest[:8])
     metric, reason = load_fid(explicit)
     assert metric is None and not marker.exists()
     assert reason.startswith(f"FID Inception weights {explicit} holds more than tensors and plain containers")
@@ -143,7 +134,7 @@ def test_checked_inception_weights_reach_the_network(tmp_path, monkeypatch, load
     weights = Unloaded("inception", ["2048"], feature_extractor_weights_path=empty).state_dict()
     path = tmp_path / INCEPTION_FILENAME
     torch.save(weights, path)
-    monkeypatch.setattr(evaluate_module, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])
+    monkeypatch.setattr(inception_module, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])
     metric, reason = loader(path)
     assert reason is None
     loaded = metric.inception.state_dict()
@@ -179,9 +170,9 @@ def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path):
 
 def test_validation_keeps_training_usage_and_computes_rfid(tiny_checkpoint):
     checkpoint, val_images = tiny_checkpoint
-    model, _ = load_model(checkpoint)
+    model = load_model(checkpoint).model
     before = model.quantize.code_counts.clone()
-    dataset = build_dataset(val_images, "val", 32)
+    dataset = build_dataset({"size": 32}, "val", spec=val_images)
 
     class ColourStats(nn.Module):
         num_features = 6
@@ -205,7 +196,7 @@ def test_evaluate_bad_resolution(tiny_checkpoint):
 
 
 def test_evaluate_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint .*missing.pt does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"model .*missing.pt does not exist \(a model is a checkpoint file or an exported folder\)"):
         evaluate(tmp_path / "missing.pt")
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(1)}, bogus)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import kepler
 import yaml
 from PIL import Image
 from safetensors.torch import save
@@ -16,8 +18,8 @@ from test_train import random_images, tiny_config
 
 from kepler.cli import main
 from kepler.models import VQModel
-from kepler.models.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, load_pretrained
-from kepler.train.config import load_config
+from kepler.io.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, read_pretrained
+from kepler.io.config import load_config
 from kepler.train.trainer import train
 
 
@@ -55,7 +57,7 @@ def test_round_trip_is_exact(saved):
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
         assert torch.equal(loaded.encode_to_indices(x), model.encode_to_indices(x))
-    manifest = load_pretrained(folder)[1]
+    manifest = read_pretrained(folder)[0]
     assert manifest["step"] == 7 and manifest["model"]["quantizer"]["partitions"] == 4
     assert manifest["weights"]["sha256"] == hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()
 
@@ -85,7 +87,7 @@ def test_a_damaged_safetensors_file_is_refused(saved, damage):
 
 def test_missing_folder_and_files(saved, tmp_path):
     _, folder = saved
-    with pytest.raises(FileNotFoundError, match=f"^pretrained model folder {tmp_path / 'nowhere'} does not exist$"):
+    with pytest.raises(FileNotFoundError, match=f"^model {tmp_path / 'nowhere'} does not exist"):
         VQModel.from_pretrained(tmp_path / "nowhere")
     (folder / WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=f"^pretrained model {folder}: model.safetensors is missing$"):
@@ -157,7 +159,8 @@ def test_export_writes_a_folder_with_the_runs_metrics(run, tmp_path, capsys):
     assert f"| psnr | {run['psnr']:.2f} dB |" in card and "- Training steps: 2" in card
     state = torch.load(run["checkpoint"], weights_only=True)
     assert f"- Training data: {state['config']['data']['train']}, 32x32 crops" in card
-    model, manifest = load_pretrained(out)
+    model = kepler.load(out)
+    manifest = read_pretrained(out)[0]
     assert manifest["data"] == state["config"]["data"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
 
@@ -209,4 +212,4 @@ def test_resume_from_a_folder_says_it_needs_a_checkpoint(saved, tmp_path, capsys
 
 def test_export_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
-    assert "kepler export: error: checkpoint" in capsys.readouterr().err
+    assert "kepler export: error: model" in capsys.readouterr().err

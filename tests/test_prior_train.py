@@ -16,11 +16,15 @@ from torch import nn
 from kepler.cli import main
 from kepler.data import collate
 from kepler.models import CodeTransformer
-from kepler.train.checkpoint import load_checkpoint, save_checkpoint
-from kepler.train.config import load_prior_config
-from kepler.train import prior_task
-from kepler.train.evaluate import save_image_grid, to_unit
-from kepler.train.prior_task import evaluate_prior, held_out_set, load_prior, prior_tokenizer, sample_images
+from kepler.io.checkpoint import load_checkpoint, save_checkpoint
+from kepler.io.files import file_sha256
+from kepler.io.config import load_prior_config
+from kepler.data import held_out_set, to_unit
+from kepler.io.images import save_image_grid
+from kepler.models.load import load_model, load_prior_tokenizer
+from kepler.models.sampling import sample_images
+from kepler.train import prior_eval
+from kepler.train.prior_eval import evaluate_prior
 
 TOKENIZER = """
 name: tok
@@ -42,11 +46,11 @@ train: {{max_steps: {steps}, eval_every: 2, ckpt_every: 2, log_every: 1, progres
 """
 
 
-def train_tokenizer(folder: Path, partitions: int) -> Path:
+def train_tokenizer(folder: Path, partitions: int, seed: int = 0) -> Path:
     config = folder / f"tok{partitions}.yaml"
     config.write_text(TOKENIZER.format(partitions=partitions))
-    run = folder / f"tok{partitions}"
-    assert main(["train", str(config), f"run_dir={run}"]) == 0
+    run = folder / f"tok{partitions}_seed{seed}"
+    assert main(["train", str(config), f"run_dir={run}", f"seed={seed}"]) == 0
     return run / "checkpoints" / "last.pt"
 
 
@@ -94,8 +98,8 @@ def test_training_logs_bits_and_baselines_and_caches_the_codes(prior_run, tokeni
 def test_validation_writes_the_sample_grid_of_seed_0(prior_run, tmp_path):
     assert (prior_run / "samples_step2.png").is_file() and (prior_run / "samples_step4.png").is_file()
     assert (prior_run / "samples.png").read_bytes() == (prior_run / "samples_step4.png").read_bytes()
-    prior, state = load_prior(prior_run / "checkpoints" / "last.pt")
-    _, images = sample_images(prior, prior_tokenizer(prior, state), 8, seed=0)  # grid_images: 8 by default
+    loaded = load_model(prior_run / "checkpoints" / "last.pt", kind="prior")
+    _, images = sample_images(loaded.model, load_prior_tokenizer(loaded), 8, seed=0)  # grid_images: 8 by default
     expected = save_image_grid(images, tmp_path / "expected.png")
     assert (prior_run / "samples.png").read_bytes() == expected.read_bytes()
 
@@ -195,22 +199,65 @@ def test_errors_are_one_line(prior_run, tokenizer, tmp_path, capsys):
     assert capsys.readouterr().err == ("kepler sample: error: a class (2) was given, but the prior is unconditional "
                                        "(model.num_classes=0)\n")
 
-    # A prior whose tokenizer file was replaced by one with another layout (4 sub-codes a position).
+    # A prior whose tokenizer file was replaced (by one with another layout: 4 sub-codes a position).
     copy = tmp_path / "tok.pt"
     shutil.copy(tokenizer, copy)
     run = tmp_path / "run"
     assert main(["prior", "train", str(prior_config(tmp_path, copy, steps=1)), f"run_dir={run}"]) == 0
+    prior_checkpoint = run / "checkpoints" / "last.pt"
+    trained_on = file_sha256(copy)
+    assert load_checkpoint(prior_checkpoint)["tokenizer"]["sha256"] == trained_on
     shutil.copy(train_tokenizer(tmp_path, partitions=4), copy)
     capsys.readouterr()
-    assert main(["sample", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "s")]) == 2
-    assert capsys.readouterr().err == (
-        f"kepler sample: error: mismatched vocabulary: the prior models 8x8x2 codes of K=16 (shared codebook), "
-        f"tokenizer {copy} makes 8x8x4 codes of K=16 (shared codebook)\n"
-    )
+    for command in (["sample", str(prior_checkpoint), "--out", str(tmp_path / "s")],
+                    ["prior", "eval", str(prior_checkpoint), "--num-samples", "0"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (
+            f"kepler {command[0]}: error: tokenizer {copy} has SHA-256 {file_sha256(copy)}, but checkpoint "
+            f"{prior_checkpoint} was trained on a tokenizer with SHA-256 {trained_on}: its codes would be decoded by "
+            "another model\n"
+        )
     copy.unlink()
-    assert main(["sample", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "s")]) == 2
-    assert capsys.readouterr().err == (f"kepler sample: error: tokenizer {copy} does not exist "
-                                       "(the prior's tokenizer.checkpoint)\n")
+    assert main(["sample", str(prior_checkpoint), "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (f"kepler sample: error: tokenizer {copy} of checkpoint {prior_checkpoint} "
+                                       "does not exist (moved? give its new path with --tokenizer)\n")
+
+
+def test_a_prior_finds_its_tokenizer_by_absolute_path_and_hash(tmp_path, tokenizer, capsys, monkeypatch):
+    """The tokenizer path is stored absolute (a relative one would pick another runs/... from another
+    folder); --tokenizer re-points a prior at a moved copy, which must have the recorded hash; and
+    --resume refuses a changed tokenizer before it encodes anything."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tokenizer, tmp_path / "tok.pt")
+    config = prior_config(tmp_path, "tok.pt", steps=1)  # relative to the working folder
+    run = tmp_path / "run"
+    assert main(["prior", "train", str(config), f"run_dir={run}"]) == 0
+    prior_checkpoint = run / "checkpoints" / "last.pt"
+    assert load_checkpoint(prior_checkpoint)["tokenizer"]["checkpoint"] == str((tmp_path / "tok.pt").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tokenizer, elsewhere / "tok.pt")  # another folder's tok.pt: the same relative name
+    monkeypatch.chdir(elsewhere)
+    assert main(["sample", str(prior_checkpoint), "--num", "2", "--out", str(tmp_path / "a")]) == 0
+    moved = tmp_path / "moved.pt"
+    (tmp_path / "tok.pt").rename(moved)
+    assert main(["sample", str(prior_checkpoint), "--num", "2", "--tokenizer", str(moved), "--out",
+                 str(tmp_path / "b")]) == 0
+    assert np.array_equal(np.load(tmp_path / "a" / "sample0000.npy"), np.load(tmp_path / "b" / "sample0000.npy"))
+    other = train_tokenizer(tmp_path, partitions=2, seed=9)
+    capsys.readouterr()
+    assert main(["sample", str(prior_checkpoint), "--tokenizer", str(other), "--out", str(tmp_path / "c")]) == 2
+    assert f"tokenizer {other} has SHA-256 {file_sha256(other)}, but checkpoint" in capsys.readouterr().err
+    # --resume with another tokenizer file: refused before a second code cache is written.
+    shutil.copy(other, moved)
+    resumed = prior_config(tmp_path, moved, steps=2)
+    assert main(["prior", "train", str(resumed), f"run_dir={run}", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"kepler prior: error: --resume: the checkpoint was trained on a tokenizer with SHA-256 "
+        f"{file_sha256(tokenizer)}, but tokenizer.checkpoint {moved} has SHA-256 {file_sha256(other)}: resuming "
+        "would train the prior on another tokenizer's codes\n"
+    )
+    assert len(list((run / "codes").glob("*.pt"))) == 1
 
 
 def test_builtin_prior_configs_load_and_default_to_adamw(tokenizer):
@@ -255,7 +302,7 @@ def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditiona
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
     # A class that never reached a batch keeps a zero row in the start-token table's first moment
     # (AdamW's decay is outside it).
-    names = [name for name, _ in load_prior(straight / "checkpoints" / "last.pt")[0].named_parameters()]
+    names = [name for name, _ in load_model(straight / "checkpoints" / "last.pt").model.named_parameters()]
     first_moment = a["opt"]["state"][names.index("start_embedding.weight")]["exp_avg"]
     assert first_moment.shape == (2, 32) and all(row.abs().sum() > 0 for row in first_moment)
     metrics = json.loads((straight / "metrics.json").read_text())
@@ -288,9 +335,9 @@ def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditi
     face, again = ([np.load(tmp_path / name / f"sample{i:04d}.npy") for i in range(3)] for name in ("face", "again"))
     assert all(np.array_equal(x, y) for x, y in zip(face, again))
     # The trained prior tells the classes apart: the held-out maps are likelier under their own labels.
-    prior, _ = load_prior(checkpoint)
+    prior = load_model(checkpoint, kind="prior").model
     val = torch.load(next((straight / "codes").glob("*.pt")), weights_only=True)
-    own, swapped = (prior.nll(val["val"], labels).nats.sum() for labels in (val["val_labels"], 1 - val["val_labels"]))
+    own, swapped = (prior.nll(val["val"], labels).sum() for labels in (val["val_labels"], 1 - val["val_labels"]))
     assert own < swapped
     assert main(["prior", "eval", checkpoint, "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -367,13 +414,13 @@ def stand_in_metrics(monkeypatch, tmp_path):
             return metric(feature=made[kind][-1], normalize=True), None
         return loader
 
-    monkeypatch.setattr(prior_task, "load_fid", load("fid", FrechetInceptionDistance))
+    monkeypatch.setattr(prior_eval, "load_fid", load("fid", FrechetInceptionDistance))
     def inception_score(**options):
         with warnings.catch_warnings():  # torchmetrics' note on its memory use
             warnings.simplefilter("ignore")
             return InceptionScore(splits=10, **options)
 
-    monkeypatch.setattr(prior_task, "load_inception_score", load("is", inception_score))
+    monkeypatch.setattr(prior_eval, "load_inception_score", load("is", inception_score))
     return weights, made
 
 
@@ -388,10 +435,10 @@ def test_samples_and_held_out_images_reach_fid_and_inception_score(prior_run, st
     assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
                for x in fid.seen)
     assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) for x in score.seen)
-    prior, state = load_prior(checkpoint)
-    held_out, _ = collate([item for item in held_out_set(state["config"]["data"])])
+    loaded = load_model(checkpoint, kind="prior")
+    held_out, _ = collate([item for item in held_out_set(loaded.config["data"])])
     torch.testing.assert_close(torch.cat(fid.seen[:2]), to_unit(held_out))
-    _, first = sample_images(prior, prior_tokenizer(prior, state), 5, seed=torch.Generator().manual_seed(1))
+    _, first = sample_images(loaded.model, load_prior_tokenizer(loaded), 5, seed=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fid.seen[2], to_unit(first))
     assert torch.equal(score.seen[0], (to_unit(first) * 255).byte())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0 and len(metrics["inception_score"]) == 2

@@ -20,7 +20,7 @@ from kepler.nn import (
     register_quantizer,
     straight_through,
 )
-from kepler.train.config import load_config
+from kepler.io.config import load_config
 from kepler.train.trainer import train
 
 

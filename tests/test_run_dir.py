@@ -10,7 +10,7 @@ import pytest
 from test_train import tiny_config
 
 from kepler.cli import main
-from kepler.train.config import load_config
+from kepler.io.config import load_config
 from kepler.train.run_dir import LOCK_NAME, RunDirError
 from kepler.train.trainer import train
 

@@ -139,7 +139,7 @@ def test_select_weight_needs_candidates():
 
 
 def test_override_strings_round_trip_through_the_trainer_config():
-    from kepler.train.config import load_config
+    from kepler.io.config import load_config
 
     overrides = [
         config.override_string("model.quantizer.kepler_kl_weight", 1e-8),
@@ -156,7 +156,7 @@ def test_override_strings_round_trip_through_the_trainer_config():
 
 def test_default_study_variants_all_spend_12_bits():
     from kepler.nn import build_quantizer
-    from kepler.train.config import load_config, to_dict
+    from kepler.io.config import load_config, to_dict
 
     cfg = config.load_study_config(STUDY_CONFIG)
     assert len(cfg["seeds"]) == 2
@@ -327,7 +327,7 @@ def test_equal_bits_study_variants_load_and_spend_their_budget():
     import torch
 
     from kepler.models import VQModel
-    from kepler.train.config import load_config, to_dict
+    from kepler.io.config import load_config, to_dict
 
     study = config.load_study_config(ROOT / "kepler" / "configs" / "study_equal_bits.yaml")
     types = set()

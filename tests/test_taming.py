@@ -20,8 +20,8 @@ from kepler.cli import main
 from kepler.data import to_uint8
 from kepler.models import VQModel
 from kepler.models.taming import from_taming
-from kepler.train.config import load_config
-from kepler.train.evaluate import load_model
+from kepler.io.config import load_config
+from kepler.models.load import load_model
 from kepler.train.trainer import train
 
 FIXTURE = Path(__file__).parent / "data" / "released_vqgan_group_p4"
@@ -381,13 +381,15 @@ def converted_dir(tmp_path_factory):
 
 
 def test_convert_writes_a_kepler_checkpoint_and_config(converted_dir, reference):
-    model, state = load_model(converted_dir / "model.pt")
-    assert state["step"] == 0 and state["config"]["data"]["size"] == 32
+    loaded = load_model(converted_dir / "model.pt")
+    model = loaded.model
+    assert loaded.step == 0 and loaded.config["data"]["size"] == 32
+    assert load_model(converted_dir).model.state_dict().keys() == model.state_dict().keys()  # the folder too
     for key, tensor in from_taming(CKPT, CONFIG).state_dict().items():
         assert torch.equal(model.state_dict()[key], tensor), key
     assert torch.equal(model.encode_to_indices(reference["x"]), reference["indices"])
     cfg = load_config(converted_dir / "config.yaml")
-    assert OmegaConf.to_container(cfg.model) == state["config"]["model"]
+    assert OmegaConf.to_container(cfg.model) == loaded.config["model"]
     assert cfg.model.quantizer.partition == "group" and cfg.model.norm_groups == 32
     assert cfg.optim.base_lr == 4.5e-6 and cfg.loss.disc_ndf == 8 and cfg.loss.disc_num_layers == 2
     assert Path(cfg.train.init_from) == (converted_dir / "model.pt").resolve()
@@ -436,8 +438,9 @@ def test_training_starts_from_the_converted_weights(tmp_path, converted_dir, con
                  "data.resize=32", "train.max_steps=2", "train.eval_every=2", "train.ckpt_every=2",
                  "train.progress=false", "loss.perceptual_weight=0", "optim.base_lr=1e-12", "optim.scale_lr=false"]
     metrics = train(load_config(converted_dir / "config.yaml", overrides))
-    trained, state = load_model(metrics["checkpoint"])
-    assert state["step"] == 2
+    trained = load_model(metrics["checkpoint"])
+    assert trained.step == 2
+    trained = trained.model
     # Two Adam steps at lr 1e-12 move no weight by more than ~2e-12: the run began at the converted weights.
     for key, tensor in converted.state_dict().items():
         if tensor.is_floating_point():
@@ -447,7 +450,7 @@ def test_training_starts_from_the_converted_weights(tmp_path, converted_dir, con
 def test_init_from_errors(tmp_path, converted_dir):
     with pytest.raises(ValueError) as error:
         load_config(converted_dir / "config.yaml", [f"train.init_from={tmp_path / 'none.pt'}"])
-    assert str(error.value) == f"config key 'train.init_from': checkpoint {tmp_path / 'none.pt'} does not exist"
+    assert str(error.value) == f"config key 'train.init_from': {tmp_path / 'none.pt'} does not exist"
     with pytest.raises(ValueError) as error:
         load_config(None, ["train.init_from=5"])
     assert str(error.value) == "config key 'train.init_from' must be a string or null, got 5"
@@ -456,5 +459,5 @@ def test_init_from_errors(tmp_path, converted_dir):
                                                      f"data.val={images}", "model.ch=64", "loss.perceptual_weight=0"])
     with pytest.raises(ValueError) as error:
         train(cfg)
-    assert str(error.value).startswith(f"train.init_from checkpoint {cfg.train.init_from}: the weights do not match "
+    assert str(error.value).startswith(f"train.init_from {cfg.train.init_from}: the weights do not match "
                                        "the model config: keys ")

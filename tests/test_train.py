@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from kepler.cli import main
-from kepler.train.checkpoint import load_checkpoint, save_checkpoint
-from kepler.train.config import load_config
-from kepler.train.trainer import Trainer, TrainingInterrupted, learning_rate, train
+from kepler.io.checkpoint import load_checkpoint, save_checkpoint
+from kepler.io.config import load_config
+from kepler.train.optim import learning_rate
+from kepler.train.trainer import Trainer, TrainingInterrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
 

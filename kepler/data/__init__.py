@@ -1,57 +1,27 @@
-"""Image data for the tokenizer: folders and list files of images, and embedded data sets.
+"""Image data for the tokenizer and the prior: data sources registered by name
+(:mod:`kepler.data.sources`; one file a source), seeded augmentation and resumable sampling.
 
-Items are ``(image, skipped paths)``. Class labels, where a data set has them (``faces``), are not in
-the items: a labelled data set declares ``num_classes`` and its items' ``labels``, read through
-:func:`dataset_labels` (the class-conditional prior is their one user).
+Sources: ``sample`` (embedded photos, :mod:`kepler.data.sample`), ``faces`` (embedded LFW patches,
+labelled, :mod:`kepler.data.faces`), a folder of images (:mod:`kepler.data.folder`), a list file of
+image paths (:mod:`kepler.data.list_file`). Items are ``(image, skipped paths)``. Class labels,
+where a data set has them, are not in the items: a labelled data set declares ``num_classes`` and
+its items' ``labels``, read through :func:`dataset_labels` (the class-conditional prior is their one
+user).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch.utils.data import Dataset, Subset
 
-from kepler.data.embedded import LFWFaces, SamplePhotos
+# The sources register themselves when imported, in this order (named sources before paths).
+from kepler.data import sample, faces, folder, list_file  # noqa: F401  isort: skip
+from kepler.data.faces import LFWFaces
 from kepler.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, ImagePaths
+from kepler.data.sample import SamplePhotos
 from kepler.data.sampler import SeededSampler, collate
-from kepler.data.transforms import ImageTransform, to_rgb, to_tensor, to_uint8
-
-EMBEDDED = ("sample", "faces")
-
-
-def build_dataset(
-    spec: str | os.PathLike,
-    split: str,
-    size: int,
-    resize: int | None = None,
-    random_crop: bool = True,
-    flip: bool = True,
-    samples_per_epoch: int = 1024,
-) -> Dataset:
-    """The data set named by ``spec``: ``"sample"``, ``"faces"``, a folder of images (recursive) or a
-    list file of image paths. ``split="val"`` turns random crops and flips off (and picks the
-    held-out part of the embedded sets). Items are ``(image (3, size, size) in [-1, 1], skipped)``.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    train = split == "train"
-    spec = str(spec)
-    if spec == "sample":
-        return SamplePhotos(split, size, resize, samples_per_epoch=samples_per_epoch, flip=flip)
-    if spec == "faces":
-        return LFWFaces(split, size, resize, flip=flip)
-    transform = ImageTransform(size, resize, random_crop=random_crop and train, flip=flip and train)
-    path = Path(spec)
-    if path.is_dir() or path.is_file():
-        dataset = ImagePaths.from_folder(path, transform) if path.is_dir() else ImagePaths.from_list(path, transform)
-        dataset.check_readable()
-        return dataset
-    raise ValueError(
-        f"data {spec!r} is neither an embedded data set {EMBEDDED}, a folder of images nor a list file "
-        "(no such file or folder)"
-    )
+from kepler.data.sources import SOURCES, DataSection, build_dataset, register_source
+from kepler.data.transforms import ImageTransform, to_rgb, to_tensor, to_uint8, to_unit
 
 
 def first_items(dataset: Dataset, count: int | None) -> Dataset:
@@ -60,6 +30,11 @@ def first_items(dataset: Dataset, count: int | None) -> Dataset:
     if count is None:
         return dataset
     return Subset(dataset, range(min(int(count), len(dataset))))
+
+
+def held_out_set(data) -> Dataset:
+    """The held-out images of a ``data`` section: the first ``val_max_images`` of its ``val`` source."""
+    return first_items(build_dataset(data, "val"), data.get("val_max_images"))
 
 
 def dataset_labels(dataset: Dataset) -> tuple[int, torch.Tensor | None]:
@@ -78,8 +53,9 @@ def dataset_labels(dataset: Dataset) -> tuple[int, torch.Tensor | None]:
 
 
 __all__ = [
-    "EMBEDDED",
     "IMAGE_EXTENSIONS",
+    "SOURCES",
+    "DataSection",
     "ImagePaths",
     "ImageTransform",
     "UNREADABLE_IMAGE_ERRORS",
@@ -90,7 +66,10 @@ __all__ = [
     "collate",
     "dataset_labels",
     "first_items",
+    "held_out_set",
+    "register_source",
     "to_rgb",
     "to_tensor",
     "to_uint8",
+    "to_unit",
 ]

@@ -1,11 +1,12 @@
-"""Datasets of image files: every image under a folder (recursive) or the paths in a list file."""
+"""Data sets of image files (the ``folder`` and ``list`` sources): :class:`ImagePaths`, the transform
+their sources share, and the per-sample seed keys every source takes."""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,14 @@ def split_key(key: SampleKey) -> tuple[int, np.random.Generator | None]:
         index, seed = key
         return int(index), np.random.default_rng(list(seed))
     return int(key), None
+
+
+def file_transform(split: str, data: Mapping) -> ImageTransform:
+    """The transform of image files for ``split`` under the ``data`` section: random crops and flips
+    (as the section says) in training, centre crops in validation."""
+    train = split == "train"
+    return ImageTransform(data["size"], data["resize"], random_crop=data["random_crop"] and train,
+                          flip=data["flip"] and train)
 
 
 class ImagePaths(Dataset):

@@ -75,6 +75,11 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped, float32 (where image metrics compare images)."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) or (3, H, W) tensor in [-1, 1] -> (..., H, W, 3) uint8 array (clamped)."""
     x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

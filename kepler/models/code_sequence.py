@@ -114,27 +114,6 @@ class CodeLayout:
         if low < 0 or high >= self.codebook_size:
             raise ValueError(f"{name} must hold codes in [0, {self.codebook_size}), got [{low}, {high}]")
 
-    def _check_tokens(self, tokens: torch.Tensor, shape: tuple[int, ...], vocab: int, name: str) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be an int32 or int64 torch.Tensor")
-        if tokens.dim() != len(shape) + 1 or tuple(tokens.shape[1:]) != shape:
-            raise ValueError(f"{name} must be (B, {', '.join(map(str, shape))}), got shape {tuple(tokens.shape)}")
-        if not tokens.numel():
-            return
-        low, high = _value_range(tokens)
-        if low < 0 or high >= vocab:
-            raise ValueError(f"{name} must be in [0, {vocab}), got [{low}, {high}]")
-
-    def _check_partitions(self, tokens: torch.Tensor) -> None:
-        """ValueError unless each ``P * K`` token ``(..., p)`` of ``tokens: (..., P)`` is in sub-code
-        ``p``'s range ``[p*K, (p+1)*K)``."""
-        partitions = tokens // self.codebook_size
-        expected = torch.arange(self.tokens_per_position, device=tokens.device).expand_as(tokens)
-        if not torch.equal(partitions, expected):
-            raise ValueError(
-                f"tokens: sub-code p of each position must be in [p*K, (p+1)*K) with K={self.codebook_size}"
-            )
-
     # ------------------------------------------------------------------------------ maps
 
     def partition_offsets(self, device: torch.device | None = None) -> torch.Tensor:
@@ -149,34 +128,3 @@ class CodeLayout:
         if order == "flat" and self.shared_codebook:
             return torch.zeros(self.tokens_per_position, dtype=torch.int64, device=device)
         return self.partition_offsets(device)
-
-    def to_flat(self, indices: torch.Tensor) -> torch.Tensor:
-        """Index map ``(B, H, W, P)`` -> flat tokens ``(B, H*W*P)`` int64 in ``[0, flat_vocab_size)``."""
-        self.check_indices(indices)
-        tokens = indices.to(torch.int64) + self.token_offsets("flat", indices.device)
-        return tokens.reshape(indices.shape[0], self.flat_length)
-
-    def from_flat(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Flat tokens ``(B, H*W*P)`` -> the index map ``(B, H, W, P)`` int64 (inverse of :meth:`to_flat`)."""
-        self._check_tokens(tokens, (self.flat_length,), self.flat_vocab_size, "tokens")
-        shape = (tokens.shape[0], self.height, self.width, self.tokens_per_position)
-        indices = tokens.to(torch.int64).reshape(shape)
-        if not self.shared_codebook:
-            self._check_partitions(indices)
-            indices = indices - self.partition_offsets(tokens.device)
-        return indices
-
-    def to_positions(self, indices: torch.Tensor) -> torch.Tensor:
-        """Index map ``(B, H, W, P)`` -> factorized tokens ``(B, H*W, P)`` int64, ``p*K + k``."""
-        self.check_indices(indices)
-        tokens = indices.to(torch.int64) + self.token_offsets("factorized", indices.device)
-        return tokens.reshape(indices.shape[0], self.positions, self.tokens_per_position)
-
-    def from_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Factorized tokens ``(B, H*W, P)`` -> the index map ``(B, H, W, P)`` int64 (inverse of
-        :meth:`to_positions`)."""
-        shape = (self.positions, self.tokens_per_position)
-        self._check_tokens(tokens, shape, self.position_vocab_size, "tokens")
-        self._check_partitions(tokens)
-        indices = tokens.to(torch.int64) - self.partition_offsets(tokens.device)
-        return indices.reshape(tokens.shape[0], self.height, self.width, self.tokens_per_position)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kepler.io.config import register_section
 from kepler.models.code_sequence import ORDERS, CodeLayout
 
 # choose(logits (B, K) float32 (float64 model: float64), token index in raster order) -> (B,) int64 codes
@@ -48,37 +49,6 @@ class KVCache(NamedTuple):
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
-
-
-class CodeLikelihood(NamedTuple):
-    """Negative log-likelihood of index maps under a prior.
-
-    nats: ``(B,)`` float64, the NLL of each whole map in nats.
-    tokens_per_map: sub-codes per map, ``H*W*P``.
-    positions_per_map: positions per map, ``H*W``.
-    """
-
-    nats: torch.Tensor
-    tokens_per_map: int
-    positions_per_map: int
-
-    @property
-    def nats_per_token(self) -> torch.Tensor:
-        """0-d: the mean NLL of a sub-code, over the batch."""
-        return self.nats.mean() / self.tokens_per_map
-
-    @property
-    def bits_per_token(self) -> torch.Tensor:
-        return self.nats_per_token / math.log(2)
-
-    @property
-    def nats_per_position(self) -> torch.Tensor:
-        """0-d: the mean NLL of a position's ``P`` sub-codes together, over the batch."""
-        return self.nats.mean() / self.positions_per_map
-
-    @property
-    def bits_per_position(self) -> torch.Tensor:
-        return self.nats_per_position / math.log(2)
 
 
 class _CachedStep(NamedTuple):
@@ -240,6 +210,7 @@ def token_cross_entropy(logits: torch.Tensor, indices: torch.Tensor, reduction: 
     return F.cross_entropy(logits.flatten(0, 2), indices.reshape(-1).to(torch.int64), reduction=reduction)
 
 
+@register_section("prior", "model", exclude=("layout",))
 class CodeTransformer(nn.Module):
     """Autoregressive prior over index maps of one :class:`~kepler.models.code_sequence.CodeLayout`.
 
@@ -391,12 +362,11 @@ class CodeTransformer(nn.Module):
         """0-d float32: the mean cross-entropy of a sub-code, in nats (the training objective)."""
         return token_cross_entropy(self(indices, class_labels), indices)
 
-    def nll(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> CodeLikelihood:
-        """Negative log-likelihood of each index map ``(B, H, W, P)``; read it per token or per
-        position off the result (:class:`CodeLikelihood`)."""
+    def nll(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Negative log-likelihood in nats of each whole index map ``(B, H, W, P)``: ``(B,)`` float64
+        (per token: divide by ``layout.flat_length``; per position: by ``layout.positions``)."""
         per_token = token_cross_entropy(self(indices, class_labels), indices, reduction="none")
-        nats = per_token.view(indices.shape[0], -1).double().sum(dim=1)
-        return CodeLikelihood(nats, self.layout.flat_length, self.layout.positions)
+        return per_token.view(indices.shape[0], -1).double().sum(dim=1)
 
     # ------------------------------------------------------------------------------ sampling
 

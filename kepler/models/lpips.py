@@ -10,7 +10,7 @@ Two files are needed and never downloaded:
 
 :func:`load_lpips` returns ``(None, reason)`` when a file is missing, so the caller can say clearly
 that the perceptual term is off; both files are read with ``weights_only=True``
-(:func:`kepler.weights.load_weights`), so a file that holds more than tensors is refused, unread.
+(:func:`kepler.io.weights.load_weights`), so a file that holds more than tensors is refused, unread.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kepler.weights import load_weights
+from kepler.io.weights import load_weights
 
 VGG_FILENAME = "vgg16-397923af.pth"
 LIN_FILENAME = "lpips_vgg_v0.1.pth"
@@ -123,7 +123,7 @@ def load_lpips(vgg_path: str | os.PathLike | None = None, lin_path: str | os.Pat
 
     ``vgg_path`` / ``lin_path`` default to the locations in the module docstring. Nothing is
     downloaded; a missing file gives a reason such as ``"no weights at /path/vgg16-397923af.pth"``, a
-    file that is not plain weights a ValueError (:func:`kepler.weights.load_weights`).
+    file that is not plain weights a ValueError (:func:`kepler.io.weights.load_weights`).
     """
     vgg = Path(vgg_path) if vgg_path else default_vgg_path()
     if not vgg.is_file():

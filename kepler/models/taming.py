@@ -49,7 +49,8 @@ from typing import Any
 import torch
 
 from kepler.models.vqmodel import VQModel
-from kepler.weights import RefusedGlobals, check_state_dict, load_weights
+from kepler.io.config import read_yaml, to_dict
+from kepler.io.weights import RefusedGlobals, check_state_dict, load_weights
 
 log = logging.getLogger("kepler")
 
@@ -214,11 +215,7 @@ def read_taming_config(config: str | os.PathLike | Mapping) -> tuple[dict, str]:
     """
     if isinstance(config, Mapping):
         return dict(config), "taming config"
-    from omegaconf import OmegaConf
-
-    from kepler.train.config import _read_yaml
-
-    return OmegaConf.to_container(_read_yaml(config), resolve=True), f"config file {config}"
+    return to_dict(read_yaml(config)), f"config file {config}"
 
 
 def load_taming_checkpoint(
@@ -227,7 +224,7 @@ def load_taming_checkpoint(
     """A Lightning checkpoint read with ``weights_only=True``, checked to hold a ``state_dict`` of
     named tensors.
 
-    ``trusted_globals``, ``stubbed_globals``: see :func:`kepler.weights.load_weights`. A checkpoint
+    ``trusted_globals``, ``stubbed_globals``: see :func:`kepler.io.weights.load_weights`. A checkpoint
     that asks for more (Lightning 1.x keys its ``callbacks`` by class, later versions keep
     ``hyper_parameters`` as OmegaConf containers) is a one-line ValueError naming the globals and the
     deliberate ways to allow them; it is never loaded unsafely.

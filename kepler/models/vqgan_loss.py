@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from kepler.io.config import register_section
 from kepler.models.discriminator import D_LOSSES, NLayerDiscriminator
 from kepler.models.lpips import load_lpips
 
@@ -34,6 +35,7 @@ def adaptive_generator_weight(
     return torch.clamp(weight, 0.0, 1e4).detach() * disc_weight
 
 
+@register_section("tokenizer", "loss")
 class VQGANLoss(nn.Module):
     """Owns the discriminator and the (optional, frozen) LPIPS network.
 

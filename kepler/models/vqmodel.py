@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from kepler.io.config import register_section
 from kepler.models.autoencoder import Decoder, Encoder
 from kepler.nn import build_quantizer
 
 
+@register_section("tokenizer", "model", exclude=("quantizer",))
 class VQModel(nn.Module):
     """Kepler image tokenizer.
 
@@ -145,10 +147,10 @@ class VQModel(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> VQModel:
         """A model written by :meth:`save_pretrained` (or ``kepler export``), in eval mode on ``device``.
         ``directory`` is a local folder, e.g. one downloaded in full; every file is checked
-        (:func:`kepler.models.pretrained.load_pretrained`)."""
-        from kepler.models.pretrained import load_pretrained
+        (:func:`kepler.load`)."""
+        from kepler.models.load import load_model
 
-        return load_pretrained(directory, device)[0]
+        return load_model(directory, device, kind="tokenizer").model
 
     @classmethod
     def from_taming(cls, checkpoint, config, trusted_globals=(), stubbed_globals=()) -> VQModel:

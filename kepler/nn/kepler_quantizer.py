@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kepler.lattice import get_lattice, official_grid_prior, prior_row
-from kepler.losses import kepler_kl, packing_energy
+from kepler.lattice import get_lattice
+from kepler.losses import kepler_kl, official_grid_prior, packing_energy, prior_row
 from kepler.nn.codebook import CodebookUpkeep
 from kepler.nn.protocol import (
     Quantizer,
@@ -103,9 +103,9 @@ class KeplerQuantizer(Quantizer):
             (each image's ``(H, W, C)`` codewords flattened to one row; the gradient reaches the
             codebook only, as released).
         kl_prior: ``"grid"``, the released hypercube prior
-            (:func:`kepler.lattice.official_grid_prior` with ``num_codes`` rows), or
+            (:func:`kepler.losses.official_grid_prior` with ``num_codes`` rows), or
             ``"lattice:<name>"``, the ``num_codes`` points of that lattice nearest the origin;
-            either laid out to the row length by :func:`kepler.lattice.prior_row`. Drawn once at
+            either laid out to the row length by :func:`kepler.losses.prior_row`. Drawn once at
             construction and kept in the state dict.
         kl_prior_seed: seed of the ``"grid"`` prior's random start row; None takes
             ``torch.initial_seed()``, so a run seeded with ``torch.manual_seed`` gets the same

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kepler.io.config import load_prior_config
+from kepler.io.config_files import CONFIGS_DIR, builtin_config_path, resolve_config
 from kepler.metrics import bits_per_position
 from kepler.nn.protocol import DEFAULT_TYPE
 
@@ -30,14 +32,12 @@ def load_study_config(path: str | os.PathLike, quick: bool = False) -> dict:
     """The study config at ``path`` as plain containers, checked; with ``quick`` its ``quick`` block
     replaces ``seeds``/``jobs`` and is merged over ``common``, ``sweep`` and the prior's ``set``.
 
-    ``path`` is a file or a built-in config name (:func:`kepler.train.config.resolve_config`).
+    ``path`` is a file or a built-in config name (:func:`kepler.io.config_files.resolve_config`).
     ``base`` (the trainer config) and the prior's ``config`` are resolved relative to the study
     config's folder, else they are built-in names; a built-in config is kept as its name. ``prior``
     is None without a prior block, else ``{"config", "set"}``.
     """
     from omegaconf import OmegaConf
-
-    from kepler.train.config import resolve_config
 
     path = resolve_config(path)
     study = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -108,8 +108,6 @@ def _config_beside(study_path: Path, config: str) -> str:
     in study.json and in each run's result.json, whose reuse check compares it); else a built-in name.
     A config among the built-in ones is kept as its name (the loaders resolve it): the same in a
     checkout and in an installed package, whose folder would be a machine path there."""
-    from kepler.train.config import CONFIGS_DIR, builtin_config_path
-
     beside = Path(os.path.normpath(study_path.parent / config))
     if beside.resolve().parent == CONFIGS_DIR:
         return beside.stem
@@ -150,8 +148,6 @@ def _check_study(study: dict, path: Path) -> None:
                 raise ValueError(f"study config {path}: the prior sets {key!r}, which follows the tokenizer run's "
                                  "config (the prior models the run's codes of the run's images): set it under 'common'")
         # Now, not when the first prior trains after its tokenizer: a bad key or value fails at once.
-        from kepler.train.config import load_prior_config
-
         overrides = [override_string(k, v) for k, v in study["prior"]["set"].items()]
         try:
             load_prior_config(study["prior"]["config"], overrides, check_tokenizer=False)
@@ -178,7 +174,7 @@ def _check_study(study: dict, path: Path) -> None:
 
 
 def override_string(key: str, value) -> str:
-    """``key=value`` as the trainer's :func:`kepler.train.config.load_config` parses it."""
+    """``key=value`` as the trainer's :func:`kepler.io.config.load_config` parses it."""
     if value is None:
         text = "null"
     elif isinstance(value, bool):

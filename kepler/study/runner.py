@@ -140,7 +140,7 @@ def _train_prior(job: Mapping, run_dir: Path, prior_dir: Path) -> dict:
     ``prior_bits_per_token``, ``prior_bits_per_image`` (bits per token x tokens per map: the
     held-out negative log-likelihood of a whole image's code map) and ``unigram_bits_per_image``
     (the unigram baseline's, the same way)."""
-    from kepler.train.config import load_config, load_prior_config
+    from kepler.io.config import load_config, load_prior_config
     from kepler.train.prior_task import PriorTask
     from kepler.train.trainer import train
 
@@ -178,8 +178,9 @@ def _train_tokenizer(job: Mapping, run_dir: Path) -> dict:
     """Train and evaluate the job's tokenizer in ``run_dir``; the result's tokenizer part."""
     from kepler.distributed import resolve_device
     from kepler.metrics import effective_bits, packing_report
-    from kepler.train.config import load_config, to_dict
-    from kepler.train.evaluate import evaluate_model, load_model, save_evaluation
+    from kepler.io.config import load_config, to_dict
+    from kepler.models.load import load_model
+    from kepler.train.evaluate import evaluate_model, save_evaluation
     from kepler.train.trainer import train
 
     overrides = list(job["overrides"]) + list(job.get("runtime", ())) + [f"run_dir={run_dir}", f"seed={job['seed']}"]
@@ -188,8 +189,9 @@ def _train_tokenizer(job: Mapping, run_dir: Path) -> dict:
     with _logged_to(run_dir / "console.log"):
         train_metrics = train(cfg)
         device = resolve_device(str(cfg.device))
-        model, state = load_model(train_metrics["checkpoint"], device)
-        evaluation = evaluate_model(model, state, str(cfg.data.val), device=device,
+        loaded = load_model(train_metrics["checkpoint"], device, kind="tokenizer")
+        model = loaded.model
+        evaluation = evaluate_model(loaded, str(cfg.data.val), device=device,
                                     batch_size=int(cfg.data.val_batch_size), max_images=cfg.data.val_max_images)
         save_evaluation({"checkpoint": train_metrics["checkpoint"], **evaluation}, run_dir)
     held_out = next(iter(evaluation["resolutions"].values()))

@@ -16,9 +16,9 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from kepler.io.checkpoint import save_checkpoint
+from kepler.io.config import merge_config, to_dict
 from kepler.models.taming import load_taming
-from kepler.train.checkpoint import save_checkpoint
-from kepler.train.config import _merged, to_dict
 
 CHECKPOINT_NAME = "model.pt"
 CONFIG_NAME = "config.yaml"
@@ -42,7 +42,7 @@ def convert(
     config_source, sections, released, model = load_taming(checkpoint, config, trusted_globals, stubbed_globals)
     step = released.get("global_step")
     layer = {"name": out.resolve().name, **sections}
-    cfg = _merged([(config_source, OmegaConf.create(layer))])
+    cfg = merge_config("tokenizer", [(config_source, OmegaConf.create(layer))])
     checkpoint_path = save_checkpoint(
         {
             "model": model.state_dict(),

@@ -1,27 +1,18 @@
 """Evaluation of a tokenizer the way the paper reports it: PSNR, SSIM, L1, codebook utilization and
 perplexity, the codebook's packing report, and LPIPS and rFID where their weights are on disk.
 
-Images are compared in [0, 1] (reconstructions clamped). PSNR and SSIM are averaged per image.
-``baseline_psnr`` is the PSNR of the trivial reconstruction that paints each image with its own mean
-colour: a tokenizer that does not beat it clearly has learned nothing.
-
-rFID uses torchmetrics' ``FrechetInceptionDistance`` with the FID Inception network (the
-pytorch-fid / torch-fidelity weights ``pt_inception-2015-12-05-6726825d.pth``, by default looked up
-in ``<torch hub dir>/checkpoints``); it is skipped, saying why, when the weights or the
-``torch-fidelity`` package are missing, or when the file is not the published one (checked by its
-SHA-256 and read with ``weights_only=True`` before torch-fidelity sees it). Nothing is ever downloaded.
-The Inception Score of a prior's samples (``kepler prior eval``) runs on the same file, under the
-same rules (:func:`load_inception_score`).
+The metrics themselves are :mod:`kepler.metrics` (images compared in [0, 1], reconstructions
+clamped; PSNR and SSIM averaged per image; ``baseline_psnr`` is the mean-colour baseline's); rFID
+runs on the local FID Inception weights (:mod:`kepler.metrics.inception`, never downloaded). Here:
+the validation pass (sharded over ranks, as training validates) and :func:`evaluate` (``kepler
+eval``) of any model :func:`kepler.load` reads.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -29,119 +20,12 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from kepler.data import build_dataset, collate, first_items
+from kepler.data import build_dataset, collate, first_items, to_unit
 from kepler.distributed import all_reduce_sum, resolve_device
-from kepler.metrics import packing_report
+from kepler.metrics import mean_colour, packing_report, psnr, ssim
+from kepler.metrics.inception import load_fid
 from kepler.models import VQModel, load_lpips
-from kepler.models.pretrained import checked_model, load_pretrained
-from kepler.train.checkpoint import load_checkpoint
-from kepler.weights import load_weights, sha256_prefix_matches
-
-log = logging.getLogger("kepler")
-
-INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-# Start of the published file's SHA-256 (torch hub's naming: <name>-<sha256 prefix>.pth).
-INCEPTION_SHA256_PREFIX = "6726825d"
-# The Inception Score's usual splits (Salimans et al.; torchmetrics' default): mean and std over them.
-INCEPTION_SCORE_SPLITS = 10
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped, float32."""
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1]: (B,) float32."""
-    mse = (x.float() - y.float()).square().flatten(1).mean(dim=1)
-    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (11x11 Gaussian window, sigma 1.5) of images in [0, 1]: (B,) float32."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return structural_similarity_index_measure(y.float(), x.float(), data_range=1.0, reduction="none")
-
-
-def mean_colour(x: torch.Tensor) -> torch.Tensor:
-    """The trivial baseline: each image replaced by its per-channel mean colour."""
-    return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-
-
-def default_inception_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
-
-
-def read_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The FID Inception state dict in ``path``, read once into memory and checked before use: its
-    SHA-256 must start with :data:`INCEPTION_SHA256_PREFIX` (the published file's, carried by its name)
-    and it is unpickled with ``weights_only=True``. ValueError, one line, otherwise."""
-    data = Path(path).read_bytes()
-    matches, digest = sha256_prefix_matches(data, INCEPTION_SHA256_PREFIX)
-    if not matches:
-        raise ValueError(
-            f"{path} is not the FID Inception weights file {INCEPTION_FILENAME}: its SHA-256 starts with "
-            f"{digest[:8]}, not {INCEPTION_SHA256_PREFIX}"
-        )
-    state = load_weights(data, f"FID Inception weights {path}")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"FID Inception weights {path}: not a state dict of tensors")
-    return state
-
-
-def _checked_inception_weights(weights_path: str | os.PathLike | None) -> tuple[io.BytesIO | None, str | None]:
-    """The local FID Inception weights (default :func:`default_inception_path`) as torch-fidelity
-    reads them, ``(file object, None)``, or ``(None, reason)``: missing file, missing torch-fidelity,
-    or a file refused by :func:`read_inception_weights`."""
-    path = Path(weights_path) if weights_path else default_inception_path()
-    if not path.is_file():
-        return None, f"no weights at {path}"
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-    if not _TORCH_FIDELITY_AVAILABLE:
-        return None, "the torch-fidelity package (FID Inception network) is not installed"
-    try:
-        state = read_inception_weights(path)
-    except ValueError as exc:
-        return None, str(exc)
-    # torch-fidelity unpickles its weights file with weights_only=False: it is handed our own
-    # serialization of the checked tensors, never the file on disk.
-    checked = io.BytesIO()
-    torch.save(state, checked)
-    checked.seek(0)
-    return checked, None
-
-
-def load_fid(weights_path: str | os.PathLike | None = None):
-    """torchmetrics ``FrechetInceptionDistance`` on the local FID Inception weights: ``(metric, None)``
-    or ``(None, reason)`` (see :func:`_checked_inception_weights`). It takes float images in [0, 1]."""
-    checked, reason = _checked_inception_weights(weights_path)
-    if checked is None:
-        return None, reason
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=checked), None
-
-
-def load_inception_score(weights_path: str | os.PathLike | None = None):
-    """torchmetrics ``InceptionScore`` (:data:`INCEPTION_SCORE_SPLITS` splits) on the local FID
-    Inception weights: ``(metric, None)`` or ``(None, reason)``, as :func:`load_fid`. It takes float
-    images in [0, 1]; ``compute()`` is ``(mean, std)`` over the splits."""
-    checked, reason = _checked_inception_weights(weights_path)
-    if checked is None:
-        return None, reason
-    from torchmetrics.image.fid import NoTrainInceptionV3
-    from torchmetrics.image.inception import InceptionScore
-
-    # InceptionScore takes no weights path: it is handed the network its default would build
-    # (the logits_unbiased output), built on the checked weights.
-    network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                                 feature_extractor_weights_path=checked)
-    with warnings.catch_warnings():
-        # It keeps every sample's 1008 logits (4 KB): 200 MB at 50k samples, not worth a warning per run.
-        warnings.filterwarnings("ignore", message="Metric `InceptionScore` will save all extracted features")
-        return InceptionScore(feature=network, splits=INCEPTION_SCORE_SPLITS, normalize=True), None
+from kepler.models.load import LoadedModel, load_model
 
 
 class _Sums:
@@ -258,25 +142,6 @@ def run_validation(
     return Validation(out, grid, code_counts)
 
 
-def save_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | os.PathLike, columns: int = 4) -> Path:
-    """PNG grid: pairs (original | reconstruction) side by side, ``columns`` pairs per row."""
-    pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
-    return save_image_grid(pairs, path, columns=2 * min(columns, len(originals)))
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, columns: int = 8) -> Path:
-    """PNG grid of ``images (N, 3, H, W)`` in [-1, 1], ``columns`` per row."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
-    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
 @torch.no_grad()
 def quantizer_inputs(model: VQModel, dataset: Dataset, device: torch.device, max_rows: int = 8192,
                      batch_size: int = 16) -> torch.Tensor | None:
@@ -323,28 +188,8 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
 
 
-def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[VQModel, dict]:
-    """``(VQModel in eval mode, checkpoint dict)`` from a training checkpoint (``weights_only``) or a
-    pretrained folder (:mod:`kepler.models.pretrained`; its dict has the checkpoint's ``step`` and
-    ``config`` entries, ``config`` holding the folder's ``model`` and ``data`` sections).
-
-    The model is first built from the saved config on the ``meta`` device and the weights are
-    checked against it (:func:`kepler.weights.check_state_dict`): a config that does not describe the
-    weights, however large the model it asks for, is a one-line ValueError before anything is allocated.
-    """
-    if Path(checkpoint).is_dir():
-        model, manifest = load_pretrained(checkpoint, device)
-        # A model saved without its training data section is evaluated at its architecture's resolution.
-        data = manifest.get("data") or {"size": model.config["resolution"]}
-        return model, {"step": manifest.get("step") or 0, "config": {"model": model.config, "data": data}}
-    state = load_checkpoint(checkpoint)
-    model = checked_model(state["config"], state["model"], f"checkpoint {checkpoint}")
-    return model.to(device).eval(), state
-
-
 def evaluate_model(
-    model: VQModel,
-    checkpoint_state: Mapping,
+    loaded: LoadedModel,
     data: str = "sample",
     resolutions: Sequence[int | None] = (None,),
     *,
@@ -355,13 +200,14 @@ def evaluate_model(
     inception_path: str | None = None,
     max_images: int | None = None,
 ) -> dict:
-    """Evaluate ``model`` (on ``device``) on the validation split of ``data`` at each resolution.
+    """Evaluate a tokenizer (:func:`kepler.models.load.load_model`'s result, on ``device``) on the
+    validation split of ``data`` at each resolution.
 
     Args:
-        checkpoint_state: the model's checkpoint (:func:`load_model`'s second value): its ``step``, and
-            the ``data`` section of its training config (the crop ``size`` and ``resize``).
-        data: ``"sample"``, ``"faces"``, a folder of images or a list file (validation split:
-            centre crops, no flips; held-out photos for ``sample``).
+        loaded: the tokenizer, its ``step`` and the ``data`` section of its training config (the
+            crop ``size`` and ``resize``).
+        data: a data source (:mod:`kepler.data`: ``"sample"``, ``"faces"``, a folder of images or a
+            list file); its validation split: centre crops, no flips, held-out photos for ``sample``.
         resolutions: crop sides to evaluate at; None is the training crop size. For the embedded
             ``sample`` the photos are resized in proportion, so the content of a crop is the same
             at every resolution.
@@ -371,7 +217,8 @@ def evaluate_model(
         "packing"}`` (the packing report on the first resolution's latents).
     """
     device = torch.device(device)
-    train_data = checkpoint_state["config"]["data"]
+    model = loaded.model
+    train_data = loaded.config["data"]
     train_size = train_data["size"]
     lpips_model, lpips_reason = load_lpips(lpips_vgg_path, lpips_lin_path)
     fid, fid_reason = load_fid(inception_path)
@@ -380,7 +227,7 @@ def evaluate_model(
     if fid is not None:
         fid = fid.to(device)
     results: dict = {
-        "step": int(checkpoint_state.get("step", 0)),
+        "step": loaded.step,
         "data": str(data),
         "lpips": "on" if lpips_model is not None else f"off: {lpips_reason}",
         "rfid": "on" if fid is not None else f"off: {fid_reason}",
@@ -393,7 +240,7 @@ def evaluate_model(
         resize = train_data.get("resize")
         if resize is not None:
             resize = round(resize * size / train_size)
-        dataset = first_items(build_dataset(data, "val", size, resize), max_images)
+        dataset = first_items(build_dataset({"size": size, "resize": resize}, "val", spec=data), max_images)
         validation = run_validation(model, dataset, batch_size=batch_size, device=device, lpips=lpips_model, fid=fid)
         results["resolutions"][str(size)] = {**validation.metrics, "code_counts": validation.code_counts.tolist()}
         if res == resolutions[0]:
@@ -419,15 +266,15 @@ def evaluate(
     device: str = "auto",
     **options,
 ) -> dict:
-    """:func:`evaluate_model` of a checkpoint written by :func:`kepler.train.trainer.train`, with its
-    ``checkpoint`` path; written to ``<out>/eval.json`` when ``out`` is given.
+    """:func:`evaluate_model` of the tokenizer at ``checkpoint`` (any form :func:`kepler.load` reads),
+    with its path; written to ``<out>/eval.json`` when ``out`` is given.
 
     ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ...; ``options``: the keyword
     arguments of :func:`evaluate_model`.
     """
     dev = resolve_device(device)
-    model, state = load_model(checkpoint, dev)
-    results = {"checkpoint": str(checkpoint), **evaluate_model(model, state, data, resolutions, device=dev, **options)}
+    loaded = load_model(checkpoint, dev, kind="tokenizer")
+    results = {"checkpoint": str(checkpoint), **evaluate_model(loaded, data, resolutions, device=dev, **options)}
     if out is not None:
         save_evaluation(results, out)
     return results

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from kepler.train.checkpoint import pid_alive, remove_stale_temporaries
+from kepler.io.files import pid_alive, remove_stale_temporaries
 
 log = logging.getLogger("kepler")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -39,8 +38,11 @@ from kepler.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from kepler.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from kepler.train.config import to_dict
+from kepler.io.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from kepler.io.config import to_dict
+from kepler.io.weights import check_state_dict
+from kepler.models.load import load_model
+from kepler.train.optim import learning_rate, lr_schedule
 from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
 from kepler.train.vqgan_task import VQGANTask
 
@@ -59,31 +61,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
-
-
-def learning_rate(cfg: DictConfig, world_size: int) -> float:
-    """``base_lr``, times ``batch_size * grad_accum * world_size`` when ``scale_lr`` (taming's rule)."""
-    lr = float(cfg.optim.base_lr)
-    if cfg.optim.scale_lr:
-        lr *= cfg.data.batch_size * cfg.optim.grad_accum * world_size
-    return lr
-
-
-def _lr_lambda(cfg: DictConfig, progress):
-    """LR factor per step: linear warmup, then constant or cosine to ``min_lr_ratio``; ``progress()``
-    is the fraction of the run done (steps, or time under ``train.time_limit_minutes``)."""
-    warmup = int(cfg.optim.warmup_steps)
-    schedule = cfg.optim.schedule
-    floor = float(cfg.optim.min_lr_ratio)  # schedule, like every choice, is checked at config load (CHOICES)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress())))
-
-    return factor
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -142,8 +119,11 @@ class Trainer:
         self.log_file = None
 
         self.lr = learning_rate(cfg, dist_info.world_size)
+        # Read before the task is built, so that the task can refuse a checkpoint it cannot continue
+        # (a prior whose tokenizer changed) before it does any work.
+        self.resume_state = load_checkpoint(resume) if resume else None
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
-        self.task = task_class(self, self.lr, _lr_lambda(cfg, self.progress))
+        self.task = task_class(self, self.lr, lr_schedule(cfg, self.progress))
         self.sampler = SeededSampler(self.task.train_set, cfg.seed, dist_info.rank, dist_info.world_size)
         self.batches_per_epoch = len(self.sampler) // cfg.data.batch_size
         if self.batches_per_epoch == 0:
@@ -154,10 +134,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         if resume:
             self._load(resume)
+            self.resume_state = None
         elif cfg.train.init_from:
-            self.task.init_from(cfg.train.init_from)
-            if self.dist.is_main:
-                log.info("model weights from %s", cfg.train.init_from)
+            self._init_from(cfg.train.init_from)
 
         if dist_info.enabled:
             self.task.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
@@ -212,7 +191,7 @@ class Trainer:
         return self.ckpt_path
 
     def _load(self, path: str) -> None:
-        state = load_checkpoint(path)
+        state = self.resume_state
         self.task.load_state_dict(state, f"--resume checkpoint {path}")
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -232,6 +211,15 @@ class Trainer:
             )
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _init_from(self, path: str) -> None:
+        """The task model's weights from the model at ``path`` (``train.init_from``: any form
+        :func:`kepler.load` reads), which must match the configured model."""
+        weights = load_model(path, kind=self.task.kind).model.state_dict()
+        check_state_dict(self.task.model, weights, f"train.init_from {path}")
+        self.task.model.load_state_dict(weights)
+        if self.dist.is_main:
+            log.info("model weights from %s", path)
 
     # ------------------------------------------------------------------ data
 
@@ -399,7 +387,7 @@ class Trainer:
 
 
 def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = False, task_class=VQGANTask) -> dict:
-    """Train per ``cfg`` (see :mod:`kepler.train.config`); returns the run's summary (``metrics.json``:
+    """Train per ``cfg`` (see :mod:`kepler.io.config`); returns the run's summary (``metrics.json``:
     the final held-out metrics, ``run`` folder, ``checkpoint``, ``step`` and the training counters).
 
     Args:
@@ -409,7 +397,7 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
             metrics and TensorBoard files are deleted first); without it, that is an error.
         task_class: what is trained (see :class:`Trainer`); a prior:
             :class:`kepler.train.prior_task.PriorTask` with a config of
-            :func:`kepler.train.config.load_prior_config`.
+            :func:`kepler.io.config.load_prior_config`.
 
     Raises:
         RunDirError: another training holds the run folder, or a fresh start would replace a

@@ -15,16 +15,19 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kepler.data import build_dataset, first_items
+from kepler.data import build_dataset, held_out_set
+from kepler.io.config import to_dict
+from kepler.io.images import save_pair_grid
+from kepler.io.weights import check_state_dict
 from kepler.models import VQGANLoss, VQModel
-from kepler.train.checkpoint import load_checkpoint
-from kepler.train.config import build_optimizer, to_dict
-from kepler.train.evaluate import run_validation, save_grid
-from kepler.weights import check_state_dict
+from kepler.train.evaluate import run_validation
+from kepler.train.optim import build_optimizer
 
 
 class VQGANTask:
     """The tokenizer task: built by the trainer after it seeded the RNG.
+
+    ``kind`` is the model kind it trains (:func:`kepler.load` of ``train.init_from`` must give one).
 
     Args:
         trainer: the :class:`~kepler.train.trainer.Trainer` (its config, device, step, autocast,
@@ -32,17 +35,16 @@ class VQGANTask:
         lr: the learning rate; ``lr_factor(step)`` scales it (warmup, schedule).
     """
 
+    kind = "tokenizer"
+
     def __init__(self, trainer, lr: float, lr_factor):
         cfg = trainer.cfg
         self.trainer = trainer
         device = trainer.device
         self.model = VQModel.from_config(to_dict(cfg.model)).to(device)
         self.loss = VQGANLoss(**to_dict(cfg.loss)).to(device)
-        data = cfg.data
-        self.train_set = build_dataset(
-            data.train, "train", data.size, data.resize, data.random_crop, data.flip, data.samples_per_epoch
-        )
-        self.val_set = first_items(build_dataset(data.val, "val", data.size, data.resize), data.val_max_images)
+        self.train_set = build_dataset(cfg.data, "train")
+        self.val_set = held_out_set(cfg.data)
 
         self.opt_ae = build_optimizer(cfg.optim, [p for p in self.model.parameters() if p.requires_grad], lr)
         self.opt_disc = build_optimizer(cfg.optim, self.loss.discriminator.parameters(), lr)
@@ -89,12 +91,6 @@ class VQGANTask:
         self.opt_disc.load_state_dict(state["opt_disc"])
         self.sched_ae.load_state_dict(state["sched_ae"])
         self.sched_disc.load_state_dict(state["sched_disc"])
-
-    def init_from(self, path: str) -> None:
-        """The model weights of the checkpoint at ``path`` (``train.init_from``)."""
-        state = load_checkpoint(path)
-        check_state_dict(self.model, state["model"], f"train.init_from checkpoint {path}")
-        self.model.load_state_dict(state["model"])
 
     # ------------------------------------------------------------------ one step
 
@@ -184,7 +180,7 @@ class VQGANTask:
         )
         if trainer.dist.is_main and grid is not None:
             run_dir: Path = trainer.run_dir
-            path = save_grid(*grid, run_dir / f"recon_step{trainer.step}.png")
+            path = save_pair_grid(*grid, run_dir / f"recon_step{trainer.step}.png")
             (run_dir / "reconstructions.png").write_bytes(path.read_bytes())
             trainer.tb.add_images("val/originals_and_reconstructions", (torch.cat(grid, dim=-1) + 1) / 2, trainer.step)
         return metrics

@@ -1,0 +1,252 @@
+"""The commands that use a model, each loading it through :func:`kepler.load`: ``kepler eval``,
+``reconstruct``, ``encode``, ``decode``, ``export``, ``convert`` (a released checkpoint in) and
+``sample`` (a prior and its tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kepler.cli import CLIError, add_device, add_inception, add_tokenizer, output_folder, positive_int
+
+TOKENIZER_HELP = ("a tokenizer: a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt), an "
+                  "exported folder (kepler export) or kepler convert's output")
+
+
+def _add_tokenizer_command(sub, name: str, help: str, description: str | None = None):
+    """A command that takes a tokenizer and ``--device``."""
+    p = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+    p.add_argument("checkpoint", help=TOKENIZER_HELP)
+    add_device(p)
+    return p
+
+
+def add_commands(sub) -> None:
+    p = _add_tokenizer_command(sub, "eval", "evaluate a tokenizer (PSNR, SSIM, L1, utilization, LPIPS, rFID)",
+                               "Evaluate a tokenizer on the validation split of a data set.")
+    p.add_argument("--data", default="sample", help="sample, faces, a folder of images or a list file")
+    p.add_argument("--resolution", type=int, nargs="+", default=None,
+                   help="crop sides to evaluate at (default: the training size)")
+    p.add_argument("--out", default=None, help="folder for eval.json")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-images", type=positive_int, default=None)
+    p.add_argument("--lpips-vgg", default=None, help="local VGG16 weights (torchvision layout) for LPIPS")
+    p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-layer weights (lpips v0.1 vgg.pth)")
+    add_inception(p, "rFID")
+    p.set_defaults(func=_cmd_eval)
+
+    for name, helptext, command in (
+        ("reconstruct", "write original | reconstruction PNGs side by side", _cmd_reconstruct),
+        ("encode", "turn images into .npy code-index maps (H/f, W/f, P)", _cmd_encode),
+    ):
+        p = _add_tokenizer_command(sub, name, helptext)
+        p.add_argument("images", nargs="+", help="image files")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--size", type=int, default=None,
+                       help="resize the shorter side to SIZE and centre-crop SIZE x SIZE "
+                            "(default: keep the image, cropped to a multiple of the downsampling factor)")
+        p.set_defaults(func=command)
+    p = _add_tokenizer_command(sub, "decode", "turn .npy code-index maps back into PNG images",
+                               "Turn .npy code-index maps (from kepler encode) back into PNG images.")
+    p.add_argument("codes", nargs="+", help=".npy files of (H, W, P) int code indices")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_decode)
+
+    p = sub.add_parser("export", help="write a checkpoint's model as a folder to share (safetensors, config, card)",
+                       description="Write the model of a training checkpoint as a pretrained folder: "
+                                   "model.safetensors, config.yaml (with the weights' SHA-256) and a README.md model "
+                                   "card (metrics from the run's metrics.json). Every command that takes a checkpoint "
+                                   "takes the folder; in Python, kepler.load(folder).")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("convert", help="convert a released Kepler Codebook / taming VQGAN checkpoint",
+                       description="Convert a Lightning checkpoint of the released Kepler Codebook or taming-"
+                                   "transformers VQModel, with its YAML config, into OUT/model.pt (for eval, "
+                                   "reconstruct, encode, decode) and OUT/config.yaml (for kepler train: it starts "
+                                   "from the converted weights).")
+    p.add_argument("checkpoint", help="the released .ckpt file")
+    p.add_argument("--config", required=True, help="its YAML config (model.params: ddconfig, n_embed, ...)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stub-global", action="append", default=[], metavar="NAME",
+                   help="read the global NAME (module.name) that the error names as an inert placeholder: "
+                        "nothing of it runs (Lightning's callbacks, hyper-parameters; repeatable)")
+    p.add_argument("--trust-global", action="append", default=[], metavar="NAME",
+                   help="import the global NAME and let it run while unpickling; only for a file you trust "
+                        "(repeatable)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("sample", help="sample images from a prior (PNG grid, PNGs and .npy code maps)",
+                       description="Sample index maps from a prior and decode them with its tokenizer.")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
+    p.add_argument("--num", type=positive_int, default=16, help="samples to draw")
+    p.add_argument("--class", dest="class_label", type=int, default=None, help="class of a class-conditional prior")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples on one device")
+    add_device(p)
+    add_tokenizer(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _tokenizer(args):
+    """The tokenizer ``args.checkpoint`` names, on ``args.device``: ``(model, device)``."""
+    from kepler.distributed import resolve_device
+    from kepler.models.load import load_model
+
+    device = resolve_device(args.device)
+    return load_model(args.checkpoint, device, kind="tokenizer").model, device
+
+
+def _cmd_eval(args) -> int:
+    from kepler.train.evaluate import evaluate, format_table
+
+    if args.out is not None:
+        output_folder(args.out)
+    resolutions = args.resolution if args.resolution else [None]
+    results = evaluate(
+        args.checkpoint, data=args.data, resolutions=resolutions, out=args.out, batch_size=args.batch_size,
+        device=args.device, lpips_vgg_path=args.lpips_vgg, lpips_lin_path=args.lpips_lin,
+        inception_path=args.inception, max_images=args.max_images,
+    )
+    print(format_table(results))
+    print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
+    packing = results["packing"]
+    if isinstance(packing, dict):
+        keys = ("min_nn_distance", "mean_nn_distance", "nn_distance_cv", "covering_radius", "mean_quantization_error")
+        print("codebook packing: " + ", ".join(f"{k} {packing[k]}" for k in keys if packing.get(k) is not None))
+    else:
+        print(f"codebook packing: {packing}")
+    if args.out is not None:
+        print(f"wrote {Path(args.out) / 'eval.json'}")
+    return 0
+
+
+def load_images(paths, size: int | None, factor: int):
+    """Image files -> list of (name, (1, 3, H, W) tensor in [-1, 1]); H, W multiples of ``factor``."""
+    import numpy as np
+    from PIL import Image
+
+    from kepler.data import UNREADABLE_IMAGE_ERRORS, ImageTransform, to_rgb, to_tensor
+
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = to_rgb(image)
+        except UNREADABLE_IMAGE_ERRORS as exc:
+            raise CLIError(f"cannot read image {path}: {exc}") from None
+        if size is not None:
+            if size % factor:
+                raise CLIError(f"--size {size} must be a multiple of the downsampling factor {factor}")
+            x = ImageTransform(size, random_crop=False, flip=False)(image)
+        else:
+            array = np.asarray(image, dtype=np.float32)
+            h, w = (array.shape[0] // factor) * factor, (array.shape[1] // factor) * factor
+            if h == 0 or w == 0:
+                raise CLIError(f"image {path} is smaller than the downsampling factor {factor}")
+            x = to_tensor(array[:h, :w])
+        out.append((Path(path).stem, x[None]))
+    return out
+
+
+def _cmd_reconstruct(args) -> int:
+    import numpy as np
+    import torch
+
+    from kepler.data import to_uint8
+    from kepler.io.images import save_png
+
+    out = output_folder(args.out)
+    model, device = _tokenizer(args)
+    with torch.no_grad():
+        for name, x in load_images(args.images, args.size, model.downsample_factor):
+            x_rec = model(x.to(device))[0].cpu()
+            path = save_png(np.concatenate([to_uint8(x[0]), to_uint8(x_rec[0])], axis=1), out / f"{name}_recon.png")
+            print(path)
+    return 0
+
+
+def _cmd_encode(args) -> int:
+    import numpy as np
+
+    out = output_folder(args.out)
+    model, device = _tokenizer(args)
+    for name, x in load_images(args.images, args.size, model.downsample_factor):
+        indices = model.encode_to_indices(x.to(device))[0].cpu().numpy()
+        np.save(out / f"{name}.npy", indices.astype(np.int64))
+        print(f"{out / f'{name}.npy'}: codes {indices.shape}")
+    return 0
+
+
+def _cmd_decode(args) -> int:
+    import numpy as np
+    import torch
+
+    from kepler.io.images import save_image
+
+    out = output_folder(args.out)
+    model, device = _tokenizer(args)
+    q = model.quantize
+    for path in args.codes:
+        try:
+            codes = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"cannot read code map {path}: {exc}") from None
+        tokens = q.tokens_per_position
+        if codes.size == 0:
+            raise CLIError(f"{path}: the code map is empty ({codes.dtype} {codes.shape})")
+        if codes.ndim != 3 or codes.shape[-1] != tokens or not np.issubdtype(codes.dtype, np.integer):
+            raise CLIError(f"{path}: expected an integer (H, W, {tokens}) code map, got {codes.dtype} {codes.shape}")
+        if codes.min() < 0 or codes.max() >= q.codebook_size:
+            raise CLIError(f"{path}: code indices must be in [0, {q.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        image = model.decode_indices(torch.from_numpy(codes.astype(np.int64))[None].to(device))[0].cpu()
+        print(save_image(image, out / f"{Path(path).stem}.png"))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from kepler.io.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+    from kepler.models.pretrained import export_checkpoint
+
+    out = output_folder(args.out)
+    _, metrics = export_checkpoint(args.checkpoint, out)
+    print(f"kepler export: wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
+          + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from kepler.train.convert import convert
+
+    out = output_folder(args.out)
+    written = convert(args.checkpoint, args.config, out, trusted_globals=args.trust_global,
+                      stubbed_globals=args.stub_global)
+    q = written["model"].quantize
+    print(f"kepler convert: {q.tokens_per_position} partition(s) {q.partition.name!r}, {q.codebook_size} codes, "
+          f"f={written['model'].downsample_factor}; wrote {written['checkpoint']}, {written['config']}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+
+    from kepler.distributed import resolve_device
+    from kepler.io.images import save_image, save_image_grid
+    from kepler.models.load import load_model, load_prior_tokenizer
+    from kepler.models.sampling import sample_images
+
+    out = output_folder(args.out)
+    device = resolve_device(args.device)
+    prior = load_model(args.checkpoint, device, kind="prior")
+    tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
+    codes, images = sample_images(prior.model, tokenizer, args.num, args.class_label, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for i, (code_map, image) in enumerate(zip(codes.cpu().numpy(), images.cpu())):
+        np.save(out / f"sample{i:04d}.npy", code_map)
+        save_image(image, out / f"sample{i:04d}.png")
+    grid = save_image_grid(images.cpu(), out / "grid.png")
+    print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {grid.name}, sample*.png, sample*.npy")
+    return 0

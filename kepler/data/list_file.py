@@ -1,0 +1,15 @@
+"""The data source of a list file: one image path per line (taming's ``training_images_list_file``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kepler.data.images import ImagePaths, file_transform
+from kepler.data.sources import register_source
+
+
+@register_source("list", "a list file of image paths", matches=lambda spec: Path(spec).is_file())
+def build_list(spec: str, split: str, data) -> ImagePaths:
+    dataset = ImagePaths.from_list(spec, file_transform(split, data))
+    dataset.check_readable()
+    return dataset

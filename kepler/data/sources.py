@@ -1,0 +1,83 @@
+"""Data sources: what ``data.train`` and ``data.val`` may name, registered like quantizers.
+
+A source is one file in ``kepler/data/`` that registers a builder with :func:`register_source`:
+its name, how to recognize a spec that names it (the embedded sets by their name, a folder or a list
+file by what the path is), and ``build(spec, split, data) -> Dataset``. :func:`build_dataset`
+takes the ``data`` config section itself (:class:`DataSection`: crop ``size``, ``resize``,
+``random_crop``, ``flip``, ``samples_per_epoch``, ...) and asks the sources in registration order
+(named sources before paths); a new data option is a key of the section, read by the sources that
+use it, not a new positional argument at every call site.
+
+Items are ``(image (3, size, size) float32 in [-1, 1], skipped paths)``: a source of files names the
+unreadable ones it skipped, which the trainer counts and evaluation leaves out. Class labels, where a
+source has them (``faces``), are not in the items: see :func:`kepler.data.dataset_labels`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class DataSection:
+    """The ``data`` section of a config (its keys, defaults and types; :mod:`kepler.io.config`)."""
+
+    train: str = "sample"  # a data source (kepler.data.SOURCES): sample | faces | a folder of images | a list file
+    val: str = "sample"
+    size: int = 256
+    resize: int | None = None  # shorter side before cropping; default size (2 * size for "sample")
+    random_crop: bool = True
+    flip: bool = True
+    batch_size: int = 5
+    num_workers: int = 0
+    samples_per_epoch: int = 1024  # length of an epoch of the embedded "sample" set
+    val_batch_size: int = 16
+    val_max_images: int | None = None
+
+
+# build(spec, split, data section with every key) -> the data set
+Builder = Callable[[str, str, Mapping], Dataset]
+
+
+class Source(NamedTuple):
+    name: str
+    what: str  # how an error message names it, e.g. "a folder of images"
+    matches: Callable[[str], bool]
+    build: Builder
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str, what: str, matches: Callable[[str], bool] | None = None):
+    """Decorator on a :data:`Builder`: registers it as the source ``name``, which builds the data
+    sets of the specs ``matches`` accepts (default: the spec equal to ``name``)."""
+    def register(build: Builder) -> Builder:
+        SOURCES[name] = Source(name, what, matches or (lambda spec: spec == name), build)
+        return build
+
+    return register
+
+
+def build_dataset(data: Mapping, split: str, spec: str | None = None) -> Dataset:
+    """The ``split`` (``"train"`` or ``"val"``) data set of the ``data`` config section: the source
+    that ``spec`` names (default ``data[split]``), built with the section's settings (keys it lacks
+    take :class:`DataSection`'s defaults). ``"val"`` turns random crops and flips off and picks the
+    held-out part of the embedded sets."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    section = {**dataclasses.asdict(DataSection()), **data}
+    spec = str(section[split] if spec is None else spec)
+    for source in SOURCES.values():
+        if source.matches(spec):
+            return source.build(spec, split, section)
+    kinds = [source.what for source in SOURCES.values()]
+    raise ValueError(f"data {spec!r} is not a data source: expected {', '.join(kinds[:-1])} or {kinds[-1]} "
+                     "(no such file or folder)")

@@ -1,0 +1,203 @@
+"""The one loader: every form a model arrives in, as the model (``kepler.load``).
+
+Forms (:func:`load_model` tells them apart by what the path holds):
+
+* a training checkpoint (``kepler train``'s ``checkpoints/*.pt``): a :class:`~kepler.models.VQModel`;
+* a prior's checkpoint (``kepler prior train``): a :class:`~kepler.models.CodeTransformer`;
+* an exported folder (``kepler export``, ``VQModel.save_pretrained``): a ``VQModel``;
+* a converted released checkpoint (``kepler convert``'s ``OUT/model.pt``, or the folder ``OUT``):
+  a ``VQModel``.
+
+Every form is read without running code (``weights_only`` pickles, safetensors) and checked before
+memory is spent on it: the saved config is checked as a config file is
+(:func:`kepler.io.config.model_section`), the model is built on the ``meta`` device and the weights
+are compared with it (:func:`kepler.io.weights.check_state_dict`: keys, shapes, finite values), and
+only then is the real model allocated. Every problem is a one-line error naming the file.
+
+A quantizer backend saved in the config that cannot run where the model is loaded (a model trained
+with ``backend: cuda`` loaded on a CPU machine) is re-chosen for the device (``auto``), with a
+warning saying so. A prior's tokenizer is loaded through the same loader and must be the file the
+prior was trained on: :func:`load_prior_tokenizer` compares SHA-256s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from kepler import _backend
+from kepler.io.checkpoint import checkpoint_kind, load_checkpoint
+from kepler.io.config import model_section
+from kepler.io.files import file_sha256
+from kepler.io.pretrained import WEIGHTS_FILE, read_pretrained
+from kepler.io.weights import check_state_dict
+from kepler.models.code_sequence import CodeLayout
+from kepler.models.code_transformer import CodeTransformer
+from kepler.models.vqmodel import VQModel
+
+log = logging.getLogger("kepler")
+
+# The checkpoint ``kepler convert`` writes into its output folder.
+CONVERTED_CHECKPOINT = "model.pt"
+MODEL_CLASSES = {"tokenizer": VQModel, "prior": CodeTransformer}
+
+
+class LoadedModel(NamedTuple):
+    """What :func:`load_model` read.
+
+    model: the :class:`VQModel` or :class:`CodeTransformer`, in eval mode on the device.
+    kind: ``"tokenizer"`` or ``"prior"``.
+    source: how errors name it, e.g. ``"checkpoint runs/sample/checkpoints/last.pt"``.
+    step: training steps behind the weights (0 where unknown).
+    config: the saved config; at least ``model`` and ``data`` (an exported folder saved without its
+        training data says its architecture's resolution as ``data.size``).
+    checkpoint: the checkpoint's entries besides the weights (a prior's ``tokenizer`` record and
+        ``train_slot_counts``); empty for an exported folder.
+    """
+
+    model: nn.Module
+    kind: str
+    source: str
+    step: int
+    config: dict
+    checkpoint: dict
+
+
+def load(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+    """The model at ``path`` (any form of the module docstring) in eval mode on ``device`` (default:
+    the CPU): a :class:`VQModel` or a :class:`CodeTransformer`. FileNotFoundError or ValueError, one
+    line naming the file, for anything else."""
+    return load_model(path, device).model
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
+               kind: str | None = None) -> LoadedModel:
+    """:func:`load` with what was read beside the model (:class:`LoadedModel`). ``kind``: the kind the
+    caller needs (``"tokenizer"`` or ``"prior"``); a model of the other kind is a ValueError saying
+    what it is."""
+    device = torch.device(device or "cpu")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist (a model is a checkpoint file or an exported folder)")
+    if path.is_dir():
+        if (path / CONVERTED_CHECKPOINT).is_file() and not (path / WEIGHTS_FILE).is_file():
+            return load_model(path / CONVERTED_CHECKPOINT, device, kind)
+        return _checked_kind(_load_pretrained(path, device), kind)
+    state = load_checkpoint(path)
+    source = f"checkpoint {path}"
+    found = checkpoint_kind(state)
+    _checked_kind_name(found, kind, source)
+    weights = state.pop("model")
+    if found == "prior":
+        model = build_prior(state, weights, source)
+    else:
+        model = build_tokenizer(state["config"], weights, source, device)
+    config = state.pop("config")
+    return LoadedModel(model.to(device).eval(), found, source, int(state.get("step", 0)), config, state)
+
+
+def _checked_kind(loaded: LoadedModel, kind: str | None) -> LoadedModel:
+    _checked_kind_name(loaded.kind, kind, loaded.source)
+    return loaded
+
+
+def _checked_kind_name(found: str, wanted: str | None, source: str) -> None:
+    if wanted is not None and found != wanted:
+        takes = {"tokenizer": "kepler eval, reconstruct, encode, decode, export and a prior's tokenizer.checkpoint",
+                 "prior": "kepler sample and kepler prior eval"}[found]
+        raise ValueError(f"{source} is a {found} ({MODEL_CLASSES[found].__name__}), not a {wanted}; "
+                         f"a {found} is for {takes}")
+
+
+def _load_pretrained(directory: Path, device: torch.device) -> LoadedModel:
+    manifest, weights = read_pretrained(directory)
+    source = f"pretrained model {directory}"
+    model = build_tokenizer(manifest, weights, source, device)
+    # A model saved without its training data section is evaluated at its architecture's resolution.
+    data = manifest.get("data") or {"size": model.config["resolution"]}
+    config = {"model": model.config, "data": data}
+    return LoadedModel(model.to(device).eval(), "tokenizer", source, int(manifest.get("step") or 0), config, {})
+
+
+def build_tokenizer(config: Mapping, weights: Mapping, source: str, device: torch.device | str = "cpu") -> VQModel:
+    """A :class:`VQModel` built from the ``model`` section of a saved config (a checkpoint's
+    ``config``, an exported folder's ``config.yaml``) and loaded with ``weights`` (a state dict), in
+    training mode on the CPU, checked as the module docstring says; a saved quantizer backend that
+    cannot run on ``device`` is re-chosen there. ValueError, one line starting with ``source``."""
+    section = model_section(config, source)
+    section["quantizer"] = _backend_for(section["quantizer"], torch.device(device), source)
+    with torch.device("meta"):
+        skeleton = VQModel.from_config(section)
+    check_state_dict(skeleton, weights, source)
+    model = VQModel.from_config(section)
+    model.load_state_dict(weights)
+    return model
+
+
+def _backend_for(quantizer: dict, device: torch.device, source: str) -> dict:
+    """``quantizer`` (a config section) with its ``backend`` replaced by ``auto`` where the saved one
+    cannot run on ``device``, said in a warning."""
+    backend = quantizer.get("backend")
+    if backend in (None, "auto"):
+        return quantizer
+    reason = _backend._unavailable_reason(backend, device.type)
+    if reason is None:
+        return quantizer
+    log.warning("%s: its quantizer backend %r cannot run on %s (%s); using backend auto", source, backend,
+                device, reason)
+    return {**quantizer, "backend": "auto"}
+
+
+def build_prior(checkpoint: Mapping, weights: Mapping, source: str) -> CodeTransformer:
+    """A :class:`CodeTransformer` from a prior checkpoint's entries (its ``config``'s ``model``
+    section and its ``tokenizer.layout``) and ``weights``, checked as :func:`build_tokenizer` checks
+    a tokenizer."""
+    record = checkpoint.get("tokenizer")
+    layout = record.get("layout") if isinstance(record, Mapping) else None
+    if not isinstance(layout, Mapping):
+        raise ValueError(f"{source}: its tokenizer record has no code layout")
+    try:
+        layout = CodeLayout(**layout)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: bad code layout {dict(layout)}: {exc}") from None
+    section = model_section(checkpoint["config"], source, kind="prior")
+    with torch.device("meta"):
+        skeleton = CodeTransformer(layout, **section)
+    check_state_dict(skeleton, weights, source)
+    model = CodeTransformer(layout, **section)
+    model.load_state_dict(weights)
+    return model
+
+
+def tokenizer_layout(tokenizer: VQModel, size: int) -> CodeLayout:
+    """The layout of ``tokenizer``'s index maps of ``size x size`` images."""
+    factor = tokenizer.downsample_factor
+    return CodeLayout.from_quantizer(tokenizer.quantize, (size // factor, size // factor))
+
+
+def load_prior_tokenizer(prior: LoadedModel, device: torch.device | str | None = None,
+                         path: str | os.PathLike | None = None) -> VQModel:
+    """The frozen tokenizer of a loaded prior (:func:`load_model` with ``kind="prior"``), checked to
+    be the very file the prior was trained on (its SHA-256, recorded in the checkpoint: so it makes
+    the index maps the prior models); without grads, in eval mode on ``device``.
+
+    ``path``: the tokenizer at another path (the prior's records where it was; a moved or copied
+    tokenizer is accepted when its SHA-256 is the recorded one). ValueError, one line naming both
+    hashes, for another file; FileNotFoundError when it is not there.
+    """
+    record = prior.checkpoint["tokenizer"]
+    path = Path(path if path is not None else record["checkpoint"])
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} of {prior.source} does not exist (moved? give its new path "
+                                "with --tokenizer)")
+    recorded, actual = record["sha256"], file_sha256(path)
+    if actual != recorded:
+        raise ValueError(f"tokenizer {path} has SHA-256 {actual}, but {prior.source} was trained on a tokenizer "
+                         f"with SHA-256 {recorded}: its codes would be decoded by another model")
+    return load_model(path, device, kind="tokenizer").model.requires_grad_(False)

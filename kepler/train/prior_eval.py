@@ -1,0 +1,156 @@
+"""How good a prior is: held-out bits per token and per position of a frozen tokenizer's index maps,
+next to two baselines fitted on the training maps (add-one smoothed, also in bits per token): one
+code histogram per codebook (unigram) and one per slot ``(h, w, p)`` of the map (per-position
+unigram); and the FID and Inception Score of its samples where the Inception weights are on disk.
+``kepler prior eval`` is :func:`evaluate_prior`; training validates with the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kepler.data import collate, held_out_set, to_unit
+from kepler.metrics.inception import INCEPTION_SCORE_SPLITS, load_fid, load_inception_score
+from kepler.models import CodeTransformer, VQModel
+from kepler.models.code_sequence import CodeLayout
+from kepler.models.load import load_model, load_prior_tokenizer
+from kepler.models.sampling import sample_images
+from kepler.train.codes import class_labels, encode_dataset
+
+
+def slot_counts(codes: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
+    """``(H*W*P, K)`` int64: how often each code fills each slot of ``codes (N, H, W, P)``."""
+    slots = codes.reshape(len(codes), -1)
+    counts = torch.zeros(slots.shape[1], layout.codebook_size, dtype=torch.int64)
+    counts.scatter_add_(1, slots.T.contiguous(), torch.ones_like(slots.T))
+    return counts
+
+
+def baseline_bits(train_counts: torch.Tensor, val_codes: torch.Tensor, layout: CodeLayout) -> dict[str, float]:
+    """Held-out bits per token of ``val_codes`` under the two baselines fitted on ``train_counts``
+    (:func:`slot_counts` of the training maps), add-one smoothed."""
+    val_counts = slot_counts(val_codes, layout).double()
+    per_slot = train_counts.double().view(layout.positions, layout.tokens_per_position, -1)
+    # Unigram: one histogram per codebook (one in all when the P sub-codes share it).
+    unigram = per_slot.sum(0, keepdim=True)
+    if layout.shared_codebook:
+        unigram = unigram.sum(1, keepdim=True)
+    tokens = val_counts.sum()
+
+    def bits(counts: torch.Tensor) -> float:
+        log_probs = torch.log2((counts + 1) / (counts + 1).sum(-1, keepdim=True))
+        return float(-(val_counts.view_as(per_slot) * log_probs.expand_as(per_slot)).sum() / tokens)
+
+    return {"unigram_bits_per_token": bits(unigram), "position_unigram_bits_per_token": bits(per_slot)}
+
+
+@torch.no_grad()
+def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, device: torch.device,
+                  labels: torch.Tensor | None = None) -> dict:
+    """``bits_per_token`` and ``bits_per_position`` of ``codes (N, H, W, P)`` under ``model`` (given
+    their classes ``labels (N,)`` for a class-conditional one)."""
+    nats = 0.0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(codes), batch_size):
+        batch = slice(start, start + batch_size)
+        batch_labels = None if labels is None else labels[batch].to(device)
+        nats += float(model.nll(codes[batch].to(device), batch_labels).sum())
+    model.train(was_training)
+    layout = model.layout
+    bits = nats / math.log(2) / len(codes)
+    return {"bits_per_token": bits / layout.flat_length, "bits_per_position": bits / layout.positions}
+
+
+@torch.no_grad()
+def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset, held_out_labels: torch.Tensor | None,
+                   num_samples: int, inception_path: str | os.PathLike | None, batch_size: int, seed: int) -> dict:
+    """FID of ``num_samples`` samples (:func:`sample_images` in batches of ``batch_size``, one
+    generator seeded with ``seed``) against the ``held_out`` images, and their Inception Score
+    ``[mean, std]``, on the local FID Inception weights (:func:`kepler.metrics.inception.load_fid`); a
+    class-conditional prior's samples take the held-out classes in turn (the same proportions).
+    ``fid_off_reason`` / ``is_off_reason`` instead where a metric cannot run."""
+    # The weights are looked at only where the counts allow a metric (reading them takes seconds).
+    if num_samples < 2:
+        fid, fid_reason = None, f"num_samples is {num_samples}; FID needs at least 2 samples"
+    elif len(held_out) < 2:
+        fid, fid_reason = None, f"the held-out set has {len(held_out)} image(s); FID needs at least 2"
+    else:
+        fid, fid_reason = load_fid(inception_path)
+    if num_samples < INCEPTION_SCORE_SPLITS:
+        score, is_reason = None, (f"num_samples is {num_samples}; the Inception Score needs at least "
+                                  f"{INCEPTION_SCORE_SPLITS} (one per split)")
+    else:
+        score, is_reason = load_inception_score(inception_path)
+    out = {}
+    if fid is None:
+        out["fid_off_reason"] = fid_reason
+    if score is None:
+        out["is_off_reason"] = is_reason
+    if fid is None and score is None:
+        return out
+    device = next(prior.parameters()).device
+    if fid is not None:
+        fid = fid.to(device)
+        for images, _ in DataLoader(held_out, batch_size=batch_size, collate_fn=collate):
+            fid.update(to_unit(images.to(device)), real=True)
+    if score is not None:
+        score = score.to(device)
+    labels = None
+    if held_out_labels is not None:
+        labels = held_out_labels[torch.arange(num_samples) % len(held_out_labels)].to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        batch_labels = None if labels is None else labels[start : start + count]
+        _, images = sample_images(prior, tokenizer, count, batch_labels, seed=generator)
+        images = to_unit(images)  # (count, 3, H, W) float32 in [0, 1], what both metrics take
+        if fid is not None:
+            fid.update(images, real=False)
+        if score is not None:
+            score.update(images)
+    if fid is not None:
+        out["fid"] = float(fid.compute())
+    if score is not None:
+        # The score shuffles the samples into its splits with the global RNG: seeded, so one seed
+        # gives one score.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mean, std = score.compute()
+        out["inception_score"] = [float(mean), float(std)]
+    return out
+
+
+def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16, *,
+                   num_samples: int = 0, inception_path: str | os.PathLike | None = None, seed: int = 0,
+                   tokenizer_path: str | os.PathLike | None = None) -> dict:
+    """Held-out bits per token and per position of a prior, on its config's validation data encoded by
+    its tokenizer, and the two baselines (fitted on its training maps) in bits per token; with
+    ``num_samples``, the FID and Inception Score of that many samples (seeded by ``seed``) against the
+    held-out images, where the Inception weights are on disk (:func:`sample_metrics`).
+    ``tokenizer_path``: the prior's tokenizer at another path (:func:`kepler.models.load.load_prior_tokenizer`)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
+    loaded = load_model(checkpoint, device, kind="prior")
+    prior = loaded.model
+    tokenizer = load_prior_tokenizer(loaded, device, tokenizer_path)
+    data = loaded.config["data"]
+    val_set = held_out_set(data)
+    val_labels = class_labels(val_set, prior.num_classes, f"data.val {data['val']!r}")
+    val_codes = encode_dataset(tokenizer, val_set, batch_size, torch.device(device))
+    return {
+        "checkpoint": str(checkpoint),
+        "step": loaded.step,
+        "tokenizer": str(tokenizer_path or loaded.checkpoint["tokenizer"]["checkpoint"]),
+        "val_data": str(data["val"]),
+        "val_maps": len(val_codes),
+        **held_out_bits(prior, val_codes, batch_size, torch.device(device), val_labels),
+        **baseline_bits(loaded.checkpoint["train_slot_counts"], val_codes, prior.layout),
+        "num_samples": num_samples,
+        "seed": seed,
+        **sample_metrics(prior, tokenizer, val_set, val_labels, num_samples, inception_path, batch_size, seed),
+    }
