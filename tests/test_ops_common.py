@@ -1,13 +1,15 @@
-"""kepler/ops/_common.py: one registration for every op, one backend switch, one accumulation dtype."""
+"""kepler/ops/_common.py: one registration for every op, one backend switch; the layers' imports point down."""
 
+import ast
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
 
 import kepler
-from kepler.ops._common import accumulation_dtype, registered_op
+from kepler.ops._common import registered_op
 
 # Every op with a kernel: (name, module of its Triton launcher).
 OPS = [
@@ -50,7 +52,38 @@ def test_backend_switch():
         registered_op("packing_energy", "reference")
 
 
-def test_accumulation_dtype():
-    assert accumulation_dtype(torch.float64) == torch.float64
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert accumulation_dtype(dtype) == torch.float32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kepler_imports(path: Path) -> set[str]:
+    """Every ``kepler`` module ``path`` imports, at its top or inside a function
+    (``from kepler import _ext`` counts as ``kepler._ext``)."""
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "kepler":
+            modules.update(f"kepler.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module)
+    return {module for module in modules if module.split(".")[0] == "kepler"}
+
+
+@pytest.mark.parametrize("folder, allowed", [
+    # The spec: nothing of kepler above it.
+    ("kepler/reference", ("kepler._numerics", "kepler.reference.")),
+    # Leaves: the launchers' shared checks and the bottom module only, never the reference or ops.
+    ("kernels", ("kepler._numerics", "kepler.kernels._common")),
+])
+def test_imports_point_down(folder, allowed):
+    files = sorted((ROOT / folder).glob("*.py"))
+    assert files
+    upward = {f"{path.relative_to(ROOT)}: {module}" for path in files for module in _kepler_imports(path)
+              if not module.startswith(allowed)}
+    assert not upward, f"{folder} imports a layer above it"
+
+
+def test_import_scan_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "module.py"
+    source.write_text("import torch\nfrom kepler import _ext\ndef f():\n    from kepler.ops._common import check_input\n")
+    assert _kepler_imports(source) == {"kepler._ext", "kepler.ops._common"}

@@ -1,4 +1,4 @@
-"""What the ops in ``kepler.ops`` share: dtypes, the input check, registration and the backend switch.
+"""What the ops in ``kepler.ops`` share: input dtypes, the input check, registration and the backend switch.
 
 Every op registers the same way (:func:`register_op`) and its ``<Op>Function`` reaches the kernels
 through one switch (:func:`registered_op`); see ``kepler/ops/__init__.py`` for the template.
@@ -16,20 +16,6 @@ from kepler.kernels._common import KERNEL_DTYPES
 
 # What every op's functional accepts: the kernel dtypes, and float64 where choose_backend allows it.
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums are taken (and float results returned) in: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def power_of_two_below(largest: torch.Tensor, exponent: int) -> torch.Tensor:
-    """The exact scale factor for values whose largest ``|value|`` is ``largest``: 1 while
-    ``largest < 2**exponent``, else the power of two that brings it into
-    ``[2**(exponent - 1), 2**exponent)``. Same shape and dtype as ``largest``; computed without a
-    branch, so torch.compile traces it (NaN and inf leave it at 1)."""
-    excess = (torch.frexp(largest).exponent - exponent).clamp_min(0)
-    return torch.ldexp(torch.ones_like(largest), -excess)
 
 
 def check_input(name: str, value) -> None:
