@@ -1,25 +1,72 @@
-"""kepler/ops/_common.py: one registration for every op, one backend switch; the layers' imports point down."""
+"""The op inventory (kepler/ops/__init__.py) and kepler/ops/_common.py: one registration for every op, one
+backend switch; the layers' imports point down."""
 
 import ast
+import contextlib
 import importlib
 import inspect
+import io
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 import kepler
-from kepler.ops._common import registered_op
+from kepler.ops import OPS, OpRecord
+from kepler.ops._common import register_op, registered_op
 
-# Every op with a kernel: (name, module of its Triton launcher).
-OPS = [
-    ("nearest_codeword", "kepler.kernels.nearest_codeword"),
-    ("kepler_kl", "kepler.kernels.kepler_kl"),
-    ("kepler_kl_backward", "kepler.kernels.kepler_kl"),
-    ("packing_energy", "kepler.kernels.packing_energy"),
-    ("packing_energy_backward", "kepler.kernels.packing_energy"),
-    ("closest_lattice_point", "kepler.kernels.closest_lattice_point"),
-]
+# Every kernel op: (name, module of its Triton launcher).
+KERNEL_OPS = [(registered, op.launcher_module) for op in OPS for registered in op.registered_ops]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kepler_ops(suffix: str) -> set[str]:
+    """The names of the registered ``kepler::`` ops, without the namespace: those that end in
+    ``suffix`` (``"_triton"``), or with ``suffix=""`` those that do not end in ``_triton``."""
+    names = {name.removeprefix("kepler::") for name in torch._C._dispatch_get_all_op_names() if name.startswith("kepler::")}
+    return {name for name in names if name.endswith("_triton") == bool(suffix)}
+
+
+def test_the_inventory_names_every_registered_op():
+    """register_op refuses a Triton op the inventory lacks; here, the other way round (a record's op
+    left unregistered), and that csrc/kepler.cpp's ops are the inventory's."""
+    import kepler.losses  # noqa: F401  (registers the losses' ops)
+
+    registered = {name for op in OPS for name in op.registered_ops}
+    assert _kepler_ops("_triton") == {f"{name}_triton" for name in registered}
+    if kepler.HAS_CPU_EXT:
+        assert _kepler_ops("") == registered
+
+
+def test_register_op_refuses_an_op_the_inventory_lacks():
+    with pytest.raises(ValueError, match="kepler::packing_energy_grad is no kernel op of the op inventory kepler.ops.OPS"):
+        register_op("packing_energy_grad", "(Tensor y) -> Tensor", lambda y: y)
+
+
+def test_inventory_records():
+    assert len({op.name for op in OPS}) == len(OPS)
+    by_name = {op.name: op for op in OPS}
+    assert by_name["packing_energy"].registered_ops == ("packing_energy", "packing_energy_backward")
+    assert by_name["nearest_codeword"].registered_ops == ("nearest_codeword",)
+    assert by_name["closest_lattice_point"].registered_ops == ("closest_lattice_point",)
+    assert by_name["kepler_kl"].launcher_module == "kepler.kernels.kepler_kl"
+    for op in OPS:
+        assert op.tests and all((ROOT / path).is_file() for path in op.tests), op
+    with pytest.raises(ValueError, match=r"op fused: backward must be one of \('kernel', 'pytorch', None\), got 'kernels'"):
+        OpRecord("fused", backward="kernels", tests=())
+
+
+def test_gpu_check_runs_the_inventorys_test_files():
+    """The KERNEL_TESTS line of benchmarks/gpu_check.sh prints the inventory's test files, one a line."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    [code] = re.findall(r'^mapfile -t KERNEL_TESTS < <\("\$PY" -c "(.*)"\)$', script, flags=re.M)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {})
+    assert out.getvalue().splitlines() == [path for op in OPS for path in op.tests]
 
 
 def _signature(op) -> list[tuple[str, str]]:
@@ -28,7 +75,7 @@ def _signature(op) -> list[tuple[str, str]]:
     return [(a.name, str(a.type)) for a in schema.arguments] + [("->", str(r.type)) for r in schema.returns]
 
 
-@pytest.mark.parametrize("name, kernels", OPS, ids=[name for name, _ in OPS])
+@pytest.mark.parametrize("name, kernels", KERNEL_OPS, ids=[name for name, _ in KERNEL_OPS])
 def test_triton_op_calls_its_launcher_by_the_schema_names(name, kernels):
     """register_op calls the launcher with the schema's argument names as keywords: they must agree."""
     triton = pytest.importorskip("triton")  # noqa: F841
@@ -38,7 +85,7 @@ def test_triton_op_calls_its_launcher_by_the_schema_names(name, kernels):
 
 
 @pytest.mark.skipif(not kepler.HAS_CPU_EXT, reason="kepler._C is not built")
-@pytest.mark.parametrize("name", [name for name, _ in OPS])
+@pytest.mark.parametrize("name", [name for name, _ in KERNEL_OPS])
 def test_triton_and_compiled_ops_share_one_schema(name):
     """The Python schema of kepler::<op>_triton matches csrc/kepler.cpp's kepler::<op>."""
     assert _signature(registered_op(name, "triton")) == _signature(registered_op(name, "cpu"))
@@ -50,9 +97,6 @@ def test_backend_switch():
     assert registered_op("packing_energy_backward", "triton") is torch.ops.kepler.packing_energy_backward_triton
     with pytest.raises(ValueError, match="no registered op runs kepler::packing_energy on backend 'reference'"):
         registered_op("packing_energy", "reference")
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _kepler_imports(path: Path) -> set[str]:

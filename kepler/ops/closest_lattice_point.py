@@ -35,7 +35,6 @@ register_op(
     "closest_lattice_point",
     "(Tensor x, str lattice) -> Tensor",
     _closest_lattice_point_fake,
-    "kepler.kernels.closest_lattice_point",
 )
 
 # The family (kepler._numerics.LATTICE_FAMILIES) of every named lattice of kepler.lattice that has a

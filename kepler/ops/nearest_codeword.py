@@ -36,7 +36,6 @@ register_op(
     "nearest_codeword",
     "(Tensor z, Tensor codebook) -> (Tensor indices, Tensor sq_dist)",
     _nearest_codeword_fake,
-    "kepler.kernels.nearest_codeword",
 )
 
 

@@ -50,13 +50,11 @@ register_op(
     "packing_energy",
     "(Tensor y, float t) -> (Tensor energy, Tensor row_lse)",
     _packing_energy_fake,
-    "kepler.kernels.packing_energy",
 )
 register_op(
     "packing_energy_backward",
     "(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) -> Tensor",
     _packing_energy_backward_fake,
-    "kepler.kernels.packing_energy",
 )
 
 
