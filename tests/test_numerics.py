@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from kepler._numerics import FAMILY_ROW_LENGTH, LATTICE_FAMILIES, accumulation_dtype, check_lattice_family, power_of_two_below
+from kepler._numerics import (
+    FAMILY_ROW_LENGTH, LATTICE_FAMILIES, accumulation_dtype, check_lattice_family, power_of_two_below,
+)
 from kepler.lattice import get_lattice
 from kepler.ops.closest_lattice_point import CLOSEST_POINT_LATTICES, lattice_family
 
