@@ -12,7 +12,7 @@ rename (``packing_energy`` has a forward and a backward kernel, ``nearest_codewo
 kernel and a PyTorch backward, ``closest_lattice_point`` a forward kernel and no backward). The
 tests that read the inventory then name what else the op needs: its inputs for ``kepler doctor``
 (``kepler/doctor.py``) and a sample call of each launcher (``tests/test_kernels_common.py``).
-Each layer of "One op, six layers" (``docs/DESIGN.md``) has one place:
+Each layer of section "One op, six layers" of ``docs/DESIGN.md`` has one place:
 
 1. kernel: ``_<op>_kernel`` in ``kernels/<op>.py`` (Triton; shared ``@triton.jit`` helpers beside
    it), a templated ``__global__`` in ``csrc/<op>/<op>_cuda.cu``, a blocked loop in
