@@ -1,17 +1,20 @@
 """``kepler doctor``: what this machine runs, and whether every backend agrees with the reference.
 
 :func:`doctor` collects the versions (Python, torch, triton, CUDA), the devices, what ``kepler._C``
-was built with, and for every op (``nearest_codeword``, ``kepler_kl``, ``packing_energy``) on every
-device and every backend available there (``kepler.available_backends``):
+was built with, and for every op of the op inventory (:data:`kepler.ops.OPS`: ``nearest_codeword``,
+``kepler_kl``, ``packing_energy``, ``closest_lattice_point``) on every device and every backend
+available there (``kepler.available_backends``):
 
 * a randomized check (seeded, small odd shapes) of the forward value and the backward gradients
-  against the float64 reference (``kepler/reference``), in float32 and in bfloat16;
-* a speed figure: the median of a few forward + backward runs of the backend and of the plain
-  PyTorch way (the reference op) on the same float32 inputs. A figure, not a gate.
+  against the float64 reference (``kepler/reference``), in float32 and in bfloat16; an op without a
+  backward (``OpRecord.backward`` None: ``closest_lattice_point``) is checked on its forward only;
+* a speed figure: the median of a few forward + backward runs (forward runs for an op without a
+  backward) of the backend and of the plain PyTorch way (the reference op) on the same float32
+  inputs. A figure, not a gate.
 
-Tolerance rule (the tests' rule, DESIGN.md): every run sees the same input values (drawn in float32,
-rounded to the dtype under test); the oracle is the reference on their float64 copies. A backend's
-largest absolute error against the oracle may be at most
+Tolerance rule (the tests' rule, section "Tests" of ``docs/DESIGN.md``): every run sees the same
+input values (drawn in float32, rounded to the dtype under test); the oracle is the reference on
+their float64 copies. A backend's largest absolute error against the oracle may be at most
 
     2 * (the error of the reference op run at the same dtype) + 2 * eps(result dtype) * max|oracle|
 
@@ -23,6 +26,13 @@ measure the reference against itself (they pass by construction) and show the si
 ``nearest_codeword`` is checked on the distance to the chosen codeword (``sq_dist``): a near-tie
 broken the other way within rounding changes the index but not the distance beyond the tolerance.
 
+``closest_lattice_point`` is checked on the points of ``E8`` closest to random rows (|x| below 16,
+far inside the exact range ``|x| < 2**21``), where every backend must return the reference's points
+(a wrong point is off by at least 1/2, far beyond the tolerance). ``E8`` runs the most of the op:
+the checkerboard lattice ``D8``'s parity fix on two cosets and the choice between them. That choice
+is the one place where backends may differ, at a distance tie between the cosets, which random
+rows reach with probability ~0 (a test keeps the doctor's rows clear of one).
+
 The Triton backend runs on CPU tensors only in the Triton interpreter (``TRITON_INTERPRET=1`` set
 before the process starts, see ``kepler doctor --triton-interpret``); interpreted runs get no speed
 figure, as an interpreter's time says nothing about the kernel.
@@ -31,6 +41,7 @@ figure, as an interpreter's time says nothing about the kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import math
 import os
@@ -45,6 +56,8 @@ import torch
 from kepler import _backend, _ext
 from kepler.kernels._common import triton_interpreter_on
 from kepler.losses import kepler_kl, packing_energy
+from kepler.ops import OPS, OpRecord
+from kepler.ops.closest_lattice_point import closest_lattice_point
 from kepler.ops.nearest_codeword import nearest_codeword
 
 CHECK_DTYPES = (torch.float32, torch.bfloat16)
@@ -52,14 +65,13 @@ CHECK_DTYPES = (torch.float32, torch.bfloat16)
 
 @dataclass(frozen=True)
 class _OpCase:
-    """One op as the doctor drives it.
+    """How the doctor drives one op of the inventory.
 
-    ``make_inputs(generator, size)`` returns the differentiable float32 CPU inputs and the constant
-    keyword arguments for ``size`` ``"check"`` (small odd shapes) or ``"speed"`` (a working size);
-    ``forward(backend, *inputs, **constants)`` returns the op's float output (one tensor).
+    ``make_inputs(generator, size)`` returns the float32 CPU inputs (differentiable, where the op is)
+    and the constant keyword arguments for ``size`` ``"check"`` (small odd shapes) or ``"speed"`` (a
+    working size); ``forward(backend, *inputs, **constants)`` returns the op's float output (one tensor).
     """
 
-    name: str
     make_inputs: Callable[[torch.Generator, str], tuple[tuple[torch.Tensor, ...], dict]]
     forward: Callable[..., torch.Tensor]
 
@@ -85,15 +97,22 @@ def _packing_energy_inputs(generator: torch.Generator, size: str):
     return (torch.randn(groups, codes, dim, generator=generator),), {}
 
 
-OPS = (
-    _OpCase("nearest_codeword", _nearest_codeword_inputs,
-            lambda backend, z, codebook: nearest_codeword(z, codebook, backend=backend)[1]),
-    _OpCase("kepler_kl", _kepler_kl_inputs,
-            lambda backend, x, prior: kepler_kl(x, prior, backend=backend)),
-    _OpCase("packing_energy", _packing_energy_inputs,
-            lambda backend, codebook: packing_energy(codebook, backend=backend)),
-)
-OP_NAMES = tuple(case.name for case in OPS)
+def _closest_lattice_point_inputs(generator: torch.Generator, size: str):
+    """Rows x (..., 8) for E8 (why E8: the module docstring), (G, N, 8) to check, (N, 8) to time."""
+    shape = (3, 67, 8) if size == "check" else (1 << 20, 8)
+    return (torch.randn(shape, generator=generator) * 2.0,), {}
+
+
+# The inputs of every op of the inventory (kepler.ops.OPS), by its name.
+_CASES = {
+    "nearest_codeword": _OpCase(_nearest_codeword_inputs,
+                                lambda backend, z, codebook: nearest_codeword(z, codebook, backend=backend)[1]),
+    "kepler_kl": _OpCase(_kepler_kl_inputs, lambda backend, x, prior: kepler_kl(x, prior, backend=backend)),
+    "packing_energy": _OpCase(_packing_energy_inputs,
+                              lambda backend, codebook: packing_energy(codebook, backend=backend)),
+    "closest_lattice_point": _OpCase(_closest_lattice_point_inputs,
+                                     lambda backend, x: closest_lattice_point(x, "E8", backend=backend)),
+}
 
 
 @dataclass
@@ -113,7 +132,7 @@ class Check:
     """One op on one backend, device and dtype: forward and backward against the oracle.
 
     ``failure`` holds the exception text when the backend raised (then ``forward``/``backward``
-    are None).
+    are None); ``backward`` is None too for an op without a backward.
     """
 
     op: str
@@ -126,12 +145,13 @@ class Check:
 
     @property
     def passed(self) -> bool:
-        return self.failure is None and self.forward.passed and self.backward.passed
+        return self.failure is None and self.forward.passed and (self.backward is None or self.backward.passed)
 
 
 @dataclass
 class Speed:
-    """Median seconds of one forward + backward on the speed-size float32 inputs.
+    """Median seconds of one forward + backward (of one forward where ``forward_only``: an op
+    without a backward) on the speed-size float32 inputs.
 
     ``backend_s``/``reference_s`` are None, with ``note`` saying why, when no figure was taken.
     """
@@ -139,6 +159,7 @@ class Speed:
     op: str
     device: str
     backend: str
+    forward_only: bool
     backend_s: float | None
     reference_s: float | None
     note: str = ""
@@ -146,11 +167,13 @@ class Speed:
 
 @dataclass
 class DoctorReport:
-    """What :func:`doctor` found: the machine, then one ``Check`` per (op, device, backend, dtype)
-    and one ``Speed`` per (op, device, backend)."""
+    """What :func:`doctor` found: the machine, the ops checked (name and ``OpRecord.backward``,
+    inventory order), then one ``Check`` per (op, device, backend, dtype) and one ``Speed`` per
+    (op, device, backend)."""
 
     environment: dict
     devices: list[dict]
+    ops: list[dict]
     compiled_backends: list[str]
     backends: dict[str, list[str]]  # device -> backends checked there
     checks: list[Check]
@@ -218,15 +241,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run(case: _OpCase, backend: str, inputs: Sequence[torch.Tensor], constants: dict,
-         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward value and the gradients of ``sum(output * w)`` w.r.t. every input, flattened.
+def _run(op: OpRecord, backend: str, inputs: Sequence[torch.Tensor], constants: dict,
+         seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward value and the gradients of ``sum(output * w)`` w.r.t. every input, flattened
+    (None for an op without a backward).
 
     ``w`` is drawn from ``seed`` in float64 (then cast to the output's dtype and device), so every
     run weighs the output the same way.
     """
-    leaves = [tensor.detach().requires_grad_(True) for tensor in inputs]
-    output = case.forward(backend, *leaves, **constants)
+    differentiable = op.backward is not None
+    leaves = [tensor.detach().requires_grad_(differentiable) for tensor in inputs]
+    output = _CASES[op.name].forward(backend, *leaves, **constants)
+    if not differentiable:
+        return output, None
     weights = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     grads = torch.autograd.grad(output, leaves, grad_outputs=weights.to(output.dtype).to(output.device))
     return output.detach(), torch.cat([grad.reshape(-1) for grad in grads])
@@ -241,18 +268,18 @@ def _agreement(got: torch.Tensor, yardstick: torch.Tensor, oracle: torch.Tensor,
     return Agreement(error=error, allowed=2 * yard_error + 2 * torch.finfo(result_dtype).eps * scale)
 
 
-def _checks(case: _OpCase, backends: Sequence[str], device: torch.device, dtype: torch.dtype, seed: int) -> list[Check]:
+def _checks(op: OpRecord, backends: Sequence[str], device: torch.device, dtype: torch.dtype, seed: int) -> list[Check]:
     """One :class:`Check` per backend; the float64 oracle and the yardstick (the reference at
     ``dtype`` on ``device``) are computed once for all of them."""
     generator = torch.Generator().manual_seed(seed)
-    inputs, constants = case.make_inputs(generator, "check")
+    inputs, constants = _CASES[op.name].make_inputs(generator, "check")
     values = [tensor.to(dtype) for tensor in inputs]  # the values every run sees, rounded to dtype
-    results = [Check(case.name, str(device), backend, str(dtype).removeprefix("torch.")) for backend in backends]
+    results = [Check(op.name, str(device), backend, str(dtype).removeprefix("torch.")) for backend in backends]
     try:  # moving the inputs may fail too (out of memory): then every row reports it
         on_device = [tensor.to(device) for tensor in values]
         device_constants = {key: value.to(device) for key, value in constants.items()}
-        oracle = _run(case, "reference", [t.double() for t in values], {k: v.double() for k, v in constants.items()}, seed)
-        yardstick = _run(case, "reference", on_device, device_constants, seed)
+        oracle = _run(op, "reference", [t.double() for t in values], {k: v.double() for k, v in constants.items()}, seed)
+        yardstick = _run(op, "reference", on_device, device_constants, seed)
     except Exception as exc:  # then no backend can be judged on this device and dtype
         for result in results:
             result.failure = f"reference: {type(exc).__name__}: {exc}"
@@ -260,21 +287,24 @@ def _checks(case: _OpCase, backends: Sequence[str], device: torch.device, dtype:
     for result in results:
         try:
             got = yardstick if result.backend == "reference" else _run(
-                case, result.backend, on_device, device_constants, seed)
+                op, result.backend, on_device, device_constants, seed)
         except Exception as exc:  # a backend that raises is reported, not fatal: the other rows still run
             result.failure = f"{type(exc).__name__}: {exc}"
             continue
         result.forward = _agreement(got[0], yardstick[0], oracle[0], torch.float32)
-        result.backward = _agreement(got[1], yardstick[1], oracle[1], dtype)
+        if op.backward is not None:
+            result.backward = _agreement(got[1], yardstick[1], oracle[1], dtype)
     return results
 
 
-def _median_seconds(case: _OpCase, backend: str, inputs, constants, device: torch.device, repeats: int) -> float:
-    leaves = [tensor.detach().requires_grad_(True) for tensor in inputs]
+def _median_seconds(op: OpRecord, backend: str, inputs, constants, device: torch.device, repeats: int) -> float:
+    differentiable = op.backward is not None
+    leaves = [tensor.detach().requires_grad_(differentiable) for tensor in inputs]
 
     def step():
-        output = case.forward(backend, *leaves, **constants)
-        torch.autograd.grad(output, leaves, grad_outputs=torch.ones_like(output))
+        output = _CASES[op.name].forward(backend, *leaves, **constants)
+        if differentiable:
+            torch.autograd.grad(output, leaves, grad_outputs=torch.ones_like(output))
 
     step()  # warm-up: Triton/CUDA compile and caching allocators are not part of the figure
     times = []
@@ -287,32 +317,33 @@ def _median_seconds(case: _OpCase, backend: str, inputs, constants, device: torc
     return statistics.median(times)
 
 
-def _speeds(case: _OpCase, backends: Sequence[str], device: torch.device, seed: int, repeats: int,
+def _speeds(op: OpRecord, backends: Sequence[str], device: torch.device, seed: int, repeats: int,
             size: str) -> list[Speed]:
     """One :class:`Speed` per backend; plain PyTorch (the reference) is timed once for all of them."""
-    inputs, constants = case.make_inputs(torch.Generator().manual_seed(seed), size)
+    inputs, constants = _CASES[op.name].make_inputs(torch.Generator().manual_seed(seed), size)
     inputs = [tensor.to(device) for tensor in inputs]
     constants = {key: value.to(device) for key, value in constants.items()}
     reference_s, reference_failure = None, ""
     try:
-        reference_s = _median_seconds(case, "reference", inputs, constants, device, repeats)
+        reference_s = _median_seconds(op, "reference", inputs, constants, device, repeats)
     except Exception as exc:  # the correctness rows already report it
         reference_failure = f"reference: {type(exc).__name__}: {exc}"
     speeds = []
     for backend in backends:
+        speed = functools.partial(Speed, op.name, str(device), backend, op.backward is None)
         if backend == "triton" and triton_interpreter_on():
-            speeds.append(Speed(case.name, str(device), backend, None, None, "interpreted: no speed figure"))
+            speeds.append(speed(None, None, "interpreted: no speed figure"))
         elif reference_s is None:
-            speeds.append(Speed(case.name, str(device), backend, None, None, reference_failure))
+            speeds.append(speed(None, None, reference_failure))
         elif backend == "reference":
-            speeds.append(Speed(case.name, str(device), backend, reference_s, reference_s))
+            speeds.append(speed(reference_s, reference_s))
         else:
             try:
-                backend_s = _median_seconds(case, backend, inputs, constants, device, repeats)
+                backend_s = _median_seconds(op, backend, inputs, constants, device, repeats)
             except Exception as exc:  # the correctness rows already report a failing backend
-                speeds.append(Speed(case.name, str(device), backend, None, None, f"{type(exc).__name__}: {exc}"))
+                speeds.append(speed(None, None, f"{type(exc).__name__}: {exc}"))
                 continue
-            speeds.append(Speed(case.name, str(device), backend, backend_s, reference_s))
+            speeds.append(speed(backend_s, reference_s))
     return speeds
 
 
@@ -353,14 +384,19 @@ def doctor(
                 raise ValueError(f"backend {name!r} runs on none of the devices checked ({reasons})")
         checked = {device: [b for b in available if b in backends] for device, available in checked.items()}
     checks, speeds = [], []
-    for case in OPS:
+    for op in OPS:
         for device in device_list:
             device_backends = checked[str(device)]
             for dtype in CHECK_DTYPES:
-                checks += _checks(case, device_backends, device, dtype, seed)
-            speeds += _speeds(case, device_backends, device, seed, repeats, "check" if quick else "speed")
+                checks += _checks(op, device_backends, device, dtype, seed)
+            speeds += _speeds(op, device_backends, device, seed, repeats, "check" if quick else "speed")
     compiled = [name for name, built in (("cpu", _ext.HAS_CPU_EXT), ("cuda", _ext.HAS_CUDA_EXT)) if built]
-    return DoctorReport(_environment(), machine_devices, compiled, checked, checks, speeds)
+    ops = [{"name": op.name, "backward": op.backward} for op in OPS]
+    return DoctorReport(_environment(), machine_devices, ops, compiled, checked, checks, speeds)
+
+
+# The bwd cells of an op without a backward (OpRecord.backward None).
+NO_BACKWARD = "n/a (no backward)"
 
 
 def _agreement_cell(agreement: Agreement | None) -> str:
@@ -380,11 +416,12 @@ def _duration(seconds: float) -> str:
 def _speed_cell(speed: Speed) -> str:
     if speed.backend_s is None:
         return speed.note.splitlines()[0][:60] if speed.note else "-"
+    timed = "fwd only: " if speed.forward_only else ""
     if speed.backend == "reference":
-        return f"{_duration(speed.backend_s)} (is plain PyTorch)"
+        return f"{timed}{_duration(speed.backend_s)} (is plain PyTorch)"
     ratio = speed.reference_s / speed.backend_s
     relation = f"{ratio:.2g}x faster" if ratio >= 1 else f"{1 / ratio:.2g}x slower"
-    return f"{_duration(speed.backend_s)} vs {_duration(speed.reference_s)} ({relation})"
+    return f"{timed}{_duration(speed.backend_s)} vs {_duration(speed.reference_s)} ({relation})"
 
 
 def format_report(report: DoctorReport) -> str:
@@ -405,6 +442,7 @@ def format_report(report: DoctorReport) -> str:
     header = ["op", "device", "backend", "fp32 fwd", "fp32 bwd", "bf16 fwd", "bf16 bwd", "fwd+bwd time vs plain PyTorch", "result"]
     rows = [header]
     speeds = {(s.op, s.device, s.backend): s for s in report.speeds}
+    forward_only = {op["name"] for op in report.ops if op["backward"] is None}
     by_row: dict[tuple[str, str, str], dict[str, Check]] = {}
     for check in report.checks:
         by_row.setdefault((check.op, check.device, check.backend), {})[check.dtype] = check
@@ -412,7 +450,8 @@ def format_report(report: DoctorReport) -> str:
         cells = list(key)
         for dtype in ("float32", "bfloat16"):
             check = per_dtype.get(dtype)
-            cells += [_agreement_cell(check.forward if check else None), _agreement_cell(check.backward if check else None)]
+            backward = NO_BACKWARD if key[0] in forward_only else _agreement_cell(check.backward if check else None)
+            cells += [_agreement_cell(check.forward if check else None), backward]
         failures = [c.failure for c in per_dtype.values() if c.failure]
         ok = all(c.passed for c in per_dtype.values())
         cells.append(_speed_cell(speeds[key]) if key in speeds else "-")

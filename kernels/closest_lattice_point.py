@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kepler._numerics import check_lattice_family
 from kepler.kernels._common import check_launchable, launch, pick_covering
-from kepler.reference.closest_lattice_point import FAMILY_DIM, LATTICE_FAMILIES
 
 # From 2**23 on every float32 is an integer, and adding 2**23 to a smaller magnitude leaves a sum in
 # [2**23, 2**24), where float32 has unit spacing: the addition itself rounds half to even.
@@ -174,13 +174,10 @@ def closest_lattice_point_triton(x: torch.Tensor, lattice: str) -> torch.Tensor:
     """
     op = "closest_lattice_point_triton"
     check_launchable(op, {"x": x})
-    if lattice not in LATTICE_FAMILIES:
-        raise ValueError(f"{op}: lattice must be one of {', '.join(LATTICE_FAMILIES)}, got {lattice!r}")
     if x.dim() != 2 or x.shape[1] < 1:
         raise ValueError(f"{op}: x must be (N, n) with n >= 1, got shape {tuple(x.shape)}")
+    check_lattice_family(op, lattice, x.shape)
     N, n = x.shape
-    if n != FAMILY_DIM.get(lattice, n):
-        raise ValueError(f"{op}: {lattice} takes rows of {FAMILY_DIM[lattice]}, got x of shape {tuple(x.shape)}")
     if n > MAX_ROW:
         raise ValueError(f"{op}: {lattice} takes rows of at most {MAX_ROW} here, got x of shape {tuple(x.shape)}")
 

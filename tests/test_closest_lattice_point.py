@@ -157,10 +157,12 @@ def test_errors():
         closest_lattice_point([[0.0] * 4], "D4")
     with pytest.raises(ValueError, match="unknown lattice name 'F4'"):
         closest_lattice_point(torch.zeros(4, 4), "F4")
-    with pytest.raises(ValueError, match=r"lattice must be one of \('Z', 'D', 'A2', 'E8'\), got 'B'"):
+    with pytest.raises(ValueError, match="closest_lattice_point_ref: lattice must be one of Z, D, A2, E8, got 'B'"):
         closest_lattice_point_ref(torch.zeros(4, 4), "B")
-    with pytest.raises(ValueError, match=r"lattice E8 takes rows of 8, got shape \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"closest_lattice_point_ref: E8 takes rows of 8, got x of shape \(4, 4\)"):
         closest_lattice_point_ref(torch.zeros(4, 4), "E8")
+    with pytest.raises(ValueError, match=r"closest_lattice_point_ref: A2 takes rows of 2, got x of shape \(4, 8\)"):
+        closest_lattice_point_ref(torch.zeros(4, 8), "A2")
 
 
 def _registered_ops(device):

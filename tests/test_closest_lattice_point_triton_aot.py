@@ -11,7 +11,7 @@ import pytest
 
 from triton_aot import INPUT, aot_tests, kernel_variants, launchable
 
-from kepler.reference.closest_lattice_point import FAMILY_DIM, LATTICE_FAMILIES
+from kepler._numerics import FAMILY_ROW_LENGTH, LATTICE_FAMILIES
 
 kernels = pytest.importorskip("kepler.kernels.closest_lattice_point")
 
@@ -21,8 +21,8 @@ SCALARS = {"N": "i32", "n": "i32", "stride_xn": "i32", "stride_xd": "i32"}
 
 def family_configs(family: str) -> list:
     """What the launcher can pick for ``family``: any row width for Z and D, the family's own for A2 and E8."""
-    if family in FAMILY_DIM:
-        return launchable(lambda n, dtype: kernels.pick_config(FAMILY_DIM[family]))
+    if family in FAMILY_ROW_LENGTH:
+        return launchable(lambda n, dtype: kernels.pick_config(FAMILY_ROW_LENGTH[family]))
     return launchable(lambda n, dtype: kernels.pick_config(n))
 
 

@@ -4,9 +4,11 @@ The full run happens once (tiny inputs, one timed repeat); the failing runs chec
 """
 
 import contextlib
+import importlib
 import io
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -14,12 +16,19 @@ import torch
 
 import kepler
 from kepler.cli import main
-from kepler.doctor import CHECK_DTYPES, OP_NAMES, doctor
+from kepler.doctor import _CASES, CHECK_DTYPES, NO_BACKWARD, doctor
+from kepler.ops import OPS
+from kepler.ops import closest_lattice_point as closest_lattice_point_module
 from kepler.ops import kepler_kl as kepler_kl_module
 from kepler.ops import packing_energy as packing_energy_module
 from kepler.ops.nearest_codeword import NearestCodewordFunction
+from kepler.reference.closest_lattice_point import closest_lattice_point_ref
 
 QUICK = ["--quick", "--repeats", "1"]
+# The module: the function doctor shadows it as the attribute kepler.doctor.
+DOCTOR_MODULE = importlib.import_module("kepler.doctor")
+OP_NAMES = [op.name for op in OPS]
+FORWARD_ONLY = {op.name for op in OPS if op.backward is None}
 needs_cpu_ext = pytest.mark.skipif(not kepler.HAS_CPU_EXT, reason="kepler._C is not built")
 
 
@@ -53,6 +62,75 @@ def test_table_lists_every_op_and_backend_and_passes(full_run):
     dtypes = {str(dtype).removeprefix("torch.") for dtype in CHECK_DTYPES}
     assert checked == {key + (dtype,) for key in expected for dtype in dtypes}
     assert f"torch {torch.__version__}" in text and "all backends agree with the reference" in text
+
+
+def test_json_lists_the_inventorys_ops(full_run):
+    _, _, report = full_run
+    assert [op["name"] for op in report["ops"]] == OP_NAMES
+    assert {op["name"] for op in report["ops"] if op["backward"] is None} == FORWARD_ONLY == {"closest_lattice_point"}
+    assert {check["op"] for check in report["checks"]} == set(OP_NAMES)
+    for check in report["checks"]:
+        assert (check["backward"] is None) == (check["op"] in FORWARD_ONLY), check
+    for speed in report["speeds"]:
+        assert speed["forward_only"] == (speed["op"] in FORWARD_ONLY), speed
+
+
+def test_forward_only_rows_say_so(full_run):
+    _, text, _ = full_run
+    for row in _table_rows(text):
+        forward_only = row[0] in FORWARD_ONLY
+        assert (row[4] == row[6] == NO_BACKWARD) == forward_only, row
+        assert row[3].startswith("0.0e+00/") == forward_only, row  # a lattice point is exact or wrong
+        assert row[7].startswith("fwd only: ") == (forward_only and row[7] != "interpreted: no speed figure"), row
+
+
+def test_the_doctor_drives_every_op_of_the_inventory():
+    assert set(_CASES) == set(OP_NAMES), "kepler/doctor.py needs inputs (_CASES) for every op of kepler.ops.OPS"
+    listed = re.search(r":data:`kepler.ops.OPS`: (.*?)\)", DOCTOR_MODULE.__doc__, flags=re.S).group(1)
+    assert re.findall(r"``(\w+)``", listed) == OP_NAMES, "the docstring lists the inventory's ops"
+
+
+@pytest.mark.parametrize("op", OPS, ids=OP_NAMES)
+def test_the_record_says_whether_gradients_flow(op):
+    """``backward`` None is an op whose result does not require grad, any other value one whose
+    result does: the doctor checks gradients by it."""
+    inputs, constants = _CASES[op.name].make_inputs(torch.Generator().manual_seed(0), "check")
+    output = _CASES[op.name].forward("reference", *[t.requires_grad_(True) for t in inputs], **constants)
+    assert output.requires_grad == (op.backward is not None)
+
+
+@pytest.mark.parametrize("dtype", CHECK_DTYPES, ids=str)
+def test_the_closest_point_rows_are_far_from_ties_and_rounding(dtype):
+    """The doctor's E8 rows (at each checked dtype) lie inside the exact range, and in each the
+    two cosets' squared distances differ by far more than float32 rounding, so that no backend
+    may break a tie between them another way (module docstring of kepler.doctor): the distances
+    are sums of eight squares below 2 (D8's covering radius is sqrt(2)), rounded by ~1e-6."""
+    (x,), _ = _CASES["closest_lattice_point"].make_inputs(torch.Generator().manual_seed(0), "check")
+    rows = x.to(dtype).double().reshape(-1, 8)
+    assert rows.abs().max() < 16
+    integral = closest_lattice_point_ref(rows, "D")
+    half_integral = closest_lattice_point_ref(rows - 0.5, "D") + 0.5
+    gap = ((rows - integral).square().sum(-1) - (rows - half_integral).square().sum(-1)).abs()
+    assert gap.min() > 1e-4
+
+
+@needs_cpu_ext
+def test_a_wrong_closest_point_fails_the_report(monkeypatch):
+    real_registered_op = closest_lattice_point_module.registered_op
+
+    def off_by_one(name, backend):
+        def run(rows, family):
+            points = real_registered_op(name, backend)(rows, family).clone()
+            points[-1, 0] += 1  # one coordinate of one row: a point of Z^8 but not of E8
+            return points
+
+        return run
+
+    monkeypatch.setattr(closest_lattice_point_module, "registered_op", off_by_one)
+    report = doctor(["cpu"], backends=["cpu"], repeats=1, quick=True)
+    failed = [c for c in report.checks if not c.passed]
+    assert {(c.op, c.dtype) for c in failed} == {("closest_lattice_point", "float32"), ("closest_lattice_point", "bfloat16")}
+    assert all(c.forward.error == 1.0 and c.backward is None for c in failed)
 
 
 def _wrong_energy(monkeypatch, shift: float) -> None:

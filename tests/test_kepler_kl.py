@@ -1,9 +1,10 @@
 """kepler_kl: every backend against the float64 reference, the released formula, edge rows, errors.
 
-Tolerance rule (DESIGN.md): a backend's error against the float64 oracle may be at most twice the
-error of the plain-PyTorch reference run at the input's precision, plus a floor of 1e-6 relative
-(the fp32 rounding of the loss itself), plus on a GPU the bound of the approximate exp2/log2 that
-the kernels use there (:func:`_gpu_approx_fn_bound`; the interpreter and the CPU use exact ones).
+Tolerance rule (section "Tests" of docs/DESIGN.md): a backend's error against the float64 oracle
+may be at most twice the error of the plain-PyTorch reference run at the input's precision, plus a
+floor of 1e-6 relative (the fp32 rounding of the loss itself), plus on a GPU the bound of the
+approximate exp2/log2 that the kernels use there (:func:`_gpu_approx_fn_bound`; the interpreter and
+the CPU use exact ones).
 """
 
 import math

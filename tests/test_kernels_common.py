@@ -1,5 +1,5 @@
 """kernels/_common.py: every Triton launch goes through ``launch`` and its CUDA device guard;
-the group limit; config picking.
+the group limit; config picking. The kernel modules and their launchers are the op inventory's.
 
 The guard test runs every launcher of every kernel module on small inputs with the guard and the
 kernels replaced by recorders: a kernel launched outside ``launch(...)`` (so without the guard),
@@ -17,17 +17,33 @@ import torch
 
 from kepler import _backend
 from kepler.kernels import _common
+from kepler.ops import OPS
 
 from conftest import device_params
 
 pytest.importorskip("triton")
 
 
+# The launchers of the op inventory: one per kernel op.
+LAUNCHERS = {f"{registered}_triton" for op in OPS for registered in op.registered_ops}
+
+
 def _kernel_modules():
+    """{op name: its launcher module} for every op of the inventory."""
+    return {op.name: importlib.import_module(op.launcher_module) for op in OPS}
+
+
+def test_the_launchers_are_the_inventorys():
+    """Every kernels/ module is an op's launcher module, and holds the launchers of that op's kernel
+    ops, no more and no fewer."""
     import kepler.kernels
 
-    names = [info.name for info in pkgutil.iter_modules(kepler.kernels.__path__) if not info.name.startswith("_")]
-    return {name: importlib.import_module(f"kepler.kernels.{name}") for name in names}
+    modules = {info.name for info in pkgutil.iter_modules(kepler.kernels.__path__) if not info.name.startswith("_")}
+    assert {f"kepler.kernels.{name}" for name in modules} == {op.launcher_module for op in OPS}
+    for op in OPS:
+        module = importlib.import_module(op.launcher_module)
+        launchers = {name for name in dir(module) if name.endswith("_triton") and callable(getattr(module, name))}
+        assert launchers == {f"{registered}_triton" for registered in op.registered_ops}, op.name
 
 
 def _launcher_calls(device):
@@ -101,17 +117,14 @@ def test_every_launch_is_device_guarded(device, monkeypatch):
     recorder = _LaunchRecorder()
     monkeypatch.setattr(_common, "device_guard", recorder.device_guard)
     kernel_names = set()
-    launchers = set()
     for module_name, module in _kernel_modules().items():
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
                 monkeypatch.setattr(module, name, recorder.kernel(f"{module_name}.{name}", getattr(module, name)))
                 kernel_names.add(f"{module_name}.{name}")
-            elif name.endswith("_triton") and callable(getattr(module, name)):
-                launchers.add(name)
 
     calls = _launcher_calls(device)
-    assert set(calls) == launchers, "every launcher needs a sample call here"
+    assert set(calls) == LAUNCHERS, "every launcher of the op inventory needs a sample call here"
     for call in calls.values():
         call()
     assert {name for name, _ in recorder.launches} == kernel_names, "a kernel was not launched"

@@ -1,4 +1,4 @@
-"""What the ops in ``kepler.ops`` share: dtypes, the input check, registration and the backend switch.
+"""What the ops in ``kepler.ops`` share: input dtypes, the input check, registration and the backend switch.
 
 Every op registers the same way (:func:`register_op`) and its ``<Op>Function`` reaches the kernels
 through one switch (:func:`registered_op`); see ``kepler/ops/__init__.py`` for the template.
@@ -13,23 +13,10 @@ import torch
 
 from kepler import _ext
 from kepler.kernels._common import KERNEL_DTYPES
+from kepler.ops import OPS
 
 # What every op's functional accepts: the kernel dtypes, and float64 where choose_backend allows it.
 INPUT_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums are taken (and float results returned) in: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def power_of_two_below(largest: torch.Tensor, exponent: int) -> torch.Tensor:
-    """The exact scale factor for values whose largest ``|value|`` is ``largest``: 1 while
-    ``largest < 2**exponent``, else the power of two that brings it into
-    ``[2**(exponent - 1), 2**exponent)``. Same shape and dtype as ``largest``; computed without a
-    branch, so torch.compile traces it (NaN and inf leave it at 1)."""
-    excess = (torch.frexp(largest).exponent - exponent).clamp_min(0)
-    return torch.ldexp(torch.ones_like(largest), -excess)
 
 
 def check_input(name: str, value) -> None:
@@ -40,27 +27,38 @@ def check_input(name: str, value) -> None:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}")
 
 
-def register_op(name: str, schema: str, fake: Callable, kernels: str) -> None:
+def _launcher_module(name: str) -> str:
+    """The module of kernel op ``kepler::<name>``'s Triton launcher, from the op inventory."""
+    for op in OPS:
+        if name in op.registered_ops:
+            return op.launcher_module
+    raise ValueError(f"kepler::{name} is no kernel op of the op inventory kepler.ops.OPS; add it there first")
+
+
+def register_op(name: str, schema: str, fake: Callable) -> None:
     """Register ``kepler::<name>``'s fake and the Triton op ``kepler::<name>_triton``.
 
     Args:
-        name: the compiled op's name, e.g. ``"kepler_kl_backward"``; its schema lives in
-            ``csrc/kepler.cpp``, and its fake is registered here when ``kepler._C`` is built and
-            defines it (a ``kepler._C`` built before the op was added does not: the op then runs
-            on the Triton and reference backends, see :func:`kepler._backend.choose_backend`).
+        name: a kernel op of the inventory (``OpRecord.registered_ops`` of :data:`kepler.ops.OPS`),
+            e.g. ``"kepler_kl_backward"``; its schema lives in ``csrc/kepler.cpp``, and its fake is
+            registered here when ``kepler._C`` is built and defines it (a ``kepler._C`` built before
+            the op was added does not: the op then runs on the Triton and reference backends, see
+            :func:`kepler._backend.choose_backend`).
         schema: the argument and return list both ops share, e.g. ``"(Tensor y, float t) -> Tensor"``.
         fake: output shapes and dtypes from the inputs' (for ``torch.compile`` and ``opcheck``).
-        kernels: the module of the Triton launcher ``<name>_triton``, e.g. ``"kepler.kernels.kepler_kl"``.
-            It is imported on the first call, so ``import kepler`` does not import triton; the
-            launcher is called with the schema's argument names as keywords.
+
+    The Triton launcher ``<name>_triton`` is in the op's ``OpRecord.launcher_module``. It is imported
+    on the first call, so ``import kepler`` does not import triton; it is called with the schema's
+    argument names as keywords.
     """
+    launcher_module = _launcher_module(name)
     if _ext.HAS_CPU_EXT and hasattr(torch.ops.kepler, name):
         torch.library.register_fake(f"kepler::{name}", fake)
     launcher_name = f"{name}_triton"
     argument_names = [argument.name for argument in torch._C.parse_schema(f"kepler::{launcher_name}{schema}").arguments]
 
     def run_launcher(*args):
-        launcher = getattr(importlib.import_module(kernels), launcher_name)
+        launcher = getattr(importlib.import_module(launcher_module), launcher_name)
         return launcher(**dict(zip(argument_names, args)))
 
     # custom_op rather than triton_op: triton_op uses the launcher as its own fake implementation,

@@ -35,13 +35,14 @@ register_op(
     "closest_lattice_point",
     "(Tensor x, str lattice) -> Tensor",
     _closest_lattice_point_fake,
-    "kepler.kernels.closest_lattice_point",
 )
 
-CLOSEST_POINT_LATTICES = ("Z<n>", "A2", "D3", "D4", "E8")
-"""Lattices with an exact closest-point algorithm here (names as :func:`kepler.lattice.get_lattice`)."""
+# The family (kepler._numerics.LATTICE_FAMILIES) of every named lattice of kepler.lattice that has a
+# closest-point algorithm here; the cubic lattices Z<n> are family "Z".
+_NAMED_LATTICE_FAMILY = {"A2": "A2", "D3": "D", "D4": "D", "E8": "E8"}
 
-_FAMILIES = {"A2": "A2", "D3": "D", "D4": "D", "E8": "E8"}
+CLOSEST_POINT_LATTICES = ("Z<n>", *_NAMED_LATTICE_FAMILY)
+"""Lattices with an exact closest-point algorithm here (names as :func:`kepler.lattice.get_lattice`)."""
 
 
 def lattice_family(name: str) -> tuple[str, int]:
@@ -49,8 +50,8 @@ def lattice_family(name: str) -> tuple[str, int]:
     (any name :func:`kepler.lattice.get_lattice` takes). ValueError for a lattice without a
     closest-point algorithm here (the Leech lattice: use its shell, :func:`kepler.lattice_codes.leech_shell`)."""
     lattice = get_lattice(name)
-    if lattice.name in _FAMILIES:
-        return _FAMILIES[lattice.name], lattice.dim
+    if lattice.name in _NAMED_LATTICE_FAMILY:
+        return _NAMED_LATTICE_FAMILY[lattice.name], lattice.dim
     if lattice.name == f"Z{lattice.dim}":
         return "Z", lattice.dim
     raise ValueError(

@@ -65,13 +65,11 @@ register_op(
     "kepler_kl",
     "(Tensor x, Tensor prior_logq, bool use_std, float eps) -> (Tensor loss, Tensor stats)",
     _kepler_kl_fake,
-    "kepler.kernels.kepler_kl",
 )
 register_op(
     "kepler_kl_backward",
     "(Tensor grad_loss, Tensor x, Tensor prior_logq, Tensor stats, bool use_std, float eps) -> Tensor",
     _kepler_kl_backward_fake,
-    "kepler.kernels.kepler_kl",
 )
 
 

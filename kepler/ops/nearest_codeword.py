@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from kepler import _backend
-from kepler.ops._common import accumulation_dtype, check_input, register_op, registered_op
+from kepler._numerics import accumulation_dtype
+from kepler.ops._common import check_input, register_op, registered_op
 from kepler.reference.nearest_codeword import nearest_codeword_ref, search_scale, winner_rows
 
 
@@ -35,7 +36,6 @@ register_op(
     "nearest_codeword",
     "(Tensor z, Tensor codebook) -> (Tensor indices, Tensor sq_dist)",
     _nearest_codeword_fake,
-    "kepler.kernels.nearest_codeword",
 )
 
 

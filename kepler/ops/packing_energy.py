@@ -27,7 +27,8 @@ import numbers
 import torch
 
 from kepler import _backend
-from kepler.ops._common import accumulation_dtype, check_input, register_op, registered_op
+from kepler._numerics import accumulation_dtype
+from kepler.ops._common import check_input, register_op, registered_op
 from kepler.reference.packing_energy import normalize_codebook, packing_energy_ref
 
 
@@ -49,13 +50,11 @@ register_op(
     "packing_energy",
     "(Tensor y, float t) -> (Tensor energy, Tensor row_lse)",
     _packing_energy_fake,
-    "kepler.kernels.packing_energy",
 )
 register_op(
     "packing_energy_backward",
     "(Tensor grad_energy, Tensor y, float t, Tensor energy, Tensor row_lse) -> Tensor",
     _packing_energy_backward_fake,
-    "kepler.kernels.packing_energy",
 )
 
 

@@ -3,7 +3,7 @@
 The closest point of a lattice to every row of ``x: (N, n)``, by the exact algorithms of Conway &
 Sloane (*Sphere Packings, Lattices and Groups*, ch. 20), in the coordinates of
 :data:`kepler.lattice.LATTICES`' generators (the lattices' natural scale). The kernels take the
-lattice as one of four families (:data:`LATTICE_FAMILIES`), the row length being ``n``:
+lattice as one of four families (:data:`kepler._numerics.LATTICE_FAMILIES`), the row length being ``n``:
 
 * ``"Z"``, the cubic lattice ``Z^n``: round every coordinate.
 * ``"D"``, the checkerboard lattice ``D_n`` (integer vectors with an even sum; ``D3`` is FCC, Kepler's
@@ -40,13 +40,7 @@ import math
 
 import torch
 
-from kepler.ops._common import accumulation_dtype
-
-LATTICE_FAMILIES = ("Z", "D", "A2", "E8")
-"""The lattices the kernels take: ``Z^n`` and ``D_n`` for the row length ``n``, ``A2`` and ``E8``."""
-
-# The row length each fixed-dimension family takes.
-FAMILY_DIM = {"A2": 2, "E8": 8}
+from kepler._numerics import accumulation_dtype, check_lattice_family
 
 _ROOT3 = math.sqrt(3.0)
 
@@ -91,16 +85,13 @@ def closest_lattice_point_ref(x: torch.Tensor, lattice: str) -> torch.Tensor:
 
     Args:
         x: (N, n), any floating dtype; n must be 2 for ``"A2"`` and 8 for ``"E8"``.
-        lattice: one of :data:`LATTICE_FAMILIES`.
+        lattice: one of :data:`kepler._numerics.LATTICE_FAMILIES`.
 
     Returns:
         (N, n) float32 (float64 for float64 ``x``): lattice points, NaN rows where ``x``'s row is
         not finite. Not differentiable (computed on ``x.detach()``).
     """
-    if lattice not in _CLOSEST:
-        raise ValueError(f"lattice must be one of {LATTICE_FAMILIES}, got {lattice!r}")
-    if x.shape[-1] != FAMILY_DIM.get(lattice, x.shape[-1]):
-        raise ValueError(f"lattice {lattice} takes rows of {FAMILY_DIM[lattice]}, got shape {tuple(x.shape)}")
+    check_lattice_family("closest_lattice_point_ref", lattice, x.shape)
     rows = x.detach().to(accumulation_dtype(x.dtype))
     finite = torch.isfinite(rows).all(dim=-1, keepdim=True)
     points = _CLOSEST[lattice](torch.where(finite, rows, 0.0))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kepler.ops._common import accumulation_dtype
+from kepler._numerics import accumulation_dtype
 
 MODES = ("official", "std")
 # Smallest divisor (variance or std) of a row that is not constant: 2**-126, float32's smallest

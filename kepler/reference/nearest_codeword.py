@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kepler.ops._common import accumulation_dtype, power_of_two_below
+from kepler._numerics import accumulation_dtype, power_of_two_below
 
 # Below 2**32 every |value| is searched as it is: ||e||^2 - 2 z.e stays under 2**66 * D, finite in
 # float32 for any D below 2**61.

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kepler.ops._common import accumulation_dtype, power_of_two_below
+from kepler._numerics import accumulation_dtype, power_of_two_below
 
 # Floor of s^2 with normalize=True. A codebook whose codewords all coincide (up to rounding) has
 # s^2 ~ 0; dividing by it would blow the points up to rounding noise. With the floor such a
