@@ -31,8 +31,9 @@ a generator pays for a whole image, comparable across code layouts, unlike bits 
 ``unigram_bits_per_image`` (the unigram baseline, the same way); the results table gains ``bits/img``
 and ``unigram bits/img``, the differences table ``Δ bits/img``. The sweep's runs train no prior.
 
-``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme README.md`` also writes
-the results between the README's ``kepler-study`` markers of that study (``kepler.study.report.readme_markers``).
+``--sweep-only`` runs just the sweep (``sweep.json``, ``sweep.md``); ``--readme docs/results.md`` also
+writes the results between that file's ``kepler-study`` markers of the study
+(``kepler.study.report.readme_markers``).
 ``--variants a,b`` runs only those variants and their references (and the sweep only if one of them
 takes a swept weight), into the study's own run folders, so the full study later reuses them; its
 report goes to ``<out>/variants_a_b/`` and it cannot write the README (which reports whole studies).
