@@ -14,7 +14,17 @@ from kepler.cli import main
 from kepler.io.config import load_config
 from kepler.train.trainer import train
 
-COMMANDS = ["train", "eval", "reconstruct", "encode", "decode", "export", "study", "doctor"]
+COMMANDS = ["train", "prior", "study", "eval", "reconstruct", "encode", "decode", "export", "convert", "sample", "doctor"]
+
+
+def test_the_commands_are_these():
+    """A new command is added to COMMANDS, so that the help tests below cover it."""
+    import argparse
+
+    from kepler.cli import build_parser
+
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(subparsers.choices) == COMMANDS
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ def test_models_written_before_the_move_load_and_compute_the_same(form, path, re
     with torch.no_grad():
         reconstruction, _, info = model(reference["x"])
     assert torch.equal(info.indices, reference[f"{form}_indices"])
-    torch.testing.assert_close(reconstruction, reference[f"{form}_reconstruction"], rtol=0, atol=1e-6)
+    # Not to the bit: float32 convolutions round differently with the thread count (their blocking),
+    # which other tests change; 1e-5 is a few hundred float32 roundings of values near 1.
+    torch.testing.assert_close(reconstruction, reference[f"{form}_reconstruction"], rtol=0, atol=1e-5)
 
 
 def test_a_prior_written_before_the_move_loads_with_its_tokenizer(reference, monkeypatch):

@@ -162,6 +162,13 @@ PROTOCOL_CASES = {
 }
 
 
+def test_the_protocol_cases_cover_every_registered_quantizer():
+    from kepler.nn import QUANTIZERS
+
+    kepler_types = {name for name, cls in QUANTIZERS.items() if cls.__module__.startswith("kepler.")}
+    assert {config["type"] for config, _, _ in PROTOCOL_CASES.values()} == kepler_types
+
+
 @pytest.mark.parametrize("case", sorted(PROTOCOL_CASES))
 def test_every_quantizer_type_follows_the_protocol(case):
     config, tokens, codes = PROTOCOL_CASES[case]
