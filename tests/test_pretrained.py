@@ -11,6 +11,8 @@ import torch
 
 import kepler
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save
 from test_models import tiny_model
@@ -213,3 +215,92 @@ def test_resume_from_a_folder_says_it_needs_a_checkpoint(saved, tmp_path, capsys
 def test_export_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "kepler export: error: model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ hostile folders
+
+
+def test_a_config_is_validated_as_training_validates_it(saved, reference_input):
+    """config.yaml is not covered by the weights' hash: an edited value that still fits the weights
+    must be refused, not silently computed another way (norm_groups 5 of 16 channels ran as 1 group)."""
+    model, folder = saved
+    _edit_config(folder, lambda config: config["model"].update(norm_groups=3))
+    with pytest.raises(ValueError) as error:
+        kepler.load(folder)
+    assert "norm_groups=3 does not divide the 8 channels of a block" in str(error.value)
+    _edit_config(folder, lambda config: config["model"].update(norm_groups=4))
+    with torch.no_grad():
+        assert torch.equal(kepler.load(folder)(reference_input)[0], model.eval()(reference_input)[0])
+    _edit_config(folder, lambda config: config.update(data={"size": 0}))
+    with pytest.raises(ValueError) as error:
+        kepler.load(folder)
+    assert str(error.value) == f"pretrained model {folder}: config key 'data.size' must be >= 1, got 0"
+
+
+@pytest.fixture
+def reference_input():
+    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_weights_of_another_dtype_or_negative_counts_are_refused(saved):
+    model, folder = saved
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["quant_conv.weight"] = weights["quant_conv.weight"].round().to(torch.int64)
+    _set_weights(folder, save(weights), record_hash=True)
+    with pytest.raises(ValueError) as error:
+        kepler.load(folder)
+    assert str(error.value) == (f"pretrained model {folder}: the weights do not match the model config: keys 1 of "
+                                "another dtype ('quant_conv.weight': torch.int64 in the file, torch.float32 in the "
+                                "model)")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["quantize.code_counts"] = weights["quantize.code_counts"].to(torch.bool)
+    _set_weights(folder, save(weights), record_hash=True)
+    with pytest.raises(ValueError, match="'quantize.code_counts': torch.bool in the file, torch.int64 in the model"):
+        kepler.load(folder)
+    weights["quantize.code_counts"] = model.quantize.code_counts.clone()
+    weights["quantize.code_counts"][1, 2] = -5
+    _set_weights(folder, save(weights), record_hash=True)
+    with pytest.raises(ValueError) as error:
+        kepler.load(folder)
+    assert str(error.value) == (f"pretrained model {folder}: quantize.code_counts holds negative counts (down to -5): "
+                                "the weights were damaged or edited")
+    weights["quantize.code_counts"] = model.quantize.code_counts.clone()
+    weights["quant_conv.weight"] = weights["quant_conv.weight"].to(torch.float64)  # another float dtype is fine
+    _set_weights(folder, save(weights), record_hash=True)
+    assert kepler.load(folder).quant_conv.weight.dtype == torch.float32
+
+
+FOLDER_KEYS = ["model.ch", "model.ch_mult", "model.norm_groups", "model.resolution", "model.embed_dim",
+               "model.dropout", "model.quantizer.num_codes", "model.quantizer.partitions", "model.quantizer.type",
+               "model.quantizer.backend", "data.size", "data.resize", "step", "format", "weights.file"]
+
+
+@settings(max_examples=80)  # fixed seed, no database (the "kepler" profile, conftest.py)
+@given(key=st.sampled_from(FOLDER_KEYS), value=st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 40), st.integers(2**31, 2**62), st.floats(allow_nan=True),
+    st.text(max_size=5), st.lists(st.integers(-1, 5), max_size=3)))
+def test_any_edit_of_an_exported_config_loads_the_same_model_or_is_refused_in_one_line(
+        tmp_path_factory, key, value):
+    """The folder's config.yaml is outside the weights' hash: whatever one key is changed to, loading
+    gives a model computing exactly what the saved one did, or a one-line error (ValueError or
+    FileNotFoundError), never a traceback of another kind nor a different model."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    folder = model.save_pretrained(tmp_path_factory.mktemp("folder") / "model", step=7)
+    config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if node.get(part) is None:  # the tiny model was saved without a data section
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    try:
+        loaded = kepler.load(folder)
+    except (ValueError, FileNotFoundError) as exc:
+        assert "\n" not in str(exc)
+        return
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0]), f"{key}={value!r} loaded another model"

@@ -2,11 +2,14 @@
 VQModel, the trainer, evaluation and the CLI; the registry and the config schema read off constructors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_train import random_images, tiny_config
 
 from kepler.cli import main
@@ -235,8 +238,8 @@ def test_every_quantizer_type_builds_on_the_meta_device(case):
 @pytest.mark.parametrize(
     "config, error, match",
     [
-        ({"type": "fsq", "levels": [8, 1]}, ValueError, r"levels must be a non-empty list of ints >= 2, got \[8, 1\]"),
-        ({"type": "fsq", "levels": []}, ValueError, r"levels must be a non-empty list of ints >= 2, got \[\]"),
+        ({"type": "fsq", "levels": [8, 2]}, ValueError, r"levels must be a non-empty list of ints >= 3, got \[8, 2\]"),
+        ({"type": "fsq", "levels": []}, ValueError, r"levels must be a non-empty list of ints >= 3, got \[\]"),
         ({"type": "fsq", "num_codebooks": 0}, ValueError, "num_codebooks must be >= 1, got 0"),
         ({"type": "lfq", "codebook_size": 48}, ValueError, "codebook_size must be a power of two, got 48"),
         ({"type": "lfq", "entropy_loss_weight": -1.0}, ValueError, "entropy_loss_weight must be >= 0.0, got -1.0"),
@@ -261,3 +264,35 @@ def test_lfq_entropy_fraction_reaches_the_library():
         losses[fraction] = quantizer.train()(z).loss
     assert torch.isfinite(losses[0.25])
     assert not torch.allclose(losses[1.0], losses[0.25])
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"type": "fsq", "levels": [1024, 1024, 1024]}, "FSQQuantizer would have 1073741824 codes per token"),
+    ({"type": "fsq", "levels": [65536] * 4}, "FSQQuantizer would have 18446744073709551616 codes per token"),
+    ({"type": "lfq", "codebook_size": 2**32}, "LFQQuantizer would have 4294967296 codes per token"),
+    ({"type": "kepler", "num_codes": 10**12}, "KeplerQuantizer would have 1000000000000 codes per token"),
+    ({"type": "lattice", "lattice": "E8", "q": 8}, "lattice E8 with q=8 has 16777216 codes per sub-vector"),
+])
+def test_a_codebook_too_large_to_count_is_refused_before_it_is_allocated(config, message):
+    """FSQ levels [1024] * 3 allocated 8 GB and [65536] * 4 overflowed in C++; every type now refuses
+    more than 2**20 codes a token in its constructor, before the library or the codebook is built."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_quantizer(config, dim=DIM if config["type"] != "lattice" else 8)
+    with pytest.raises(ValueError, match=r"would count 64 tokens x 1048576 codes; at most 16777216 \(2\*\*24\)"):
+        build_quantizer({"type": "kepler", "num_codes": 2**20, "partitions": 64}, dim=64)
+
+
+@settings(max_examples=60)  # fixed seed, no database (the "kepler" profile, conftest.py)
+@given(kind=st.sampled_from(["fsq", "lfq", "kepler"]), sizes=st.lists(st.integers(1, 2**40), min_size=1, max_size=4))
+def test_any_codebook_size_builds_within_the_bound_or_is_one_line(kind, sizes):
+    """Whatever size a config asks for, the quantizer is built (small enough to count) or refused with
+    one line; the bound is what decides."""
+    config = {"fsq": {"type": "fsq", "levels": sizes}, "lfq": {"type": "lfq", "codebook_size": sizes[0]},
+              "kepler": {"type": "kepler", "num_codes": sizes[0], "partitions": 1}}[kind]
+    try:
+        with torch.device("meta"):  # what fits is not allocated for real here either
+            quantizer = build_quantizer(config, dim=8)
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert quantizer.codebook_size <= 2**20

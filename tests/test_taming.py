@@ -2,8 +2,10 @@
 partitions and taming's plain quantizer against the released algorithm, every mismatch's message,
 ``kepler convert`` and fine-tuning from a converted model (``train.init_from``)."""
 
+import functools
 import os
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -412,6 +414,60 @@ def test_converted_model_works_with_every_command(tmp_path, converted_dir, conve
     capsys.readouterr()
     assert main(["eval", model_pt, "--data", str(random_images(tmp_path / "val", count=2)), "--batch-size", "2"]) == 0
     assert "psnr" in capsys.readouterr().out
+
+
+def test_convert_never_replaces_an_input_or_an_earlier_conversion(tmp_path, capsys):
+    """--out the released folder would replace its config.yaml with kepler's; an output holding an
+    input, or an earlier conversion without --overwrite, is refused before anything is written."""
+    released = tmp_path / "released"
+    released.mkdir()
+    ckpt, config = shutil.copy(CKPT, released / "last.ckpt"), shutil.copy(CONFIG, released / "config.yaml")
+    before = Path(config).read_bytes()
+    assert main(["convert", str(ckpt), "--config", str(config), "--out", str(released)]) == 2
+    assert capsys.readouterr().err == (f"kepler convert: error: --out {released}: config.yaml would overwrite the "
+                                       f"config being converted ({released / 'config.yaml'}); write the conversion "
+                                       "into another folder\n")
+    assert Path(config).read_bytes() == before and not (released / "model.pt").exists()
+    model_pt = released / "model.pt"
+    shutil.copy(CKPT, model_pt)  # a checkpoint named like the output
+    assert main(["convert", str(model_pt), "--config", str(CONFIG), "--out", str(released), "--overwrite"]) == 2
+    assert "model.pt would overwrite the checkpoint being converted" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["convert", str(ckpt), "--config", str(config), "--out", str(out)]) == 0
+    first = (out / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["convert", str(ckpt), "--config", str(config), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"kepler convert: error: --out {out} holds an earlier conversion (model.pt, "
+                                       "config.yaml); pass --overwrite to replace it\n")
+    assert main(["convert", str(ckpt), "--config", str(config), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model.pt").read_bytes() == first  # the same conversion again
+
+
+def test_convert_checks_a_config_before_it_builds_the_model(tmp_path, capsys, monkeypatch):
+    """ch: 100000 tried to allocate 360 GB, and sizes that fit were allocated before the mismatch was
+    reported: the model is built on the meta device first. n_embed: abc was a traceback."""
+    devices = []
+    init = VQModel.__init__
+
+    @functools.wraps(init)  # the config schema reads the constructor's signature
+    def spy(self, **arguments):
+        devices.append(torch.get_default_device().type)
+        init(self, **arguments)
+
+    monkeypatch.setattr(VQModel, "__init__", spy)
+    config = yaml.safe_load(CONFIG.read_text())
+    config["model"]["params"]["ddconfig"]["ch"] = 100000
+    (tmp_path / "huge.yaml").write_text(yaml.safe_dump(config))
+    assert main(["convert", str(CKPT), "--config", str(tmp_path / "huge.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith(f"checkpoint {CKPT}: 'encoder.conv_in.weight' has shape (32, 3, 3, 3) in "
+                                            "the checkpoint, the config needs (100000, 3, 3, 3)\n")
+    assert devices == ["meta"]
+    config["model"]["params"]["ddconfig"]["ch"] = 32
+    config["model"]["params"]["n_embed"] = "abc"
+    (tmp_path / "abc.yaml").write_text(yaml.safe_dump(config))
+    assert main(["convert", str(CKPT), "--config", str(tmp_path / "abc.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"kepler convert: error: checkpoint {CKPT}: config key "
+                                       "'model.quantizer.num_codes' must be an integer, got 'abc'\n")
 
 
 def test_convert_help(capsys):

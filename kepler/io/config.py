@@ -130,6 +130,7 @@ RANGES: dict[str, Range] = {
     "train.max_steps": AT_LEAST_1, "train.time_limit_minutes": POSITIVE, "train.eval_every": AT_LEAST_1,
     "train.ckpt_every": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.grid_images": AT_LEAST_0,
     "train.threads": AT_LEAST_1,
+    "seed": Range(0, 2**63 - 1),  # torch.manual_seed and numpy's generators
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adam", "adamw"),
@@ -420,13 +421,24 @@ def model_section(config: object, source: str, kind: str = "tokenizer") -> dict:
     """The ``model`` section of a saved ``kind`` config (a checkpoint's ``config``, an exported
     folder's ``config.yaml``), checked as :func:`load_config` checks a file, defaults filled in:
     plain containers to build the model from. ValueError, one line, naming ``source`` otherwise."""
-    if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
-        raise ValueError(f"{source} has no model config (its config must map 'model' to a section)")
+    return _saved_section(config, "model", source, kind)
+
+
+def data_section(config: object, source: str, kind: str = "tokenizer") -> dict:
+    """The ``data`` section of a saved config, checked and completed as :func:`model_section` does."""
+    return _saved_section(config, "data", source, kind)
+
+
+def _saved_section(config: object, section: str, source: str, kind: str) -> dict:
+    if not isinstance(config, Mapping) or not isinstance(config.get(section), Mapping):
+        raise ValueError(f"{source} has no {section} config (its config must map {section!r} to a section)")
     try:
-        layer = OmegaConf.create({"model": dict(config["model"])})
+        layer = OmegaConf.create({section: dict(config[section])})
+        return to_dict(merge_config(kind, [(source, layer)]))[section]
     except OmegaConfBaseException as exc:
         raise ValueError(f"bad config value in {source}: {exc.msg}") from None
-    return to_dict(merge_config(kind, [(source, layer)]))["model"]
+    except ValueError as exc:  # a bad value's message names the key; say whose config it is
+        raise ValueError(str(exc) if source in str(exc) else f"{source}: {exc}") from None
 
 
 def to_dict(cfg: DictConfig) -> dict:

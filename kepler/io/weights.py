@@ -17,7 +17,10 @@ import importlib
 import io
 import os
 import pickle
-import re
+import pickletools
+import warnings
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +73,10 @@ def load_weights(
 ) -> Any:
     """``torch.load(source, weights_only=True)``; ``source`` is a path or the file's bytes.
 
+    A zip-format file (what ``torch.save`` writes) is first checked member by member against the
+    CRC-32s its archive records: torch's reader does not check them, so a bit-flipped or badly
+    copied file would otherwise load with wrong weights.
+
     Two ways to let a file ask for ``"module.name"`` globals beyond weights_only's own, each only for
     the names the caller passes:
 
@@ -78,32 +85,101 @@ def load_weights(
     * ``stubbed_globals``: each is read as an inert :class:`GlobalPlaceholder` that keeps the
       arguments it was given and runs nothing; for objects beside the weights that the caller does
       not need (a Lightning checkpoint's callbacks or OmegaConf hyper-parameters). Modules torch
-      blocks (``os``, ``posix``, ...) stay refused.
+      blocks (:data:`TORCH_BLOCKED_MODULES`: ``os``, ``posix``, ``sys``, ``nt``) stay refused.
 
     Raises :class:`RefusedGlobals` (a ValueError, one line, starting with ``what``) for a file that
-    asks for anything else, ValueError for a file torch cannot read.
+    asks for globals the caller may allow, ValueError for a damaged file, one that asks for a module
+    torch blocks, or one torch cannot read.
     """
+    _check_archive(source, what)
     allowed = [(_import_global(name), name) for name in trusted_globals]
     allowed += [(type(name.rpartition(".")[2], (GlobalPlaceholder,), {"name": name}), name) for name in stubbed_globals]
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            # A plain pickle of protocol > 2 draws a warning before its refusal below says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(stream, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is a paragraph; the globals the file asks for are the part that matters.
-        allowed_names = [*trusted_globals, *stubbed_globals]
-        names = _refused_globals(source, str(exc), allowed_names)
-        blocked = [name for name in names if name in allowed_names]
-        if blocked:  # torch refuses some modules (os, subprocess, ...) whatever the caller allows
-            raise ValueError(
-                f"{what} asks for {blocked[0]}, from a module torch never unpickles; refused to unpickle it"
-            ) from None
-        detail = f"it asks for {', '.join(names)}" if names else str(exc).splitlines()[0]
-        raise RefusedGlobals(
-            f"{what} holds more than tensors and plain containers ({detail}); refused to unpickle it", names
-        ) from None
+        asked = _file_globals(source)
+        blocked = [name for name in asked if name.split(".")[0] in TORCH_BLOCKED_MODULES]
+        if blocked:  # whatever the caller allows, torch never unpickles these
+            raise ValueError(f"{what} asks for {blocked[0]}, from a module torch never unpickles; refused to "
+                             "unpickle it") from None
+        names = sorted(set(asked) - _weights_only_globals() - {*trusted_globals, *stubbed_globals})
+        if not names:  # not a question of globals: an opcode or a format torch does not read
+            raise ValueError(f"{what} could not be read as weights: {_unpickler_error(str(exc))}") from None
+        raise RefusedGlobals(f"{what} holds more than tensors and plain containers (it asks for {', '.join(names)}); "
+                             "refused to unpickle it", names) from None
     except Exception as exc:
         raise ValueError(f"{what} could not be read: {error_line(exc)}") from None
+
+
+# torch.load(weights_only=True) refuses any global of these modules, whatever safe_globals says.
+TORCH_BLOCKED_MODULES = ("sys", "os", "posix", "nt")
+
+
+def _weights_only_globals() -> set[str]:
+    """The globals weights_only reads without being asked (tensor rebuilding, ordered dicts, ...)."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return set(_get_allowed_globals())
+
+
+def _unpickler_error(message: str) -> str:
+    """The reason in torch's weights-only paragraph (e.g. ``Unsupported operand 149``: a plain pickle
+    of a newer protocol than torch's), else its first line."""
+    if "WeightsUnpickler error:" not in message:
+        return message.strip().splitlines()[0] if message.strip() else "unreadable"
+    lines = [line.strip() for line in message.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+    return lines[0] if lines else "torch's weights-only unpickler refused it"
+
+
+def _check_archive(source: str | os.PathLike | bytes, what: str) -> None:
+    """ValueError unless a zip-format file's members match their recorded CRC-32s (nothing to check
+    for a legacy, non-zip file)."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    with stream:
+        if not zipfile.is_zipfile(stream):
+            return
+        try:
+            with zipfile.ZipFile(stream) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise ValueError(f"{what} is damaged (its zip archive cannot be read: {error_line(exc)}); refused") from None
+    if damaged is not None:
+        raise ValueError(f"{what} is damaged: {damaged} does not match the CRC-32 its archive records (a bit flip "
+                         "or a bad copy); refused")
+
+
+def _file_globals(source: str | os.PathLike | bytes) -> list[str]:
+    """Every ``module.name`` global the file's pickles ask for, read off their opcodes without running
+    anything: torch lists a zip-format file's; a legacy or plain pickle is scanned here."""
+    stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    with stream:
+        if zipfile.is_zipfile(stream):
+            stream.seek(0)
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(stream))
+        stream.seek(0)
+        return _pickle_globals(stream)
+
+
+def _pickle_globals(stream) -> list[str]:
+    """The globals of the pickles one after another in ``stream`` (torch's legacy format is several),
+    from ``GLOBAL`` opcodes and ``STACK_GLOBAL``'s two preceding strings."""
+    found: list[str] = []
+    while True:
+        strings: list[str] = []
+        try:
+            for opcode, argument, _ in pickletools.genops(stream):
+                if opcode.name == "GLOBAL":
+                    found.append(str(argument).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(argument, str):
+                    strings.append(argument)
+        except Exception:  # the end of the file, or bytes that are no pickle: what was read stands
+            return found
 
 
 def _import_global(name: str) -> Any:
@@ -113,20 +189,6 @@ def _import_global(name: str) -> Any:
         return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError, ValueError):
         raise ValueError(f"trusted global {name!r} is not an importable module.name") from None
-
-
-def _refused_globals(source: str | os.PathLike | bytes, message: str, trusted: Sequence[str]) -> list[str]:
-    """Every global of ``source`` that weights_only refuses (torch lists them for zip-format files),
-    else the one named in torch's ``message``."""
-    try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else source
-        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(stream)) - set(trusted))
-    except Exception:  # a legacy (non-zip) file: torch can only name the first global it met
-        names = []
-    if not names:
-        asked = re.search(r"GLOBAL ([\w.]+)", message)
-        names = [asked.group(1)] if asked else []
-    return names
 
 
 def sha256_prefix_matches(data: bytes, prefix: str) -> tuple[bool, str]:
@@ -145,8 +207,9 @@ def check_state_dict(module: nn.Module, state: Any, what: str) -> None:
     """Raise ValueError (one line, starting with ``what``) unless ``state`` loads into ``module``
     exactly and holds finite, real data.
 
-    Checked: ``state`` maps names to tensors; no key missing, unexpected or of another shape than
-    ``module``'s (``module`` may live on the ``meta`` device); the tensors hold as many bytes as they
+    Checked: ``state`` maps names to tensors; no key missing, unexpected, of another shape than
+    ``module``'s or of another kind of dtype (a float for a float, an integer or flag of the same
+    dtype; ``module`` may live on the ``meta`` device); the tensors hold as many bytes as they
     claim (a stride-0 view of one element cannot stand in for a large weight); every floating point
     value is finite (the count and the first key are named).
     """
@@ -158,7 +221,10 @@ def check_state_dict(module: nn.Module, state: Any, what: str) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
+    # A float may be stored in another float dtype (a bf16 export); integers and flags must be theirs.
+    retyped = [k for k in expected if k in state and (state[k].dtype != expected[k].dtype and not (
+        state[k].is_floating_point() and expected[k].is_floating_point()))]
+    if missing or unexpected or mismatched or retyped:
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing ({_names(missing)})")
@@ -170,6 +236,10 @@ def check_state_dict(module: nn.Module, state: Any, what: str) -> None:
                 f"{len(mismatched)} of another shape ({first!r}: {tuple(state[first].shape)} in the file, "
                 f"{tuple(expected[first].shape)} in the model{', ...' if len(mismatched) > 1 else ''})"
             )
+        if retyped:
+            first = retyped[0]
+            problems.append(f"{len(retyped)} of another dtype ({first!r}: {state[first].dtype} in the file, "
+                            f"{expected[first].dtype} in the model{', ...' if len(retyped) > 1 else ''})")
         raise ValueError(f"{what}: the weights do not match the model config: keys " + "; ".join(problems))
     claimed = sum(t.numel() * t.element_size() for t in state.values())
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,10 +33,10 @@ from torch import nn
 
 from kepler import _backend
 from kepler.io.checkpoint import checkpoint_kind, load_checkpoint
-from kepler.io.config import model_section
+from kepler.io.config import data_section, model_section
 from kepler.io.files import file_sha256
 from kepler.io.pretrained import WEIGHTS_FILE, read_pretrained
-from kepler.io.weights import check_state_dict
+from kepler.io.weights import check_state_dict, error_line
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import CodeTransformer
 from kepler.models.vqmodel import VQModel
@@ -99,6 +99,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     else:
         model = build_tokenizer(state["config"], weights, source, device)
     config = state.pop("config")
+    config = {**config, "data": data_section(config, source, found)}
     return LoadedModel(model.to(device).eval(), found, source, int(state.get("step", 0)), config, state)
 
 
@@ -120,7 +121,7 @@ def _load_pretrained(directory: Path, device: torch.device) -> LoadedModel:
     source = f"pretrained model {directory}"
     model = build_tokenizer(manifest, weights, source, device)
     # A model saved without its training data section is evaluated at its architecture's resolution.
-    data = manifest.get("data") or {"size": model.config["resolution"]}
+    data = data_section(manifest, source) if manifest.get("data") is not None else {"size": model.config["resolution"]}
     config = {"model": model.config, "data": data}
     return LoadedModel(model.to(device).eval(), "tokenizer", source, int(manifest.get("step") or 0), config, {})
 
@@ -132,12 +133,21 @@ def build_tokenizer(config: Mapping, weights: Mapping, source: str, device: torc
     cannot run on ``device`` is re-chosen there. ValueError, one line starting with ``source``."""
     section = model_section(config, source)
     section["quantizer"] = _backend_for(section["quantizer"], torch.device(device), source)
-    with torch.device("meta"):
-        skeleton = VQModel.from_config(section)
+    skeleton = meta_skeleton(lambda: VQModel.from_config(section), source)
     check_state_dict(skeleton, weights, source)
     model = VQModel.from_config(section)
-    model.load_state_dict(weights)
+    _load_weights_into(model, weights, source)
     return model
+
+
+def meta_skeleton(build: Callable[[], nn.Module], source: str) -> nn.Module:
+    """``build()`` on the ``meta`` device: the model's parameter shapes, without their memory. A
+    config whose sizes overflow what a tensor can be (``ch: 2**31``) is a ValueError naming ``source``."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except RuntimeError as exc:
+        raise ValueError(f"{source}: the model config describes a model too large to build ({error_line(exc)})") from None
 
 
 def _backend_for(quantizer: dict, device: torch.device, source: str) -> dict:
@@ -167,12 +177,20 @@ def build_prior(checkpoint: Mapping, weights: Mapping, source: str) -> CodeTrans
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: bad code layout {dict(layout)}: {exc}") from None
     section = model_section(checkpoint["config"], source, kind="prior")
-    with torch.device("meta"):
-        skeleton = CodeTransformer(layout, **section)
+    skeleton = meta_skeleton(lambda: CodeTransformer(layout, **section), source)
     check_state_dict(skeleton, weights, source)
     model = CodeTransformer(layout, **section)
-    model.load_state_dict(weights)
+    _load_weights_into(model, weights, source)
     return model
+
+
+def _load_weights_into(model: nn.Module, weights: Mapping, source: str) -> None:
+    """``model.load_state_dict(weights)``; a value a module refuses (a quantizer's negative code
+    counts) is a ValueError naming ``source``."""
+    try:
+        model.load_state_dict(weights)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
 
 
 def tokenizer_layout(tokenizer: VQModel, size: int) -> CodeLayout:

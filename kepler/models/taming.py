@@ -48,9 +48,11 @@ from typing import Any
 
 import torch
 
-from kepler.models.vqmodel import VQModel
-from kepler.io.config import read_yaml, to_dict
+from kepler.io.config import model_section, to_dict
+from kepler.io.config_files import read_yaml
 from kepler.io.weights import RefusedGlobals, check_state_dict, load_weights
+from kepler.models.load import meta_skeleton
+from kepler.models.vqmodel import VQModel
 
 log = logging.getLogger("kepler")
 
@@ -274,7 +276,8 @@ def _taming_names(key: str, levels: int) -> list[str] | None:
 
 
 def kepler_state_dict(taming_state: Mapping[str, torch.Tensor], model: VQModel, source: str) -> dict:
-    """Taming's weights laid out as ``model``'s state dict (see the module docs for the names).
+    """Taming's weights laid out as ``model``'s state dict (see the module docs for the names), without
+    the buffers only kepler has; ``model`` may be a ``meta``-device skeleton.
 
     Raises ValueError, one line starting with ``source``: a weight the config needs is missing, has
     another shape (the key and both shapes are named), or the checkpoint has weights the config does
@@ -285,7 +288,6 @@ def kepler_state_dict(taming_state: Mapping[str, torch.Tensor], model: VQModel, 
     for key, target in model.state_dict().items():
         names = _taming_names(key, levels)
         if names is None:
-            converted[key] = target
             continue
         expected = (target.shape[0] // len(names), *target.shape[1:])
         pieces = []
@@ -315,11 +317,17 @@ def kepler_state_dict(taming_state: Mapping[str, torch.Tensor], model: VQModel, 
 
 def taming_model(taming_state: Mapping[str, torch.Tensor], model_cfg: Mapping, source: str) -> VQModel:
     """The kepler model of ``model_cfg`` (:func:`taming_config`'s ``"model"``) holding taming's
-    weights ``taming_state`` (a checkpoint's ``state_dict``), in eval mode."""
-    model = VQModel.from_config(model_cfg)
-    converted = kepler_state_dict(taming_state, model, source)
-    check_state_dict(model, converted, source)
-    model.load_state_dict(converted)
+    weights ``taming_state`` (a checkpoint's ``state_dict``), in eval mode.
+
+    The config is checked as a config file is, and the weights' names and shapes against a ``meta``
+    skeleton, before the model is allocated: a config describing a huge model is refused, not built."""
+    section = model_section({"model": dict(model_cfg)}, source)
+    skeleton = meta_skeleton(lambda: VQModel.from_config(section), source)
+    converted = kepler_state_dict(taming_state, skeleton, source)
+    model = VQModel.from_config(section)
+    weights = {**model.state_dict(), **converted}  # kepler's own buffers start as a new model's
+    check_state_dict(model, weights, source)
+    model.load_state_dict(weights)
     return model.eval()
 
 

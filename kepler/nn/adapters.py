@@ -84,7 +84,7 @@ class FSQQuantizer(_LibraryQuantizer):
 
     Args:
         dim: latent channels ``C``.
-        levels: quantization levels per channel of a group; ``K = prod(levels)`` codes per token.
+        levels: quantization levels (>= 3) per channel of a group; ``K = prod(levels)`` codes per token.
         num_codebooks: groups (tokens) per latent position, ``P``.
 
     The loss is 0 (FSQ has none); the codebooks are implicit (:meth:`codewords` is None).
@@ -94,10 +94,11 @@ class FSQQuantizer(_LibraryQuantizer):
         from vector_quantize_pytorch import FSQ
 
         dim = check_int("dim", dim, 1)
+        # A level of 2 the library takes only with its preserve_symmetry option (it asserts otherwise).
         if not isinstance(levels, Sequence) or not levels or not all(
-            isinstance(level, int) and not isinstance(level, bool) and level >= 2 for level in levels
+            isinstance(level, int) and not isinstance(level, bool) and level >= 3 for level in levels
         ):
-            raise ValueError(f"levels must be a non-empty list of ints >= 2, got {levels!r}")
+            raise ValueError(f"levels must be a non-empty list of ints >= 3, got {levels!r}")
         levels = list(levels)
         num_codebooks = check_int("num_codebooks", num_codebooks, 1)
         super().__init__(dim=dim, codebook_size=math.prod(levels), tokens_per_position=num_codebooks,

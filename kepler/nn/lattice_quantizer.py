@@ -37,6 +37,7 @@ from kepler.distributed import all_reduce_sum
 from kepler.lattice import get_lattice
 from kepler.lattice_codes import VoronoiCode, leech_shell
 from kepler.nn.protocol import (
+    MAX_CODES,
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
@@ -52,8 +53,6 @@ from kepler.nn.rotation_trick import rotation_trick as rotated_codewords
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler.partition import make_partition
 
-# code_counts is (P, K) int64: past this many codes per token it outgrows the model.
-MAX_CODES = 2**20
 # The packing report's nearest-neighbour search is O(K^2 d): codewords() gives None above this.
 MAX_EXPLICIT_CODES = 2**16
 
@@ -122,7 +121,7 @@ class LatticeQuantizer(Quantizer):
         else:
             code = VoronoiCode(self.lattice.name, 2 if q is None else check_int("q", q, 2), backend=backend)
             codebook_size = code.size
-        if codebook_size > MAX_CODES:
+        if codebook_size > MAX_CODES:  # the protocol refuses it too; this says which lattice and q
             raise ValueError(
                 f"lattice {self.lattice.name} with q={q} has {codebook_size} codes per sub-vector; at most "
                 f"{MAX_CODES} are counted"

@@ -38,6 +38,10 @@ from kepler.distributed import all_reduce_sum
 
 DEFAULT_TYPE = "kepler"
 QUANTIZERS: dict[str, type[Quantizer]] = {}
+# The largest codebook a token may index, and the largest (P, K) code-count table: a config that
+# asks for more (FSQ levels [1024] * 3, LFQ 2**32 codes) is refused before anything is allocated.
+MAX_CODES = 2**20
+MAX_COUNTED = 2**24
 
 
 class QuantizerInfo(NamedTuple):
@@ -112,13 +116,20 @@ class Quantizer(nn.Module):
         shared_codebook: whether the ``P`` tokens index one codebook (see the module docstring).
 
     Subclasses implement :meth:`forward` (calling :meth:`count_codes`) and :meth:`_indices_to_latents`,
-    and may implement :meth:`codewords` and :meth:`sub_vectors`.
+    and may implement :meth:`codewords` and :meth:`sub_vectors`; they call this constructor before
+    they allocate anything, so that a codebook over :data:`MAX_CODES` codes is refused first.
     """
 
     type_name: ClassVar[str]
 
     def __init__(self, *, dim: int, codebook_size: int, tokens_per_position: int, shared_codebook: bool):
         super().__init__()
+        if codebook_size > MAX_CODES:
+            raise ValueError(f"{type(self).__name__} would have {codebook_size} codes per token; at most "
+                             f"{MAX_CODES} (2**20) are supported")
+        if tokens_per_position * codebook_size > MAX_COUNTED:
+            raise ValueError(f"{type(self).__name__} would count {tokens_per_position} tokens x {codebook_size} codes; "
+                             f"at most {MAX_COUNTED} (2**24) entries are supported")
         self.dim = dim
         self.codebook_size = codebook_size
         self.tokens_per_position = tokens_per_position
@@ -144,17 +155,24 @@ class Quantizer(nn.Module):
     # ------------------------------------------------------------------------------ statistics
 
     @torch.no_grad()
-    def count_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Add a batch's ``indices: (..., P)`` to :attr:`code_counts` (summed over ranks first);
-        returns the batch's own ``(P, K)`` counts."""
+    def token_counts(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(P, K)`` int64: how often token ``p`` took code ``k`` in ``indices: (..., P)`` (this
+        rank's alone)."""
         tokens = self.tokens_per_position
         offsets = torch.arange(tokens, device=indices.device) * self.codebook_size
         flat = (indices.reshape(-1, tokens) + offsets).reshape(-1)
-        batch_counts = torch.zeros(tokens * self.codebook_size, dtype=torch.int64, device=indices.device)
-        batch_counts.index_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(tokens * self.codebook_size, dtype=torch.int64, device=indices.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
+        return counts.view(tokens, self.codebook_size)
+
+    @torch.no_grad()
+    def count_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Add a batch's ``indices: (..., P)`` to :attr:`code_counts` (summed over ranks first);
+        returns the batch's own ``(P, K)`` counts."""
+        batch_counts = self.token_counts(indices)
         all_reduce_sum(batch_counts)
-        self.code_counts.view(-1).add_(batch_counts)
-        return batch_counts.view(tokens, self.codebook_size)
+        self.code_counts.add_(batch_counts)
+        return batch_counts
 
     def perplexity_of(self, counts: torch.Tensor) -> torch.Tensor:
         """exp(entropy) of ``counts: (P, K)``: 0-d pooled over tokens when shared, ``(P,)`` otherwise."""
@@ -179,6 +197,15 @@ class Quantizer(nn.Module):
     def reset_usage(self) -> None:
         """Zero :attr:`code_counts`."""
         self.code_counts.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Counts are never negative; a file holding negative ones was damaged or edited, and would
+        # report a utilization and perplexity that mean nothing.
+        counts = state_dict.get(prefix + "code_counts")
+        if isinstance(counts, torch.Tensor) and counts.numel() and not counts.is_meta and int(counts.min()) < 0:
+            raise ValueError(f"{prefix}code_counts holds negative counts (down to {int(counts.min())}): the "
+                             "weights were damaged or edited")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------ decoding
 

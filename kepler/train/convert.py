@@ -18,10 +18,29 @@ from omegaconf import OmegaConf
 
 from kepler.io.checkpoint import save_checkpoint
 from kepler.io.config import merge_config, to_dict
+from kepler.io.files import write_atomically
 from kepler.models.taming import load_taming
 
 CHECKPOINT_NAME = "model.pt"
 CONFIG_NAME = "config.yaml"
+
+
+def check_outputs(checkpoint: str | os.PathLike, config: str | os.PathLike, out: str | os.PathLike,
+                  overwrite: bool = False) -> None:
+    """ValueError, before anything is read, when writing into ``out`` would lose a file: an output
+    that is one of the inputs (``--out`` the released folder, whose ``config.yaml`` is the input
+    config), or an earlier conversion there without ``overwrite``."""
+    out = Path(out)
+    outputs = [out / CHECKPOINT_NAME, out / CONFIG_NAME]
+    inputs = {Path(checkpoint).resolve(): "checkpoint", Path(config).resolve(): "config"}
+    for output in outputs:
+        if output.resolve() in inputs:
+            raise ValueError(f"--out {out}: {output.name} would overwrite the {inputs[output.resolve()]} being "
+                             f"converted ({output}); write the conversion into another folder")
+    earlier = [output.name for output in outputs if output.exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"--out {out} holds an earlier conversion ({', '.join(earlier)}); pass --overwrite to "
+                         "replace it")
 
 
 def convert(
@@ -30,14 +49,17 @@ def convert(
     out: str | os.PathLike,
     trusted_globals: Sequence[str] = (),
     stubbed_globals: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> dict:
     """Convert ``checkpoint`` (a Lightning ``.ckpt``) with its YAML ``config`` into the folder ``out``.
 
     Returns ``{"checkpoint", "config"}`` (the written paths) and ``"model"`` (the converted
-    :class:`kepler.models.VQModel`). Raises ValueError (one line) for a config kepler cannot express or
-    weights that do not match it, FileNotFoundError for a missing file. ``trusted_globals``,
-    ``stubbed_globals``: see :func:`kepler.models.taming.load_taming_checkpoint`.
+    :class:`kepler.models.VQModel`). Raises ValueError (one line) for a config kepler cannot express,
+    weights that do not match it, or outputs that would replace an input or (without ``overwrite``)
+    an earlier conversion (:func:`check_outputs`); FileNotFoundError for a missing file.
+    ``trusted_globals``, ``stubbed_globals``: see :func:`kepler.models.taming.load_taming_checkpoint`.
     """
+    check_outputs(checkpoint, config, out, overwrite)
     out = Path(out)
     config_source, sections, released, model = load_taming(checkpoint, config, trusted_globals, stubbed_globals)
     step = released.get("global_step")
@@ -59,5 +81,6 @@ def convert(
         f"# Converted by kepler convert from {checkpoint} and {config}.\n"
         f"# Fine-tune: kepler train {config_path} data.train=IMAGES data.val=IMAGES\n"
     )
-    config_path.write_text(header + yaml.safe_dump(layer, sort_keys=False))
+    text = header + yaml.safe_dump(layer, sort_keys=False)
+    write_atomically(config_path, lambda f: f.write(text.encode()))
     return {"checkpoint": checkpoint_path, "config": config_path, "model": model}
