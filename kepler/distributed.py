@@ -30,15 +30,39 @@ class DistInfo:
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU (``cuda:<LOCAL_RANK>``) when CUDA is available, else the CPU."""
+    """``auto``: this process's GPU (``cuda:<LOCAL_RANK>``) when CUDA is available, else the CPU.
+    ValueError, one line, for a name that is no device (``cpu``, ``cuda``, ``cuda:<index>``) or one
+    that is not here."""
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {requested!r} is not a device: expected auto, cpu, cuda or cuda:<index>") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r}: kepler runs on cpu or cuda devices")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r} requested but there are {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free to use on ``device``: the GPU's free memory, or the machine's available memory
+    (Linux ``MemAvailable``; the physical memory elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def init_distributed(requested_device: str = "auto") -> DistInfo:

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from test_train import random_images, tiny_config
 
+import kepler
 from kepler.cli import main
+from kepler.cli.models import memory_size
 from kepler.io.config import load_config
 from kepler.train.trainer import train
 
@@ -114,6 +116,29 @@ def test_reconstruct_encode_decode_round_trip(tmp_path, checkpoint, capsys):
 
     assert main(["encode", str(checkpoint), str(photo), "--size", "32", "--out", str(tmp_path / "c32")]) == 0
     assert np.load(tmp_path / "c32" / "img0.npy").shape == (16, 16, 4)
+
+
+def test_an_image_over_the_memory_budget_is_refused_before_it_runs(tmp_path, checkpoint, capsys):
+    """A 1260x900 photo asked 20 GB of a machine and met the OOM killer: every command that takes
+    images now estimates its peak first and refuses one over --max-memory (default: what the device
+    has available), pointing to --size."""
+    model = kepler.load(checkpoint)
+    photo = random_images(tmp_path / "images", count=1) / "img0.png"  # 48 x 40
+    need = model.inference_bytes(40, 48)
+    budget_gib = 0.9 * need / 2**30
+    fits = max(s for s in range(2, 41, 2) if model.inference_bytes(s, s) <= budget_gib * 2**30)
+    for command in ("reconstruct", "encode"):
+        err = _error([command, str(checkpoint), str(photo), "--max-memory", str(budget_gib), "--out",
+                      str(tmp_path / "o")], capsys)
+        assert err == (f"kepler {command}: error: image {photo} (48x40) needs about {memory_size(need)} at full "
+                       f"size, more than the {memory_size(int(budget_gib * 2**30))} budget (--max-memory): resize it "
+                       f"with --size {fits}, or raise --max-memory\n")
+    assert main(["encode", str(checkpoint), str(photo), "--size", str(fits), "--max-memory", str(budget_gib),
+                 "--out", str(tmp_path / "codes")]) == 0
+    codes = tmp_path / "codes" / "img0.npy"
+    err = _error(["decode", str(checkpoint), str(codes), "--max-memory", str(budget_gib * 0.5), "--out",
+                  str(tmp_path / "o")], capsys)
+    assert err.startswith(f"kepler decode: error: code map {codes} ({fits}x{fits}) needs about ")
 
 
 def test_image_command_errors(tmp_path, checkpoint, capsys):

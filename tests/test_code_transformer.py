@@ -240,8 +240,9 @@ def test_constructor_and_sampling_errors():
     with pytest.raises(TypeError, match="layout must be a CodeLayout, got dict"):
         CodeTransformer({"height": 2})
     model = tiny_prior(layout, "flat", spread=None)
-    with pytest.raises(ValueError, match="temperature must be a number > 0, got 0"):
-        model.generate(1, temperature=0)
+    for temperature in (0, float("inf"), float("nan"), -1.0):  # inf made every logit tie: top-k was ignored
+        with pytest.raises(ValueError, match=f"temperature must be a finite number > 0, got {temperature}"):
+            model.generate(1, temperature=temperature)
     with pytest.raises(ValueError, match="top_k must be an int >= 1"):
         model.generate(1, top_k=0)
     with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\], got 1.5"):

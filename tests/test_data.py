@@ -1,6 +1,7 @@
 """Datasets, transforms, sampling and the embedded data sets."""
 
 import struct
+import types
 import zlib
 
 import numpy as np
@@ -114,7 +115,8 @@ def test_16_bit_pngs_are_scaled_to_the_8_bit_range(tmp_path, channels):
     image, _ = build_dataset({"size": 16}, "val", spec=tmp_path)[0]
     centre = (24 - 16) // 2
     torch.testing.assert_close(image, expected[:, :, centre:centre + 16], atol=1 / 127.5, rtol=0)
-    (_, whole), = load_images([tmp_path / "wide.png"], None, 8)
+    f8_model = types.SimpleNamespace(downsample_factor=8, inference_bytes=lambda height, width: 0)
+    (_, whole), = load_images([tmp_path / "wide.png"], None, f8_model, budget=1)
     torch.testing.assert_close(whole[0], expected, atol=1 / 127.5, rtol=0)
 
 

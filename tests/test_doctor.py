@@ -216,3 +216,27 @@ def test_triton_interpret_flag_restarts_with_the_interpreter_on(monkeypatch):
     [(path, exec_argv, env)] = calls
     assert path == sys.executable and exec_argv == [sys.executable, "-m", "kepler", *argv]
     assert env["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--device", "nonsense"], "--device nonsense: device 'nonsense' is not a device: expected auto, cpu, cuda or "
+                               "cuda:<index>"),
+    (["--device", "cuda:7"], "--device cuda:7: device 'cuda:7' requested but "),
+])
+def test_bad_devices_are_one_line_before_the_run(arguments, message, capsys, monkeypatch):
+    """A device that is no device or is not here was a traceback (or a long run, then a failure)."""
+    monkeypatch.setattr(importlib.import_module("kepler.doctor"), "doctor", lambda *a, **k: pytest.fail("ran before checking --device"))
+    assert main(["doctor", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kepler doctor: error: {message}") and err.count("\n") == 1
+
+
+def test_an_unwritable_json_path_fails_before_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("kepler.doctor"), "doctor", lambda *a, **k: pytest.fail("ran before checking --json"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["doctor", "--json", str(blocker / "report.json")]) == 2
+    assert capsys.readouterr().err == (f"kepler doctor: error: --json {blocker / 'report.json'}: {blocker} is a file, "
+                                       "not a folder\n")
+    assert main(["doctor", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"kepler doctor: error: --json {tmp_path} is a folder, not a file\n"

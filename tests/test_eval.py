@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -116,8 +117,8 @@ def test_hostile_inception_weights_are_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.setattr(inception_module, "INCEPTION_SHA256_PREFIX", digest[:8])
     metric, reason = load_fid(explicit)
     assert metric is None and not marker.exists()
-    assert reason.startswith(f"FID Inception weights {explicit} holds more than tensors and plain containers")
-    assert "it asks for" in reason and "mkdir" in reason and "\n" not in reason
+    assert reason == (f"FID Inception weights {explicit} asks for {os.mkdir.__module__}.mkdir, from a module torch "
+                      "never unpickles; refused to unpickle it")
 
 
 @pytest.mark.parametrize("loader", [load_fid, load_inception_score])
@@ -164,6 +165,9 @@ def test_evaluate_writes_json_at_each_resolution(tiny_checkpoint, tmp_path):
         counts = torch.tensor(metrics["code_counts"])  # (P, K); latents are (res / 2)^2 positions of P=4 tokens
         assert counts.shape == (4, 16) and int(counts.sum()) == metrics["images"] * (int(resolution) // 2) ** 2 * 4
         assert metrics["utilization"] == pytest.approx((counts.sum(dim=0) > 0).double().mean().item())
+        shared = counts.sum(dim=0).double() / counts.sum()  # one codebook shared by the P tokens
+        entropy = -(shared[shared > 0] * shared[shared > 0].log()).sum()
+        assert metrics["perplexity"] == pytest.approx(entropy.exp().item(), rel=1e-5)
     table = format_table(results)
     assert "resolution" in table and "baseline_psnr" in table and table.count("\n") == 2
 
@@ -212,3 +216,49 @@ def test_load_model_checks_the_weights_before_building_the_model(tiny_checkpoint
     torch.save(state, tmp_path / "huge.pt")
     with pytest.raises(ValueError, match=r"the weights do not match the model config: keys \d+ missing"):
         load_model(tmp_path / "huge.pt")
+
+
+class _KnownError(nn.Module):
+    """A tokenizer whose reconstruction is its input plus 0.2 in [-1, 1] (0.1 in [0, 1]): its held-out
+    figures are known exactly (its quantizer still runs, for the code statistics)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.quantize = model.quantize
+
+    def forward(self, x):
+        _, loss, info = self.model(x)
+        return x + 0.2, loss, info
+
+
+def test_validation_figures_of_a_known_reconstruction_error(tiny_checkpoint):
+    """PSNR of mid-grey images reconstructed 0.1 too bright (in [0, 1]) is 20 dB exactly: computed on
+    [-1, 1] images it would read 13.98 dB; SSIM of two constant images is the luminance term
+    (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1), C1 = 0.01^2; L1 is measured in [-1, 1]."""
+    checkpoint, _ = tiny_checkpoint
+    model = _KnownError(load_model(checkpoint).model)
+    grey = [(torch.zeros(3, 32, 32), ())] * 3
+    metrics = run_validation(model, grey, batch_size=2, device=torch.device("cpu")).metrics
+    assert metrics["psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert metrics["ssim"] == pytest.approx((2 * 0.5 * 0.6 + 1e-4) / (0.5**2 + 0.6**2 + 1e-4), abs=1e-5)
+    assert metrics["l1"] == pytest.approx(0.2, abs=1e-6)
+    assert metrics["baseline_psnr"] == pytest.approx(100.0)  # a constant image is its own mean colour
+    assert metrics["images"] == 3 and metrics["unreadable_images"] == 0
+
+
+def test_an_unreadable_held_out_image_is_left_out_not_counted_twice(tiny_checkpoint, tmp_path):
+    """kepler eval replaced an unreadable file by the next readable one and reported 4 images for 3;
+    it now counts the 3 once each, as the folder without the bad file does."""
+    checkpoint, val_images = tiny_checkpoint
+    readable = tmp_path / "readable"
+    shutil.copytree(val_images, readable)
+    with_bad = tmp_path / "with_bad"
+    shutil.copytree(val_images, with_bad)
+    (with_bad / "img0_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # sorts first
+    with pytest.warns(UserWarning, match="skipping unreadable image .*img0_broken.png"):
+        bad = evaluate(checkpoint, data=str(with_bad))["resolutions"]["32"]
+    good = evaluate(checkpoint, data=str(readable))["resolutions"]["32"]
+    assert bad["images"] == good["images"] == 3 and bad["unreadable_images"] == 1
+    for key in ("psnr", "ssim", "l1", "utilization", "perplexity", "code_counts"):
+        assert bad[key] == good[key], key

@@ -1,6 +1,9 @@
 """VQModel, encoder/decoder, discriminator and losses (tiny shapes, CPU)."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -182,8 +185,8 @@ def test_lpips_refuses_weight_files_that_run_code(tmp_path):
     with pytest.raises(ValueError) as error:
         load_lpips(tmp_path / "vgg.pth", tmp_path / "lin.pth")
     assert not marker.exists()
-    assert str(error.value) == (f"LPIPS VGG weights {tmp_path / 'vgg.pth'} holds more than tensors and plain "
-                                f"containers (it asks for {os.mkdir.__module__}.mkdir); refused to unpickle it")
+    assert str(error.value) == (f"LPIPS VGG weights {tmp_path / 'vgg.pth'} asks for {os.mkdir.__module__}.mkdir, from "
+                                "a module torch never unpickles; refused to unpickle it")
 
 
 def test_lpips_missing_linear_weights(tmp_path):
@@ -203,3 +206,24 @@ def test_zero_init_residual_blocks_start_as_identity():
     model = VQModel(embed_dim=8, quantizer=dict(num_codes=16, partitions=4), zero_init_residual=True, **ARCH)
     assert torch.all(model.decoder.up[0].block[0].conv2.weight == 0)
     assert model.decoder.conv_out.weight.abs().sum() > 0
+
+
+def test_self_attention_memory_is_linear_in_the_positions(tmp_path):
+    """The middle block's attention over a 1260x900 photo at f4 (70875 positions) wrote the 20 GB
+    position x position matrix: SDPA fell back to its math path on strided q, k, v. At 20000
+    positions that matrix is 1.6 GB; the block must run under a 1 GiB data limit."""
+    script = tmp_path / "attention.py"
+    script.write_text(textwrap.dedent("""
+        import resource, torch
+        from kepler.models.autoencoder import AttnBlock
+        block = AttnBlock(16, norm_groups=4).eval()
+        x = torch.randn(1, 16, 100, 200)
+        limit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + 2**30
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        with torch.no_grad():
+            print(tuple(block(x).shape))
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(1, 16, 100, 200)"

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from test_train import random_images
+
 from kepler.cli import main
 from kepler.data import collate
 from kepler.models import CodeTransformer
@@ -24,6 +26,7 @@ from kepler.io.images import save_image_grid
 from kepler.models.load import load_model, load_prior_tokenizer
 from kepler.models.sampling import sample_images
 from kepler.train import prior_eval
+from kepler.train import trainer as trainer_module
 from kepler.train.prior_eval import evaluate_prior
 
 TOKENIZER = """
@@ -39,7 +42,7 @@ PRIOR = """
 name: prior
 seed: 3
 tokenizer: {{checkpoint: {tokenizer}}}
-model: {{d_model: 32, num_layers: 2, num_heads: 2}}
+model: {{d_model: 32, num_layers: 2, num_heads: 2, dropout: 0.1}}
 data: {{size: 16, resize: 24, batch_size: 4, samples_per_epoch: 16, val_batch_size: 8, val_max_images: 8}}
 optim: {{name: adamw, base_lr: 1.0e-3, scale_lr: false, betas: [0.9, 0.95]}}
 train: {{max_steps: {steps}, eval_every: 2, ckpt_every: 2, log_every: 1, progress: false, threads: 1}}
@@ -142,10 +145,13 @@ def test_a_changed_tokenizer_file_or_data_section_encodes_again(tmp_path, tokeni
     assert len(list((run / "codes").glob("*.pt"))) == 3
 
 
-def test_resume_continues_exactly(tmp_path, tokenizer):
-    straight, halves = tmp_path / "straight", tmp_path / "halves"
+def test_resume_continues_exactly(tmp_path, tokenizer, monkeypatch):
+    """Dropout draws from torch's RNG every step, so the steps after the resume point are the same only
+    when the RNG state is restored (checked: without it they are not)."""
+    straight, halves, unrestored = tmp_path / "straight", tmp_path / "halves", tmp_path / "unrestored"
     assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=4)), f"run_dir={straight}"]) == 0
-    assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=2)), f"run_dir={halves}"]) == 0
+    for run in (halves, unrestored):
+        assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=2)), f"run_dir={run}"]) == 0
     assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=4)), f"run_dir={halves}",
                  "--resume"]) == 0
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
@@ -154,6 +160,10 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
+    monkeypatch.setattr(trainer_module, "restore_rng", lambda state: None)
+    assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=4)), f"run_dir={unrestored}",
+                 "--resume"]) == 0
+    assert [r["loss"] for r in records(unrestored, "train")][2:] != [r["loss"] for r in records(straight, "train")][2:]
 
 
 def test_sampling_is_deterministic_for_a_seed(prior_run, tmp_path, capsys):
@@ -468,3 +478,41 @@ def test_conditional_samples_take_the_held_out_classes_in_turn(conditional_runs,
     straight, _ = conditional_runs
     evaluate_prior(straight / "checkpoints" / "last.pt", batch_size=8, num_samples=12, inception_path=weights)
     assert torch.cat(asked).tolist() == [1] * 10 + [0] * 2  # the held-out set: 10 faces, then 10 non-faces
+
+
+def test_an_unreadable_held_out_image_is_left_out_of_the_priors_held_out_maps(tmp_path, tokenizer):
+    """The prior's held-out maps count each readable image once: an unreadable one is left out, not
+    replaced by its neighbour (whose map would count twice), in training and in kepler prior eval."""
+    val = random_images(tmp_path / "val", count=3, seed=4)
+    (val / "img3.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipping unreadable image .*img3.png"):
+        assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=1)), f"run_dir={run}",
+                     f"data.val={val}", "data.val_max_images=null"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["val_maps"] == 3
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert evaluate_prior(run / "checkpoints" / "last.pt", num_samples=0)["val_maps"] == 3
+
+
+def test_sampling_any_number_goes_a_batch_at_a_time(prior_run, tmp_path, capsys, monkeypatch):
+    """--num 10**9 allocated every map at once; samples are now drawn --batch-size at a time (files
+    written as they come, the grid of the first 64), the same for the same seed and batch size."""
+    drawn = []
+    generate = CodeTransformer.generate
+    monkeypatch.setattr(CodeTransformer, "generate", lambda model, num, *a, **k: drawn.append(num) or generate(
+        model, num, *a, **k))
+    checkpoint = str(prior_run / "checkpoints" / "last.pt")
+    for name in ("a", "b"):
+        assert main(["sample", checkpoint, "--num", "5", "--batch-size", "2", "--seed", "3", "--out",
+                     str(tmp_path / name)]) == 0
+    assert drawn == [2, 2, 1] * 2
+    a, b = ([np.load(tmp_path / name / f"sample{i:04d}.npy") for i in range(5)] for name in "ab")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(list((tmp_path / "a").glob("sample*.png"))) == 5 and (tmp_path / "a" / "grid.png").is_file()
+    capsys.readouterr()
+    assert main(["sample", checkpoint, "--temperature", "inf", "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == "kepler sample: error: temperature must be a finite number > 0, got inf\n"
+    with pytest.raises(SystemExit):
+        main(["sample", checkpoint, "--seed", "99999999999999999999999", "--out", str(tmp_path / "c")])
+    assert "argument --seed: expected an integer from 0 to 2**63 - 1, got 99999999999999999999999" in \
+        capsys.readouterr().err

@@ -286,6 +286,22 @@ def test_dead_codes_are_reseeded_from_current_latents(shared):
     assert int(quantizer.upkeep.window_steps) == 1
 
 
+def test_a_code_used_exactly_the_threshold_times_is_alive():
+    """Codes used fewer than dead_code_threshold times in a window are re-seeded; a code used exactly
+    that often is not (< against <= at the boundary)."""
+    quantizer = make_quantizer(num_codes=4, dim=4, partitions=1, dead_code_threshold=3, dead_code_window=1)
+    with torch.no_grad():
+        quantizer.codebook.copy_(torch.eye(4) * 10.0)
+    near = torch.eye(4)[[0, 0, 0, 1, 1, 2, 2, 2]] * 10.0 + 0.01  # code 0: 3 uses, 1: 2, 2: 3, 3: none
+    quantizer(near.view(2, 2, 2, 4).permute(0, 3, 1, 2))
+    assert quantizer.upkeep.window_counts.view(-1).tolist() == [3, 2, 3, 0]
+    before = quantizer.codebook.detach().clone()
+    quantizer(torch.randn(2, 4, 2, 2))  # the window ended: codes 1 and 3 (under 3 uses) take new rows
+    after = quantizer.codebook.detach()
+    assert torch.equal(after[[0, 2]], before[[0, 2]])
+    assert not torch.equal(after[1], before[1]) and not torch.equal(after[3], before[3])
+
+
 def test_kmeans_init_finds_separated_clusters():
     quantizer = make_quantizer(num_codes=4, dim=4, partitions=1, init="kmeans")
     centres = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0]])

@@ -587,3 +587,14 @@ def test_a_study_of_some_variants_trains_their_runs_for_the_full_study(tmp_path,
     jobs = runner._jobs_for(study, "kepler_e8", study["variants"]["kepler_e8"]["set"], study["seeds"],
                             tmp_path / "runs", prior=True)
     assert all(runner.run_one(job).get("reused") for job in jobs)  # what the full study would do with them
+
+
+def test_ctrl_c_during_a_study_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """SIGINT reaches the main thread as KeyboardInterrupt: it was a traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_study", interrupted)
+    assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "kepler study: interrupted\n"

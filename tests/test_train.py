@@ -18,6 +18,7 @@ from kepler.cli import main
 from kepler.io.checkpoint import load_checkpoint, save_checkpoint
 from kepler.io.config import load_config
 from kepler.train.optim import learning_rate
+from kepler.train import trainer as trainer_module
 from kepler.train.trainer import Trainer, TrainingInterrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,10 +112,14 @@ def _flat_state(state: dict) -> dict:
     return out
 
 
+# Settings under which a training step draws from the RNGs after the resume point: dropout (torch's
+# global generator every forward), k-means init and dead-code re-seeding (random rows).
+DRAWING = ["model.dropout=0.1", "model.quantizer.init=kmeans", "model.quantizer.dead_code_threshold=2"]
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, steps=4, disc_start=1, accum=2)
-    full = train(load_config(config, [f"run_dir={tmp_path / 'full'}"]))
-    half = load_config(config, [f"run_dir={tmp_path / 'half'}"])
+    full = train(load_config(config, [f"run_dir={tmp_path / 'full'}", *DRAWING]))
     original_step = Trainer.train_step
 
     def step_then_interrupt(self, batches):
@@ -123,11 +128,15 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
             os.kill(os.getpid(), signal.SIGINT)  # the real path: the handler, then a checkpoint
         return logs
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 2"):
-        train(half)
-    monkeypatch.setattr(Trainer, "train_step", original_step)
-    resumed = train(half, resume=True)
+    def interrupted_then_resumed(name: str) -> dict:
+        half = load_config(config, [f"run_dir={tmp_path / name}", *DRAWING])
+        monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+        with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 2"):
+            train(half)
+        monkeypatch.setattr(Trainer, "train_step", original_step)
+        return train(half, resume=True)
+
+    resumed = interrupted_then_resumed("half")
     a = load_checkpoint(full["checkpoint"])
     b = load_checkpoint(resumed["checkpoint"])
     assert a["step"] == b["step"] == 4
@@ -138,6 +147,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         assert torch.equal(flat_a[name], flat_b[name]), name
     assert a["sched_ae"]["last_epoch"] == b["sched_ae"]["last_epoch"] == 4
     torch.testing.assert_close(a["rng"][0]["torch"], b["rng"][0]["torch"], rtol=0, atol=0)
+    # The steps after the resume point draw from the RNG: without restoring it the run is another.
+    monkeypatch.setattr(trainer_module, "restore_rng", lambda state: None)
+    unrestored = load_checkpoint(interrupted_then_resumed("unrestored")["checkpoint"])
+    assert not torch.equal(unrestored["model"]["encoder.conv_out.weight"], a["model"]["encoder.conv_out.weight"])
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
@@ -265,3 +278,30 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run killed after its last checkpoint has logged steps the resumed run trains again: they are
+    dropped from log.jsonl (and a line cut short by the kill), so each step is logged once."""
+    config = tiny_config(tmp_path, steps=2, disc_start=100)
+    run = tmp_path / "run"
+    train(load_config(config, [f"run_dir={run}"]))
+    log = run / "log.jsonl"
+    with log.open("a") as f:  # what a kill at step 3, after the step-2 checkpoint, leaves behind
+        f.write(json.dumps({"event": "train", "step": 3, "loss": 1.0}) + "\n" + '{"event": "tra')
+    train(load_config(config, [f"run_dir={run}", "train.max_steps=4"]), resume=True)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records if r["step"] == 3 and r["event"] == "train"] != [1.0]
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    config = tiny_config(tmp_path, steps=1, disc_start=100)
+    run = tmp_path / "run"
+    assert main(["train", str(config), f"run_dir={run}"]) == 0
+    assert main(["train", str(config), "--overwrite", f"run_dir={run}", "train.max_steps=2"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["step"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", str(config), "--overwrite", "not_an_override"])
+    assert "unrecognized arguments: not_an_override" in capsys.readouterr().err

@@ -49,6 +49,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+# Seeds reach torch.manual_seed and numpy's generators: both take 0 <= seed < 2**63 here.
+MAX_SEED = 2**63 - 1
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value}")
+    return value
+
+
+def add_seed(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--seed", type=seed, default=0, help=help)
+
+
 def output_folder(path: str, option: str = "--out") -> Path:
     """Create the output folder ``path`` and check it is writable, before any work is done."""
     folder = Path(path)
@@ -108,10 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that a training command's ``key=value`` overrides may also
+    come after its flags (``kepler train sample --overwrite optim.base_lr=1e-4``): argparse reads
+    the positional overrides only before the first flag."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     args.argv = argv  # kepler doctor --triton-interpret re-runs the same command line
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
@@ -121,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kepler {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is kept (a training saves and says so itself)
+        if args.verbose:
+            raise
+        print(f"kepler {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from kepler.cli import CLIError, positive_int
+from kepler.cli import CLIError, add_seed, positive_int
 
 
 def add_commands(sub) -> None:
@@ -23,11 +23,26 @@ def add_commands(sub) -> None:
                    help="check on DEVICE (repeatable; default: cpu and every CUDA device)")
     p.add_argument("--backend", action="append", default=None, metavar="BACKEND",
                    help="check only BACKEND (repeatable; default: every backend available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    add_seed(p, "seed of the random inputs")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per speed figure (the median is shown)")
     p.add_argument("--quick", action="store_true", help="time the tiny check inputs (a smoke run; figures say little)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full report as JSON")
     p.set_defaults(func=_cmd_doctor)
+
+
+def _check_writable_file(path: Path) -> None:
+    """CLIError unless ``path`` can be written: not a folder, and a folder (made now) for its parent."""
+    if path.is_dir():
+        raise CLIError(f"--json {path} is a folder, not a file")
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise CLIError(f"--json {path}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--json {path}: cannot create its folder: {exc.strerror or exc}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIError(f"--json {path}: not writable")
 
 
 def _cmd_doctor(args) -> int:
@@ -41,14 +56,21 @@ def _cmd_doctor(args) -> int:
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable, "-m", "kepler", *args.argv],
                   {**os.environ, "TRITON_INTERPRET": "1"})
-    if args.repeats < 1:
-        raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+    from kepler.distributed import resolve_device
     from kepler.doctor import doctor, format_report
+
+    # Checked before the run, which takes minutes: a bad device or an unwritable --json fails at once.
+    for device in args.device or ():
+        try:
+            resolve_device(device)
+        except ValueError as exc:
+            raise CLIError(f"--device {device}: {exc}") from None
+    if args.json is not None:
+        _check_writable_file(Path(args.json))
 
     report = doctor(args.device, backends=args.backend, seed=args.seed, repeats=args.repeats, quick=args.quick)
     print(format_report(report))
     if args.json is not None:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if report.passed else 1

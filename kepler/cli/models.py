@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kepler.cli import CLIError, add_device, add_inception, add_tokenizer, output_folder, positive_int
+from kepler.cli import CLIError, add_device, add_inception, add_seed, add_tokenizer, output_folder, positive_int
 
 TOKENIZER_HELP = ("a tokenizer: a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt), an "
                   "exported folder (kepler export) or kepler convert's output")
@@ -18,6 +18,12 @@ def _add_tokenizer_command(sub, name: str, help: str, description: str | None = 
     p.add_argument("checkpoint", help=TOKENIZER_HELP)
     add_device(p)
     return p
+
+
+def _add_max_memory(parser) -> None:
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="refuse an image whose estimated peak memory is over GIB (default: the device's "
+                             "available memory)")
 
 
 def add_commands(sub) -> None:
@@ -41,14 +47,16 @@ def add_commands(sub) -> None:
         p = _add_tokenizer_command(sub, name, helptext)
         p.add_argument("images", nargs="+", help="image files")
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--size", type=int, default=None,
+        p.add_argument("--size", type=positive_int, default=None,
                        help="resize the shorter side to SIZE and centre-crop SIZE x SIZE "
                             "(default: keep the image, cropped to a multiple of the downsampling factor)")
+        _add_max_memory(p)
         p.set_defaults(func=command)
     p = _add_tokenizer_command(sub, "decode", "turn .npy code-index maps back into PNG images",
                                "Turn .npy code-index maps (from kepler encode) back into PNG images.")
     p.add_argument("codes", nargs="+", help=".npy files of (H, W, P) int code indices")
     p.add_argument("--out", required=True, help="output folder")
+    _add_max_memory(p)
     p.set_defaults(func=_cmd_decode)
 
     p = sub.add_parser("export", help="write a checkpoint's model as a folder to share (safetensors, config, card)",
@@ -74,17 +82,20 @@ def add_commands(sub) -> None:
     p.add_argument("--trust-global", action="append", default=[], metavar="NAME",
                    help="import the global NAME and let it run while unpickling; only for a file you trust "
                         "(repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("sample", help="sample images from a prior (PNG grid, PNGs and .npy code maps)",
                        description="Sample index maps from a prior and decode them with its tokenizer.")
     p.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
     p.add_argument("--num", type=positive_int, default=16, help="samples to draw")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="samples drawn at a time (memory; the same --seed and --batch-size give the same samples)")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class of a class-conditional prior")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples on one device")
+    add_seed(p, "the same seed gives the same samples on one device")
     add_device(p)
     add_tokenizer(p)
     p.add_argument("--out", required=True, help="output folder")
@@ -124,13 +135,45 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def load_images(paths, size: int | None, factor: int):
-    """Image files -> list of (name, (1, 3, H, W) tensor in [-1, 1]); H, W multiples of ``factor``."""
+def memory_budget(max_memory: float | None, device) -> int:
+    """Bytes an image may need: ``--max-memory`` GiB, else what the device has available."""
+    from kepler.distributed import available_memory
+
+    if max_memory is None:
+        return available_memory(device)
+    if not max_memory > 0:
+        raise CLIError(f"--max-memory must be a number of GiB > 0, got {max_memory}")
+    return int(max_memory * 2**30)
+
+
+def check_memory(model, height: int, width: int, budget: int, what: str) -> None:
+    """CLIError, before anything runs, when ``model`` on a ``height x width`` image would need more
+    than ``budget`` bytes (:meth:`kepler.models.VQModel.inference_bytes`), suggesting a ``--size``
+    that fits."""
+    need = model.inference_bytes(height, width)
+    if need <= budget:
+        return
+    factor = model.downsample_factor
+    fits = [s for s in range(factor, min(height, width) + 1, factor) if model.inference_bytes(s, s) <= budget]
+    advice = f"resize it with --size {fits[-1]}" if fits else "it does not fit at any size"
+    raise CLIError(f"{what} ({width}x{height}) needs about {memory_size(need)} at full size, more than the "
+                   f"{memory_size(budget)} budget (--max-memory): {advice}, or raise --max-memory")
+
+
+def memory_size(size: int) -> str:
+    """Bytes in GiB (MiB below one GiB), as a person reads them."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def load_images(paths, size: int | None, model, budget: int):
+    """Image files -> list of (name, (1, 3, H, W) tensor in [-1, 1]); H, W multiples of the model's
+    downsampling factor; each checked to fit ``budget`` bytes (:func:`check_memory`)."""
     import numpy as np
     from PIL import Image
 
     from kepler.data import UNREADABLE_IMAGE_ERRORS, ImageTransform, to_rgb, to_tensor
 
+    factor = model.downsample_factor
     out = []
     for path in paths:
         try:
@@ -148,6 +191,7 @@ def load_images(paths, size: int | None, factor: int):
             if h == 0 or w == 0:
                 raise CLIError(f"image {path} is smaller than the downsampling factor {factor}")
             x = to_tensor(array[:h, :w])
+        check_memory(model, x.shape[-2], x.shape[-1], budget, f"image {path}")
         out.append((Path(path).stem, x[None]))
     return out
 
@@ -162,7 +206,7 @@ def _cmd_reconstruct(args) -> int:
     out = output_folder(args.out)
     model, device = _tokenizer(args)
     with torch.no_grad():
-        for name, x in load_images(args.images, args.size, model.downsample_factor):
+        for name, x in load_images(args.images, args.size, model, memory_budget(args.max_memory, device)):
             x_rec = model(x.to(device))[0].cpu()
             path = save_png(np.concatenate([to_uint8(x[0]), to_uint8(x_rec[0])], axis=1), out / f"{name}_recon.png")
             print(path)
@@ -174,7 +218,7 @@ def _cmd_encode(args) -> int:
 
     out = output_folder(args.out)
     model, device = _tokenizer(args)
-    for name, x in load_images(args.images, args.size, model.downsample_factor):
+    for name, x in load_images(args.images, args.size, model, memory_budget(args.max_memory, device)):
         indices = model.encode_to_indices(x.to(device))[0].cpu().numpy()
         np.save(out / f"{name}.npy", indices.astype(np.int64))
         print(f"{out / f'{name}.npy'}: codes {indices.shape}")
@@ -189,6 +233,7 @@ def _cmd_decode(args) -> int:
 
     out = output_folder(args.out)
     model, device = _tokenizer(args)
+    budget = memory_budget(args.max_memory, device)
     q = model.quantize
     for path in args.codes:
         try:
@@ -202,6 +247,8 @@ def _cmd_decode(args) -> int:
             raise CLIError(f"{path}: expected an integer (H, W, {tokens}) code map, got {codes.dtype} {codes.shape}")
         if codes.min() < 0 or codes.max() >= q.codebook_size:
             raise CLIError(f"{path}: code indices must be in [0, {q.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        factor = model.downsample_factor
+        check_memory(model, codes.shape[0] * factor, codes.shape[1] * factor, budget, f"code map {path}")
         image = model.decode_indices(torch.from_numpy(codes.astype(np.int64))[None].to(device))[0].cpu()
         print(save_image(image, out / f"{Path(path).stem}.png"))
     return 0
@@ -223,30 +270,44 @@ def _cmd_convert(args) -> int:
 
     out = output_folder(args.out)
     written = convert(args.checkpoint, args.config, out, trusted_globals=args.trust_global,
-                      stubbed_globals=args.stub_global)
+                      stubbed_globals=args.stub_global, overwrite=args.overwrite)
     q = written["model"].quantize
     print(f"kepler convert: {q.tokens_per_position} partition(s) {q.partition.name!r}, {q.codebook_size} codes, "
           f"f={written['model'].downsample_factor}; wrote {written['checkpoint']}, {written['config']}")
     return 0
 
 
+# Samples in kepler sample's grid.png (the first ones: a grid of thousands says nothing).
+GRID_SAMPLES = 64
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
+    import torch
+    from tqdm import tqdm
 
     from kepler.distributed import resolve_device
     from kepler.io.images import save_image, save_image_grid
     from kepler.models.load import load_model, load_prior_tokenizer
-    from kepler.models.sampling import sample_images
+    from kepler.models.sampling import sample_batches
 
     out = output_folder(args.out)
     device = resolve_device(args.device)
     prior = load_model(args.checkpoint, device, kind="prior")
     tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
-    codes, images = sample_images(prior.model, tokenizer, args.num, args.class_label, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for i, (code_map, image) in enumerate(zip(codes.cpu().numpy(), images.cpu())):
-        np.save(out / f"sample{i:04d}.npy", code_map)
-        save_image(image, out / f"sample{i:04d}.png")
-    grid = save_image_grid(images.cpu(), out / "grid.png")
-    print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {grid.name}, sample*.png, sample*.npy")
+    digits = max(4, len(str(args.num - 1)))
+    grid, index = [], 0
+    batches = sample_batches(prior.model, tokenizer, args.num, args.class_label, batch_size=args.batch_size,
+                             seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    with tqdm(total=args.num, desc="kepler sample", unit="sample", disable=args.num <= args.batch_size) as bar:
+        for codes, images in batches:
+            for code_map, image in zip(codes.cpu().numpy(), images.cpu()):
+                np.save(out / f"sample{index:0{digits}d}.npy", code_map)
+                save_image(image, out / f"sample{index:0{digits}d}.png")
+                index += 1
+            grid.append(images[: GRID_SAMPLES - sum(len(g) for g in grid)].cpu())
+            bar.update(len(codes))
+    path = save_image_grid(torch.cat(grid), out / "grid.png")
+    print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {path.name} (the first "
+          f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy")
     return 0

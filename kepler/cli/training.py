@@ -7,7 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from kepler.cli import CLIError, add_device, add_inception, add_run, add_tokenizer, output_folder, positive_int
+from kepler.cli import (
+    CLIError,
+    add_device,
+    add_inception,
+    add_run,
+    add_seed,
+    add_tokenizer,
+    output_folder,
+    positive_int,
+)
 
 
 def add_commands(sub) -> None:
@@ -37,7 +46,7 @@ def add_commands(sub) -> None:
     e.add_argument("--num-samples", type=int, default=256,
                    help="samples for FID and Inception Score (0: none; both are biased at small counts, so "
                         "compare priors at equal counts)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    add_seed(e, "seed of the samples")
     add_tokenizer(e)
     e.set_defaults(func=_cmd_prior_eval)
 

@@ -10,6 +10,6 @@ from kepler.data.sources import register_source
 
 @register_source("folder", "a folder of images", matches=lambda spec: Path(spec).is_dir())
 def build_folder(spec: str, split: str, data) -> ImagePaths:
-    dataset = ImagePaths.from_folder(spec, file_transform(split, data))
+    dataset = ImagePaths.from_folder(spec, file_transform(split, data), substitute=split == "train")
     dataset.check_readable()
     return dataset

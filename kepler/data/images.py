@@ -44,19 +44,24 @@ def file_transform(split: str, data: Mapping) -> ImageTransform:
 class ImagePaths(Dataset):
     """Images at ``paths``; item ``key`` -> ``(image (3, S, S) float32 in [-1, 1], skipped paths)``.
 
-    An unreadable or corrupt file is skipped with a warning naming it: the next readable image takes
-    its place and the skipped path is returned with the sample, so the trainer counts them.
+    An unreadable or corrupt file is skipped with a warning naming it, and its path is returned with
+    the item. With ``substitute`` (training) the next readable image takes its place, so a batch
+    keeps its size and the trainer counts the skipped files; without it (held-out sets) the item is
+    ``(None, (path,))``: :func:`kepler.data.collate` drops it, so evaluation counts each readable
+    image once and no other.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform: ImageTransform, source: str = "paths"):
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: ImageTransform, source: str = "paths",
+                 substitute: bool = True):
         if len(paths) == 0:
             raise ValueError(f"empty dataset: no images in {source}")
         self.paths = [str(p) for p in paths]
         self.transform = transform
         self.source = source
+        self.substitute = substitute
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike, transform: ImageTransform) -> ImagePaths:
+    def from_folder(cls, root: str | os.PathLike, transform: ImageTransform, substitute: bool = True) -> ImagePaths:
         """Every .jpg/.jpeg/.png/.webp file under ``root``, recursively, in sorted order."""
         root = Path(root)
         if not root.is_dir():
@@ -66,10 +71,10 @@ class ImagePaths(Dataset):
         )
         if not paths:
             raise ValueError(f"empty dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        return cls(paths, transform, source=str(root))
+        return cls(paths, transform, source=str(root), substitute=substitute)
 
     @classmethod
-    def from_list(cls, list_file: str | os.PathLike, transform: ImageTransform) -> ImagePaths:
+    def from_list(cls, list_file: str | os.PathLike, transform: ImageTransform, substitute: bool = True) -> ImagePaths:
         """One image path per line (blank lines and ``#`` comments ignored); relative paths are
         relative to the list file's folder (taming's ``training_images_list_file``)."""
         list_file = Path(list_file)
@@ -82,7 +87,7 @@ class ImagePaths(Dataset):
                 paths.append(p if p.is_absolute() else base / p)
         if not paths:
             raise ValueError(f"empty dataset: list file {list_file} names no images")
-        return cls(paths, transform, source=str(list_file))
+        return cls(paths, transform, source=str(list_file), substitute=substitute)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,10 +106,10 @@ class ImagePaths(Dataset):
         raise ValueError(f"no readable image in {self.source}: all {len(self.paths)} files failed to load "
                          f"(first: {first_error})")
 
-    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, tuple[str, ...]]:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor | None, tuple[str, ...]]:
         index, rng = split_key(key)
         skipped: list[str] = []
-        for attempt in range(len(self.paths)):
+        for attempt in range(len(self.paths) if self.substitute else 1):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
                 with Image.open(path) as image:
@@ -113,4 +118,6 @@ class ImagePaths(Dataset):
             except UNREADABLE_IMAGE_ERRORS as exc:
                 warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
                 skipped.append(path)
+        if not self.substitute:
+            return None, tuple(skipped)
         raise RuntimeError(f"no readable image in {self.source}: all {len(self.paths)} files failed to load")

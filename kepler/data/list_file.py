@@ -10,6 +10,6 @@ from kepler.data.sources import register_source
 
 @register_source("list", "a list file of image paths", matches=lambda spec: Path(spec).is_file())
 def build_list(spec: str, split: str, data) -> ImagePaths:
-    dataset = ImagePaths.from_list(spec, file_transform(split, data))
+    dataset = ImagePaths.from_list(spec, file_transform(split, data), substitute=split == "train")
     dataset.check_readable()
     return dataset

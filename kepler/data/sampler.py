@@ -41,9 +41,11 @@ class SeededSampler(Sampler):
                 yield index, (self.seed, self.epoch, self.rank, position)
 
 
-def collate(samples: list[tuple[torch.Tensor, tuple[str, ...]]]) -> tuple[torch.Tensor, list[str]]:
+def collate(samples: list[tuple[torch.Tensor | None, tuple[str, ...]]]) -> tuple[torch.Tensor | None, list[str]]:
     """Stack the items' first elements (images; or tuples of tensors, stacked one by one, as the
-    prior's labelled code maps are); gather the paths of the unreadable files skipped while loading them."""
-    stacked = default_collate([s[0] for s in samples])
+    prior's labelled code maps are), leaving out the unreadable ones of a held-out set (None; None
+    when every item is); gather the paths of the unreadable files skipped while loading them."""
+    readable = [s[0] for s in samples if s[0] is not None]
+    stacked = default_collate(readable) if readable else None
     skipped = [p for s in samples for p in s[1]]
     return stacked, skipped

@@ -448,8 +448,9 @@ class CodeTransformer(nn.Module):
         global generator), so a seeded generator gives the same maps every time on one device.
         ``class_labels``: one int or ``(num,)``, required by a class-conditional prior, refused by an
         unconditional one."""
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not (math.isfinite(temperature) and temperature > 0)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         codebook_size = self.layout.codebook_size
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 (at most K={codebook_size} matters), got {top_k!r}")

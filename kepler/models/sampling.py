@@ -1,7 +1,10 @@
 """Images from a prior: index maps drawn by a :class:`~kepler.models.CodeTransformer`, decoded by its
-tokenizer (a :class:`~kepler.models.VQModel`)."""
+tokenizer (a :class:`~kepler.models.VQModel`), all at once (:func:`sample_images`) or a batch at a
+time (:func:`sample_batches`, for any number of samples in bounded memory)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -31,3 +34,20 @@ def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int,
     generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
     codes = prior.generate(num, class_label, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     return codes, tokenizer.decode_indices(codes).float().clamp(-1, 1)
+
+
+def sample_batches(prior: CodeTransformer, tokenizer: VQModel, num: int,
+                   class_label: int | torch.Tensor | None = None, *, batch_size: int = 64, seed: int = 0,
+                   **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sample_images` of ``num`` samples drawn ``batch_size`` at a time from one generator
+    seeded with ``seed``: yields ``(index maps, images)`` of each batch, so memory does not grow
+    with ``num``. The same ``seed`` and ``batch_size`` give the same samples on one device.
+    ``class_label``: one class, or one per sample ``(num,)``; ``sampling``: ``temperature``,
+    ``top_k``, ``top_p``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    generator = torch.Generator(next(prior.parameters()).device).manual_seed(seed)
+    for start in range(0, num, batch_size):
+        count = min(batch_size, num - start)
+        labels = class_label[start : start + count] if isinstance(class_label, torch.Tensor) else class_label
+        yield sample_images(prior, tokenizer, count, labels, seed=generator, **sampling)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from kepler.data import build_dataset, collate, dataset_labels, held_out_set
 from kepler.data.images import split_key
@@ -33,16 +33,25 @@ CACHE_DATA_KEYS = ("train", "val", "size", "resize", "flip", "samples_per_epoch"
 
 @torch.no_grad()
 def encode_dataset(tokenizer: VQModel, dataset: Dataset, batch_size: int, device: torch.device,
-                   flips: bool = False) -> torch.Tensor:
-    """Index maps ``(N, H, W, P)`` int64 of every image of ``dataset`` (then of their horizontal
-    flips, ``2N`` maps, when ``flips``)."""
-    maps, flipped = [], []
-    for images, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+                   flips: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maps, encoded)``: the index maps ``(N, H, W, P)`` int64 of the readable images of
+    ``dataset`` (then of their horizontal flips, ``2N`` maps, when ``flips``), and ``encoded``
+    ``(N,)`` int64, the items they are of (an unreadable file of a held-out set is left out, so its
+    label is too)."""
+    maps, flipped, encoded = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [(index, dataset[index]) for index in range(start, min(start + batch_size, len(dataset)))]
+        images, _ = collate([item for _, item in items])
+        if images is None:
+            continue
+        encoded += [index for index, (image, _) in items if image is not None]
         images = images.to(device)
         maps.append(tokenizer.encode_to_indices(images).cpu())
         if flips:
             flipped.append(tokenizer.encode_to_indices(images.flip(-1)).cpu())
-    return torch.cat(maps + flipped)
+    if not maps:
+        raise ValueError(f"no readable image among the {len(dataset)} to encode")
+    return torch.cat(maps + flipped), torch.tensor(encoded, dtype=torch.int64)
 
 
 class CodeMaps(Dataset):
@@ -105,11 +114,11 @@ def _encode_and_cache(tokenizer: VQModel, tokenizer_sha256: str, data: Mapping, 
     val_set = held_out_set(data)
     train_labels = class_labels(train_set, num_classes, f"data.train {data['train']!r}")
     val_labels = class_labels(val_set, num_classes, f"data.val {data['val']!r}")
-    codes = {
-        "val": encode_dataset(tokenizer, val_set, data["val_batch_size"], device),
-        "train": encode_dataset(tokenizer, train_set, data["val_batch_size"], device, flips=data["flip"]),
-    }
+    val_codes, val_encoded = encode_dataset(tokenizer, val_set, data["val_batch_size"], device)
+    train_codes, train_encoded = encode_dataset(tokenizer, train_set, data["val_batch_size"], device, flips=data["flip"])
+    codes = {"val": val_codes, "train": train_codes}
     if num_classes:
         # encode_dataset puts the flips after all the maps, in the same order.
-        codes.update(train_labels=train_labels.repeat(2 if data["flip"] else 1), val_labels=val_labels)
+        codes.update(train_labels=train_labels[train_encoded].repeat(2 if data["flip"] else 1),
+                     val_labels=val_labels[val_encoded])
     save_checkpoint({**codes, "tokenizer_sha256": tokenizer_sha256, "data": settings}, path)

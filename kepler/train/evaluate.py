@@ -60,9 +60,10 @@ def _shard(n: int, batch_size: int, rank: int, world_size: int) -> list[list[tup
 class Validation(NamedTuple):
     """What :func:`run_validation` measured.
 
-    metrics: per-image means (``psnr``, ``ssim``, ``l1``, ``baseline_psnr``, ``lpips``), ``images``,
-        ``rfid``, and the code statistics of this pass (``utilization``, ``perplexity``,
-        ``codebook_entries``).
+    metrics: per-image means (``psnr``, ``ssim``, ``l1``, ``baseline_psnr``, ``lpips``), ``images``
+        (the readable images, each counted once), ``unreadable_images`` (left out, with a warning
+        naming each), ``rfid``, and the code statistics of this pass (``utilization``,
+        ``perplexity``, ``codebook_entries``) over the counted images.
     grid: ``(originals, reconstructions)`` in [-1, 1], this rank's first images, or None.
     code_counts: ``(P, K)`` int64, how often each token took each code over the data (all ranks).
     """
@@ -91,22 +92,36 @@ def run_validation(
 
     The quantizer's code counts are saved and restored around the pass, so evaluating does not
     disturb the training statistics; utilization and perplexity here are over this data set.
+    An unreadable file of a held-out set (an item ``(None, (path,))``) is left out and counted
+    in ``unreadable_images``.
     """
     was_training = model.training
     model.eval()
     quantizer = model.quantize
     saved_counts = quantizer.code_counts.clone()
-    quantizer.reset_usage()
+    counts = torch.zeros_like(saved_counts)
+    unreadable = torch.zeros(1, dtype=torch.float64, device=device)
     names = ["psnr", "ssim", "l1", "baseline_psnr"] + (["lpips"] if lpips is not None else [])
     sums = _Sums(names, device)
     originals, recons = [], []
+    autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
     try:
         for batch in _shard(len(dataset), batch_size, rank, world_size):
-            images, _ = collate([dataset[i] for i, _ in batch])
-            weight = torch.tensor([float(c) for _, c in batch], device=device, dtype=torch.float64)
+            items = [(dataset[i], counted) for i, counted in batch]
+            unreadable += sum(counted for (image, _), counted in items if image is None)
+            kept = [(item, counted) for item, counted in items if item[0] is not None]
+            if not kept:
+                if world_size > 1:  # the quantizer sums its statistics over ranks in every forward
+                    factor = model.downsample_factor
+                    with torch.autocast(**autocast):
+                        model(torch.zeros(1, model.config["in_channels"], factor, factor, device=device))
+                continue
+            images, _ = collate([item for item, _ in kept])
+            weight = torch.tensor([float(c) for _, c in kept], device=device, dtype=torch.float64)
             x = images.to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                x_rec, _, _ = model(x)
+            with torch.autocast(**autocast):
+                x_rec, _, info = model(x)
+            counts += quantizer.token_counts(info.indices[weight.bool()])
             x_rec = x_rec.float()
             xu, ru = to_unit(x), to_unit(x_rec)
             metrics = {
@@ -126,10 +141,13 @@ def run_validation(
                 originals.append(x.cpu())
                 recons.append(x_rec.clamp(-1, 1).cpu())
         out = sums.means()
+        out["unreadable_images"] = int(all_reduce_sum(unreadable).item())
+        all_reduce_sum(counts)
+        quantizer.code_counts.copy_(counts)
         out["utilization"] = quantizer.codebook_utilization().item()
         out["perplexity"] = quantizer.usage_perplexity().float().mean().item()
         out["codebook_entries"] = quantizer.codebook_entries
-        code_counts = quantizer.code_counts.clone()
+        code_counts = counts
         if fid is not None:
             out["rfid"] = float(fid.compute())
             fid.reset()
@@ -152,6 +170,8 @@ def quantizer_inputs(model: VQModel, dataset: Dataset, device: torch.device, max
     rows = 0
     for start in range(0, len(dataset), batch_size):
         images, _ = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        if images is None:  # unreadable files only
+            continue
         vectors = model.quantize.sub_vectors(model.latents(images.to(device)))
         if vectors is None:
             return None

@@ -18,7 +18,7 @@ from kepler.metrics.inception import INCEPTION_SCORE_SPLITS, load_fid, load_ince
 from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.load import load_model, load_prior_tokenizer
-from kepler.models.sampling import sample_images
+from kepler.models.sampling import sample_batches
 from kepler.train.codes import class_labels, encode_dataset
 
 
@@ -97,17 +97,14 @@ def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset
     if fid is not None:
         fid = fid.to(device)
         for images, _ in DataLoader(held_out, batch_size=batch_size, collate_fn=collate):
-            fid.update(to_unit(images.to(device)), real=True)
+            if images is not None:  # a batch of unreadable files only
+                fid.update(to_unit(images.to(device)), real=True)
     if score is not None:
         score = score.to(device)
     labels = None
     if held_out_labels is not None:
         labels = held_out_labels[torch.arange(num_samples) % len(held_out_labels)].to(device)
-    generator = torch.Generator(device).manual_seed(seed)
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        batch_labels = None if labels is None else labels[start : start + count]
-        _, images = sample_images(prior, tokenizer, count, batch_labels, seed=generator)
+    for _, images in sample_batches(prior, tokenizer, num_samples, labels, batch_size=batch_size, seed=seed):
         images = to_unit(images)  # (count, 3, H, W) float32 in [0, 1], what both metrics take
         if fid is not None:
             fid.update(images, real=False)
@@ -141,7 +138,8 @@ def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "
     data = loaded.config["data"]
     val_set = held_out_set(data)
     val_labels = class_labels(val_set, prior.num_classes, f"data.val {data['val']!r}")
-    val_codes = encode_dataset(tokenizer, val_set, batch_size, torch.device(device))
+    val_codes, encoded = encode_dataset(tokenizer, val_set, batch_size, torch.device(device))
+    val_labels = None if val_labels is None else val_labels[encoded]
     return {
         "checkpoint": str(checkpoint),
         "step": loaded.step,

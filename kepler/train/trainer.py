@@ -40,6 +40,7 @@ from kepler.distributed import (
 )
 from kepler.io.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kepler.io.config import to_dict
+from kepler.io.files import write_atomically
 from kepler.io.weights import check_state_dict
 from kepler.models.load import load_model
 from kepler.train.optim import learning_rate, lr_schedule
@@ -94,6 +95,25 @@ class _StopSignal:
         return False
 
 
+def _drop_records_after(log: Path, step: int) -> None:
+    """Remove the records of ``log`` (JSON lines) after ``step``: a run killed after its last
+    checkpoint logged steps that the resumed run trains (and logs) again; a line cut short by the kill
+    goes too."""
+    if not log.is_file():
+        return
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if before(line)]
+    if len(kept) < len(lines):
+        write_atomically(log, lambda f: f.write("".join(kept).encode()))
+
+
 class Trainer:
     """Holds the run's state; :meth:`run` trains to ``train.max_steps`` and returns the run folder.
 
@@ -146,6 +166,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step if resume else None)
+            if resume:
+                _drop_records_after(self.run_dir / "log.jsonl", self.step)
             self.log_file = open(self.run_dir / "log.jsonl", "a")
 
     def progress(self) -> float:
