@@ -271,7 +271,7 @@ def test_lfq_entropy_fraction_reaches_the_library():
     ({"type": "fsq", "levels": [65536] * 4}, "FSQQuantizer would have 18446744073709551616 codes per token"),
     ({"type": "lfq", "codebook_size": 2**32}, "LFQQuantizer would have 4294967296 codes per token"),
     ({"type": "kepler", "num_codes": 10**12}, "KeplerQuantizer would have 1000000000000 codes per token"),
-    ({"type": "lattice", "lattice": "E8", "q": 8}, "lattice E8 with q=8 has 16777216 codes per sub-vector"),
+    ({"type": "lattice", "lattice": "E8", "q": 8}, "LatticeQuantizer would have 16777216 codes per token"),
 ])
 def test_a_codebook_too_large_to_count_is_refused_before_it_is_allocated(config, message):
     """FSQ levels [1024] * 3 allocated 8 GB and [65536] * 4 overflowed in C++; every type now refuses

@@ -32,36 +32,30 @@ import sys
 from pathlib import Path
 
 from kepler import __version__
+from kepler.io.config import MAX_SEED
 
 
 class CLIError(Exception):
     """A user error: printed as ``kepler <command>: error: <message>``, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_type(low: int, high: int | None, expected: str):
+    """An argparse type: an integer in ``[low, high]`` (no upper bound for None), else an error saying
+    what was ``expected``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-# Seeds reach torch.manual_seed and numpy's generators: both take 0 <= seed < 2**63 here.
-MAX_SEED = 2**63 - 1
-
-
-def seed(text: str) -> int:
-    """argparse type: a seed, an integer in [0, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value}")
-    return value
+positive_int = _int_type(1, None, "a positive integer")
+seed = _int_type(0, MAX_SEED, "an integer from 0 to 2**63 - 1")
 
 
 def add_seed(parser: argparse.ArgumentParser, help: str) -> None:

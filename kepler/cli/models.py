@@ -154,8 +154,9 @@ def check_memory(model, height: int, width: int, budget: int, what: str) -> None
     if need <= budget:
         return
     factor = model.downsample_factor
-    fits = [s for s in range(factor, min(height, width) + 1, factor) if model.inference_bytes(s, s) <= budget]
-    advice = f"resize it with --size {fits[-1]}" if fits else "it does not fit at any size"
+    largest = min(height, width) // factor * factor
+    fits = next((s for s in range(largest, 0, -factor) if model.inference_bytes(s, s) <= budget), None)
+    advice = f"resize it with --size {fits}" if fits else "it does not fit at any size"
     raise CLIError(f"{what} ({width}x{height}) needs about {memory_size(need)} at full size, more than the "
                    f"{memory_size(budget)} budget (--max-memory): {advice}, or raise --max-memory")
 
@@ -301,11 +302,13 @@ def _cmd_sample(args) -> int:
                              seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     with tqdm(total=args.num, desc="kepler sample", unit="sample", disable=args.num <= args.batch_size) as bar:
         for codes, images in batches:
-            for code_map, image in zip(codes.cpu().numpy(), images.cpu()):
+            images = images.cpu()
+            if index < GRID_SAMPLES:
+                grid.append(images[: GRID_SAMPLES - index])
+            for code_map, image in zip(codes.cpu().numpy(), images):
                 np.save(out / f"sample{index:0{digits}d}.npy", code_map)
                 save_image(image, out / f"sample{index:0{digits}d}.png")
                 index += 1
-            grid.append(images[: GRID_SAMPLES - sum(len(g) for g in grid)].cpu())
             bar.update(len(codes))
     path = save_image_grid(torch.cat(grid), out / "grid.png")
     print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {path.name} (the first "

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kepler.data.images import ImagePaths, file_transform
+from kepler.data.images import ImagePaths, file_dataset
 from kepler.data.sources import register_source
 
 
 @register_source("folder", "a folder of images", matches=lambda spec: Path(spec).is_dir())
 def build_folder(spec: str, split: str, data) -> ImagePaths:
-    dataset = ImagePaths.from_folder(spec, file_transform(split, data), substitute=split == "train")
-    dataset.check_readable()
-    return dataset
+    return file_dataset(ImagePaths.from_folder, spec, split, data)

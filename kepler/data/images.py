@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,17 @@ def split_key(key: SampleKey) -> tuple[int, np.random.Generator | None]:
     return int(key), None
 
 
-def file_transform(split: str, data: Mapping) -> ImageTransform:
-    """The transform of image files for ``split`` under the ``data`` section: random crops and flips
-    (as the section says) in training, centre crops in validation."""
+def file_dataset(make: Callable[..., ImagePaths], spec: str, split: str, data: Mapping) -> ImagePaths:
+    """``make(spec, transform, substitute=...)`` (:meth:`ImagePaths.from_folder` or ``from_list``) for
+    ``split`` under the ``data`` section, checked to hold a readable image: random crops and flips (as
+    the section says) and substitutes for unreadable files in training; centre crops, and unreadable
+    files left out, in validation."""
     train = split == "train"
-    return ImageTransform(data["size"], data["resize"], random_crop=data["random_crop"] and train,
-                          flip=data["flip"] and train)
+    transform = ImageTransform(data["size"], data["resize"], random_crop=data["random_crop"] and train,
+                               flip=data["flip"] and train)
+    dataset = make(spec, transform, substitute=train)
+    dataset.check_readable()
+    return dataset
 
 
 class ImagePaths(Dataset):

@@ -17,10 +17,6 @@ import torch
 from kepler.io.files import write_atomically
 from kepler.io.weights import load_weights
 
-# What a checkpoint holds besides its model weights, by kind (see checkpoint_kind).
-CHECKPOINT_KINDS = ("tokenizer", "prior")
-
-
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """``torch.save`` through :func:`write_atomically`."""
     return write_atomically(path, lambda f: torch.save(state, f))

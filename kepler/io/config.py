@@ -112,6 +112,9 @@ class Range(typing.NamedTuple):
         return low if self.high is None else f"{low} and <= {self.high}"
 
 
+# Seeds reach torch.manual_seed and numpy's generators: both take 0 <= seed < 2**63.
+MAX_SEED = 2**63 - 1
+
 # Ranges and choices of the keys whose classes do not check them on construction (the quantizers
 # check their own arguments). A range applies to each item of a list.
 AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
@@ -130,7 +133,7 @@ RANGES: dict[str, Range] = {
     "train.max_steps": AT_LEAST_1, "train.time_limit_minutes": POSITIVE, "train.eval_every": AT_LEAST_1,
     "train.ckpt_every": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.grid_images": AT_LEAST_0,
     "train.threads": AT_LEAST_1,
-    "seed": Range(0, 2**63 - 1),  # torch.manual_seed and numpy's generators
+    "seed": Range(0, MAX_SEED),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adam", "adamw"),
@@ -418,27 +421,26 @@ def _check_backend_runs_here(cfg: DictConfig) -> None:
 
 
 def model_section(config: object, source: str, kind: str = "tokenizer") -> dict:
-    """The ``model`` section of a saved ``kind`` config (a checkpoint's ``config``, an exported
-    folder's ``config.yaml``), checked as :func:`load_config` checks a file, defaults filled in:
-    plain containers to build the model from. ValueError, one line, naming ``source`` otherwise."""
-    return _saved_section(config, "model", source, kind)
+    """The ``model`` section of a saved ``kind`` config: :func:`saved_sections` of it alone."""
+    return saved_sections(config, source, kind)["model"]
 
 
-def data_section(config: object, source: str, kind: str = "tokenizer") -> dict:
-    """The ``data`` section of a saved config, checked and completed as :func:`model_section` does."""
-    return _saved_section(config, "data", source, kind)
-
-
-def _saved_section(config: object, section: str, source: str, kind: str) -> dict:
-    if not isinstance(config, Mapping) or not isinstance(config.get(section), Mapping):
-        raise ValueError(f"{source} has no {section} config (its config must map {section!r} to a section)")
+def saved_sections(config: object, source: str, kind: str = "tokenizer",
+                   sections: Sequence[str] = ("model",)) -> dict[str, dict]:
+    """``sections`` of a saved ``kind`` config (a checkpoint's ``config``, an exported folder's
+    ``config.yaml``), checked together as :func:`load_config` checks a file, defaults filled in:
+    plain containers to build a model from. ValueError, one line, naming ``source`` otherwise."""
+    for section in sections:
+        if not isinstance(config, Mapping) or not isinstance(config.get(section), Mapping):
+            raise ValueError(f"{source} has no {section} config (its config must map {section!r} to a section)")
     try:
-        layer = OmegaConf.create({section: dict(config[section])})
-        return to_dict(merge_config(kind, [(source, layer)]))[section]
+        layer = OmegaConf.create({section: dict(config[section]) for section in sections})
+        merged = to_dict(merge_config(kind, [(source, layer)]))
     except OmegaConfBaseException as exc:
         raise ValueError(f"bad config value in {source}: {exc.msg}") from None
     except ValueError as exc:  # a bad value's message names the key; say whose config it is
         raise ValueError(str(exc) if source in str(exc) else f"{source}: {exc}") from None
+    return {section: merged[section] for section in sections}
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -55,11 +55,6 @@ def write_pretrained(directory: str | os.PathLike, weights: Mapping[str, torch.T
     return directory
 
 
-def weights_sha256(manifest: Mapping) -> str:
-    """The SHA-256 that ``config.yaml`` records for the weights."""
-    return manifest["weights"]["sha256"].lower()
-
-
 def _read_manifest(directory: Path) -> dict:
     """``config.yaml`` of a pretrained folder, checked for the keys :func:`read_pretrained` needs."""
     path = directory / CONFIG_FILE
@@ -92,7 +87,7 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
     if not weights_path.is_file():
         raise FileNotFoundError(f"pretrained model {directory}: {weights_path.name} is missing")
     blob = weights_path.read_bytes()  # hashed and parsed from the same bytes: no window to swap the file
-    expected, actual = weights_sha256(manifest), hashlib.sha256(blob).hexdigest()
+    expected, actual = manifest["weights"]["sha256"].lower(), hashlib.sha256(blob).hexdigest()
     if actual != expected:
         raise ValueError(
             f"{weights_path}: SHA-256 {actual} is not the {expected} recorded in {CONFIG_FILE} "

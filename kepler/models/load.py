@@ -10,7 +10,7 @@ Forms (:func:`load_model` tells them apart by what the path holds):
 
 Every form is read without running code (``weights_only`` pickles, safetensors) and checked before
 memory is spent on it: the saved config is checked as a config file is
-(:func:`kepler.io.config.model_section`), the model is built on the ``meta`` device and the weights
+(:func:`kepler.io.config.saved_sections`), the model is built on the ``meta`` device and the weights
 are compared with it (:func:`kepler.io.weights.check_state_dict`: keys, shapes, finite values), and
 only then is the real model allocated. Every problem is a one-line error naming the file.
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from kepler import _backend
 from kepler.io.checkpoint import checkpoint_kind, load_checkpoint
-from kepler.io.config import data_section, model_section
+from kepler.io.config import saved_sections
 from kepler.io.files import file_sha256
 from kepler.io.pretrained import WEIGHTS_FILE, read_pretrained
 from kepler.io.weights import check_state_dict, error_line
@@ -88,27 +88,23 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     if path.is_dir():
         if (path / CONVERTED_CHECKPOINT).is_file() and not (path / WEIGHTS_FILE).is_file():
             return load_model(path / CONVERTED_CHECKPOINT, device, kind)
-        return _checked_kind(_load_pretrained(path, device), kind)
+        _check_kind("tokenizer", kind, f"pretrained model {path}")
+        return _load_pretrained(path, device)
     state = load_checkpoint(path)
     source = f"checkpoint {path}"
     found = checkpoint_kind(state)
-    _checked_kind_name(found, kind, source)
-    weights = state.pop("model")
+    _check_kind(found, kind, source)
+    weights, config = state.pop("model"), state.pop("config")
+    sections = saved_sections(config, source, found, ("model", "data"))
     if found == "prior":
-        model = build_prior(state, weights, source)
+        model = build_prior(state.get("tokenizer"), sections["model"], weights, source)
     else:
-        model = build_tokenizer(state["config"], weights, source, device)
-    config = state.pop("config")
-    config = {**config, "data": data_section(config, source, found)}
+        model = build_tokenizer(sections["model"], weights, source, device)
+    config = {**config, "data": sections["data"]}
     return LoadedModel(model.to(device).eval(), found, source, int(state.get("step", 0)), config, state)
 
 
-def _checked_kind(loaded: LoadedModel, kind: str | None) -> LoadedModel:
-    _checked_kind_name(loaded.kind, kind, loaded.source)
-    return loaded
-
-
-def _checked_kind_name(found: str, wanted: str | None, source: str) -> None:
+def _check_kind(found: str, wanted: str | None, source: str) -> None:
     if wanted is not None and found != wanted:
         takes = {"tokenizer": "kepler eval, reconstruct, encode, decode, export and a prior's tokenizer.checkpoint",
                  "prior": "kepler sample and kepler prior eval"}[found]
@@ -119,24 +115,47 @@ def _checked_kind_name(found: str, wanted: str | None, source: str) -> None:
 def _load_pretrained(directory: Path, device: torch.device) -> LoadedModel:
     manifest, weights = read_pretrained(directory)
     source = f"pretrained model {directory}"
-    model = build_tokenizer(manifest, weights, source, device)
     # A model saved without its training data section is evaluated at its architecture's resolution.
-    data = data_section(manifest, source) if manifest.get("data") is not None else {"size": model.config["resolution"]}
-    config = {"model": model.config, "data": data}
+    has_data = manifest.get("data") is not None
+    sections = saved_sections(manifest, source, "tokenizer", ("model", "data") if has_data else ("model",))
+    model = build_tokenizer(sections["model"], weights, source, device)
+    config = {"model": model.config, "data": sections["data"] if has_data else {"size": model.config["resolution"]}}
     return LoadedModel(model.to(device).eval(), "tokenizer", source, int(manifest.get("step") or 0), config, {})
 
 
-def build_tokenizer(config: Mapping, weights: Mapping, source: str, device: torch.device | str = "cpu") -> VQModel:
-    """A :class:`VQModel` built from the ``model`` section of a saved config (a checkpoint's
-    ``config``, an exported folder's ``config.yaml``) and loaded with ``weights`` (a state dict), in
-    training mode on the CPU, checked as the module docstring says; a saved quantizer backend that
-    cannot run on ``device`` is re-chosen there. ValueError, one line starting with ``source``."""
-    section = model_section(config, source)
-    section["quantizer"] = _backend_for(section["quantizer"], torch.device(device), source)
-    skeleton = meta_skeleton(lambda: VQModel.from_config(section), source)
-    check_state_dict(skeleton, weights, source)
-    model = VQModel.from_config(section)
-    _load_weights_into(model, weights, source)
+def build_tokenizer(section: dict, weights: Mapping, source: str, device: torch.device | str = "cpu") -> VQModel:
+    """A :class:`VQModel` of a checked ``model`` config section (:func:`kepler.io.config.saved_sections`)
+    loaded with ``weights`` (a state dict), in training mode on the CPU, checked as the module
+    docstring says; a saved quantizer backend that cannot run on ``device`` is re-chosen there.
+    ValueError, one line starting with ``source``."""
+    section = {**section, "quantizer": _backend_for(section["quantizer"], torch.device(device), source)}
+    return _checked_build(lambda: VQModel.from_config(section), weights, source)
+
+
+def build_prior(record: object, section: dict, weights: Mapping, source: str) -> CodeTransformer:
+    """A :class:`CodeTransformer` of a prior checkpoint's tokenizer ``record`` (its code layout) and
+    checked ``model`` section, loaded with ``weights``, checked as :func:`build_tokenizer` checks a
+    tokenizer."""
+    layout = record.get("layout") if isinstance(record, Mapping) else None
+    if not isinstance(layout, Mapping):
+        raise ValueError(f"{source}: its tokenizer record has no code layout")
+    try:
+        layout = CodeLayout(**layout)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: bad code layout {dict(layout)}: {exc}") from None
+    return _checked_build(lambda: CodeTransformer(layout, **section), weights, source)
+
+
+def _checked_build(build: Callable[[], nn.Module], weights: Mapping, source: str) -> nn.Module:
+    """``build()`` loaded with ``weights``, after they are checked against a ``meta`` skeleton of it
+    (nothing is allocated for weights that do not fit); a value a module refuses on loading (a
+    quantizer's negative code counts) is a ValueError naming ``source`` too."""
+    check_state_dict(meta_skeleton(build, source), weights, source)
+    model = build()
+    try:
+        model.load_state_dict(weights)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
     return model
 
 
@@ -162,35 +181,6 @@ def _backend_for(quantizer: dict, device: torch.device, source: str) -> dict:
     log.warning("%s: its quantizer backend %r cannot run on %s (%s); using backend auto", source, backend,
                 device, reason)
     return {**quantizer, "backend": "auto"}
-
-
-def build_prior(checkpoint: Mapping, weights: Mapping, source: str) -> CodeTransformer:
-    """A :class:`CodeTransformer` from a prior checkpoint's entries (its ``config``'s ``model``
-    section and its ``tokenizer.layout``) and ``weights``, checked as :func:`build_tokenizer` checks
-    a tokenizer."""
-    record = checkpoint.get("tokenizer")
-    layout = record.get("layout") if isinstance(record, Mapping) else None
-    if not isinstance(layout, Mapping):
-        raise ValueError(f"{source}: its tokenizer record has no code layout")
-    try:
-        layout = CodeLayout(**layout)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: bad code layout {dict(layout)}: {exc}") from None
-    section = model_section(checkpoint["config"], source, kind="prior")
-    skeleton = meta_skeleton(lambda: CodeTransformer(layout, **section), source)
-    check_state_dict(skeleton, weights, source)
-    model = CodeTransformer(layout, **section)
-    _load_weights_into(model, weights, source)
-    return model
-
-
-def _load_weights_into(model: nn.Module, weights: Mapping, source: str) -> None:
-    """``model.load_state_dict(weights)``; a value a module refuses (a quantizer's negative code
-    counts) is a ValueError naming ``source``."""
-    try:
-        model.load_state_dict(weights)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
 
 
 def tokenizer_layout(tokenizer: VQModel, size: int) -> CodeLayout:

@@ -37,7 +37,6 @@ from kepler.distributed import all_reduce_sum
 from kepler.lattice import get_lattice
 from kepler.lattice_codes import VoronoiCode, leech_shell
 from kepler.nn.protocol import (
-    MAX_CODES,
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
@@ -121,11 +120,6 @@ class LatticeQuantizer(Quantizer):
         else:
             code = VoronoiCode(self.lattice.name, 2 if q is None else check_int("q", q, 2), backend=backend)
             codebook_size = code.size
-        if codebook_size > MAX_CODES:  # the protocol refuses it too; this says which lattice and q
-            raise ValueError(
-                f"lattice {self.lattice.name} with q={q} has {codebook_size} codes per sub-vector; at most "
-                f"{MAX_CODES} are counted"
-            )
         super().__init__(dim=dim, codebook_size=codebook_size, tokens_per_position=partitions, shared_codebook=False)
         self.partitions = partitions
         self.sub_dim = n

@@ -29,22 +29,27 @@ from kepler.models.load import LoadedModel, load_model
 
 
 class _Sums:
-    """Running sums of per-image metrics, reduced over ranks at the end."""
+    """Running sums of per-image metrics and the counts of images and unreadable files, reduced over
+    ranks at the end (one all-reduce)."""
 
     def __init__(self, names: Sequence[str], device: torch.device):
         self.names = list(names)
-        self.values = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
+        self.values = torch.zeros(len(self.names) + 2, dtype=torch.float64, device=device)
 
     def add(self, weight: torch.Tensor, **metrics: torch.Tensor) -> None:
-        self.values[-1] += weight.sum()
+        self.values[-2] += weight.sum()
         for i, name in enumerate(self.names):
             self.values[i] += (metrics[name].double() * weight).sum()
 
+    def unreadable(self, count: int) -> None:
+        self.values[-1] += count
+
     def means(self) -> dict[str, float]:
         all_reduce_sum(self.values)
-        count = self.values[-1].item()
+        count = self.values[-2].item()
         out = {name: self.values[i].item() / max(count, 1.0) for i, name in enumerate(self.names)}
         out["images"] = int(round(count))
+        out["unreadable_images"] = int(round(self.values[-1].item()))
         return out
 
 
@@ -100,7 +105,6 @@ def run_validation(
     quantizer = model.quantize
     saved_counts = quantizer.code_counts.clone()
     counts = torch.zeros_like(saved_counts)
-    unreadable = torch.zeros(1, dtype=torch.float64, device=device)
     names = ["psnr", "ssim", "l1", "baseline_psnr"] + (["lpips"] if lpips is not None else [])
     sums = _Sums(names, device)
     originals, recons = [], []
@@ -108,7 +112,7 @@ def run_validation(
     try:
         for batch in _shard(len(dataset), batch_size, rank, world_size):
             items = [(dataset[i], counted) for i, counted in batch]
-            unreadable += sum(counted for (image, _), counted in items if image is None)
+            sums.unreadable(sum(counted for (image, _), counted in items if image is None))
             kept = [(item, counted) for item, counted in items if item[0] is not None]
             if not kept:
                 if world_size > 1:  # the quantizer sums its statistics over ranks in every forward
@@ -141,7 +145,6 @@ def run_validation(
                 originals.append(x.cpu())
                 recons.append(x_rec.clamp(-1, 1).cpu())
         out = sums.means()
-        out["unreadable_images"] = int(all_reduce_sum(unreadable).item())
         all_reduce_sum(counts)
         quantizer.code_counts.copy_(counts)
         out["utilization"] = quantizer.codebook_utilization().item()

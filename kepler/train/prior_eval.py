@@ -69,8 +69,8 @@ def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, 
 @torch.no_grad()
 def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset, held_out_labels: torch.Tensor | None,
                    num_samples: int, inception_path: str | os.PathLike | None, batch_size: int, seed: int) -> dict:
-    """FID of ``num_samples`` samples (:func:`sample_images` in batches of ``batch_size``, one
-    generator seeded with ``seed``) against the ``held_out`` images, and their Inception Score
+    """FID of ``num_samples`` samples (:func:`kepler.models.sampling.sample_batches` of ``batch_size``
+    seeded with ``seed``) against the ``held_out`` images, and their Inception Score
     ``[mean, std]``, on the local FID Inception weights (:func:`kepler.metrics.inception.load_fid`); a
     class-conditional prior's samples take the held-out classes in turn (the same proportions).
     ``fid_off_reason`` / ``is_off_reason`` instead where a metric cannot run."""
