@@ -40,6 +40,21 @@ TORCH_LIBRARY(kepler, m) {
   // x: (N, n) float, lattice one of "Z" (Z^n), "D" (D_n), "A2" (n = 2), "E8" (n = 8). Returns the
   // closest lattice point of every row, (N, n) float32; a row holding NaN/inf gives NaN. No backward.
   m.def("closest_lattice_point(Tensor x, str lattice) -> Tensor");
+
+  // z: (G, N, D), codebook: (Gc, K, D) with Gc in {1, G}; float32/bfloat16/float16, same dtype.
+  // scale: 0-d float32 power of two the inputs are multiplied by as they are read (the search
+  // scale of nearest_codeword); inv_temperature = 1 / T. Scores c = ||e'||^2 - 2 z'.e' (' =
+  // scaled), logits -(c - c_min) * alpha with alpha = inv_temperature / scale^2 capped at FLT_MAX.
+  // Returns row_stats (G, N, 3) float32 = (c_min, log l, entropy) per row and code_mass (G, K)
+  // float32 = sum_n p[n, k] (kepler/reference/code_entropy.py is the spec).
+  m.def(
+      "code_entropy(Tensor z, Tensor codebook, Tensor scale, float inv_temperature) -> (Tensor row_stats, "
+      "Tensor code_mass)");
+  // grad_per_sample, grad_batch: (G,) float32. Returns grad_z (G, N, D) and grad_codebook
+  // (Gc, K, D), contiguous, in the inputs' dtype (summed over the groups for a shared codebook).
+  m.def(
+      "code_entropy_backward(Tensor grad_per_sample, Tensor grad_batch, Tensor z, Tensor codebook, Tensor scale, "
+      "float inv_temperature, Tensor row_stats, Tensor code_mass) -> (Tensor grad_z, Tensor grad_codebook)");
 }
 
 namespace kepler {

@@ -1,7 +1,7 @@
-"""Codebook regularizers: the released Kepler KL with its grid prior, and the Gaussian-potential
-packing energy.
+"""Codebook regularizers: the released Kepler KL with its grid prior, the Gaussian-potential
+packing energy, and the code entropy of LFQ / MAGVIT-v2.
 
-Both losses are fused ops (see ``kepler/ops/``); this module is their public home, and the home of
+The losses are fused ops (see ``kepler/ops/``); this module is their public home, and the home of
 the fixed prior the KL pulls quantized latents towards in the released code
 (:func:`official_grid_prior`, laid out to a row of any length by :func:`prior_row`).
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kepler.ops.code_entropy import code_entropy
 from kepler.ops.kepler_kl import kepler_kl
 from kepler.ops.packing_energy import packing_energy
 
-__all__ = ["kepler_kl", "official_grid_prior", "packing_energy", "prior_row"]
+__all__ = ["code_entropy", "kepler_kl", "official_grid_prior", "packing_energy", "prior_row"]
 
 # int64 holds row numbers of a {0,1}^sub_dim grid up to sub_dim = 62 (2**62 rows).
 _MAX_GRID_SUB_DIM = 62

@@ -81,5 +81,6 @@ OPS = (
     OpRecord("kepler_kl", backward="kernel", tests=("tests/test_kepler_kl.py",)),
     OpRecord("packing_energy", backward="kernel", tests=("tests/test_packing_energy.py",)),
     OpRecord("closest_lattice_point", backward=None, tests=("tests/test_closest_lattice_point.py",)),
+    OpRecord("code_entropy", backward="kernel", tests=("tests/test_code_entropy.py",)),
 )
 """The op inventory (see the module docstring)."""

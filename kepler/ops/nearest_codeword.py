@@ -80,9 +80,10 @@ class NearestCodewordFunction(torch.autograd.Function):
         return grad_z, grad_codebook, None
 
 
-def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
-    check_input("z", z)
-    check_input("codebook", codebook)
+def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """The shape, dtype and device checks of rows ``z`` searched against ``codebook``, shared by
+    the ops that score every row against every codeword (``nearest_codeword``, ``code_entropy``):
+    (N, D) or (G, N, D) rows, a (K, D) or (G, K, D) codebook, K >= 1, D >= 1, one dtype, one device."""
     if z.dim() not in (2, 3):
         raise ValueError(f"z must be (N, D) or (G, N, D), got shape {tuple(z.shape)}")
     if codebook.dim() not in (2, 3):
@@ -104,6 +105,12 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
             )
         if codebook.shape[0] != z.shape[0]:
             raise ValueError(f"codebook has G={codebook.shape[0]} groups but z has G={z.shape[0]}")
+
+
+def _check_inputs(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    check_input("z", z)
+    check_input("codebook", codebook)
+    check_search_inputs(z, codebook)
 
 
 def nearest_codeword(
