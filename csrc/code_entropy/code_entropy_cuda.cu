@@ -1,0 +1,573 @@
+// CUDA kernels of kepler::code_entropy and kepler::code_entropy_backward.
+//
+// The spec is kepler/reference/code_entropy.py (its module docstring); notation as there: z' = z * s
+// and e' = e * s with s = scale, c[n, k] = ||e'_k||^2 - 2 z'_n . e'_k, alpha = inv_temperature / s^2
+// capped at FLT_MAX, t[n, k] = (c[n, k] - c_min[n]) * alpha, l_n = sum_k exp(-t), H_n = log l_n +
+// (sum_k t exp(-t)) / l_n, p[n, k] = exp(-t[n, k] - log l_n), code_mass[k] = sum_n p[n, k].
+//
+// Written to be simple and correct rather than fast (the layout of packing_energy_cuda.cu): one
+// thread per row n (row kernels) or per code k (code kernels), kThreads of them per block; the
+// other side is streamed through shared memory in tiles of kTile vectors x kChunkD coordinates,
+// upcast to float32 and multiplied by s as they are loaded (inputs read through their strides, no
+// copy). No N x K tensor exists: every score is recomputed where it is needed. Launches, on the
+// current stream:
+//   forward   1. _code_norms_kernel       ||e'_k||^2, (Gc, K) float32
+//             2. _rows_kernel             per row: pass 1 c_min, pass 2 l and sum t exp(-t) -> row_stats
+//             3. _code_mass_kernel        per code: sum over the rows, in order, of p -> code_mass
+//   backward  1. _code_norms_kernel
+//             2. _row_dot_kernel          r_n = sum_k p[n, k] w_k, (G, N) float32
+//             3. _grad_z_kernel           grid z = chunks of kChunkD output coordinates
+//             4. _grad_codebook_kernel    grid z = chunks of kChunkD output coordinates
+// Extra memory is O(N + K): the norms, and r in the backward.
+//
+// How each rule of the spec is met:
+// * Scores: every score, in every kernel, is computed by the same instructions: the dot product
+//   z'.e' accumulated with fmaf in ascending d from 0 (tile_dots; fmaf is symmetric in its two
+//   factors, so the row kernels, which hold z', and the code kernels, which hold e', get the same
+//   bits), then c = fmaf(-2, dot, ||e'||^2) with the norm from _code_norms_kernel. So c_min of the
+//   forward is exactly a score of the row, the winner's t is exactly 0, and the backward sees the
+//   forward's scores.
+// * float32 accumulation for every input dtype; bfloat16/float16 are upcast as they are staged.
+// * scale is read from device memory in every kernel (`*scale`, no host sync); alpha is computed
+//   in double from inv_temperature and s (exact: s is a power of two) and capped at FLT_MAX
+//   (effective_alpha), so it is never inf (no 0 * inf at the winner). t = (c - c_min) * alpha is
+//   rounded on its own (__fmul_rn: never contracted into a later add), as in the reference.
+// * t exp(-t) adds exactly 0 where exp(-t) is 0 (t may be inf there): `if (w != 0)` in _rows_kernel.
+//   A saturated row has l = 1 and H = 0 exactly; m tied codes give l = m, H = log m.
+// * c_min is min_k c with NaN propagated as torch.amin does (nan_min). A row with any non-finite
+//   score gets log l = H = NaN (`finite` in _rows_kernel); the code kernels and the backward compute
+//   p = exp(-t - log l), NaN for that row through its log l (and its c_min), so NaN reaches
+//   code_mass (of the whole group, as in the reference), r, and both gradients.
+// * code_mass is a plain sum over the rows in increasing n by the thread owning code k:
+//   deterministic, no atomics. N = 0: the row kernels are not launched and code_mass is 0.
+// * Backward: with w_k = log code_mass[k] - log N and r_n = sum_k p w_k (a term with p == 0 adds 0,
+//   as w_k may be -inf there; a NaN p is kept), the logit gradient
+//   G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)), 0 where p == 0, with log p = -t - log l.
+//   It is multiplied by alpha per element (scaled_logit_grad), as the reference's autograd does
+//   (alpha = FLT_MAX times G = 0 stays 0), then grad_z[n] = 2 s sum_k (alpha G) e'_k and
+//   grad_e[k] = 2 s (sum_n (alpha G) z'_n - e'_k sum_n alpha G).
+// * Shared codebook (Gc = 1): _grad_codebook_kernel's thread for code k loops over every group g in
+//   order and sums its rows' terms into one accumulator: the group sum, deterministic. The forward
+//   keeps code_mass per group g (grid y = G, code group 0).
+// * Bounds: every staged load is guarded by `vector < count && d < dim` (zeros outside; a zero
+//   coordinate adds exactly 0 to a dot product); scores of codes k >= K / rows n >= N are never
+//   used (guarded in every loop); row_stats, r, code_mass and the outputs are read and written only
+//   for n < N, k < K, d < D. K or N not a multiple of the tile and D not a multiple of kChunkD are
+//   covered by the same guards. Empty grids (G = 0, N = 0, D = 0) are never launched.
+// * expf/logf are the full-precision functions (no __expf/__logf, no --use_fast_math in setup.py).
+#include "code_entropy/code_entropy_checks.h"
+#include "common/dispatch.h"
+
+#include <ATen/ATen.h>
+#include <ATen/ceil_div.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace kepler {
+namespace {
+
+constexpr int kThreads = 128;  // rows (row kernels) or codes (code kernels) per block, one per thread
+constexpr int kTile = 32;      // vectors of the other side per shared-memory tile
+constexpr int kChunkD = 32;    // coordinates per shared-memory tile, and output coordinates per block
+constexpr int kMaxGridYZ = 65535;
+constexpr int kFlatThreads = 256;  // _code_norms_kernel
+
+// Vectors of one group of z (rows n) or of one codebook (codes k), read through their strides.
+template <typename scalar_t>
+struct Vectors {
+  const scalar_t* base;  // already offset to the group
+  int64_t count, stride_v, stride_d;
+};
+
+// Everything every kernel reads about the inputs; passed by value.
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* z;
+  int64_t z_stride_g, z_stride_n, z_stride_d;
+  const scalar_t* codebook;
+  int64_t e_stride_g, e_stride_k, e_stride_d;
+  const float* code_norms;  // (Gc, K), ||e'_k||^2
+  const float* scale;       // 0-d, on the device
+  double inv_temperature;
+  int64_t groups, rows, codes, dim;
+  bool shared_codebook;
+
+  __device__ int64_t code_group(int64_t g) const { return shared_codebook ? 0 : g; }
+  __device__ Vectors<scalar_t> rows_of(int64_t g) const { return {z + g * z_stride_g, rows, z_stride_n, z_stride_d}; }
+  __device__ Vectors<scalar_t> codes_of(int64_t code_group) const {
+    return {codebook + code_group * e_stride_g, codes, e_stride_k, e_stride_d};
+  }
+};
+
+// alpha = inv_temperature / s^2 capped at the largest float32. In double, so s^2 neither
+// underflows nor rounds (s is a power of two) and the quotient is rounded once; never inf.
+__device__ __forceinline__ float effective_alpha(double inv_temperature, float s) {
+  const double s2 = static_cast<double>(s) * static_cast<double>(s);
+  const double alpha = inv_temperature / s2;
+  return alpha < static_cast<double>(FLT_MAX) ? static_cast<float>(alpha) : FLT_MAX;
+}
+
+// min(a, b), NaN when either is NaN (torch.amin).
+__device__ __forceinline__ float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+
+// The score c = ||e'||^2 - 2 dot, rounded once (2 * dot is exact).
+__device__ __forceinline__ float score_of(float dot, float code_norm) { return fmaf(-2.f, dot, code_norm); }
+
+// t = (c - c_min) * alpha, rounded on its own so that no caller's expression contracts it.
+__device__ __forceinline__ float shifted_of(float score, float c_min, float alpha) {
+  return __fmul_rn(score - c_min, alpha);
+}
+
+// p = exp(-t - log l): NaN for a row whose log l is NaN, 0 where it underflows (t may be inf).
+__device__ __forceinline__ float probability_of(float t, float log_l) { return expf(-t - log_l); }
+
+// Stages coordinates [d0, d0 + kChunkD) of vectors [first, first + kVectors) of `v`, times s, into
+// tile (zeros outside the vectors and the coordinates).
+template <int kVectors, typename scalar_t>
+__device__ __forceinline__ void stage(const Vectors<scalar_t>& v, int64_t first, int64_t d0, int64_t dim, float s,
+                                      float (*tile)[kChunkD + 1]) {
+  for (int e = threadIdx.x; e < kVectors * kChunkD; e += blockDim.x) {
+    const int r = e / kChunkD, k = e % kChunkD;
+    const int64_t vector = first + r, d = d0 + k;
+    tile[r][k] = (vector < v.count && d < dim) ? static_cast<float>(v.base[vector * v.stride_v + d * v.stride_d]) * s
+                                               : 0.f;
+  }
+}
+
+// dots[c] = own'_i . other'_{other0 + c} over all D, for this thread's vector i = own0 + threadIdx.x,
+// accumulated with fmaf in ascending d (the one definition of the dot product of a score).
+template <typename scalar_t>
+__device__ __forceinline__ void tile_dots(const Vectors<scalar_t>& own, int64_t own0, const Vectors<scalar_t>& other,
+                                          int64_t other0, int64_t dim, float s, float (*own_tile)[kChunkD + 1],
+                                          float (*other_tile)[kChunkD + 1], float* dots) {
+#pragma unroll
+  for (int c = 0; c < kTile; ++c) dots[c] = 0.f;
+  for (int64_t d0 = 0; d0 < dim; d0 += kChunkD) {
+    __syncthreads();  // previous users of the shared tiles are done
+    stage<kThreads>(own, own0, d0, dim, s, own_tile);
+    stage<kTile>(other, other0, d0, dim, s, other_tile);
+    __syncthreads();
+    const int chunk = static_cast<int>(dim - d0 < kChunkD ? dim - d0 : kChunkD);
+    for (int k = 0; k < chunk; ++k) {
+      const float a = own_tile[threadIdx.x][k];
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) dots[c] = fmaf(a, other_tile[c][k], dots[c]);
+    }
+  }
+}
+
+// ||e'_k||^2 of every code of every codebook, accumulated with fmaf in ascending d.
+template <typename scalar_t>
+__global__ void _code_norms_kernel(Inputs<scalar_t> in, int64_t total, float* __restrict__ norms) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const float s = *in.scale;
+  const scalar_t* e = in.codebook + (i / in.codes) * in.e_stride_g + (i % in.codes) * in.e_stride_k;
+  float norm = 0.f;
+  for (int64_t d = 0; d < in.dim; ++d) {
+    const float value = static_cast<float>(e[d * in.e_stride_d]) * s;
+    norm = fmaf(value, value, norm);
+  }
+  norms[i] = norm;
+}
+
+// Forward, one thread per row n of group g = blockIdx.y: row_stats[g, n] = (c_min, log l, H).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) _rows_kernel(Inputs<scalar_t> in, float* __restrict__ row_stats) {
+  __shared__ float own_tile[kThreads][kChunkD + 1];
+  __shared__ float other_tile[kTile][kChunkD + 1];
+  const int64_t g = blockIdx.y;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kThreads;
+  const int64_t n = n0 + threadIdx.x;
+  const float s = *in.scale;
+  const float alpha = effective_alpha(in.inv_temperature, s);
+  const Vectors<scalar_t> rows = in.rows_of(g);
+  const Vectors<scalar_t> codes = in.codes_of(in.code_group(g));
+  const float* norms = in.code_norms + in.code_group(g) * in.codes;
+  float dots[kTile];
+
+  // Pass 1: c_min = min_k c (NaN if a score is NaN) and whether every score of the row is finite.
+  float c_min = INFINITY;
+  bool finite = true;
+  for (int64_t k0 = 0; k0 < in.codes; k0 += kTile) {
+    tile_dots(rows, n0, codes, k0, in.dim, s, own_tile, other_tile, dots);
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      const int64_t k = k0 + c;
+      if (k < in.codes) {
+        const float score = score_of(dots[c], norms[k]);
+        c_min = nan_min(score, c_min);
+        finite = finite && isfinite(score);
+      }
+    }
+  }
+
+  // Pass 2: l = sum_k exp(-t) and sum_k t exp(-t), the latter skipping the terms whose exp(-t) is 0.
+  float l_sum = 0.f, weighted_t = 0.f;
+  for (int64_t k0 = 0; k0 < in.codes; k0 += kTile) {
+    tile_dots(rows, n0, codes, k0, in.dim, s, own_tile, other_tile, dots);
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      const int64_t k = k0 + c;
+      if (k < in.codes) {
+        const float t = shifted_of(score_of(dots[c], norms[k]), c_min, alpha);
+        const float weight = expf(-t);
+        l_sum += weight;
+        if (weight != 0.f) weighted_t += t * weight;
+      }
+    }
+  }
+
+  if (n >= in.rows) return;  // after the last __syncthreads
+  float* out = row_stats + (g * in.rows + n) * 3;
+  const float log_l = logf(l_sum);
+  out[0] = c_min;
+  out[1] = finite ? log_l : NAN;
+  out[2] = finite ? log_l + weighted_t / l_sum : NAN;
+}
+
+// Forward, one thread per code k, for group g = blockIdx.y: code_mass[g, k] = sum_n p[n, k], the rows
+// in increasing n.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    _code_mass_kernel(Inputs<scalar_t> in, const float* __restrict__ row_stats, float* __restrict__ code_mass) {
+  __shared__ float own_tile[kThreads][kChunkD + 1];
+  __shared__ float other_tile[kTile][kChunkD + 1];
+  const int64_t g = blockIdx.y;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kThreads;
+  const int64_t k = k0 + threadIdx.x;
+  const float s = *in.scale;
+  const float alpha = effective_alpha(in.inv_temperature, s);
+  const Vectors<scalar_t> codes = in.codes_of(in.code_group(g));
+  const Vectors<scalar_t> rows = in.rows_of(g);
+  const float code_norm = k < in.codes ? in.code_norms[in.code_group(g) * in.codes + k] : 0.f;
+  const float* stats = row_stats + g * in.rows * 3;
+  float dots[kTile];
+  float mass = 0.f;
+  for (int64_t n0 = 0; n0 < in.rows; n0 += kTile) {
+    tile_dots(codes, k0, rows, n0, in.dim, s, own_tile, other_tile, dots);
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      const int64_t n = n0 + c;
+      if (n < in.rows) {
+        const float c_min = stats[n * 3 + 0], log_l = stats[n * 3 + 1];
+        mass += probability_of(shifted_of(score_of(dots[c], code_norm), c_min, alpha), log_l);
+      }
+    }
+  }
+  if (k < in.codes) code_mass[g * in.codes + k] = mass;
+}
+
+// The backward's per-group values.
+struct Upstream {
+  const float* grad_per_sample;  // (G,)
+  const float* grad_batch;       // (G,)
+  const float* row_stats;        // (G, N, 3)
+  const float* code_mass;        // (G, K)
+  const float* row_dot;          // (G, N), r_n (written by _row_dot_kernel, read after it)
+  float rows;                    // N
+  float log_rows;                // log N (0 for N = 0, then unused)
+};
+
+// w_k = log code_mass[k] - log N.
+__device__ __forceinline__ float code_weight(const Upstream& up, int64_t g, int64_t codes, int64_t k) {
+  return logf(up.code_mass[g * codes + k]) - up.log_rows;
+}
+
+// alpha * G[n, k] for the score c of row n: G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)) with
+// log p = -t - log l, and 0 where p == 0 (a NaN p is kept).
+__device__ __forceinline__ float scaled_logit_grad(float score, float c_min, float log_l, float entropy, float r,
+                                                   float w, float g_s, float g_b, float rows, float alpha) {
+  const float t = shifted_of(score, c_min, alpha);
+  const float log_p = -t - log_l;
+  const float p = expf(log_p);
+  if (p == 0.f) return 0.f;
+  const float grad = -(p / rows) * (g_s * (log_p + entropy) + g_b * (w - r));
+  return grad * alpha;
+}
+
+// Backward, one thread per row n of group g = blockIdx.y: r_n = sum_k p[n, k] w_k.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) _row_dot_kernel(Inputs<scalar_t> in, Upstream up, float* __restrict__ r) {
+  __shared__ float own_tile[kThreads][kChunkD + 1];
+  __shared__ float other_tile[kTile][kChunkD + 1];
+  const int64_t g = blockIdx.y;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kThreads;
+  const int64_t n = n0 + threadIdx.x;
+  const bool valid = n < in.rows;
+  const float s = *in.scale;
+  const float alpha = effective_alpha(in.inv_temperature, s);
+  const Vectors<scalar_t> rows = in.rows_of(g);
+  const Vectors<scalar_t> codes = in.codes_of(in.code_group(g));
+  const float* norms = in.code_norms + in.code_group(g) * in.codes;
+  const float* stats = up.row_stats + (g * in.rows + (valid ? n : 0)) * 3;  // read only when valid
+  const float c_min = valid ? stats[0] : 0.f, log_l = valid ? stats[1] : 0.f;
+  float dots[kTile];
+  float dot_w = 0.f;
+  for (int64_t k0 = 0; k0 < in.codes; k0 += kTile) {
+    tile_dots(rows, n0, codes, k0, in.dim, s, own_tile, other_tile, dots);
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      const int64_t k = k0 + c;
+      if (k < in.codes) {
+        const float p = probability_of(shifted_of(score_of(dots[c], norms[k]), c_min, alpha), log_l);
+        if (p != 0.f) dot_w += p * code_weight(up, g, in.codes, k);
+      }
+    }
+  }
+  if (valid) r[g * in.rows + n] = dot_w;
+}
+
+// Backward, one thread per row n of group g = blockIdx.y, output coordinates [out0, out0 + kChunkD)
+// with out0 = blockIdx.z * kChunkD: grad_z[g, n, d] = 2 s sum_k (alpha G[n, k]) e'_k[d].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    _grad_z_kernel(Inputs<scalar_t> in, Upstream up, scalar_t* __restrict__ grad_z) {
+  __shared__ float own_tile[kThreads][kChunkD + 1];
+  __shared__ float other_tile[kTile][kChunkD + 1];
+  const int64_t g = blockIdx.y;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kThreads;
+  const int64_t n = n0 + threadIdx.x;
+  const int64_t out0 = static_cast<int64_t>(blockIdx.z) * kChunkD;
+  const bool valid = n < in.rows;
+  const float s = *in.scale;
+  const float alpha = effective_alpha(in.inv_temperature, s);
+  const Vectors<scalar_t> rows = in.rows_of(g);
+  const Vectors<scalar_t> codes = in.codes_of(in.code_group(g));
+  const float* norms = in.code_norms + in.code_group(g) * in.codes;
+  const float* stats = up.row_stats + (g * in.rows + (valid ? n : 0)) * 3;  // read only when valid
+  const float c_min = valid ? stats[0] : 0.f, log_l = valid ? stats[1] : 0.f, entropy = valid ? stats[2] : 0.f;
+  const float r = valid ? up.row_dot[g * in.rows + n] : 0.f;
+  const float g_s = up.grad_per_sample[g], g_b = up.grad_batch[g];
+  float dots[kTile];
+  float weighted[kChunkD];
+#pragma unroll
+  for (int j = 0; j < kChunkD; ++j) weighted[j] = 0.f;
+  for (int64_t k0 = 0; k0 < in.codes; k0 += kTile) {
+    tile_dots(rows, n0, codes, k0, in.dim, s, own_tile, other_tile, dots);
+    float coef[kTile];
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      const int64_t k = k0 + c;
+      coef[c] = (valid && k < in.codes)
+                    ? scaled_logit_grad(score_of(dots[c], norms[k]), c_min, log_l, entropy, r,
+                                        code_weight(up, g, in.codes, k), g_s, g_b, up.rows, alpha)
+                    : 0.f;
+    }
+    __syncthreads();  // every thread is done with the score tiles
+    stage<kTile>(codes, k0, out0, in.dim, s, other_tile);
+    __syncthreads();
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+#pragma unroll
+      for (int j = 0; j < kChunkD; ++j) weighted[j] = fmaf(coef[c], other_tile[c][j], weighted[j]);
+    }
+  }
+  if (!valid) return;  // after the last __syncthreads
+  const float two_s = 2.f * s;
+  scalar_t* out = grad_z + (g * in.rows + n) * in.dim;
+#pragma unroll
+  for (int j = 0; j < kChunkD; ++j) {
+    if (out0 + j < in.dim) out[out0 + j] = static_cast<scalar_t>(two_s * weighted[j]);
+  }
+}
+
+// Backward, one thread per code k of codebook cg = blockIdx.y, output coordinates [out0, out0 +
+// kChunkD) with out0 = blockIdx.z * kChunkD: grad_codebook[cg, k, d] = 2 s (sum (alpha G) z'_n[d] -
+// e'_k[d] sum (alpha G)), the sums over the rows of group cg, or of every group in order when the
+// codebook is shared.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    _grad_codebook_kernel(Inputs<scalar_t> in, Upstream up, scalar_t* __restrict__ grad_codebook) {
+  __shared__ float own_tile[kThreads][kChunkD + 1];
+  __shared__ float other_tile[kTile][kChunkD + 1];
+  const int64_t cg = blockIdx.y;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kThreads;
+  const int64_t k = k0 + threadIdx.x;
+  const int64_t out0 = static_cast<int64_t>(blockIdx.z) * kChunkD;
+  const bool valid = k < in.codes;
+  const float s = *in.scale;
+  const float alpha = effective_alpha(in.inv_temperature, s);
+  const Vectors<scalar_t> codes = in.codes_of(cg);
+  const float code_norm = valid ? in.code_norms[cg * in.codes + k] : 0.f;
+  const int64_t g_begin = in.shared_codebook ? 0 : cg;
+  const int64_t g_end = in.shared_codebook ? in.groups : cg + 1;
+  float dots[kTile];
+  float grad_sum = 0.f;  // sum alpha G
+  float weighted[kChunkD];  // sum alpha G z'_n
+#pragma unroll
+  for (int j = 0; j < kChunkD; ++j) weighted[j] = 0.f;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const Vectors<scalar_t> rows = in.rows_of(g);
+    const float* stats = up.row_stats + g * in.rows * 3;
+    const float* row_dot = up.row_dot + g * in.rows;
+    const float w = valid ? code_weight(up, g, in.codes, k) : 0.f;
+    const float g_s = up.grad_per_sample[g], g_b = up.grad_batch[g];
+    for (int64_t n0 = 0; n0 < in.rows; n0 += kTile) {
+      tile_dots(codes, k0, rows, n0, in.dim, s, own_tile, other_tile, dots);
+      float coef[kTile];
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) {
+        const int64_t n = n0 + c;
+        coef[c] = (valid && n < in.rows) ? scaled_logit_grad(score_of(dots[c], code_norm), stats[n * 3 + 0],
+                                                             stats[n * 3 + 1], stats[n * 3 + 2], row_dot[n], w, g_s,
+                                                             g_b, up.rows, alpha)
+                                         : 0.f;
+        grad_sum += coef[c];
+      }
+      __syncthreads();  // every thread is done with the score tiles
+      stage<kTile>(rows, n0, out0, in.dim, s, other_tile);
+      __syncthreads();
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) {
+#pragma unroll
+        for (int j = 0; j < kChunkD; ++j) weighted[j] = fmaf(coef[c], other_tile[c][j], weighted[j]);
+      }
+    }
+  }
+  if (!valid) return;  // after the last __syncthreads
+  const float two_s = 2.f * s;
+  const scalar_t* e = in.codebook + cg * in.e_stride_g + k * in.e_stride_k;
+  scalar_t* out = grad_codebook + (cg * in.codes + k) * in.dim;
+#pragma unroll
+  for (int j = 0; j < kChunkD; ++j) {
+    const int64_t d = out0 + j;
+    if (d < in.dim) {
+      const float code = static_cast<float>(e[d * in.e_stride_d]) * s;
+      out[d] = static_cast<scalar_t>(two_s * (weighted[j] - code * grad_sum));
+    }
+  }
+}
+
+// Groups (and codebooks) go to gridDim.y, output chunks of D to gridDim.z (each at most 65535),
+// tiles of rows and codes to gridDim.x (below 2**31).
+void check_grid_limits(const char* op, const at::Tensor& z, const at::Tensor& codebook) {
+  TORCH_CHECK(z.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " groups G, got G=", z.size(0));
+  TORCH_CHECK(at::ceil_div<int64_t>(z.size(2), kChunkD) <= kMaxGridYZ, op, ": D too large, got D=", z.size(2));
+  TORCH_CHECK(at::ceil_div<int64_t>(z.size(1), kThreads) < (int64_t{1} << 31), op, ": too many rows N=", z.size(1));
+  TORCH_CHECK(at::ceil_div<int64_t>(codebook.size(0) * codebook.size(1), kFlatThreads) < (int64_t{1} << 31), op,
+              ": too many codes Gc*K=", codebook.size(0) * codebook.size(1));
+}
+
+template <typename scalar_t>
+Inputs<scalar_t> inputs_of(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& scale,
+                           double inv_temperature, const at::Tensor& code_norms) {
+  return {z.data_ptr<scalar_t>(),
+          z.stride(0),
+          z.stride(1),
+          z.stride(2),
+          codebook.data_ptr<scalar_t>(),
+          codebook.stride(0),
+          codebook.stride(1),
+          codebook.stride(2),
+          code_norms.data_ptr<float>(),
+          scale.data_ptr<float>(),
+          inv_temperature,
+          z.size(0),
+          z.size(1),
+          codebook.size(1),
+          z.size(2),
+          codebook.size(0) == 1};
+}
+
+template <typename scalar_t>
+void launch_code_norms(const Inputs<scalar_t>& in, int64_t code_groups, float* norms, cudaStream_t stream) {
+  const int64_t total = code_groups * in.codes;
+  _code_norms_kernel<scalar_t>
+      <<<static_cast<unsigned>(at::ceil_div<int64_t>(total, kFlatThreads)), kFlatThreads, 0, stream>>>(in, total,
+                                                                                                        norms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> code_entropy_cuda(const at::Tensor& z, const at::Tensor& codebook,
+                                                     const at::Tensor& scale, double inv_temperature) {
+  check_code_entropy_inputs(z, codebook, scale, inv_temperature, c10::DeviceType::CUDA);
+  check_grid_limits("kepler::code_entropy", z, codebook);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  const int64_t G = z.size(0), N = z.size(1), Gc = codebook.size(0), K = codebook.size(1);
+  const auto float_options = z.options().dtype(at::kFloat);
+  at::Tensor row_stats = at::empty({G, N, 3}, float_options);
+  at::Tensor code_mass = at::empty({G, K}, float_options);
+  if (G == 0) return {row_stats, code_mass};
+  at::Tensor code_norms = at::empty({Gc, K}, float_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  KEPLER_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "code_entropy_cuda", [&] {
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(z, codebook, scale, inv_temperature, code_norms);
+    launch_code_norms(in, Gc, code_norms.data_ptr<float>(), stream);
+    if (N > 0) {
+      const dim3 grid(static_cast<unsigned>(at::ceil_div<int64_t>(N, kThreads)), static_cast<unsigned>(G));
+      _rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(in, row_stats.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // Launched for N = 0 too: it writes code_mass = 0.
+    const dim3 grid(static_cast<unsigned>(at::ceil_div<int64_t>(K, kThreads)), static_cast<unsigned>(G));
+    _code_mass_kernel<scalar_t>
+        <<<grid, kThreads, 0, stream>>>(in, row_stats.data_ptr<float>(), code_mass.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {row_stats, code_mass};
+}
+
+std::tuple<at::Tensor, at::Tensor> code_entropy_backward_cuda(const at::Tensor& grad_per_sample,
+                                                              const at::Tensor& grad_batch, const at::Tensor& z,
+                                                              const at::Tensor& codebook, const at::Tensor& scale,
+                                                              double inv_temperature, const at::Tensor& row_stats,
+                                                              const at::Tensor& code_mass) {
+  check_code_entropy_backward_inputs(grad_per_sample, grad_batch, z, codebook, scale, inv_temperature, row_stats,
+                                     code_mass, c10::DeviceType::CUDA);
+  check_grid_limits("kepler::code_entropy_backward", z, codebook);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  const int64_t G = z.size(0), N = z.size(1), D = z.size(2), Gc = codebook.size(0), K = codebook.size(1);
+  at::Tensor grad_z = at::empty({G, N, D}, z.options());
+  at::Tensor grad_codebook = at::empty({Gc, K, D}, codebook.options());
+  if (Gc == 0 || D == 0) return {grad_z, grad_codebook};  // Gc = 0 means G = 0: both are empty
+  const auto float_options = z.options().dtype(at::kFloat);
+  const at::Tensor grad_s = grad_per_sample.contiguous(), grad_b = grad_batch.contiguous();
+  const at::Tensor stats = row_stats.contiguous(), mass = code_mass.contiguous();
+  at::Tensor code_norms = at::empty({Gc, K}, float_options);
+  at::Tensor row_dot = at::empty({G, N}, float_options);
+  const Upstream up{grad_s.data_ptr<float>(),
+                    grad_b.data_ptr<float>(),
+                    stats.data_ptr<float>(),
+                    mass.data_ptr<float>(),
+                    row_dot.data_ptr<float>(),
+                    static_cast<float>(N),
+                    N > 0 ? static_cast<float>(std::log(static_cast<double>(N))) : 0.f};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  KEPLER_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "code_entropy_backward_cuda", [&] {
+    const Inputs<scalar_t> in = inputs_of<scalar_t>(z, codebook, scale, inv_temperature, code_norms);
+    launch_code_norms(in, Gc, code_norms.data_ptr<float>(), stream);
+    const auto chunks = static_cast<unsigned>(at::ceil_div<int64_t>(D, kChunkD));
+    if (G > 0 && N > 0) {
+      const dim3 row_grid(static_cast<unsigned>(at::ceil_div<int64_t>(N, kThreads)), static_cast<unsigned>(G));
+      _row_dot_kernel<scalar_t><<<row_grid, kThreads, 0, stream>>>(in, up, row_dot.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grad_z_grid(row_grid.x, row_grid.y, chunks);
+      _grad_z_kernel<scalar_t><<<grad_z_grid, kThreads, 0, stream>>>(in, up, grad_z.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // Launched for N = 0 (and G = 0 with a shared codebook) too: an empty sum gives 0.
+    const dim3 code_grid(static_cast<unsigned>(at::ceil_div<int64_t>(K, kThreads)), static_cast<unsigned>(Gc), chunks);
+    _grad_codebook_kernel<scalar_t>
+        <<<code_grid, kThreads, 0, stream>>>(in, up, grad_codebook.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_z, grad_codebook};
+}
+
+}  // namespace
+}  // namespace kepler
+
+TORCH_LIBRARY_IMPL(kepler, CUDA, m) {
+  m.impl("code_entropy", &kepler::code_entropy_cuda);
+  m.impl("code_entropy_backward", &kepler::code_entropy_backward_cuda);
+}
