@@ -35,9 +35,9 @@
 // * t exp(-t) adds exactly 0 where exp(-t) is 0 (t may be inf there): `if (w != 0)` in _rows_kernel.
 //   A saturated row has l = 1 and H = 0 exactly; m tied codes give l = m, H = log m.
 // * c_min is min_k c with NaN propagated as torch.amin does (nan_min). A row with any non-finite
-//   score gets log l = H = NaN (`finite` in _rows_kernel); the code kernels and the backward compute
-//   p = exp(-t - log l), NaN for that row through its log l (and its c_min), so NaN reaches
-//   code_mass (of the whole group, as in the reference), r, and both gradients.
+//   score gets log l = H = NaN (`finite` in _rows_kernel); the code kernel computes
+//   p = exp(-t - log l), NaN for that row through its log l, so code_mass is NaN for the whole
+//   group, as in the reference.
 // * code_mass is a plain sum over the rows in increasing n by the thread owning code k:
 //   deterministic, no atomics. N = 0: the row kernels are not launched and code_mass is 0.
 // * Backward: with w_k = log code_mass[k] - log N and r_n = sum_k p w_k (a term with p == 0 adds 0,
@@ -45,7 +45,14 @@
 //   G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)), 0 where p == 0, with log p = -t - log l.
 //   It is multiplied by alpha per element (scaled_logit_grad), as the reference's autograd does
 //   (alpha = FLT_MAX times G = 0 stays 0), then grad_z[n] = 2 s sum_k (alpha G) e'_k and
-//   grad_e[k] = 2 s (sum_n (alpha G) z'_n - e'_k sum_n alpha G).
+//   grad_e[k] = 2 s (sum_n (alpha G) z'_n - e'_k sum_n alpha G). A saturated row has G = 0 exactly
+//   (p = 1, H = 0, r_n = w_k), so a zero gradient.
+// * Non-finite inputs in the backward follow the reference's autograd (the oracle), which is not
+//   "NaN everywhere": (a) `entropies` counts only masses > 0, so the NaN masses of a group holding a
+//   non-finite row add nothing to batch's gradient (code_weight: w_k = 0 there), and that group's
+//   finite rows keep their per-sample gradient; (b) a non-finite row's G is NaN for every k where
+//   its l is NaN (some t NaN), else 0 (_row_dot_kernel passes this through r_n); (c) a zero G
+//   times an inf coordinate gives NaN in the gradient sums, as in the reference's matmuls.
 // * Shared codebook (Gc = 1): _grad_codebook_kernel's thread for code k loops over every group g in
 //   order and sums its rows' terms into one accumulator: the group sum, deterministic. The forward
 //   keeps code_mass per group g (grid y = G, code group 0).
@@ -273,20 +280,26 @@ struct Upstream {
   const float* grad_batch;       // (G,)
   const float* row_stats;        // (G, N, 3)
   const float* code_mass;        // (G, K)
-  const float* row_dot;          // (G, N), r_n (written by _row_dot_kernel, read after it)
+  const float* row_dot;          // (G, N), r_n (written by _row_dot_kernel, read after it; see there)
   float rows;                    // N
   float log_rows;                // log N (0 for N = 0, then unused)
 };
 
-// w_k = log code_mass[k] - log N.
+// w_k = log code_mass[k] - log N where code_mass[k] > 0, else 0: the reference's `entropies` counts
+// only the masses > 0 (mass log mass is 0 elsewhere, with a zero gradient), so a NaN mass (every
+// mass of a group holding a non-finite row) adds nothing to batch's gradient. A mass of exactly 0
+// has p == 0 in every row, whose terms are 0 anyway.
 __device__ __forceinline__ float code_weight(const Upstream& up, int64_t g, int64_t codes, int64_t k) {
-  return logf(up.code_mass[g * codes + k]) - up.log_rows;
+  const float mass = up.code_mass[g * codes + k];
+  return mass > 0.f ? logf(mass) - up.log_rows : 0.f;
 }
 
 // alpha * G[n, k] for the score c of row n: G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)) with
-// log p = -t - log l, and 0 where p == 0 (a NaN p is kept).
+// log p = -t - log l, and 0 where p == 0 (a NaN p is kept). A non-finite row (log l NaN) gets r_n,
+// which _row_dot_kernel set to the reference's gradient there: NaN or 0.
 __device__ __forceinline__ float scaled_logit_grad(float score, float c_min, float log_l, float entropy, float r,
                                                    float w, float g_s, float g_b, float rows, float alpha) {
+  if (isnan(log_l)) return r;
   const float t = shifted_of(score, c_min, alpha);
   const float log_p = -t - log_l;
   const float p = expf(log_p);
@@ -295,7 +308,13 @@ __device__ __forceinline__ float scaled_logit_grad(float score, float c_min, flo
   return grad * alpha;
 }
 
-// Backward, one thread per row n of group g = blockIdx.y: r_n = sum_k p[n, k] w_k.
+// Backward, one thread per row n of group g = blockIdx.y: r_n = sum_k p[n, k] w_k for a finite row.
+// For a non-finite row (log l NaN) r_n is instead the logit gradient the reference gives every code
+// of that row: its torch.where masks the row to a zero gradient, which the backward of log l and
+// p = exp(-t) / l turns into NaN exactly when l = sum_k exp(-t) is NaN, i.e. when some t is NaN (a
+// NaN score, or a -inf / all +inf scores); a row whose only non-finite scores are +inf above a
+// finite c_min has l finite and a zero gradient. The products 0 * inf of such a zero with an inf
+// coordinate of e' or z' then give NaN in grad_z / grad_codebook where the reference's matmuls do.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _row_dot_kernel(Inputs<scalar_t> in, Upstream up, float* __restrict__ r) {
   __shared__ float own_tile[kThreads][kChunkD + 1];
@@ -313,18 +332,22 @@ __global__ void __launch_bounds__(kThreads) _row_dot_kernel(Inputs<scalar_t> in,
   const float c_min = valid ? stats[0] : 0.f, log_l = valid ? stats[1] : 0.f;
   float dots[kTile];
   float dot_w = 0.f;
+  bool nan_t = false;  // some t of the row is NaN
   for (int64_t k0 = 0; k0 < in.codes; k0 += kTile) {
     tile_dots(rows, n0, codes, k0, in.dim, s, own_tile, other_tile, dots);
 #pragma unroll
     for (int c = 0; c < kTile; ++c) {
       const int64_t k = k0 + c;
       if (k < in.codes) {
-        const float p = probability_of(shifted_of(score_of(dots[c], norms[k]), c_min, alpha), log_l);
+        const float t = shifted_of(score_of(dots[c], norms[k]), c_min, alpha);
+        const float p = probability_of(t, log_l);
+        nan_t = nan_t || isnan(t);
         if (p != 0.f) dot_w += p * code_weight(up, g, in.codes, k);
       }
     }
   }
-  if (valid) r[g * in.rows + n] = dot_w;
+  if (!valid) return;
+  r[g * in.rows + n] = isnan(log_l) ? (nan_t ? NAN : 0.f) : dot_w;
 }
 
 // Backward, one thread per row n of group g = blockIdx.y, output coordinates [out0, out0 + kChunkD)
