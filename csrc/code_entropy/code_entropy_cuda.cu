@@ -139,7 +139,6 @@ __device__ __forceinline__ float shifted_of(float score, float c_min, float alph
   return __fmul_rn(score - c_min, alpha);
 }
 
-
 // A compensated (Kahan) running sum. Every sum over the streamed rows, codes or coordinates uses it:
 // a plain running float sum of n terms errs by up to ~n ulps, several times the error of the
 // reference's pairwise torch.sum / blocked matmul (the tests allow twice that); this one stays
