@@ -8,6 +8,8 @@ LFQ's entropy loss from vector-quantize-pytorch vs the same loss from kepler's o
   that would not fit in ``PLAIN_MEMORY_BUDGET_GIB`` it is skipped with the size it would need.
 * ``cpu`` / ``cuda`` / ``triton``: ``kepler.losses.code_entropy(..., backend=...)``: scores tile by
   tile, never N x K; memory beyond the inputs and gradients is O(N + K).
+* ``two_gemms`` (GPU only): two ``z @ codebook.T`` products of the same size, the yardstick of the
+  GPU target (forward + backward within 2x of it).
 * ``lfq_library`` / ``lfq_kepler``: ``LFQQuantizer`` (vector-quantize-pytorch's LFQ) at 65536 codes
   in training mode, forward + backward, with the library's exact entropy loss (``entropy:
   library``, every position) or the same loss from the op (``entropy: kepler``).
@@ -58,7 +60,7 @@ def _params():
         device_marks = []
         if device == "cuda":
             device_marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
-        implementations = ("plain", "cpu") if device == "cpu" else ("plain", "cuda", "triton")
+        implementations = ("plain", "cpu") if device == "cpu" else ("plain", "cuda", "triton", "two_gemms")
         for codes, dim in SHAPES:
             for implementation in implementations:
                 marks = list(device_marks)
@@ -80,6 +82,12 @@ def test_code_entropy_forward_backward(benchmark, device, codes, dim, implementa
 
     def step():
         z.grad = codebook.grad = None
+        if implementation == "two_gemms":
+            with torch.no_grad():
+                torch.mm(z, codebook.T)
+                torch.mm(z, codebook.T)
+            torch.cuda.synchronize()
+            return
         if implementation == "plain":
             per_sample, batch = plain_code_entropy(z, codebook, TEMPERATURE)
         else:
