@@ -44,20 +44,24 @@
 // * code_mass is a sum over the rows in increasing n by the thread owning code k, of
 //   p = exp(-t) / l (the reference's weights / l_sum, with the forward's l): deterministic, no
 //   atomics. N = 0: the row kernels are not launched and code_mass is 0.
-// * Backward: with w_k = log code_mass[k] - log N and r_n = sum_k p w_k (a term with p == 0 adds 0,
-//   as w_k may be -inf there; a NaN p is kept), the logit gradient
-//   G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)), 0 where p == 0, with p = exp(-t) / l (l
-//   recomputed as in the forward) and log p = -t - log l.
+// * Backward: with w_k = log code_mass[k] - log N (0 for a mass of exactly 0, NaN for a NaN mass) and
+//   r_n = sum_k p w_k (a term with p == 0 adds 0; a NaN p or w is kept), the logit gradient
+//   G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)), 0 where p == 0 (NaN there too when w_k or
+//   r_n is NaN), with p = exp(-t) / l (l recomputed as in the forward) and log p = -t - log l.
 //   It is multiplied by alpha per element (scaled_logit_grad), as the reference's autograd does
 //   (alpha = FLT_MAX times G = 0 stays 0), then grad_z[n] = 2 s sum_k (alpha G) e'_k and
 //   grad_e[k] = 2 s (sum_n (alpha G) z'_n - e'_k sum_n alpha G). A saturated row has G = 0 exactly
 //   (p = 1, H = 0, r_n = w_k), so a zero gradient.
-// * Non-finite inputs in the backward follow the reference's autograd (the oracle), which is not
-//   "NaN everywhere": (a) `entropies` counts only masses > 0, so the NaN masses of a group holding a
-//   non-finite row add nothing to batch's gradient (code_weight: w_k = 0 there), and that group's
-//   finite rows keep their per-sample gradient; (b) a non-finite row's G is NaN for every k where
-//   its l is NaN (some t NaN), else 0 (_row_dot_kernel passes this through r_n); (c) a zero G
-//   times an inf coordinate gives NaN in the gradient sums, as in the reference's matmuls.
+// * Non-finite inputs in the backward follow the reference's autograd (the oracle): (a) a group
+//   holding a non-finite row has every code_mass NaN, and `entropies` keeps a NaN mass (only masses
+//   == 0 are dropped), so batch is NaN and its gradient d batch / d mass_k = -(log mass_k + 1) / N
+//   is NaN for every k, whatever g_b (NaN * 0 is NaN): code_weight gives w_k = NaN, so r_n is NaN and
+//   G is NaN for every k of every finite row of that group, p == 0 included (the reference's
+//   exp backward multiplies the NaN by p = 0); (b) a non-finite row's own G is untouched by that NaN
+//   (the reference's torch.where masks the row to a zero upstream gradient): NaN for every k where
+//   its l is NaN (some t NaN), else 0 (_row_dot_kernel passes this through r_n); (c) a zero G times
+//   an inf coordinate gives NaN in the gradient sums, as in the reference's matmuls. So grad_z is NaN
+//   on every finite row of such a group and grad_codebook on every code of its codebook.
 // * Shared codebook (Gc = 1): _grad_codebook_kernel's thread for code k loops over every group g in
 //   order and sums its rows' terms into one accumulator: the group sum, deterministic. The forward
 //   keeps code_mass per group g (grid y = G, code group 0).
@@ -316,35 +320,39 @@ struct Upstream {
   float log_rows;                // log N (0 for N = 0, then unused)
 };
 
-// w_k = log code_mass[k] - log N where code_mass[k] > 0, else 0: the reference's `entropies` counts
-// only the masses > 0 (mass log mass is 0 elsewhere, with a zero gradient), so a NaN mass (every
-// mass of a group holding a non-finite row) adds nothing to batch's gradient. A mass of exactly 0
-// has p == 0 in every row, whose terms are 0 anyway.
+// w_k = log code_mass[k] - log N, and 0 where code_mass[k] == 0, as the reference's `entropies`
+// drops exactly the masses == 0 (mass log mass is 0 there, with a zero gradient; such a code has
+// p == 0 in every row, whose terms are 0 anyway). A NaN mass (every mass of a group holding a
+// non-finite row) gives w_k = NaN: the reference's batch entropy and its gradient are NaN there.
 __device__ __forceinline__ float code_weight(const Upstream& up, int64_t g, int64_t codes, int64_t k) {
   const float mass = up.code_mass[g * codes + k];
-  return mass > 0.f ? logf(mass) - up.log_rows : 0.f;
+  return mass == 0.f ? 0.f : logf(mass) - up.log_rows;
 }
 
 // alpha * G[n, k] for the score c of row n: G = -(p / N) (g_s (log p + H) + g_b (w_k - r_n)) with
-// p = exp(-t) / l (as in _code_mass_kernel) and log p = -t - log l, and 0 where p == 0. A non-finite
-// row (log l NaN) gets r_n, which _row_dot_kernel set to the reference's gradient there: NaN or 0.
+// p = exp(-t) / l (as in _code_mass_kernel) and log p = -t - log l, and 0 where p == 0 unless w_k or
+// r_n is NaN (a finite row of a group with NaN masses: the reference's G is NaN at every k there,
+// p == 0 included). A non-finite row (log l NaN) gets r_n, which _row_dot_kernel set to the
+// reference's gradient there: NaN or 0.
 __device__ __forceinline__ float scaled_logit_grad(float score, float c_min, float log_l, float l, float entropy,
                                                    float r, float w, float g_s, float g_b, float rows, float alpha) {
   if (isnan(log_l)) return r;
   const float t = shifted_of(score, c_min, alpha);
   const float p = expf(-t) / l;
-  if (p == 0.f) return 0.f;
+  if (p == 0.f) return (isnan(w) || isnan(r)) ? NAN : 0.f;
   const float log_p = -t - log_l;
   const float grad = -(p / rows) * (g_s * (log_p + entropy) + g_b * (w - r));
   return grad * alpha;
 }
 
 // Backward, one thread per row n of group g = blockIdx.y: l_n = sum_k exp(-t) (the forward's l, by
-// the same instructions) and r_n = sum_k p[n, k] w_k = (sum_k exp(-t) w_k) / l_n for a finite row.
+// the same instructions) and r_n = sum_k p[n, k] w_k = (sum_k exp(-t) w_k) / l_n for a finite row:
+// NaN in a group with NaN masses (every w_k NaN, and the winner's term has p > 0).
 // For a non-finite row (log l NaN) r_n is instead the logit gradient the reference gives every code
-// of that row: its torch.where masks the row to a zero gradient, which the backward of log l and
-// p = exp(-t) / l turns into NaN exactly when l = sum_k exp(-t) is NaN, i.e. when some t is NaN (a
-// NaN score, or a -inf / all +inf scores); a row whose only non-finite scores are +inf above a
+// of that row: its torch.where masks the row to a zero upstream gradient (even where the upstream
+// is NaN), which the backward of log l and p = exp(-t) / l turns into NaN exactly when
+// l = sum_k exp(-t) is NaN, i.e. when some t is NaN (a NaN score, or a -inf / all +inf scores),
+// whatever the other rows; a row whose only non-finite scores are +inf above a
 // finite c_min has l finite and a zero gradient. The products 0 * inf of such a zero with an inf
 // coordinate of e' or z' then give NaN in grad_z / grad_codebook where the reference's matmuls do.
 template <typename scalar_t>
