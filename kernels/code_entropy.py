@@ -356,10 +356,16 @@ def _check_search(op: str, z: torch.Tensor, codebook: torch.Tensor, scale: torch
 def _parameters(scale: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     """(3,) float32 on the device: ``scale``, ``alpha log2(e)`` and ``alpha scale``, with
     ``alpha = inv_temperature / scale**2`` capped at the largest float32 (the reference's
-    ``effective_inv_temperature``), ``alpha log2(e)`` capped too. Tensor ops: no host sync."""
-    scale = scale.to(torch.float32)
-    alpha = (inv_temperature / (scale * scale)).clamp_max(FLOAT32_MAX)
-    return torch.stack([scale, (alpha * LOG2E).clamp_max(FLOAT32_MAX), alpha * scale])
+    ``effective_inv_temperature``), ``alpha log2(e)`` capped too.
+
+    Tensor ops on the 0-d scale (no host sync), in float64 and rounded once to float32: ``scale**2``
+    of a large input's scale (2**-70 for values near 1e30) and a small ``inv_temperature`` (1e-60)
+    are not float32 numbers, their quotient is. Where float32 holds them, this is the reference's
+    float32 value (a division by a power of two is exact)."""
+    scale64 = scale.to(torch.float64)
+    alpha = inv_temperature / (scale64 * scale64)
+    values = torch.stack([scale64, alpha * LOG2E, alpha * scale64]).clamp_max(FLOAT32_MAX)
+    return values.to(torch.float32)
 
 
 def _search_arguments(z: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, inv_temperature: float) -> dict:
@@ -465,8 +471,11 @@ def code_entropy_backward_triton(
     grad_codebook = torch.empty(code_groups, K, D, dtype=codebook.dtype, device=z.device)
     row_stats = row_stats.to(torch.float32).contiguous()
     code_mass = code_mass.to(torch.float32)
-    # w_k = log code_mass_k - log N; 0 for an unused code (its p are all 0: it adds nothing), NaN kept.
-    code_weight = torch.where(code_mass == 0, 0.0, torch.log(code_mass) - math.log(N)).contiguous()
+    # w_k = log code_mass_k - log N where the mass is > 0, else 0, as the reference's batch entropy
+    # counts only masses > 0: an unused code's p are all 0 (its w does not matter), and a NaN mass
+    # (a group with a NaN row: all its masses) gets a zero gradient there, a constant w that the
+    # softmax cancels, so only the NaN rows' own gradients are NaN.
+    code_weight = torch.where(code_mass > 0, torch.log(code_mass) - math.log(N), 0.0).contiguous()
     group_coef = (torch.stack([grad_per_sample, grad_batch], dim=1).to(torch.float32) / N).contiguous()
     row_weight = torch.empty(G, N, dtype=torch.float32, device=z.device)
     config = pick_config(D)
