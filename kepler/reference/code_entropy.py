@@ -15,8 +15,8 @@ N x K matrix; this reference builds it and is meant for small N x K):
   of two ``scale`` of :func:`kepler.reference.nearest_codeword.search_scale` (1 while every
   ``|value|`` is below ``2**32``), so ``c`` cannot overflow. The logits are
   ``-(c[n, k] - c_min[n]) * alpha`` with ``c_min[n] = min_k c[n, k]`` and
-  ``alpha = inv_temperature / scale**2``, capped at the largest finite value of the accumulation
-  dtype (an infinite ``alpha`` would make the winner's logit ``0 * inf``): exactly the logits of
+  ``alpha = inv_temperature / scale**2`` (computed in float64), capped at the largest finite value
+  of the accumulation dtype (an infinite ``alpha`` would make the winner's logit ``0 * inf``): exactly the logits of
   the inputs at their own scale, up to that cap, where the assignment is one-hot anyway.
 * Per row: ``l = sum_k exp(-t_k)`` with ``t_k = (c_k - c_min) * alpha >= 0``, so ``1 <= l <= K``,
   and ``H = log l + (sum_k t_k exp(-t_k)) / l``. A term whose ``exp(-t_k)`` is 0 adds exactly 0
@@ -57,9 +57,11 @@ ROW_STATS = ("c_min", "log_l", "entropy")
 
 def effective_inv_temperature(inv_temperature: float, scale: torch.Tensor) -> torch.Tensor:
     """``alpha = inv_temperature / scale**2`` (0-d, ``scale``'s dtype), capped at the dtype's largest
-    finite value. ``scale`` is a power of two, so the division is exact until the cap."""
+    finite value. Computed in float64: ``scale**2`` underflows float32 for inputs past ~1e19
+    (``scale`` is a power of two, so the division is exact until the cap)."""
     largest = torch.finfo(scale.dtype).max
-    return (inv_temperature / (scale * scale)).clamp_max(largest)
+    wide = scale.to(torch.float64)
+    return (inv_temperature / (wide * wide)).clamp_max(largest).to(scale.dtype)
 
 
 def code_entropy_raw_ref(
@@ -103,9 +105,9 @@ def entropies(row_stats: torch.Tensor, code_mass: torch.Tensor) -> tuple[torch.T
     for N = 0. O(G (N + K)); differentiable (the reference backend runs autograd through it)."""
     rows = row_stats.shape[-2]
     per_sample = row_stats[..., 2].sum(dim=-1) / max(rows, 1)
-    # Masses that are exactly 0 add 0, with a zero (not NaN) gradient.
-    used = code_mass > 0
-    mass_log_mass = torch.where(used, code_mass * torch.log(torch.where(used, code_mass, 1.0)), 0.0)
+    # Masses that are exactly 0 add 0, with a zero (not NaN) gradient; a NaN mass stays NaN.
+    unused = code_mass == 0
+    mass_log_mass = torch.where(unused, 0.0, code_mass * torch.log(torch.where(unused, 1.0, code_mass)))
     batch = math.log(max(rows, 1)) - mass_log_mass.sum(dim=-1) / max(rows, 1)
     return per_sample, batch
 
