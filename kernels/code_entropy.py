@@ -471,11 +471,10 @@ def code_entropy_backward_triton(
     grad_codebook = torch.empty(code_groups, K, D, dtype=codebook.dtype, device=z.device)
     row_stats = row_stats.to(torch.float32).contiguous()
     code_mass = code_mass.to(torch.float32)
-    # w_k = log code_mass_k - log N where the mass is > 0, else 0, as the reference's batch entropy
-    # counts only masses > 0: an unused code's p are all 0 (its w does not matter), and a NaN mass
-    # (a group with a NaN row: all its masses) gets a zero gradient there, a constant w that the
-    # softmax cancels, so only the NaN rows' own gradients are NaN.
-    code_weight = torch.where(code_mass > 0, torch.log(code_mass) - math.log(N), 0.0).contiguous()
+    # w_k = log code_mass_k - log N; 0 for an unused code (its p are all 0: its w does not matter,
+    # and log 0 would make p w = 0 * -inf), NaN kept: a NaN mass (a group with a NaN row) makes the
+    # batch entropy and its gradients NaN, as the reference's.
+    code_weight = torch.where(code_mass == 0, 0.0, torch.log(code_mass) - math.log(N)).contiguous()
     group_coef = (torch.stack([grad_per_sample, grad_batch], dim=1).to(torch.float32) / N).contiguous()
     row_weight = torch.empty(G, N, dtype=torch.float32, device=z.device)
     config = pick_config(D)
