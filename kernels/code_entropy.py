@@ -1,4 +1,5 @@
-"""Triton code entropy: ``_code_entropy_fwd_kernel``, ``_code_entropy_mass_kernel``, the two backward kernels, launchers.
+"""Triton code entropy: forward kernels ``_code_entropy_fwd_kernel`` and ``_code_entropy_mass_kernel``,
+backward kernels ``_code_entropy_bwd_rows_kernel`` and ``_code_entropy_bwd_codes_kernel``, and their launchers.
 
 The contract of ``kepler::code_entropy`` as ``kepler.reference.code_entropy.code_entropy_raw_ref``
 (the spec: every numeric rule is there): scores ``c = ||e'||^2 - 2 z'.e'`` with ``z' = z * scale``,
@@ -331,7 +332,9 @@ def _code_entropy_bwd_codes_kernel(
     tl.store(grad_ptrs, grad.to(grad_e_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _check_search(op: str, z: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, inv_temperature: float) -> None:
+def _check_search(
+    op: str, z: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, inv_temperature: float
+) -> None:
     """What every launcher needs: z (G, N, D), codebook (1 or G, K >= 1, D) of z's dtype, a 0-d
     scale, G on one grid axis, a finite inv_temperature > 0."""
     if z.dim() != 3 or codebook.dim() != 3:
@@ -347,7 +350,9 @@ def _check_search(op: str, z: torch.Tensor, codebook: torch.Tensor, scale: torch
     if codebook.dtype != z.dtype:
         raise TypeError(f"{op}: z and codebook must share one dtype, got {z.dtype} and {codebook.dtype}")
     if scale.dim() != 0 or not scale.is_floating_point():
-        raise ValueError(f"{op}: scale must be a 0-d floating-point tensor, got shape {tuple(scale.shape)} {scale.dtype}")
+        raise ValueError(
+            f"{op}: scale must be a 0-d floating-point tensor, got shape {tuple(scale.shape)} and {scale.dtype}"
+        )
     check_groups(op, G)
     if not (math.isfinite(inv_temperature) and inv_temperature > 0):
         raise ValueError(f"{op}: inv_temperature must be finite and > 0, got {inv_temperature}")
