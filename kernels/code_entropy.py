@@ -20,15 +20,17 @@ Forward, two kernels:
   ``exp2(-u)`` is 0 adds exactly 0. A row with a non-finite score gets NaN ``log l`` and ``H``
   (``c_min`` NaN too where a score is NaN, as ``amin`` gives).
 * ``_code_entropy_mass_kernel``: a program takes ``BLOCK_N`` codes of one group and iterates over
-  all the group's rows, summing ``p = exp2(-u - log2 l)`` down the columns. Programs over code
-  blocks, not atomics from the row programs: each column sum is taken in one fixed order, so the
-  result is deterministic (run to run, and the same on every launch of the same shapes), and it
-  needs only the (G, K) output. It reads the saved ``log l``, so a NaN row makes its group's masses
-  NaN, as the spec says.
+  a run of the group's row tiles (all of them, or one of :func:`row_splits`' splits when there are
+  few code blocks), summing ``p = exp2(-u - log2 l)`` down the columns; the launcher adds the
+  splits' (G, K) partial sums. Programs over code blocks, not atomics from the row programs: each
+  column sum is taken in one fixed order, set by the shapes alone, so the result is deterministic
+  (run to run, and on every GPU), and the extra memory is splits x (G, K), bounded (see
+  :data:`TARGET_PROGRAMS`). It reads the saved ``log l``, so a NaN row makes its group's masses NaN,
+  as the spec says.
 
 Backward (``kepler/reference/code_entropy.py``, "Gradients"), with ``w_k = log code_mass_k - log N``
-(0 for an unused code: its ``p`` are all 0) and the per-group ``g_s / N``, ``g_b / N`` (O(G + K),
-launcher), two kernels:
+(0 for an unused code: its ``p`` are all 0; NaN for a NaN mass) and the per-group ``g_s / N``,
+``g_b / N`` (O(G + K), launcher), two kernels:
 
 * ``_code_entropy_bwd_rows_kernel``: a program takes ``BLOCK_M`` rows and one ``BLOCK_D`` chunk of
   grad_z (grid axis 2). A first pass over the code tiles takes ``r_n = sum_k p w_k``; the second
@@ -36,9 +38,11 @@ launcher), two kernels:
   ``p == 0``) and accumulates ``G @ e'`` for its chunk. ``r`` (G, N) is written (by the programs of
   chunk 0) for the next kernel.
 * ``_code_entropy_bwd_codes_kernel``: a program takes ``BLOCK_N`` codes and one ``BLOCK_D`` chunk of
-  grad_codebook and iterates over the rows of every group that uses the codebook (all G for a
-  shared codebook: the group sum is taken in the program, deterministic), accumulating
-  ``G^T @ z'`` and ``sum_n G``.
+  grad_codebook and iterates over the row tiles of every group that uses the codebook (all G for a
+  shared codebook: the group sum is taken in the program, deterministic), or over one split of
+  them, accumulating ``G^T @ z'`` and ``sum_n G``. Several splits write float32 partial gradients
+  that the launcher adds (deterministic as the code mass; at most ``TARGET_PROGRAMS x BLOCK_N x
+  BLOCK_D`` floats beyond one gradient).
 
 Then ``grad_z = 2 alpha scale sum_k G e'`` and ``grad_e = 2 alpha scale (sum_n G z' - e' sum_n G)``.
 
@@ -84,6 +88,23 @@ CONFIGS = tuple(
 def pick_config(D: int) -> CodeEntropyConfig:
     """The kernel configuration the launchers use for rows of ``D`` elements."""
     return pick_covering(CONFIGS, D, "BLOCK_D")
+
+
+# The code-block kernels (code mass, grad_codebook) have one program per BLOCK_N codes, group and D
+# chunk: 16 for a 1024-code codebook, a tenth of an H100. They split the rows among up to this many
+# programs in all (four waves on 132 SMs), in runs of whole row tiles, and the launcher sums the
+# splits' partial results (splits x the output, float32). The split follows from the shapes alone,
+# never from the device, so the sums are taken in one order for given shapes: deterministic.
+TARGET_PROGRAMS = 528
+
+
+def row_splits(row_tiles: int, programs: int) -> tuple[int, int]:
+    """(splits, tiles per split) for ``row_tiles`` row tiles and ``programs`` programs per split:
+    as many splits as keep ``splits * programs`` within :data:`TARGET_PROGRAMS` (at least 1, at most
+    one per tile), none of them empty."""
+    wanted = max(1, min(row_tiles, TARGET_PROGRAMS // max(programs, 1)))
+    tiles_per_split = triton.cdiv(row_tiles, wanted)
+    return triton.cdiv(row_tiles, tiles_per_split), tiles_per_split
 
 
 @triton.jit
@@ -182,7 +203,8 @@ def _code_entropy_fwd_kernel(
         # u 2^-u is exactly 0 where 2^-u underflows (u may be inf there: never 0 * inf).
         u_sum += tl.sum(tl.where(weights == 0.0, 0.0, u) * weights, axis=1)
         c_min = new_min
-    log_l = tl.log2(l_sum) * _LN2_IN_KERNEL
+    # l == 1 (a saturated row, K == 1) gives log l exactly 0 whatever log2's approximation on the GPU.
+    log_l = tl.where(l_sum == 1.0, 0.0, tl.log2(l_sum) * _LN2_IN_KERNEL)
     entropy = log_l + tl.div_rn(u_sum * _LN2_IN_KERNEL, l_sum)
     bad = non_finite > 0
     log_l = tl.where(bad, float("nan"), log_l)
@@ -208,20 +230,25 @@ def _load_row_stats(row_stats_ptr, group, N, offs_m, m_mask):
 @triton.jit
 def _code_entropy_mass_kernel(
     z_ptr, e_ptr, params_ptr, row_stats_ptr, code_mass_ptr,
-    N, K, D,
+    N, K, D, tiles_per_split,
     stride_zg, stride_zn, stride_zd,
     stride_eg, stride_ek, stride_ed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):  # fmt: skip
+    # Grid axis 0: the code block, then the split of the rows (tiles_per_split row tiles each);
+    # code_mass_ptr is (splits, G, K).
+    code_blocks = tl.cdiv(K, BLOCK_N)
+    split = tl.program_id(0) // code_blocks
     group = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) % code_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     z_g = z_ptr + group * stride_zg
     e_g = e_ptr + group * stride_eg
     scale = tl.load(params_ptr)
     alpha_log2e = tl.load(params_ptr + 1)
     mass = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m_start in range(0, N, BLOCK_M):
+    m_first = split * tiles_per_split * BLOCK_M
+    for m_start in range(m_first, tl.minimum(m_first + tiles_per_split * BLOCK_M, N), BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < N
         scores = _scores(z_g, e_g, offs_m, offs_n, N, K, D, scale, stride_zn, stride_zd, stride_ek, stride_ed,
@@ -229,7 +256,7 @@ def _code_entropy_mass_kernel(
         c_min, log2_l, _ = _load_row_stats(row_stats_ptr, group, N, offs_m, m_mask)
         p = tl.exp2(_log2_p(scores, c_min, log2_l, alpha_log2e))
         mass += tl.sum(tl.where(m_mask[:, None], p, 0.0), axis=0)
-    tl.store(code_mass_ptr + group * K + offs_n, mass, mask=offs_n < K)
+    tl.store(code_mass_ptr + (split.to(tl.int64) * tl.num_programs(1) + group) * K + offs_n, mass, mask=offs_n < K)
 
 
 @triton.jit
@@ -289,16 +316,20 @@ def _code_entropy_bwd_rows_kernel(
 @triton.jit
 def _code_entropy_bwd_codes_kernel(
     z_ptr, e_ptr, params_ptr, row_stats_ptr, code_weight_ptr, group_coef_ptr, row_weight_ptr, grad_e_ptr,
-    N, K, D, groups_per_codebook,
+    N, K, D, groups_per_codebook, tiles_per_split,
     stride_zg, stride_zn, stride_zd,
     stride_eg, stride_ek, stride_ed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     # Grid axis 1 is the codebook: group g's own (groups_per_codebook 1) or the shared one (index 0,
-    # used by groups 0 .. G - 1), so the groups of this codebook are code_group + i.
+    # used by groups 0 .. G - 1), so the groups of this codebook are code_group + i. Its row tiles,
+    # group by group, are split in runs of tiles_per_split: grid axis 0 is the code block, then the
+    # split; grad_e_ptr is (splits, Gc, K, D).
+    code_blocks = tl.cdiv(K, BLOCK_N)
+    split = tl.program_id(0) // code_blocks
     code_group = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = (tl.program_id(0) % code_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < K
     offs_out = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     e_g = e_ptr + code_group * stride_eg
@@ -306,29 +337,33 @@ def _code_entropy_bwd_codes_kernel(
     alpha_log2e = tl.load(params_ptr + 1)
     weighted = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # sum_n (-N G) z'
     grad_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_n (-N G)
-    for i in range(0, groups_per_codebook):
+    row_tiles = tl.cdiv(N, BLOCK_M)
+    tile_first = split * tiles_per_split
+    for tile in range(tile_first, tl.minimum(tile_first + tiles_per_split, groups_per_codebook * row_tiles)):
+        i = tile // row_tiles
         group = code_group + i
         z_g = z_ptr + group * stride_zg
         code_weight = tl.load(code_weight_ptr + group * K + offs_n, mask=n_mask, other=0.0)
         coef_s = tl.load(group_coef_ptr + group * 2)
         coef_b = tl.load(group_coef_ptr + group * 2 + 1)
-        for m_start in range(0, N, BLOCK_M):
-            offs_m = m_start + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < N
-            scores = _scores(z_g, e_g, offs_m, offs_n, N, K, D, scale, stride_zn, stride_zd, stride_ek, stride_ed,
-                             BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, DOT_IN_FP32)
-            c_min, log2_l, entropy = _load_row_stats(row_stats_ptr, group, N, offs_m, m_mask)
-            row_weight = tl.load(row_weight_ptr + group * N + offs_m, mask=m_mask, other=0.0)
-            grads = _logit_grads(_log2_p(scores, c_min, log2_l, alpha_log2e), entropy, code_weight, row_weight,
-                                 coef_s, coef_b)
-            grads = tl.where(m_mask[:, None], grads, 0.0)
-            points = _scaled_tile(z_g, offs_m, m_mask, offs_out, D, scale, stride_zn, stride_zd)
-            weighted = tl.dot(tl.trans(grads), points, weighted, input_precision=INPUT_PRECISION)
-            grad_sum += tl.sum(grads, axis=0)
+        offs_m = (tile - i * row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N
+        scores = _scores(z_g, e_g, offs_m, offs_n, N, K, D, scale, stride_zn, stride_zd, stride_ek, stride_ed,
+                         BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, DOT_IN_FP32)
+        c_min, log2_l, entropy = _load_row_stats(row_stats_ptr, group, N, offs_m, m_mask)
+        row_weight = tl.load(row_weight_ptr + group * N + offs_m, mask=m_mask, other=0.0)
+        grads = _logit_grads(_log2_p(scores, c_min, log2_l, alpha_log2e), entropy, code_weight, row_weight,
+                             coef_s, coef_b)
+        grads = tl.where(m_mask[:, None], grads, 0.0)
+        points = _scaled_tile(z_g, offs_m, m_mask, offs_out, D, scale, stride_zn, stride_zd)
+        weighted = tl.dot(tl.trans(grads), points, weighted, input_precision=INPUT_PRECISION)
+        grad_sum += tl.sum(grads, axis=0)
+    # Linear in (weighted, grad_sum): the splits' results add up to the whole.
     codes = _scaled_tile(e_g, offs_n, n_mask, offs_out, D, scale, stride_ek, stride_ed)
     grad = ((weighted - codes * grad_sum[:, None]) * tl.load(params_ptr + 2)) * -2.0
     out_mask = n_mask[:, None] & (offs_out < D)[None, :]
-    grad_ptrs = grad_e_ptr + (code_group * K + offs_n.to(tl.int64))[:, None] * D + offs_out[None, :]
+    code_rows = (split.to(tl.int64) * tl.num_programs(1) + code_group) * K + offs_n.to(tl.int64)
+    grad_ptrs = grad_e_ptr + code_rows[:, None] * D + offs_out[None, :]
     tl.store(grad_ptrs, grad.to(grad_e_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -417,18 +452,17 @@ def code_entropy_triton(
     row_stats = torch.empty(G, N, 3, dtype=torch.float32, device=z.device)
     if N == 0 or G == 0:
         return row_stats, torch.zeros(G, K, dtype=torch.float32, device=z.device)
-    code_mass = torch.empty(G, K, dtype=torch.float32, device=z.device)
     config = pick_config(D)
     arguments = _search_arguments(z, codebook, scale, inv_temperature)
+    row_tiles, code_blocks = triton.cdiv(N, config.BLOCK_M), triton.cdiv(K, config.BLOCK_N)
+    launch(_code_entropy_fwd_kernel, (row_tiles, G), device=z.device, row_stats_ptr=row_stats, **arguments)
+    splits, tiles_per_split = row_splits(row_tiles, code_blocks * G)
+    partial_mass = torch.empty(splits, G, K, dtype=torch.float32, device=z.device)
     launch(
-        _code_entropy_fwd_kernel, (triton.cdiv(N, config.BLOCK_M), G), device=z.device,
-        row_stats_ptr=row_stats, **arguments,
+        _code_entropy_mass_kernel, (code_blocks * splits, G), device=z.device,
+        row_stats_ptr=row_stats, code_mass_ptr=partial_mass, tiles_per_split=tiles_per_split, **arguments,
     )  # fmt: skip
-    launch(
-        _code_entropy_mass_kernel, (triton.cdiv(K, config.BLOCK_N), G), device=z.device,
-        row_stats_ptr=row_stats, code_mass_ptr=code_mass, **arguments,
-    )  # fmt: skip
-    return row_stats, code_mass
+    return row_stats, partial_mass[0] if splits == 1 else partial_mass.sum(dim=0)
 
 
 def code_entropy_backward_triton(
@@ -473,7 +507,6 @@ def code_entropy_backward_triton(
     grad_z = torch.empty(G, N, D, dtype=z.dtype, device=z.device)
     if N == 0 or G == 0 or D == 0:
         return grad_z, torch.zeros(code_groups, K, D, dtype=codebook.dtype, device=z.device)
-    grad_codebook = torch.empty(code_groups, K, D, dtype=codebook.dtype, device=z.device)
     row_stats = row_stats.to(torch.float32).contiguous()
     code_mass = code_mass.to(torch.float32)
     # w_k = log code_mass_k - log N; 0 for an unused code (its p are all 0: its w does not matter,
@@ -487,13 +520,19 @@ def code_entropy_backward_triton(
         row_stats_ptr=row_stats, code_weight_ptr=code_weight, group_coef_ptr=group_coef, row_weight_ptr=row_weight,
         **_search_arguments(z, codebook, scale, inv_temperature),
     )  # fmt: skip
-    chunks = triton.cdiv(D, config.BLOCK_D)
+    row_tiles, code_blocks, chunks = (
+        triton.cdiv(N, config.BLOCK_M), triton.cdiv(K, config.BLOCK_N), triton.cdiv(D, config.BLOCK_D)
+    )
+    launch(_code_entropy_bwd_rows_kernel, (row_tiles, G, chunks), device=z.device, grad_z_ptr=grad_z, **arguments)
+    groups_per_codebook = G if code_groups == 1 else 1
+    splits, tiles_per_split = row_splits(groups_per_codebook * row_tiles, code_blocks * code_groups * chunks)
+    # One split writes the gradient in its dtype; several write float32 partial gradients, summed here.
+    grad_codebook = torch.empty(
+        splits, code_groups, K, D, dtype=codebook.dtype if splits == 1 else torch.float32, device=z.device
+    )
     launch(
-        _code_entropy_bwd_rows_kernel, (triton.cdiv(N, config.BLOCK_M), G, chunks), device=z.device,
-        grad_z_ptr=grad_z, **arguments,
+        _code_entropy_bwd_codes_kernel, (code_blocks * splits, code_groups, chunks), device=z.device,
+        grad_e_ptr=grad_codebook, groups_per_codebook=groups_per_codebook, tiles_per_split=tiles_per_split,
+        **arguments,
     )  # fmt: skip
-    launch(
-        _code_entropy_bwd_codes_kernel, (triton.cdiv(K, config.BLOCK_N), code_groups, chunks), device=z.device,
-        grad_e_ptr=grad_codebook, groups_per_codebook=G if code_groups == 1 else 1, **arguments,
-    )  # fmt: skip
-    return grad_z, grad_codebook
+    return grad_z, grad_codebook[0] if splits == 1 else grad_codebook.sum(dim=0).to(codebook.dtype)
