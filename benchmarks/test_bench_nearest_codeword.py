@@ -28,8 +28,12 @@ the same way in the same test: ``extra_info["fraction_of_cublas"]`` is the GEMM'
 the search's (the issue's target: >= 0.7 on H100/H200). Shapes whose (N, K) GEMM output alone
 would pass ~8 GiB are skipped.
 
-``KEPLER_BENCH_QUICK=1`` keeps the key targets: N=16384, K=8192, D in {8, 64, 256}, shared
-codebook, for ``kepler-cpu``, ``faiss``, ``plain-matmul`` and ``plain-cdist`` (and the GPU
+``numpy-sgemm`` (``test_numpy_sgemm_rate``): the machine's GEMM rate as numpy's BLAS reaches it,
+a float32 4096 x 4096 x 4096 product with every thread, the yardstick of the CPU search's
+``gflop_per_s`` measured in the same run (the target: at least 90% of it at D >= 64).
+
+``KEPLER_BENCH_QUICK=1`` keeps the key targets: N=16384, K=8192, D in {8, 64, 256} and N=65536,
+K=1024, D=256 (where FAISS came closest), shared codebook, for ``kepler-cpu``, ``faiss``, ``plain-matmul`` and ``plain-cdist`` (and the GPU
 methods on a GPU).
 
 ``extra_info``: ``gflop_per_s`` (2*N*K*D over the median time) and ``peak_memory_mb``, the peak
@@ -65,7 +69,7 @@ PLAIN_MEMORY_LIMIT = 8 * 2**30
 PLAIN_MATRICES = 3
 
 if QUICK:
-    SHAPES = [(16384, 8192, dim, "shared") for dim in (8, 64, 256)]
+    SHAPES = [(16384, 8192, dim, "shared") for dim in (8, 64, 256)] + [(65536, 1024, 256, "shared")]
 else:
     SHAPES = [
         (rows, codes, dim, layout)
@@ -250,8 +254,25 @@ def test_cpu_backend_memory_stays_linear():
     assert peak_mb < 256, f"cpu backend peak {peak_mb:.0f} MiB at N=K=65536"
 
 
+SGEMM_SIZE = 4096
+
+
+def test_numpy_sgemm_rate(benchmark):
+    """numpy's float32 GEMM at 4096^3 on every thread: the yardstick of the CPU search's GFLOP/s."""
+    import numpy as np
+
+    benchmark.group = "numpy sgemm 4096^3 cpu"
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE), dtype=np.float32)
+    b = rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE), dtype=np.float32)
+    out = np.empty((SGEMM_SIZE, SGEMM_SIZE), dtype=np.float32)
+    benchmark.pedantic(lambda: np.matmul(a, b, out=out), rounds=5, warmup_rounds=1)
+    record_rate(benchmark, "gflop_per_s", 2 * SGEMM_SIZE**3 / 1e9)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "--peak-rss":
         _report_peak_rss(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
         sys.exit(f"usage: {sys.argv[0]} --peak-rss METHOD N K D shared|grouped")
+
