@@ -304,9 +304,9 @@ def _code_entropy_bwd_rows_kernel(
         codes = _scaled_tile(e_g, offs_n, n_mask, offs_out, D, scale, stride_ek, stride_ed)
         weighted = tl.dot(grads, codes, weighted, input_precision=INPUT_PRECISION)
 
-    # grad_z = 2 alpha scale sum_k G e' = -(alpha scale) 2 sum_k (-N G / N) e' (alpha scale first:
-    # 2 alpha may overflow where alpha scale does not).
-    grad = (weighted * tl.load(params_ptr + 2)) * -2.0
+    # grad_z = 2 alpha scale sum_k G e', with weighted = -sum_k G e': alpha, -2 and scale applied
+    # one by one, in the reference's order (alpha scale alone may be subnormal).
+    grad = ((weighted * tl.load(params_ptr + 2)) * -2.0) * scale
     out_mask = m_mask[:, None] & (offs_out < D)[None, :]
     grad_ptrs = grad_z_ptr + (group * N + offs_m.to(tl.int64))[:, None] * D + offs_out[None, :]
     tl.store(grad_ptrs, grad.to(grad_z_ptr.dtype.element_ty), mask=out_mask)
@@ -360,7 +360,7 @@ def _code_entropy_bwd_codes_kernel(
         grad_sum += tl.sum(grads, axis=0)
     # Linear in (weighted, grad_sum): the splits' results add up to the whole.
     codes = _scaled_tile(e_g, offs_n, n_mask, offs_out, D, scale, stride_ek, stride_ed)
-    grad = ((weighted - codes * grad_sum[:, None]) * tl.load(params_ptr + 2)) * -2.0
+    grad = (((weighted - codes * grad_sum[:, None]) * tl.load(params_ptr + 2)) * -2.0) * scale
     out_mask = n_mask[:, None] & (offs_out < D)[None, :]
     code_rows = (split.to(tl.int64) * tl.num_programs(1) + code_group) * K + offs_n.to(tl.int64)
     grad_ptrs = grad_e_ptr + code_rows[:, None] * D + offs_out[None, :]
@@ -394,18 +394,18 @@ def _check_search(
 
 
 def _parameters(scale: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """(3,) float32 on the device: ``scale``, ``alpha log2(e)`` and ``alpha scale``, with
+    """(3,) float32 on the device: ``scale``, ``alpha log2(e)`` and ``alpha``, with
     ``alpha = inv_temperature / scale**2`` capped at the largest float32 (the reference's
     ``effective_inv_temperature``), ``alpha log2(e)`` capped too.
 
-    Tensor ops on the 0-d scale (no host sync), in float64 and rounded once to float32: ``scale**2``
-    of a large input's scale (2**-70 for values near 1e30) and a small ``inv_temperature`` (1e-60)
-    are not float32 numbers, their quotient is. Where float32 holds them, this is the reference's
-    float32 value (a division by a power of two is exact)."""
+    Tensor ops on the 0-d scale (no host sync), in float64 as the reference's (``scale**2`` of a
+    large input's scale, 2**-70 for values near 1e30, and a small ``inv_temperature`` are no float32
+    numbers; their quotient is), each rounded once to float32. The kernels apply ``alpha`` and
+    ``scale`` to the gradients one after the other, as the reference's autograd does: their product
+    can be a float32 subnormal (1e-39 for values near 1e30), which a GPU may flush to 0."""
     scale64 = scale.to(torch.float64)
-    alpha = inv_temperature / (scale64 * scale64)
-    values = torch.stack([scale64, alpha * LOG2E, alpha * scale64]).clamp_max(FLOAT32_MAX)
-    return values.to(torch.float32)
+    alpha = (inv_temperature / (scale64 * scale64)).clamp_max(FLOAT32_MAX)
+    return torch.stack([scale64, (alpha * LOG2E).clamp_max(FLOAT32_MAX), alpha]).to(torch.float32)
 
 
 def _search_arguments(z: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, inv_temperature: float) -> dict:
