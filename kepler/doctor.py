@@ -2,7 +2,7 @@
 
 :func:`doctor` collects the versions (Python, torch, triton, CUDA), the devices, what ``kepler._C``
 was built with, and for every op of the op inventory (:data:`kepler.ops.OPS`: ``nearest_codeword``,
-``kepler_kl``, ``packing_energy``, ``closest_lattice_point``) on every device and every backend
+``kepler_kl``, ``packing_energy``, ``closest_lattice_point``, ``code_entropy``) on every device and every backend
 available there (``kepler.available_backends``):
 
 * a randomized check (seeded, small odd shapes) of the forward value and the backward gradients
@@ -55,7 +55,7 @@ import torch
 
 from kepler import _backend, _ext
 from kepler.kernels._common import triton_interpreter_on
-from kepler.losses import kepler_kl, packing_energy
+from kepler.losses import code_entropy, kepler_kl, packing_energy
 from kepler.ops import OPS, OpRecord
 from kepler.ops.closest_lattice_point import closest_lattice_point
 from kepler.ops.nearest_codeword import nearest_codeword
@@ -103,6 +103,14 @@ def _closest_lattice_point_inputs(generator: torch.Generator, size: str):
     return (torch.randn(shape, generator=generator) * 2.0,), {}
 
 
+def _code_entropy_inputs(generator: torch.Generator, size: str):
+    """z (G, N, D) and per-group codebooks (G, K, D), at a temperature that keeps the assignments soft."""
+    groups, rows, codes, dim = (2, 67, 37, 13) if size == "check" else (1, 8192, 1024, 16)
+    z = torch.randn(groups, rows, dim, generator=generator)
+    codebook = torch.randn(groups, codes, dim, generator=generator)
+    return (z, codebook), {}
+
+
 # The inputs of every op of the inventory (kepler.ops.OPS), by its name.
 _CASES = {
     "nearest_codeword": _OpCase(_nearest_codeword_inputs,
@@ -112,6 +120,9 @@ _CASES = {
                               lambda backend, codebook: packing_energy(codebook, backend=backend)),
     "closest_lattice_point": _OpCase(_closest_lattice_point_inputs,
                                      lambda backend, x: closest_lattice_point(x, "E8", backend=backend)),
+    # Both entropies of each group, (2, G); T = 4 keeps random 13-d rows' assignments soft.
+    "code_entropy": _OpCase(_code_entropy_inputs,
+                            lambda backend, z, codebook: torch.stack(code_entropy(z, codebook, 4.0, backend=backend))),
 }
 
 

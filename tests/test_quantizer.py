@@ -388,7 +388,7 @@ def test_constructor_errors(kwargs, error, message):
 
 
 @pytest.mark.parametrize("name", ["scale", "beta", "kepler_kl_weight", "packing_weight", "packing_t", "ema_decay",
-                                  "dead_code_threshold"])
+                                  "dead_code_threshold", "entropy_weight", "entropy_gamma", "entropy_temperature"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_constructor_refuses_non_finite_numbers(name, value):
     # nan passed every range check (and switched features off), inf made losses inf or overflowed.
@@ -533,3 +533,41 @@ def test_packing_term_is_the_codebook_packing_energy():
     torch.testing.assert_close(out.loss - base.loss, weight * expected.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(z_grad, base_z_grad)
     torch.testing.assert_close(codebook_grad - base_codebook_grad, weight * codebook.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_partition"])
+def test_entropy_term_is_the_code_entropy_of_each_partition(shared):
+    """The entropy loss is entropy_weight * (per_sample - gamma * batch) of each partition's
+    sub-vectors against its codebook, averaged over partitions; both entropies land in loss_terms;
+    its gradient reaches the sub-vectors and the codebook."""
+    from kepler.reference.code_entropy import code_entropy_ref
+
+    weight, gamma, temperature = 0.2, 0.8, 0.5
+    plain = spread_codebook(make_quantizer(shared_codebook=shared))
+    regularized = make_quantizer(
+        shared_codebook=shared, entropy_weight=weight, entropy_gamma=gamma, entropy_temperature=temperature
+    )
+    regularized.codebook.data.copy_(plain.codebook.data)
+    assert plain.loss_term_names() == () and regularized.loss_term_names() == ("entropy_per_sample", "entropy_batch")
+    z = torch.randn(2, 16, 3, 3)
+    base, base_z_grad, base_codebook_grad = loss_and_grads(plain, z)
+    out, z_grad, codebook_grad = loss_and_grads(regularized, z)
+
+    z64 = z.double().requires_grad_(True)
+    codebook = plain.codebook.detach().double().requires_grad_(True)
+    rows = z64.view(2, 4, 4, 3, 3).permute(1, 0, 3, 4, 2).reshape(4, 18, 4)  # (P, B*H*W, d): group partition
+    per_sample, batch = code_entropy_ref(rows, codebook, temperature)
+    expected = (per_sample - gamma * batch).mean()
+    expected.backward()
+    torch.testing.assert_close(out.loss - base.loss, weight * expected.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(regularized.loss_terms["entropy_per_sample"], per_sample.mean().float())
+    torch.testing.assert_close(regularized.loss_terms["entropy_batch"], batch.mean().float())
+    torch.testing.assert_close(z_grad - base_z_grad, weight * z64.grad.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(codebook_grad - base_codebook_grad, weight * codebook.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_entropy_term_with_an_ema_codebook_reaches_the_sub_vectors_only():
+    quantizer = make_quantizer(entropy_weight=0.5, ema_decay=0.9)
+    z = torch.randn(2, 16, 3, 3, requires_grad=True)
+    quantizer(z).loss.backward()
+    assert z.grad.abs().sum() > 0 and quantizer.codebook.grad is None

@@ -245,6 +245,9 @@ def test_every_quantizer_type_builds_on_the_meta_device(case):
         ({"type": "lfq", "entropy_loss_weight": -1.0}, ValueError, "entropy_loss_weight must be >= 0.0, got -1.0"),
         ({"type": "lfq", "frac_per_sample_entropy": 0.0}, ValueError, "frac_per_sample_entropy must be > 0.0, got 0.0"),
         ({"type": "lfq", "frac_per_sample_entropy": 1.5}, ValueError, "frac_per_sample_entropy must be <= 1.0, got 1.5"),
+        ({"type": "lfq", "entropy": "exact"}, ValueError, "entropy must be 'library' or 'kepler', got 'exact'"),
+        ({"type": "lfq", "entropy": "kepler", "frac_per_sample_entropy": 0.5}, ValueError,
+         "entropy='kepler' is exact over every position: frac_per_sample_entropy must be 1.0, got 0.5"),
     ],
 )
 def test_adapter_arguments_are_checked(config, error, match):
@@ -266,11 +269,42 @@ def test_lfq_entropy_fraction_reaches_the_library():
     assert not torch.allclose(losses[1.0], losses[0.25])
 
 
+@pytest.mark.parametrize("dim, codebook_size, num_codebooks, commitment", [
+    (DIM, 64, 1, 0.0),  # a projection in and out (DIM != 6 bits)
+    (12, 64, 2, 0.25),  # no projection, two codebooks, a commitment loss
+])
+def test_lfq_kepler_entropy_is_the_librarys_loss(dim, codebook_size, num_codebooks, commitment):
+    """entropy='kepler' computes the library's exact training loss (entropy and commitment) with the
+    code-entropy op: the same loss, indices, z_q and gradients (to z and the projections), and both
+    entropies in loss_terms; eval mode is the library's (loss 0)."""
+    options = {"type": "lfq", "codebook_size": codebook_size, "num_codebooks": num_codebooks,
+               "commitment_loss_weight": commitment}
+    library = build_quantizer(options, dim=dim)
+    ours = build_quantizer({**options, "entropy": "kepler"}, dim=dim)
+    ours.load_state_dict(library.state_dict())
+    assert library.loss_term_names() == () and ours.loss_term_names() == ("entropy_per_sample", "entropy_batch")
+    z = torch.randn(2, dim, 5, 3)
+    results = []
+    for quantizer in (library, ours):
+        leaf = z.clone().requires_grad_(True)
+        out = quantizer.train()(leaf)
+        (out.loss + out.z_q.square().sum()).backward()
+        results.append((out, leaf.grad, [p.grad for p in quantizer.parameters()]))
+    (lib_out, lib_grad, lib_param_grads), (our_out, our_grad, our_param_grads) = results
+    torch.testing.assert_close(our_out.loss, lib_out.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(our_out.indices, lib_out.indices) and torch.equal(our_out.z_q, lib_out.z_q)
+    torch.testing.assert_close(our_grad, lib_grad, rtol=1e-4, atol=1e-4)
+    for ours_grad, lib_param_grad in zip(our_param_grads, lib_param_grads):
+        torch.testing.assert_close(ours_grad, lib_param_grad, rtol=1e-4, atol=1e-4)
+    assert set(ours.loss_terms) == {"entropy_per_sample", "entropy_batch"}
+    assert ours.eval()(z).loss.item() == 0.0
+
+
 @pytest.mark.parametrize("config, message", [
     ({"type": "fsq", "levels": [1024, 1024, 1024]}, "FSQQuantizer would have 1073741824 codes per token"),
     ({"type": "fsq", "levels": [65536] * 4}, "FSQQuantizer would have 18446744073709551616 codes per token"),
     ({"type": "lfq", "codebook_size": 2**32}, "LFQQuantizer would have 4294967296 codes per token"),
-    ({"type": "kepler", "num_codes": 10**12}, "KeplerQuantizer would have 1000000000000 codes per token"),
+    ({"type": "kepler", "num_codes": 10**12}, r"num_codes=1000000000000 x scale=1.0 gives 1000000000000 codes; at most 1048576"),
     ({"type": "lattice", "lattice": "E8", "q": 8}, "LatticeQuantizer would have 16777216 codes per token"),
 ])
 def test_a_codebook_too_large_to_count_is_refused_before_it_is_allocated(config, message):

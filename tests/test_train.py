@@ -305,3 +305,16 @@ def test_overrides_may_follow_the_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", str(config), "--overwrite", "not_an_override"])
     assert "unrecognized arguments: not_an_override" in capsys.readouterr().err
+
+
+def test_the_entropy_loss_is_logged_and_reported(tmp_path):
+    """model.quantizer.entropy_weight: both entropies in every training record and in metrics.json
+    (the validation means), each between 0 and log K."""
+    config = tiny_config(tmp_path, steps=2, disc_start=10)
+    run = tmp_path / "run"
+    assert main(["train", str(config), f"run_dir={run}", "model.quantizer.entropy_weight=0.1"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for record in [r for r in records if r["event"] == "train"] + [metrics]:
+        for key in ("entropy_per_sample", "entropy_batch"):
+            assert 0 <= record[key] <= math.log(16) + 1e-6, (key, record)

@@ -24,10 +24,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kepler.losses import code_entropy
 from kepler.nn.protocol import (
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
+    check_backend,
     check_int,
     check_number,
     register_quantizer,
@@ -127,10 +129,21 @@ class LFQQuantizer(_LibraryQuantizer):
         frac_per_sample_entropy: the fraction of positions (in ``(0, 1]``) the library draws each
             step to estimate both entropies. The entropy compares every position with all ``K``
             codes, so its cost grows with ``K``; a fraction ``1/16`` makes ``K = 65536`` cost what
-            ``K = 4096`` costs with every position.
+            ``K = 4096`` costs with every position. ``entropy="kepler"`` takes 1 only.
+        entropy: ``"library"`` (vector-quantize-pytorch's entropy loss: an N x K probability
+            matrix, forward and backward) or ``"kepler"``: the same loss, exactly, from
+            :func:`kepler.losses.code_entropy` (never an N x K matrix), on the same pre-quantization
+            values, at the library's temperature (``1 / 100``). Under ``torch.distributed`` the
+            library averages the batch distribution over ranks; ``"kepler"`` takes each rank's.
+        backend: the code-entropy op's backend with ``entropy="kepler"``.
 
-    The loss is the library's auxiliary loss (0 in eval mode); codebooks are implicit.
+    The loss is the entropy (and commitment) loss in training mode, 0 in eval mode; codebooks are
+    implicit.
     """
+
+    # The library's default forward(inv_temperature=100.): logits 2 x.c * 100, which is
+    # -||x - c||^2 / T with T = 1 / 100 up to a constant of the row (every sign code has one norm).
+    LIBRARY_TEMPERATURE = 0.01
 
     def __init__(
         self,
@@ -141,6 +154,8 @@ class LFQQuantizer(_LibraryQuantizer):
         commitment_loss_weight: float = 0.0,
         diversity_gamma: float = 1.0,
         frac_per_sample_entropy: float = 1.0,
+        entropy: str = "library",
+        backend: str | None = None,
     ):
         from vector_quantize_pytorch import LFQ
 
@@ -159,11 +174,45 @@ class LFQQuantizer(_LibraryQuantizer):
         frac_per_sample_entropy = check_number("frac_per_sample_entropy", frac_per_sample_entropy, strict=True)
         if frac_per_sample_entropy > 1.0:
             raise ValueError(f"frac_per_sample_entropy must be <= 1.0, got {frac_per_sample_entropy}")
+        if entropy not in ("library", "kepler"):
+            raise ValueError(f"entropy must be 'library' or 'kepler', got {entropy!r}")
+        if entropy == "kepler" and frac_per_sample_entropy != 1.0:
+            raise ValueError(f"entropy='kepler' is exact over every position: frac_per_sample_entropy must be 1.0, "
+                             f"got {frac_per_sample_entropy}")
+        self.entropy = entropy
+        self.backend = check_backend(backend)
+        self.weights = weights
         self.library = _library_module(
             lambda: LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, channel_first=True,
                         keep_num_codebooks_dim=True, frac_per_sample_entropy=frac_per_sample_entropy, **weights)
         )
 
+    def loss_term_names(self) -> tuple[str, ...]:
+        return ("entropy_per_sample", "entropy_batch") if self.entropy == "kepler" else ()
+
     def _library_forward(self, z):
-        result = self.library(z)
-        return result.quantized, result.indices, result.entropy_aux_loss
+        if self.entropy == "library" or not self.training:
+            result = self.library(z)
+            return result.quantized, result.indices, result.entropy_aux_loss
+        # The library quantizes (its projections, signs and straight-through gradient); a mask that
+        # selects no position makes its own entropy and commitment losses cost nothing (they come
+        # out NaN and are not used). Both are computed here on the same values instead.
+        batch, _, height, width = z.shape
+        nothing = torch.zeros(batch, height * width, dtype=torch.bool, device=z.device)
+        result = self.library(z, mask=nothing)
+        return result.quantized, result.indices, self._losses(z)
+
+    def _losses(self, z: torch.Tensor) -> torch.Tensor:
+        """The library's training loss, its entropy term from :func:`kepler.losses.code_entropy`."""
+        library = self.library
+        rows = library.project_in(z.flatten(2).transpose(1, 2))  # (B, H*W, P*bits), as the library's
+        rows = rows.reshape(-1, library.num_codebooks, library.codebook_dim).transpose(0, 1)  # (P, N, bits)
+        codebook = library.codebook.to(rows.dtype)
+        per_sample, batch = code_entropy(rows, codebook, self.LIBRARY_TEMPERATURE, backend=self.backend)
+        per_sample, batch = per_sample.mean(), batch.mean()
+        self.loss_terms = {"entropy_per_sample": per_sample.detach(), "entropy_batch": batch.detach()}
+        loss = self.weights["entropy_loss_weight"] * (per_sample - self.weights["diversity_gamma"] * batch)
+        if self.weights["commitment_loss_weight"] > 0:
+            signs = torch.where(rows > 0, 1.0, -1.0).to(rows.dtype) * library.codebook_scale
+            loss = loss + self.weights["commitment_loss_weight"] * torch.nn.functional.mse_loss(rows, signs)
+        return loss

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kepler.lattice import get_lattice
-from kepler.losses import kepler_kl, official_grid_prior, packing_energy, prior_row
+from kepler.losses import code_entropy, kepler_kl, official_grid_prior, packing_energy, prior_row
 from kepler.nn.codebook import CodebookUpkeep
 from kepler.nn.protocol import (
+    MAX_CODES,
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
@@ -114,6 +115,15 @@ class KeplerQuantizer(Quantizer):
         packing_weight: weight of :func:`kepler.losses.packing_energy` of the codebook (the mean
             over sub-codebooks with ``shared_codebook=False``).
         packing_t: the packing energy's temperature.
+        entropy_weight: weight of the entropy loss of LFQ / MAGVIT-v2 on the soft assignment of
+            each sub-vector to its codebook (:func:`kepler.losses.code_entropy`):
+            ``entropy_weight * (per_sample - entropy_gamma * batch)``, each partition's sub-vectors
+            against its codebook (the shared one or its own), averaged over partitions. Both
+            entropies of the last forward are in :attr:`loss_terms` (``entropy_per_sample``,
+            ``entropy_batch``), in the training logs and the validation metrics. With an EMA
+            codebook the gradient reaches the sub-vectors only.
+        entropy_gamma: weight of the batch entropy (code use) against the per-sample entropy.
+        entropy_temperature: temperature of the soft assignment, ``softmax(-||z - e||^2 / T)``.
         init: ``"uniform"`` (released: ``U(-1/K, 1/K)``), ``"lattice:<name>"`` (the ``K``
             lattice points nearest the origin, centred on the first batch's mean sub-vector and
             scaled to its RMS spread) or ``"kmeans"`` (Lloyd iterations on the first batch's
@@ -158,6 +168,9 @@ class KeplerQuantizer(Quantizer):
         kl_prior_seed: int | None = None,
         packing_weight: float = 0.0,
         packing_t: float = 1.0,
+        entropy_weight: float = 0.0,
+        entropy_gamma: float = 1.0,
+        entropy_temperature: float = 0.01,
         init: str = "uniform",
         ema_decay: float | None = None,
         dead_code_threshold: float = 0,
@@ -174,6 +187,8 @@ class KeplerQuantizer(Quantizer):
         codebook_size = round(num_codes * scale)
         if codebook_size < 1:
             raise ValueError(f"scale={scale} leaves round(num_codes * scale) = {codebook_size} codes")
+        if codebook_size > MAX_CODES:  # named here: the protocol's own check knows no num_codes
+            raise ValueError(f"num_codes={num_codes} x scale={scale} gives {codebook_size} codes; at most {MAX_CODES} (2**20)")
         super().__init__(
             dim=dim, codebook_size=codebook_size, tokens_per_position=partitions, shared_codebook=bool(shared_codebook)
         )
@@ -193,6 +208,9 @@ class KeplerQuantizer(Quantizer):
         self.packing_t = check_number("packing_t", packing_t, strict=True)
         if self.packing_weight > 0 and codebook_size < 2:
             raise ValueError("packing_weight > 0 needs a codebook of at least 2 codes")
+        self.entropy_weight = check_number("entropy_weight", entropy_weight)
+        self.entropy_gamma = check_number("entropy_gamma", entropy_gamma)
+        self.entropy_temperature = check_number("entropy_temperature", entropy_temperature, strict=True)
         self.init = init
         init_kind, init_lattice = _parse_prefixed(init, "init", ("uniform", "kmeans"))
         if ema_decay is not None:
@@ -252,6 +270,11 @@ class KeplerQuantizer(Quantizer):
             parts.append(f"kepler_kl_weight={self.kepler_kl_weight}, kl_prior={self.kl_prior!r}")
         if self.packing_weight:
             parts.append(f"packing_weight={self.packing_weight}, packing_t={self.packing_t}")
+        if self.entropy_weight:
+            parts.append(
+                f"entropy_weight={self.entropy_weight}, entropy_gamma={self.entropy_gamma}, "
+                f"entropy_temperature={self.entropy_temperature}"
+            )
         if self.init != "uniform":
             parts.append(f"init={self.init!r}")
         if self.rotation_trick:
@@ -323,6 +346,8 @@ class KeplerQuantizer(Quantizer):
                 loss = loss + self.kepler_kl_weight * self._kepler_kl(z_q)
             if self.packing_weight > 0:
                 loss = loss + self.packing_weight * self._packing_energy()
+            if self.entropy_weight > 0:
+                loss = loss + self.entropy_weight * self._entropy_loss(rows, codebook)
             if self.rotation_trick:
                 rotated = rotated_codewords(self.partition.partition(z), code_parts)
                 out = self.partition.unpartition(rotated, shape).contiguous()
@@ -384,6 +409,20 @@ class KeplerQuantizer(Quantizer):
 
     def _packing_energy(self) -> torch.Tensor:
         return packing_energy(self.codebook, t=self.packing_t, backend=self.backend).mean()
+
+    def loss_term_names(self) -> tuple[str, ...]:
+        return ("entropy_per_sample", "entropy_batch") if self.entropy_weight > 0 else ()
+
+    def _entropy_loss(self, rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """``per_sample - entropy_gamma * batch`` of each partition's rows, averaged over partitions.
+
+        rows: search rows (``(B*L*P, d)`` shared, ``(P, B*L, d)`` per partition); codebook: the
+        searched codebook. Leaves both entropies (means over partitions) in :attr:`loss_terms`.
+        """
+        by_partition = rows if not self.shared_codebook else rows.view(-1, self.partitions, self.sub_dim).transpose(0, 1)
+        per_sample, batch = code_entropy(by_partition, codebook, self.entropy_temperature, backend=self.backend)
+        self.loss_terms = {"entropy_per_sample": per_sample.detach().mean(), "entropy_batch": batch.detach().mean()}
+        return (per_sample - self.entropy_gamma * batch).mean()
 
     # ------------------------------------------------------------------------------ protocol
 

@@ -135,6 +135,13 @@ class Quantizer(nn.Module):
         self.tokens_per_position = tokens_per_position
         self.shared_codebook = shared_codebook
         self.register_buffer("code_counts", torch.zeros(tokens_per_position, codebook_size, dtype=torch.int64))
+        # The values of the quantizer's regularizers in its last forward (detached 0-d tensors, by the
+        # names of loss_term_names()), which training logs and validation report.
+        self.loss_terms: dict[str, torch.Tensor] = {}
+
+    def loss_term_names(self) -> tuple[str, ...]:
+        """The names of the regularizer values a forward leaves in :attr:`loss_terms` (none here)."""
+        return ()
 
     def check_latent(self, z: torch.Tensor) -> None:
         """TypeError/ValueError unless ``z`` is a ``(B, C, H, W)`` float tensor with ``C == dim``."""

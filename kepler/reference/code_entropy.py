@@ -105,9 +105,9 @@ def entropies(row_stats: torch.Tensor, code_mass: torch.Tensor) -> tuple[torch.T
     for N = 0. O(G (N + K)); differentiable (the reference backend runs autograd through it)."""
     rows = row_stats.shape[-2]
     per_sample = row_stats[..., 2].sum(dim=-1) / max(rows, 1)
-    # Masses that are exactly 0 add 0, with a zero (not NaN) gradient.
-    used = code_mass > 0
-    mass_log_mass = torch.where(used, code_mass * torch.log(torch.where(used, code_mass, 1.0)), 0.0)
+    # Masses that are exactly 0 add 0, with a zero (not NaN) gradient; a NaN mass stays NaN.
+    unused = code_mass == 0
+    mass_log_mass = torch.where(unused, 0.0, code_mass * torch.log(torch.where(unused, 1.0, code_mass)))
     batch = math.log(max(rows, 1)) - mass_log_mass.sum(dim=-1) / max(rows, 1)
     return per_sample, batch
 

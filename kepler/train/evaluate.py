@@ -65,7 +65,8 @@ def _shard(n: int, batch_size: int, rank: int, world_size: int) -> list[list[tup
 class Validation(NamedTuple):
     """What :func:`run_validation` measured.
 
-    metrics: per-image means (``psnr``, ``ssim``, ``l1``, ``baseline_psnr``, ``lpips``), ``images``
+    metrics: per-image means (``psnr``, ``ssim``, ``l1``, ``baseline_psnr``, ``lpips``, and the
+        quantizer's regularizer values of each image's batch, ``Quantizer.loss_term_names()``), ``images``
         (the readable images, each counted once), ``unreadable_images`` (left out, with a warning
         naming each), ``rfid``, and the code statistics of this pass (``utilization``,
         ``perplexity``, ``codebook_entries``) over the counted images.
@@ -105,7 +106,8 @@ def run_validation(
     quantizer = model.quantize
     saved_counts = quantizer.code_counts.clone()
     counts = torch.zeros_like(saved_counts)
-    names = ["psnr", "ssim", "l1", "baseline_psnr"] + (["lpips"] if lpips is not None else [])
+    loss_terms = quantizer.loss_term_names()
+    names = ["psnr", "ssim", "l1", "baseline_psnr"] + (["lpips"] if lpips is not None else []) + list(loss_terms)
     sums = _Sums(names, device)
     originals, recons = [], []
     autocast = dict(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
@@ -136,6 +138,8 @@ def run_validation(
             }
             if lpips is not None:
                 metrics["lpips"] = lpips(x, x_rec.clamp(-1, 1)).flatten()
+            for name in loss_terms:  # a value of the batch, given to each of its images
+                metrics[name] = quantizer.loss_terms[name].to(device).expand(len(x))
             sums.add(weight, **metrics)
             if fid is not None:
                 counted = weight.bool()

@@ -125,6 +125,7 @@ class VQGANTask:
                     )
                 trainer.scaler.scale(loss / accum).backward()
             logs["perplexity"] = info.perplexity.float().mean()
+            logs.update(self.model.quantize.loss_terms)  # the quantizer's regularizers (e.g. entropies)
             add(logs)
             micro.append((x, x_rec.detach()))
         disc.requires_grad_(True)
