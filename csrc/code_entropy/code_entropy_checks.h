@@ -34,7 +34,7 @@ inline void check_code_entropy_inputs(const at::Tensor& z, const at::Tensor& cod
   TORCH_CHECK(codebook.size(1) <= std::numeric_limits<int32_t>::max(), op,
               ": codebook size K must be below 2**31, got K=", codebook.size(1));
   TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == at::kFloat, op,
-              ": scale must be a 0-d float32 tensor, got a ", scale.dim(), "-D ", scale.scalar_type(), " tensor");
+              ": scale must be a 0-D float32 tensor, got a ", scale.dim(), "-D ", scale.scalar_type(), " tensor");
   check_same_device(op, "z", z, "scale", scale);
   TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0, op,
               ": inv_temperature must be finite and > 0, got ", inv_temperature);

@@ -151,31 +151,29 @@ class CodeEntropyCpu {
 
   void backward(const float* grad_per_sample, const float* grad_batch, const float* row_stats, const float* code_mass,
                 scalar_t* grad_z, scalar_t* grad_codebook) const {
-    // w_k = log code_mass_k - log N (-inf for an unused code, whose p are all 0), 0 on the padding.
-    // A group with a non-finite row has NaN masses, which entropies() leaves out of `batch`: their
-    // gradient is 0, so that group's g_b is taken as 0 (its rows' G stay NaN through p).
-    std::vector<float> w(groups_ * padded_codes_, 0.f), grad_b(grad_batch, grad_batch + groups_);
+    // w_k = log code_mass_k - log N (-inf for an unused code, whose p are all 0; NaN for a group
+    // with a non-finite row, which makes all its gradients NaN, as in the reference), 0 on the padding.
+    std::vector<float> w(groups_ * padded_codes_, 0.f);
     const double log_rows = std::log(static_cast<double>(rows_));
     for (int64_t g = 0; g < groups_; ++g) {
       for (int64_t k = 0; k < codes_; ++k) {
-        const double mass = code_mass[g * codes_ + k];
-        if (std::isnan(mass)) grad_b[g] = 0.f;
-        w[g * padded_codes_ + k] = std::isnan(mass) ? 0.f : static_cast<float>(std::log(mass) - log_rows);
+        w[g * padded_codes_ + k] = static_cast<float>(std::log(static_cast<double>(code_mass[g * codes_ + k])) - log_rows);
       }
     }
-    std::vector<float> r_n(groups_ * rows_);  // sum_k p w, from the row pass for the code pass
+    // r_n = sum_k p w as two floats (float64 precision), from the row pass for the code pass
+    std::vector<float> r_n(2 * groups_ * rows_);
     run_tasks(
         groups_ * tasks_per_group_, [&] { return RowState(*this, true); },
         [&](int64_t task, RowState& s) {
           const int64_t g = task / tasks_per_group_, n0 = (task % tasks_per_group_) * rows_per_task_;
-          grad_z_rows(g, n0, std::min(rows_per_task_, rows_ - n0), s, grad_per_sample[g], grad_b[g], row_stats,
+          grad_z_rows(g, n0, std::min(rows_per_task_, rows_ - n0), s, grad_per_sample[g], grad_batch[g], row_stats,
                       w.data() + g * padded_codes_, r_n.data(), grad_z);
         });
     const int64_t blocks = ceil_div(codes_, code_pass_block_);
     run_tasks(
         codebook_groups_ * blocks, [&] { return CodeState(*this); },
         [&](int64_t task, CodeState& s) {
-          grad_code_block(task / blocks, (task % blocks) * code_pass_block_, s, grad_per_sample, grad_b.data(),
+          grad_code_block(task / blocks, (task % blocks) * code_pass_block_, s, grad_per_sample, grad_batch,
                           row_stats, w.data(), r_n.data(), grad_codebook);
         });
   }
@@ -188,7 +186,7 @@ class CodeEntropyCpu {
   // buffer has round_up(R, 4) rows, the last ones zero, for the GEMM's blocks of 4 rows.
   struct RowState {
     Buffer z_blocks, panels, norms, scores, mass, e_rows, acc;
-    std::vector<float> row_min, row_bad, log_l, entropy, r_n;
+    std::vector<float> row_min, row_bad, log_l, entropy, r_n, r_n_lo;
     std::vector<double> row_l, row_s;
     std::vector<int32_t> ok;
     RowState(const CodeEntropyCpu& op, bool gradient)
@@ -204,6 +202,7 @@ class CodeEntropyCpu {
           log_l(op.rows_per_task_),
           entropy(op.rows_per_task_),
           r_n(op.rows_per_task_),
+          r_n_lo(op.rows_per_task_),
           row_l(op.rows_per_task_),
           row_s(op.rows_per_task_),
           ok(op.rows_per_task_) {
@@ -334,7 +333,8 @@ class CodeEntropyCpu {
     const int64_t R = kernel_.rows;
     gather_rows(g, n0, count, s.z_blocks.data);
     read_row_stats(row_stats, g * rows_ + n0, count, s.row_min.data(), s.log_l.data(), s.entropy.data());
-    std::fill(s.row_l.begin(), s.row_l.end(), 0.0);
+    std::fill(s.row_l.begin(), s.row_l.end(), 0.0);  // sum_k p w
+    std::fill(s.row_s.begin(), s.row_s.end(), 0.0);  // sum_k p
     std::fill(s.acc.data, s.acc.data + rows_per_task_ / R * gemm_rows_ * dpad_, 0.f);
     const float gs_n = grad_s / rows_, gb_n = grad_b / rows_;
     auto prepare = [&](Tile& t, int64_t r0, int64_t k0) {
@@ -349,9 +349,14 @@ class CodeEntropyCpu {
       if (r0 < 0) return;
       prepare(t, r0, k0);
       t.r_sum = s.row_l.data() + r0;
+      t.row_s = s.row_s.data() + r0;
       epilogues_.r_sum_pass(t);
     });
-    for (int64_t i = 0; i < count; ++i) s.r_n[i] = r_n[g * rows_ + n0 + i] = static_cast<float>(s.row_l[i]);
+    for (int64_t i = 0; i < count; ++i) {
+      const double r = s.row_l[i] / s.row_s[i];
+      s.r_n[i] = r_n[g * rows_ + n0 + i] = static_cast<float>(r);
+      s.r_n_lo[i] = r_n[(groups_ + g) * rows_ + n0 + i] = static_cast<float>(r - s.r_n[i]);
+    }
     sweep_codes(g, count, s, [&](Tile t, int64_t r0, int64_t k0) {
       const int64_t block = std::min(block_codes_, codes_ - k0);
       if (r0 < 0) {  // the block's codes e' as rows of dpad_ floats, zero padded, for the GEMM
@@ -366,6 +371,7 @@ class CodeEntropyCpu {
       }
       prepare(t, r0, k0);
       t.r_n = s.r_n.data() + r0;
+      t.r_n_lo = s.r_n_lo.data() + r0;
       epilogues_.gradient_pass(t);  // the padding rows' sums are never read
       epilogues_.gemm(Gemm{s.acc.data + r0 / R * gemm_rows_ * dpad_, dpad_, gemm_rows_, dpad_, s.scores.data,
                            block_codes_, 1, s.e_rows.data, dpad_, t.padded_codes});
@@ -414,6 +420,7 @@ class CodeEntropyCpu {
         t.gs_n = grad_per_sample[g] / rows_;
         t.gb_n = grad_batch[g] / rows_;
         t.r_n = r_n + g * rows_ + n0;
+        t.r_n_lo = r_n + (groups_ + g) * rows_ + n0;
         t.mass = s.colsum.data;
         epilogues_.gradient_sums_pass(t);  // G in place of the scores
         epilogues_.gemm(Gemm{s.acc.data, dpad_, padded, dpad_, s.scores.data, 1, ld, s.z_rows.data, dpad_, count});

@@ -43,6 +43,14 @@ struct IntVec<score::f32x16> {
 template <typename V>
 using ivec_t = typename IntVec<V>::type;
 
+// float64 vectors of as many lanes.
+template <typename V>
+struct DoubleVec {
+  typedef double type __attribute__((vector_size(2 * sizeof(V))));
+};
+template <typename V>
+using dvec_t = typename DoubleVec<V>::type;
+
 // exp(x) for x <= 0 (larger x is clamped to 0), branch-free (std::exp does not vectorize without
 // -ffast-math): Cephes expf, ~2 ulp; exactly 0 below log(FLT_MIN), so a term that underflows adds
 // exactly 0; NaN stays NaN.
@@ -89,8 +97,8 @@ struct Tile {
   float* mass;                     // mass pass: column sums of p; code pass: column sums of G
   const float* w;                  // gradient passes: w_k (0 on the padding codes)
   float gs_n, gb_n;                // g_s / N and g_b / N
-  double* r_sum;                   // r_n pass: sum_k p w_k
-  const float* r_n;                // gradient passes: r_n
+  double* r_sum;                   // r_n pass: sum_k p w_k (and sum_k p in row_s)
+  const float *r_n, *r_n_lo;       // gradient passes: r_n = r_n + r_n_lo
 };
 
 template <typename V>
@@ -126,15 +134,23 @@ KEPLER_FORCE_INLINE void stats_pass_body(const Tile& t) {
   for (int64_t r = 0; r < t.rows; ++r) {
     const float* c_row = t.scores + r * t.ld;
     const V c_min = splat<V>(t.row_min[r]);
-    V l_sum = splat<V>(0.f), s_sum = splat<V>(0.f);
+    // l = (number of codes at the minimum, each adding exactly 1) + (the sum of the others), kept
+    // apart so that the small terms of a nearly one-hot row are not lost against the 1 in float32.
+    V ties = splat<V>(0.f), l_sum = splat<V>(0.f), s_sum = splat<V>(0.f);
     for (int64_t k = 0; k < t.codes; k += L) {
       const V shifted = (load<V>(c_row + k) - c_min) * t.alpha;
       V e = exp_nonpositive(-shifted);
-      if (k + L > t.codes) e = first_lanes<V>(t.codes - k) ? e : splat<V>(0.f);
-      l_sum += e;
+      V tie = shifted == 0.f ? splat<V>(1.f) : splat<V>(0.f);
+      if (k + L > t.codes) {
+        const ivec_t<V> real = first_lanes<V>(t.codes - k);
+        e = real ? e : splat<V>(0.f);
+        tie = real ? tie : splat<V>(0.f);
+      }
+      ties += tie;
+      l_sum += shifted > 0.f ? e : splat<V>(0.f);
       s_sum += e > 0.f ? shifted * e : splat<V>(0.f);  // never 0 * inf
     }
-    t.row_l[r] += sum_lanes(l_sum);
+    t.row_l[r] += static_cast<double>(sum_lanes(ties)) + sum_lanes(l_sum);
     t.row_s[r] += sum_lanes(s_sum);
   }
 }
@@ -156,29 +172,41 @@ KEPLER_FORCE_INLINE void mass_pass_body(const Tile& t) {
 
 // p and G of one vector of codes of row r: G = -(p / N)(g_s (log p + H) + g_b (w - r_n)), the
 // reference's formula term by term (a one-hot row gets exactly G = 0), and G = 0 where p = 0
-// (never 0 * inf); NaN stays NaN. The padding codes get p = G = 0.
+// (never 0 * inf); NaN stays NaN. The padding codes get p = G = 0. r_n = r_hi + r_lo (float64
+// split in two floats): w - r_n of the winner of a nearly one-hot row is far below float32's
+// rounding of r_n and would otherwise come out 0.
 template <typename V>
-KEPLER_FORCE_INLINE void gradient_terms(const Tile& t, int64_t r, int64_t k, float r_n, V& p, V& g) {
+KEPLER_FORCE_INLINE void gradient_terms(const Tile& t, int64_t r, int64_t k, float r_hi, float r_lo, V& p, V& g) {
   const V shifted = (load<V>(t.scores + r * t.ld + k) - t.row_min[r]) * t.alpha;
   const V log_p = -shifted - t.log_l[r];
   p = exp_nonpositive(log_p);
   if (k + score::kLanes<V> > t.codes) p = first_lanes<V>(k < t.codes ? t.codes - k : 0) ? p : splat<V>(0.f);
-  g = p * (-t.gs_n * (log_p + t.entropy[r]) - t.gb_n * (load<V>(t.w + k) - r_n));
+  g = p * (-t.gs_n * (log_p + t.entropy[r]) - t.gb_n * ((load<V>(t.w + k) - r_hi) - r_lo));
   g = p == 0.f ? splat<V>(0.f) : g;
 }
 
-// r_n = sum_k p w_k of the tile's rows (p = 0 terms add 0).
+// r_n = sum_k p w_k and sum_k p of the tile's rows (p = 0 terms add 0), in float64 lanes with
+// exact products: a nearly one-hot row's small terms must survive next to the winner's w, and the
+// caller takes r_n / sum p (1 up to the rounding of p), so that a row tied between m codes of equal
+// w gets w - r_n = 0 and G = 0 exactly, as the reference's softmax gradient does.
 template <typename V>
 KEPLER_FORCE_INLINE void r_sum_pass_body(const Tile& t) {
   constexpr int64_t L = score::kLanes<V>;
+  using D = dvec_t<V>;
   for (int64_t r = 0; r < t.rows; ++r) {
-    V sum = splat<V>(0.f);
+    D pw_sum = D{} + 0.0, p_sum = D{} + 0.0;
     for (int64_t k = 0; k < t.padded_codes; k += L) {
       V p, g;
-      gradient_terms(t, r, k, 0.f, p, g);
-      sum += p == 0.f ? splat<V>(0.f) : p * load<V>(t.w + k);
+      gradient_terms(t, r, k, 0.f, 0.f, p, g);
+      const D p_wide = __builtin_convertvector(p, D);
+      const D w_wide = __builtin_convertvector(load<V>(t.w + k), D);
+      pw_sum += p_wide == 0.0 ? D{} + 0.0 : p_wide * w_wide;
+      p_sum += p_wide;
     }
-    t.r_sum[r] += sum_lanes(sum);
+    for (int64_t l = 0; l < L; ++l) {
+      t.r_sum[r] += pw_sum[l];
+      t.row_s[r] += p_sum[l];
+    }
   }
 }
 
@@ -190,7 +218,7 @@ KEPLER_FORCE_INLINE void gradient_pass_body(const Tile& t) {
     V sum = splat<V>(0.f);
     for (int64_t r = 0; r < t.rows; ++r) {
       V p, g;
-      gradient_terms(t, r, k, t.r_n[r], p, g);
+      gradient_terms(t, r, k, t.r_n[r], t.r_n_lo[r], p, g);
       store<V>(t.scores + r * t.ld + k, g);
       sum += g;
     }
