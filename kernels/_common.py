@@ -72,6 +72,18 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def fp32_dot_precision(device: torch.device) -> str:
+    """``"tf32"`` when PyTorch itself would use TF32 for a float32 matmul on ``device``, else ``"ieee"``.
+
+    The one rule for a kernel's float32 ``tl.dot`` (its ``input_precision``): TF32 only on a real
+    GPU when ``torch.get_float32_matmul_precision()`` is not ``"highest"``, the same switch that
+    makes a plain PyTorch ``z @ e.T`` use TF32.
+    """
+    if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
 def launch(kernel, grid: tuple[int, ...], *, device: torch.device, **arguments) -> None:
     """``kernel[grid](**arguments)`` on ``device``: the one way a launcher runs a kernel.
 

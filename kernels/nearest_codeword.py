@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kepler.kernels._common import check_groups, check_launchable, launch, pick_covering
+from kepler.kernels._common import check_groups, check_launchable, fp32_dot_precision, launch, pick_covering
 
 
 class NearestCodewordConfig(NamedTuple):
@@ -78,13 +78,6 @@ def pick_config(rows: int, D: int, dtype: torch.dtype) -> NearestCodewordConfig:
     family = _FAMILIES[dtype == torch.float32, rows >= MANY_ROWS]
     config = pick_covering(family[:-1], D, "BLOCK_D")
     return config if D <= config.BLOCK_D else family[-1]
-
-
-def fp32_dot_precision(device: torch.device) -> str:
-    """``"tf32"`` when PyTorch itself would use TF32 for a float32 matmul on ``device``, else ``"ieee"``."""
-    if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
 
 
 @triton.jit

@@ -494,3 +494,23 @@ def test_random_inputs_match_the_float64_reference(device, backend, poisoned_emp
                 assert torch.equal(ours.isnan().cpu(), theirs.isnan())
 
     check()
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_triton_row_splits_change_only_the_summation_order(device, monkeypatch):
+    """The Triton code-block kernels (code mass, grad_codebook) split the rows among programs when
+    the code blocks are few (``kernels/code_entropy.py``, ``row_splits``): every split, runs of
+    several tiles and the last one short, gives the one-split result up to float32 rounding."""
+    if _backend._unavailable_reason("triton", torch.device(device).type):
+        pytest.skip("no Triton for this device")
+    kernels = pytest.importorskip("kepler.kernels.code_entropy")
+    z, codebook = _inputs(3, 150, 9, 5, True, device)  # a shared codebook: 3 groups x 3 row tiles
+    results = []
+    # grad_codebook's 9 row tiles in 1 split, 5 (runs of 2, the last 1), 5, 9; the code mass's 3 per
+    # group in 1, 1, 2 (2 + 1), 3 splits.
+    for target in (1, 5, 7, 10**6):
+        monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target)
+        results.append(_values_and_grads(lambda a, b: code_entropy(a, b, 0.5, backend="triton"), z, codebook))
+    for values in results[1:]:
+        for got, one_split in zip(values, results[0]):
+            torch.testing.assert_close(got, one_split, rtol=1e-5, atol=1e-6)

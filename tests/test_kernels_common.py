@@ -50,7 +50,7 @@ def _launcher_calls(device):
     """{launcher name: call on small inputs} for every launcher; backward calls run their forward first."""
     kernels = _kernel_modules()
     nearest, kl, packing = kernels["nearest_codeword"], kernels["kepler_kl"], kernels["packing_energy"]
-    lattice = kernels["closest_lattice_point"]
+    lattice, entropy = kernels["closest_lattice_point"], kernels["code_entropy"]
     z, codebook = torch.randn(2, 5, 3, device=device), torch.randn(1, 4, 3, device=device)
     x, logq = torch.randn(3, 7, device=device), torch.log_softmax(torch.randn(1, 7, device=device), dim=-1)
     y = torch.randn(2, 5, 3, device=device)
@@ -66,6 +66,14 @@ def _launcher_calls(device):
         packing.packing_energy_backward_triton(grad_energy=torch.ones(2, device=device), y=y, t=0.5, energy=energy,
                                                row_lse=row_lse)
 
+    scale = torch.ones((), device=device)
+
+    def code_entropy_backward():
+        row_stats, code_mass = entropy.code_entropy_triton(z=z, codebook=codebook, scale=scale, inv_temperature=2.0)
+        ones = torch.ones(2, device=device)
+        entropy.code_entropy_backward_triton(grad_per_sample=ones, grad_batch=ones, z=z, codebook=codebook, scale=scale,
+                                             inv_temperature=2.0, row_stats=row_stats, code_mass=code_mass)
+
     return {
         "nearest_codeword_triton": lambda: nearest.nearest_codeword_triton(z=z, codebook=codebook),
         "kepler_kl_triton": lambda: kl.kepler_kl_triton(x=x, prior_logq=logq, use_std=True, eps=0.0),
@@ -73,6 +81,9 @@ def _launcher_calls(device):
         "packing_energy_triton": lambda: packing.packing_energy_triton(y=y, t=0.5),
         "packing_energy_backward_triton": packing_energy_backward,
         "closest_lattice_point_triton": lambda: lattice.closest_lattice_point_triton(x=y[0], lattice="D"),
+        "code_entropy_triton": lambda: entropy.code_entropy_triton(z=z, codebook=codebook, scale=scale,
+                                                                   inv_temperature=2.0),
+        "code_entropy_backward_triton": code_entropy_backward,
     }
 
 
@@ -143,6 +154,9 @@ def test_grouped_launchers_refuse_more_groups_than_the_grid_holds():
         kernels["nearest_codeword"].nearest_codeword_triton(z=z, codebook=torch.zeros(1, 1, 1))
     with pytest.raises(ValueError, match=f"packing_energy_triton: {message}"):
         kernels["packing_energy"].packing_energy_triton(y=torch.zeros(1, 2, 1).expand(too_many, 2, 1), t=1.0)
+    with pytest.raises(ValueError, match=f"code_entropy_triton: {message}"):
+        kernels["code_entropy"].code_entropy_triton(z=z, codebook=torch.zeros(1, 1, 1), scale=torch.ones(()),
+                                                    inv_temperature=1.0)
 
 
 def test_launchers_refuse_cpu_tensors_without_the_interpreter(monkeypatch):

@@ -1,5 +1,5 @@
-// Argument checks of kepler::code_entropy and kepler::code_entropy_backward, shared by their CPU and
-// CUDA launchers.
+// Argument checks of kepler::code_entropy and kepler::code_entropy_backward, shared by their CPU
+// and CUDA launchers.
 #pragma once
 
 #include "common/checks.h"
@@ -12,11 +12,14 @@
 #include <limits>
 
 namespace kepler {
-namespace code_entropy_detail {
 
-// The forward's arguments, with `op` the op whose arguments they are (the backward takes them too).
-inline void check_forward_arguments(const char* op, const at::Tensor& z, const at::Tensor& codebook,
-                                    const at::Tensor& scale, double inv_temperature, c10::DeviceType device_type) {
+// z (G, N, D) and codebook (Gc, K, D) with Gc in {1, G} and K >= 1, one kernel dtype, one device of
+// `device_type`; scale a 0-d float32 power of two on that device (the search scale the inputs are
+// multiplied by); inv_temperature finite and > 0. `op` is the op whose arguments these are (the
+// backward takes them too). Code indices are int32 inside the kernels, hence K < 2**31.
+inline void check_code_entropy_inputs(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& scale,
+                                      double inv_temperature, c10::DeviceType device_type,
+                                      const char* op = "kepler::code_entropy") {
   check_dims(op, "z", z, {"G", "N", "D"});
   check_dims(op, "codebook", codebook, {"Gc", "K", "D"});
   TORCH_CHECK(z.size(2) == codebook.size(2), op, ": z and codebook must have the same D, got z D=", z.size(2),
@@ -31,44 +34,44 @@ inline void check_forward_arguments(const char* op, const at::Tensor& z, const a
   TORCH_CHECK(codebook.size(1) <= std::numeric_limits<int32_t>::max(), op,
               ": codebook size K must be below 2**31, got K=", codebook.size(1));
   TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == at::kFloat, op,
-              ": scale must be a 0-d float32 tensor, got a ", scale.dim(), "-D ", scale.scalar_type(), " tensor");
+              ": scale must be a 0-D float32 tensor, got a ", scale.dim(), "-D ", scale.scalar_type(), " tensor");
   check_same_device(op, "z", z, "scale", scale);
   TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0, op,
               ": inv_temperature must be finite and > 0, got ", inv_temperature);
 }
 
-// `name` is a float32 tensor of shape `sizes` on z's device.
-inline void check_statistic(const char* op, const char* name, const char* shape, const at::Tensor& tensor,
-                            at::IntArrayRef sizes, const at::Tensor& z) {
-  TORCH_CHECK(tensor.sizes() == sizes && tensor.scalar_type() == at::kFloat && tensor.device() == z.device(), op,
-              ": ", name, " must be float32 ", shape, " = ", sizes, " on z's device, got ", tensor.scalar_type(), " ",
-              tensor.sizes(), " on ", tensor.device());
+// A scale read on the host: a finite power of two (so multiplying by it is exact).
+inline void check_code_entropy_scale_value(float scale, const char* op) {
+  int exponent = 0;
+  TORCH_CHECK(std::isfinite(scale) && scale > 0 && std::frexp(scale, &exponent) == 0.5f, op,
+              ": scale must be a finite power of two, got ", scale);
 }
 
-}  // namespace code_entropy_detail
-
-// z (G, N, D) and codebook (Gc, K, D) with Gc in {1, G} and 1 <= K < 2**31, one kernel dtype, one
-// device of `device_type`; scale a 0-d float32 tensor on that device; inv_temperature finite and > 0.
-inline void check_code_entropy_inputs(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& scale,
-                                      double inv_temperature, c10::DeviceType device_type) {
-  code_entropy_detail::check_forward_arguments("kepler::code_entropy", z, codebook, scale, inv_temperature,
-                                               device_type);
-}
-
-// The forward's arguments, then grad_per_sample and grad_batch (G,), row_stats (G, N, 3) and
-// code_mass (G, K), all float32 on z's device.
+// The forward's arguments, then grad_per_sample and grad_batch (G,) float32, row_stats (G, N, 3)
+// and code_mass (G, K) float32 (the forward's outputs).
 inline void check_code_entropy_backward_inputs(const at::Tensor& grad_per_sample, const at::Tensor& grad_batch,
                                                const at::Tensor& z, const at::Tensor& codebook,
                                                const at::Tensor& scale, double inv_temperature,
                                                const at::Tensor& row_stats, const at::Tensor& code_mass,
                                                c10::DeviceType device_type) {
   constexpr const char* op = "kepler::code_entropy_backward";
-  code_entropy_detail::check_forward_arguments(op, z, codebook, scale, inv_temperature, device_type);
+  check_code_entropy_inputs(z, codebook, scale, inv_temperature, device_type, op);
   const int64_t G = z.size(0), N = z.size(1), K = codebook.size(1);
-  code_entropy_detail::check_statistic(op, "grad_per_sample", "(G,)", grad_per_sample, {G}, z);
-  code_entropy_detail::check_statistic(op, "grad_batch", "(G,)", grad_batch, {G}, z);
-  code_entropy_detail::check_statistic(op, "row_stats", "(G, N, 3)", row_stats, {G, N, 3}, z);
-  code_entropy_detail::check_statistic(op, "code_mass", "(G, K)", code_mass, {G, K}, z);
+  const std::pair<const char*, const at::Tensor*> stats[] = {
+      {"grad_per_sample", &grad_per_sample}, {"grad_batch", &grad_batch}, {"row_stats", &row_stats},
+      {"code_mass", &code_mass}};
+  for (const auto& [name, tensor] : stats) {
+    TORCH_CHECK(tensor->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                tensor->scalar_type());
+    check_same_device(op, "z", z, name, *tensor);
+  }
+  TORCH_CHECK(grad_per_sample.sizes() == at::IntArrayRef{G} && grad_batch.sizes() == at::IntArrayRef{G}, op,
+              ": grad_per_sample and grad_batch must be (G,) = (", G, ",), got ", grad_per_sample.sizes(), " and ",
+              grad_batch.sizes());
+  TORCH_CHECK(row_stats.sizes() == at::IntArrayRef({G, N, 3}), op, ": row_stats must be (G, N, 3) = (", G, ", ",
+              N, ", 3), got ", row_stats.sizes());
+  TORCH_CHECK(code_mass.sizes() == at::IntArrayRef({G, K}), op, ": code_mass must be (G, K) = (", G, ", ", K,
+              "), got ", code_mass.sizes());
 }
 
 }  // namespace kepler

@@ -7,6 +7,8 @@
 //                         needs ifunc: GCC on x86-64 Linux; elsewhere one baseline version).
 //   KEPLER_TARGET_AVX2    compiles a function for AVX2+FMA only; the caller must check the CPU at
 //                         run time (KEPLER_X86 code only).
+//   KEPLER_TARGET_AVX512  the same for AVX-512 (F, VL, BW, DQ) with AVX2+FMA: 32 vector registers of
+//                         16 floats (x86-64-v4 without CD); the caller checks the CPU at run time.
 //   KEPLER_FORCE_INLINE   always inline: helpers of the kernels above must be inlined into each
 //                         version (a call would stay baseline code, and GCC does not inline across
 //                         target or optimization-option mismatches on its own).
@@ -27,6 +29,7 @@
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define KEPLER_X86 1
 #define KEPLER_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define KEPLER_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #else
 #define KEPLER_X86 0
 #endif
