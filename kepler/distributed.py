@@ -109,6 +109,12 @@ def rank_local():
         _RANK_LOCAL = previous
 
 
+def world_size() -> int:
+    """The number of ranks :func:`all_reduce_sum` sums over: 1 outside a process group (or inside
+    :func:`rank_local`)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over all ranks; returns ``tensor``."""
     if is_distributed():

@@ -227,3 +227,66 @@ def test_self_attention_memory_is_linear_in_the_positions(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(1, 16, 100, 200)"
+
+
+class _FixedLogits(torch.nn.Module):
+    """A discriminator whose logits are given: ``real`` for the first half of a batch, ``fake`` after."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        logits = self.logits if len(x) == len(self.logits) else self.logits[-len(x):]
+        return logits * self.scale + 0.0 * x.mean()  # connected to x, as a discriminator's logits are
+
+
+def test_generator_losses_and_the_l2_reconstruction_follow_their_formulas():
+    model = tiny_model()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    rec, q_loss, _ = model(x)
+    fake = torch.tensor([[-1.5], [0.7]])
+    for gen_loss, expected_g in (("hinge", -fake.mean()), ("non_saturating", torch.nn.functional.softplus(-fake).mean())):
+        loss_fn = VQGANLoss(disc_start=0, perceptual_weight=0.0, disc_ndf=8, disc_num_layers=2, gen_loss=gen_loss)
+        _, logs = loss_fn.generator_loss(q_loss, x, rec, step=0, last_layer=model.last_layer,
+                                         discriminator=_FixedLogits(fake))
+        torch.testing.assert_close(logs["g_loss"], expected_g)
+    l2 = VQGANLoss(perceptual_weight=0.0, disc_ndf=8, pixel_weight=0.5, rec_loss="l2")
+    loss, logs = l2.generator_loss(q_loss, x, rec, step=0, last_layer=model.last_layer)
+    torch.testing.assert_close(loss, 0.5 * (x - rec).square().mean() + q_loss)
+    torch.testing.assert_close(logs["l2"], (x - rec).square().mean().detach())
+
+
+def test_lecam_moving_averages_and_regularizer_by_hand():
+    """After n discriminator steps the averages are the decayed sums of the mean logits (from 0), and
+    the regularizer is mean(relu(real - ema_fake)^2) + mean(relu(ema_real - fake)^2) on the averages
+    the step updated; the averages are in the task's checkpoint."""
+    decay, weight = 0.9, 0.3
+    loss_fn = VQGANLoss(disc_start=0, perceptual_weight=0.0, disc_ndf=8, lecam_weight=weight, lecam_decay=decay)
+    x, rec = torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16)
+    ema = torch.zeros(2, dtype=torch.float64)
+    for step in range(3):
+        real = torch.tensor([0.5 + step, -0.25])
+        fake = torch.tensor([-1.0, 0.125 * step])
+        d_loss, logs = loss_fn.discriminator_loss(x, rec, step=step, discriminator=_FixedLogits(torch.cat([real, fake])))
+        ema = decay * ema + (1 - decay) * torch.stack([real.mean(), fake.mean()]).double()
+        torch.testing.assert_close(loss_fn.lecam_ema.double(), ema)
+        lecam = (real - ema[1]).clamp_min(0).square().mean() + (ema[0] - fake).clamp_min(0).square().mean()
+        torch.testing.assert_close(logs["lecam"].double(), lecam.double(), rtol=1e-6, atol=1e-7)
+        expected = hinge_d_loss(real, fake) + weight * lecam.float()
+        torch.testing.assert_close(d_loss, expected, rtol=1e-6, atol=1e-7)
+    frozen = loss_fn.lecam_ema.clone()
+    loss_fn.eval()
+    loss_fn.discriminator_loss(x, rec, step=5, discriminator=_FixedLogits(torch.ones(4)))
+    assert torch.equal(loss_fn.lecam_ema, frozen)  # validation passes leave the averages alone
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rec_loss": "l3"}, "rec_loss must be one of l1, l2, got 'l3'"),
+    ({"gen_loss": "wgan"}, "gen_loss must be one of hinge, non_saturating, got 'wgan'"),
+    ({"lecam_decay": 1.0}, r"lecam_decay must be in \[0, 1\), got 1.0"),
+])
+def test_loss_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VQGANLoss(perceptual_weight=0.0, disc_ndf=8, **kwargs)

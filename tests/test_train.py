@@ -114,12 +114,19 @@ def _flat_state(state: dict) -> dict:
 
 # Settings under which a training step draws from the RNGs after the resume point: dropout (torch's
 # global generator every forward), k-means init and dead-code re-seeding (random rows).
-DRAWING = ["model.dropout=0.1", "model.quantizer.init=kmeans", "model.quantizer.dead_code_threshold=2"]
+DRAWING_OPTIONS = ["model.dropout=0.1", "model.quantizer.init=kmeans", "model.quantizer.dead_code_threshold=2"]
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch):
+# Every loss option at once, GAN on from step 0: LeCam's moving averages must resume exactly too.
+LOSS_OPTIONS = ["loss.gen_loss=non_saturating", "loss.rec_loss=l2", "loss.lecam_weight=0.1", "loss.disc_start=0",
+                "model.quantizer.entropy_weight=0.1"]
+
+
+@pytest.mark.parametrize("options", [[], LOSS_OPTIONS], ids=["default", "every_loss_option"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, options):
     config = tiny_config(tmp_path, steps=4, disc_start=1, accum=2)
-    full = train(load_config(config, [f"run_dir={tmp_path / 'full'}", *DRAWING]))
+    overrides = [*DRAWING_OPTIONS, *options]
+    full = train(load_config(config, [f"run_dir={tmp_path / 'full'}", *overrides]))
     original_step = Trainer.train_step
 
     def step_then_interrupt(self, batches):
@@ -129,7 +136,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         return logs
 
     def interrupted_then_resumed(name: str) -> dict:
-        half = load_config(config, [f"run_dir={tmp_path / name}", *DRAWING])
+        half = load_config(config, [f"run_dir={tmp_path / name}", *overrides])
         monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
         with pytest.raises(TrainingInterrupted, match="stopped by SIGINT at step 2"):
             train(half)
@@ -147,6 +154,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         assert torch.equal(flat_a[name], flat_b[name]), name
     assert a["sched_ae"]["last_epoch"] == b["sched_ae"]["last_epoch"] == 4
     torch.testing.assert_close(a["rng"][0]["torch"], b["rng"][0]["torch"], rtol=0, atol=0)
+    if options:
+        assert (a["lecam_ema"] != 0).all()  # LeCam ran, and its averages resumed exactly (above)
+        return
     # The steps after the resume point draw from the RNG: without restoring it the run is another.
     monkeypatch.setattr(trainer_module, "restore_rng", lambda state: None)
     unrestored = load_checkpoint(interrupted_then_resumed("unrestored")["checkpoint"])

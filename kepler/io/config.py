@@ -123,7 +123,7 @@ RANGES: dict[str, Range] = {
                                               "resolution", "in_channels", "out_ch", "norm_groups", "embed_dim")},
     "model.dropout": Range(0, 1),
     **{f"loss.{key}": AT_LEAST_0 for key in ("disc_start", "codebook_weight", "pixel_weight", "perceptual_weight",
-                                             "disc_weight", "disc_factor")},
+                                             "disc_weight", "disc_factor", "lecam_weight")},
     **{f"loss.{key}": AT_LEAST_1 for key in ("disc_num_layers", "disc_ndf", "disc_in_channels")},
     "data.size": AT_LEAST_1, "data.resize": AT_LEAST_1, "data.batch_size": AT_LEAST_1,
     "data.num_workers": AT_LEAST_0, "data.samples_per_epoch": AT_LEAST_1, "data.val_batch_size": AT_LEAST_1,

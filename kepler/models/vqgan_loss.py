@@ -1,14 +1,20 @@
-"""VQGAN training objective: L1 (+ LPIPS) reconstruction, PatchGAN hinge loss, quantizer loss.
+"""VQGAN training objective: L1/L2 (+ LPIPS) reconstruction, PatchGAN GAN losses, quantizer loss.
 
 Generator loss (taming's ``VQLPIPSWithDiscriminator``, optimizer 0)::
 
-    nll   = mean(|x - x_rec| * pixel_weight + perceptual_weight * LPIPS(x, x_rec))
-    g     = -mean(D(x_rec))
+    nll   = pixel_weight * mean(rec(x, x_rec)) + perceptual_weight * mean(LPIPS(x, x_rec))
+    g     = -mean(D(x_rec))             (gen_loss "hinge", taming's)
+          =  mean(softplus(-D(x_rec)))  (gen_loss "non_saturating")
     loss  = nll + lambda * disc_factor(step) * g + codebook_weight * quantizer_loss
 
-with the adaptive weight ``lambda = disc_weight * ||grad nll|| / (||grad g|| + 1e-4)`` (gradients with
-respect to the decoder's last layer, clamped to [0, 1e4]) and ``disc_factor(step) = 0`` before
-``disc_start``. Discriminator loss (optimizer 1): ``disc_factor(step) * hinge(D(x), D(x_rec))``.
+with ``rec`` the absolute (``rec_loss: l1``, taming's) or squared (``l2``) error, the adaptive weight
+``lambda = disc_weight * ||grad nll|| / (||grad g|| + 1e-4)`` (gradients with respect to the decoder's
+last layer, clamped to [0, 1e4]) and ``disc_factor(step) = 0`` before ``disc_start``.
+Discriminator loss (optimizer 1): ``disc_factor(step) * (d_loss(D(x), D(x_rec)) + lecam_weight *
+R_LC)``, with LeCam's regularizer (Yu et al., CVPR 2021, in their code's form)
+``R_LC = mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(x_rec))^2)``, where ``ema_real`` and
+``ema_fake`` are exponential moving averages (decay ``lecam_decay``, from 0) of the mean real and
+fake logits, updated at every discriminator step with the means over all ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import torch
 from torch import nn
 
+from kepler.distributed import all_reduce_sum, world_size
 from kepler.io.config import register_section
 from kepler.models.discriminator import D_LOSSES, NLayerDiscriminator
 from kepler.models.lpips import load_lpips
@@ -52,6 +59,11 @@ class VQGANLoss(nn.Module):
         disc_num_layers, disc_ndf, disc_in_channels: the PatchGAN discriminator's depth, width and
             input channels.
         disc_loss: the discriminator loss, one of ``kepler.models.discriminator.D_LOSSES``.
+        rec_loss: the pixel reconstruction term, ``"l1"`` (taming's) or ``"l2"``.
+        gen_loss: the generator's GAN term, ``"hinge"`` (``-mean(D)``, taming's) or
+            ``"non_saturating"`` (``mean(softplus(-D))``).
+        lecam_weight: weight of LeCam's regularizer in the discriminator loss (0: off).
+        lecam_decay: decay of its moving averages of the real and fake logits, in [0, 1).
         lpips_vgg_path, lpips_lin_path: local LPIPS weight files; None looks in
             ``<torch hub dir>/checkpoints`` (``vgg16-397923af.pth``, ``lpips_vgg_v0.1.pth``).
     """
@@ -70,10 +82,26 @@ class VQGANLoss(nn.Module):
         disc_loss: str = "hinge",
         lpips_vgg_path: str | None = None,
         lpips_lin_path: str | None = None,
+        rec_loss: str = "l1",
+        gen_loss: str = "hinge",
+        lecam_weight: float = 0.0,
+        lecam_decay: float = 0.999,
     ):
         super().__init__()
         if disc_loss not in D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
+        if rec_loss not in REC_LOSSES:
+            raise ValueError(f"rec_loss must be one of {', '.join(REC_LOSSES)}, got {rec_loss!r}")
+        if gen_loss not in GEN_LOSSES:
+            raise ValueError(f"gen_loss must be one of {', '.join(GEN_LOSSES)}, got {gen_loss!r}")
+        if not 0 <= lecam_decay < 1:
+            raise ValueError(f"lecam_decay must be in [0, 1), got {lecam_decay}")
+        self.rec_loss = rec_loss
+        self.gen_loss = gen_loss
+        self.lecam_weight = lecam_weight
+        self.lecam_decay = lecam_decay
+        # (ema_real, ema_fake): LeCam's moving averages of the mean logits, saved with the checkpoint.
+        self.register_buffer("lecam_ema", torch.zeros(2))
         self.disc_start = int(disc_start)
         self.codebook_weight = codebook_weight
         self.pixel_weight = pixel_weight
@@ -98,9 +126,15 @@ class VQGANLoss(nn.Module):
         return self.disc_factor > 0 and step >= self.disc_start
 
     def reconstruction_loss(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        l1 = (x - x_rec).abs().mean()
-        nll = self.pixel_weight * l1
+        error = x - x_rec
+        l1 = error.abs().mean()
         logs = {"l1": l1.detach()}
+        if self.rec_loss == "l2":
+            pixel = error.square().mean()
+            logs["l2"] = pixel.detach()
+        else:
+            pixel = l1
+        nll = self.pixel_weight * pixel
         if self.perceptual is not None:
             p_loss = self.perceptual(x.float(), x_rec.float()).mean()
             nll = nll + self.perceptual_weight * p_loss
@@ -123,7 +157,7 @@ class VQGANLoss(nn.Module):
         logs["quant_loss"] = codebook_loss.detach().mean()
         if self.gan_active(step):
             disc = discriminator if discriminator is not None else self.discriminator
-            g_loss = -disc(x_rec).float().mean()
+            g_loss = GEN_LOSSES[self.gen_loss](disc(x_rec).float())
             if self.training:
                 d_weight = adaptive_generator_weight(nll, g_loss, last_layer, self.disc_weight)
             else:
@@ -142,10 +176,36 @@ class VQGANLoss(nn.Module):
         disc = discriminator if discriminator is not None else self.discriminator
         logits = disc(torch.cat([x.detach(), x_rec.detach()])).float()
         logits_real, logits_fake = logits.chunk(2)
-        factor = self.disc_factor if self.gan_active(step) else 0.0
-        d_loss = factor * self.d_loss_fn(logits_real, logits_fake)
-        return d_loss, {
-            "d_loss": d_loss.detach(),
-            "logits_real": logits_real.detach().mean(),
-            "logits_fake": logits_fake.detach().mean(),
-        }
+        active = self.gan_active(step)
+        factor = self.disc_factor if active else 0.0
+        d_loss = self.d_loss_fn(logits_real, logits_fake)
+        logs = {"logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+        if self.lecam_weight > 0:
+            if active and self.training:
+                self._update_lecam_ema(logs["logits_real"], logs["logits_fake"])
+            lecam = lecam_regularizer(logits_real, logits_fake, self.lecam_ema[0], self.lecam_ema[1])
+            d_loss = d_loss + self.lecam_weight * lecam
+            logs["lecam"] = lecam.detach()
+        d_loss = factor * d_loss
+        return d_loss, {"d_loss": d_loss.detach(), **logs}
+
+    @torch.no_grad()
+    def _update_lecam_ema(self, mean_real: torch.Tensor, mean_fake: torch.Tensor) -> None:
+        """One step of LeCam's moving averages, with the means over every rank (so all ranks agree)."""
+        means = all_reduce_sum(torch.stack([mean_real, mean_fake]).float()) / world_size()
+        self.lecam_ema.mul_(self.lecam_decay).add_(means.to(self.lecam_ema), alpha=1 - self.lecam_decay)
+
+
+def lecam_regularizer(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, ema_real: torch.Tensor, ema_fake: torch.Tensor
+) -> torch.Tensor:
+    """LeCam's regularizer (Yu et al. 2021, their code's form): ``mean(relu(D(x) - ema_fake)^2) +
+    mean(relu(ema_real - D(x_rec))^2)``; the moving averages are constants to autograd."""
+    return (logits_real - ema_fake.detach()).relu().square().mean() + (ema_real.detach() - logits_fake).relu().square().mean()
+
+
+REC_LOSSES = ("l1", "l2")
+GEN_LOSSES = {
+    "hinge": lambda logits_fake: -logits_fake.mean(),
+    "non_saturating": lambda logits_fake: torch.nn.functional.softplus(-logits_fake).mean(),
+}

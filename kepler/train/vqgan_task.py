@@ -71,6 +71,7 @@ class VQGANTask:
         return {
             "model": self.model.state_dict(),
             "discriminator": self.loss.discriminator.state_dict(),
+            "lecam_ema": self.loss.lecam_ema.cpu(),
             "opt_ae": self.opt_ae.state_dict(),
             "opt_disc": self.opt_disc.state_dict(),
             "sched_ae": self.sched_ae.state_dict(),
@@ -87,6 +88,8 @@ class VQGANTask:
         check_state_dict(self.loss.discriminator, state["discriminator"], f"{source} (discriminator)")
         self.model.load_state_dict(state["model"])
         self.loss.discriminator.load_state_dict(state["discriminator"])
+        if "lecam_ema" in state:  # checkpoints from before LeCam have none (and never used one)
+            self.loss.lecam_ema.copy_(state["lecam_ema"])
         self.opt_ae.load_state_dict(state["opt_ae"])
         self.opt_disc.load_state_dict(state["opt_disc"])
         self.sched_ae.load_state_dict(state["sched_ae"])
