@@ -571,3 +571,42 @@ def test_entropy_term_with_an_ema_codebook_reaches_the_sub_vectors_only():
     z = torch.randn(2, 16, 3, 3, requires_grad=True)
     quantizer(z).loss.backward()
     assert z.grad.abs().sum() > 0 and quantizer.codebook.grad is None
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_partition"])
+def test_l2_norm_searches_by_cosine_and_quantizes_to_unit_codewords(shared):
+    """l2_norm: each sub-vector takes the codeword of the largest cosine similarity (not the nearest
+    by distance), z_q holds unit codewords that indices_to_latents reproduces, the loss is the
+    distance between unit vectors, and the gradient reaches z through the normalization."""
+    quantizer = spread_codebook(make_quantizer(shared_codebook=shared, l2_norm=True))
+    with torch.no_grad():  # codeword norms far apart, so cosine and Euclidean nearest differ
+        quantizer.codebook.mul_(torch.rand(quantizer.codebook.shape[:-1]).unsqueeze(-1) * 10 + 0.1)
+    z = torch.randn(2, 16, 3, 3, requires_grad=True)
+    out = quantizer(z)
+    rows = z.detach().view(2, 4, 4, 3, 3).permute(1, 0, 3, 4, 2).reshape(4, 18, 4)  # (P, positions, d)
+    codebook = quantizer.codebook.detach().expand(4, -1, -1) if shared else quantizer.codebook.detach()
+    cosine = torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(codebook, dim=-1).transpose(1, 2)
+    expected = cosine.argmax(dim=-1).view(4, 2, 3, 3).permute(1, 2, 3, 0)
+    assert torch.equal(out.indices, expected)
+    euclidean = torch.cdist(rows, codebook).argmin(dim=-1).view(4, 2, 3, 3).permute(1, 2, 3, 0)
+    assert not torch.equal(out.indices, euclidean)  # the test can tell the two searches apart
+    parts = out.z_q.detach().view(2, 4, 4, 3, 3)
+    torch.testing.assert_close(parts.norm(dim=2), torch.ones(2, 4, 3, 3))
+    torch.testing.assert_close(quantizer.indices_to_latents(out.indices), out.z_q.detach())
+    unit_rows = torch.nn.functional.normalize(rows, dim=-1).reshape(4, 2, 3, 3, 4).permute(1, 0, 4, 2, 3).reshape(2, 16, 3, 3)
+    vq = (out.z_q.detach() - unit_rows).square().mean()
+    torch.testing.assert_close(out.loss, (1 + quantizer.beta) * vq)
+    out.z_q.sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    words = quantizer.codewords()
+    torch.testing.assert_close(words.norm(dim=-1), torch.ones(words.shape[:-1]))
+    torch.testing.assert_close(quantizer.sub_vectors(z.detach()).norm(dim=-1), torch.ones(words.shape[0], 72 // words.shape[0]))
+
+
+def test_l2_norm_with_an_ema_codebook_and_kmeans_init():
+    quantizer = make_quantizer(l2_norm=True, ema_decay=0.9, init="kmeans")
+    z = torch.randn(4, 16, 3, 3) * 5
+    for _ in range(3):
+        out = quantizer(z)
+    assert torch.isfinite(out.loss) and quantizer.codebook_utilization() > 0.2
+    torch.testing.assert_close(quantizer.codewords().norm(dim=-1), torch.ones(1, 32))

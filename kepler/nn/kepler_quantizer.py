@@ -138,6 +138,13 @@ class KeplerQuantizer(Quantizer):
             in that window are re-seeded from random sub-vectors of the current batch.
         backend: kernel backend for every op (see :func:`kepler.available_backends`).
         dead_code_window: training forwards per dead-code window.
+        l2_norm: l2-normalize every sub-vector and every codeword before the search and the loss
+            (ViT-VQGAN, LlamaGen): the search is then by cosine similarity and the quantized
+            sub-vectors (and ``indices_to_latents``) are unit codewords. With a small ``dim /
+            partitions`` this is LlamaGen's codebook. The stored codebook stays unnormalized (EMA,
+            k-means and re-seeding run on the normalized sub-vectors, and the codebook is normalized
+            where it is used), and ``codewords()`` / ``sub_vectors()`` are on the sphere, so the
+            packing report is too.
         rotation_trick: False: the straight-through gradient to ``z``; True: the rotation trick's
             (:mod:`kepler.nn.rotation_trick`), each sub-vector's gradient rotated and scaled as the
             rotation that takes the sub-vector onto its codeword. The forward value is the same.
@@ -177,6 +184,7 @@ class KeplerQuantizer(Quantizer):
         backend: str | None = None,
         dead_code_window: int = 1,
         rotation_trick: bool = False,
+        l2_norm: bool = False,
     ):
         num_codes = check_int("num_codes", num_codes, 1)
         dim = check_int("dim", dim, 1)
@@ -227,6 +235,7 @@ class KeplerQuantizer(Quantizer):
         dead_code_window = check_int("dead_code_window", dead_code_window, 1)
         self.backend = check_backend(backend)
         self.rotation_trick = check_bool("rotation_trick", rotation_trick)
+        self.l2_norm = check_bool("l2_norm", l2_norm)
 
         self._groups = 1 if self.shared_codebook else partitions
         codebook_shape = (codebook_size, self.sub_dim)
@@ -279,6 +288,8 @@ class KeplerQuantizer(Quantizer):
             parts.append(f"init={self.init!r}")
         if self.rotation_trick:
             parts.append("rotation_trick=True")
+        if self.l2_norm:
+            parts.append("l2_norm=True")
         if self.ema_decay is not None:
             parts.append(f"ema_decay={self.ema_decay}")
         if self.upkeep.dead_code_threshold:
@@ -325,7 +336,7 @@ class KeplerQuantizer(Quantizer):
         shape = z.shape
         batch, slots = shape[0], self.partition.slots(shape)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            parts = self.partition.partition(z.to(self.codebook.dtype))
+            parts = self._on_sphere(self.partition.partition(z.to(self.codebook.dtype)))
             rows = self._search_rows(parts)
             grouped_rows = rows.detach().reshape(self._groups, -1, self.sub_dim)
             self.upkeep.before_search(self.codebook, grouped_rows, self.training)
@@ -334,6 +345,7 @@ class KeplerQuantizer(Quantizer):
             if self.ema_decay is not None and self.training:
                 # The EMA step below rewrites the codebook in place; backward needs this step's.
                 codebook = codebook.detach().clone()
+            codebook = self._on_sphere(codebook)
             indices, loss = self._search_and_vq_loss(rows, codebook)
             flat_index = self._global_index(indices).reshape(-1)
 
@@ -349,10 +361,12 @@ class KeplerQuantizer(Quantizer):
             if self.entropy_weight > 0:
                 loss = loss + self.entropy_weight * self._entropy_loss(rows, codebook)
             if self.rotation_trick:
-                rotated = rotated_codewords(self.partition.partition(z), code_parts)
+                rotated = rotated_codewords(parts.to(z.dtype), code_parts)
                 out = self.partition.unpartition(rotated, shape).contiguous()
             else:
-                out = straight_through(z, z_q)
+                # The gradient reaches z through the normalization when l2_norm is on.
+                source = self.partition.unpartition(parts, shape).to(z.dtype) if self.l2_norm else z
+                out = straight_through(source, z_q)
 
         if self.shared_codebook:
             index_map = indices.view(batch, shape[2], shape[3], self.partitions)
@@ -407,8 +421,12 @@ class KeplerQuantizer(Quantizer):
         standardized = prior_row(standardize_rows(flat, "official"), length)
         return torch.log_softmax(standardized, dim=-1).to(torch.float32).unsqueeze(0)
 
+    def _on_sphere(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors`` (sub-vectors or codewords, last axis ``d``) l2-normalized when ``l2_norm``."""
+        return F.normalize(vectors, dim=-1) if self.l2_norm else vectors
+
     def _packing_energy(self) -> torch.Tensor:
-        return packing_energy(self.codebook, t=self.packing_t, backend=self.backend).mean()
+        return packing_energy(self._on_sphere(self.codebook), t=self.packing_t, backend=self.backend).mean()
 
     def loss_term_names(self) -> tuple[str, ...]:
         return ("entropy_per_sample", "entropy_batch") if self.entropy_weight > 0 else ()
@@ -434,15 +452,15 @@ class KeplerQuantizer(Quantizer):
         index = indices.reshape(batch, self.partition.slots(latent_shape), self.partitions)
         if not self.shared_codebook:
             index = index + torch.arange(self.partitions, device=index.device) * self.codebook_size
-        codes = F.embedding(index, self.codebook.reshape(-1, self.sub_dim))
+        codes = F.embedding(index, self._on_sphere(self.codebook).reshape(-1, self.sub_dim))
         return self.partition.unpartition(codes, latent_shape)
 
     def codewords(self) -> torch.Tensor:
         """The codebook as ``(G, K, d)``: ``G = 1`` shared, ``G = P`` per partition."""
-        return self.codebook.view(self._groups, self.codebook_size, self.sub_dim)
+        return self._on_sphere(self.codebook).view(self._groups, self.codebook_size, self.sub_dim)
 
     def sub_vectors(self, z: torch.Tensor) -> torch.Tensor:
         """The sub-vectors of ``z: (B, C, H, W)`` as the forward searches them: ``(G, N, d)``."""
         self._check_latent(z)
-        rows = self._search_rows(self.partition.partition(z.to(self.codebook.dtype)))
+        rows = self._search_rows(self._on_sphere(self.partition.partition(z.to(self.codebook.dtype))))
         return rows.reshape(self._groups, -1, self.sub_dim)
