@@ -86,6 +86,18 @@ def add_inception(parser: argparse.ArgumentParser, what: str) -> None:
                              "hub's checkpoints folder; never downloaded: off without them)")
 
 
+def add_raw_weights(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--raw-weights``: a checkpoint's trained weights instead of its EMA weights (train.ema_decay)."""
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="use the trained weights of a checkpoint that has EMA weights (train.ema_decay; "
+                             f"default: the EMA weights){note}")
+
+
+def weights_name(weights: str) -> str:
+    """How the commands print which weights they used (``LoadedModel.weights``)."""
+    return {"ema": "EMA weights", "trained": "trained weights"}[weights]
+
+
 def add_tokenizer(parser: argparse.ArgumentParser) -> None:
     """``--tokenizer``: a prior's tokenizer at another path than the one the prior recorded."""
     parser.add_argument("--tokenizer", default=None, metavar="PATH",

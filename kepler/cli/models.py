@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kepler.cli import CLIError, add_device, add_inception, add_seed, add_tokenizer, output_folder, positive_int
+from kepler.cli import (
+    CLIError,
+    add_device,
+    add_inception,
+    add_raw_weights,
+    add_seed,
+    add_tokenizer,
+    output_folder,
+    positive_int,
+    weights_name,
+)
 
 TOKENIZER_HELP = ("a tokenizer: a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt), an "
                   "exported folder (kepler export) or kepler convert's output")
@@ -17,6 +27,7 @@ def _add_tokenizer_command(sub, name: str, help: str, description: str | None = 
     p = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
     p.add_argument("checkpoint", help=TOKENIZER_HELP)
     add_device(p)
+    add_raw_weights(p)
     return p
 
 
@@ -66,6 +77,7 @@ def add_commands(sub) -> None:
                                    "takes the folder; in Python, kepler.load(folder).")
     p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
     p.add_argument("--out", required=True, help="output folder")
+    add_raw_weights(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("convert", help="convert a released Kepler Codebook / taming VQGAN checkpoint",
@@ -98,17 +110,21 @@ def add_commands(sub) -> None:
     add_seed(p, "the same seed gives the same samples on one device")
     add_device(p)
     add_tokenizer(p)
+    add_raw_weights(p, " of the prior; its tokenizer's are those the prior was trained on")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_sample)
 
 
 def _tokenizer(args):
-    """The tokenizer ``args.checkpoint`` names, on ``args.device``: ``(model, device)``."""
+    """The tokenizer ``args.checkpoint`` names, on ``args.device``: ``(model, device)``; says which
+    weights it has (``--raw-weights``)."""
     from kepler.distributed import resolve_device
     from kepler.models.load import load_model
 
     device = resolve_device(args.device)
-    return load_model(args.checkpoint, device, kind="tokenizer").model, device
+    loaded = load_model(args.checkpoint, device, kind="tokenizer", raw_weights=args.raw_weights)
+    print(f"kepler {args.command}: {args.checkpoint} (step {loaded.step}, {weights_name(loaded.weights)})")
+    return loaded.model, device
 
 
 def _cmd_eval(args) -> int:
@@ -120,8 +136,9 @@ def _cmd_eval(args) -> int:
     results = evaluate(
         args.checkpoint, data=args.data, resolutions=resolutions, out=args.out, batch_size=args.batch_size,
         device=args.device, lpips_vgg_path=args.lpips_vgg, lpips_lin_path=args.lpips_lin,
-        inception_path=args.inception, max_images=args.max_images,
+        inception_path=args.inception, max_images=args.max_images, raw_weights=args.raw_weights,
     )
+    print(f"kepler eval: {args.checkpoint} (step {results['step']}, {weights_name(results['weights'])})")
     print(format_table(results))
     print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
     packing = results["packing"]
@@ -260,8 +277,11 @@ def _cmd_export(args) -> int:
     from kepler.models.pretrained import export_checkpoint
 
     out = output_folder(args.out)
-    _, metrics = export_checkpoint(args.checkpoint, out)
-    print(f"kepler export: wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
+    _, metrics = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
+    import yaml
+
+    weights = weights_name("ema" if yaml.safe_load((out / CONFIG_FILE).read_text()).get("ema_decay") else "trained")
+    print(f"kepler export: {weights}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
           + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
     return 0
 
@@ -294,8 +314,9 @@ def _cmd_sample(args) -> int:
 
     out = output_folder(args.out)
     device = resolve_device(args.device)
-    prior = load_model(args.checkpoint, device, kind="prior")
+    prior = load_model(args.checkpoint, device, kind="prior", raw_weights=args.raw_weights)
     tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
+    tokenizer_weights = prior.checkpoint["tokenizer"].get("weights", "trained")
     digits = max(4, len(str(args.num - 1)))
     grid, index = [], 0
     batches = sample_batches(prior.model, tokenizer, args.num, args.class_label, batch_size=args.batch_size,
@@ -312,5 +333,6 @@ def _cmd_sample(args) -> int:
             bar.update(len(codes))
     path = save_image_grid(torch.cat(grid), out / "grid.png")
     print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {path.name} (the first "
-          f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy")
+          f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy; prior's {weights_name(prior.weights)}, "
+          f"tokenizer's {weights_name(tokenizer_weights)}")
     return 0

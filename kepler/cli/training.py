@@ -11,11 +11,13 @@ from kepler.cli import (
     CLIError,
     add_device,
     add_inception,
+    add_raw_weights,
     add_run,
     add_seed,
     add_tokenizer,
     output_folder,
     positive_int,
+    weights_name,
 )
 
 
@@ -48,6 +50,7 @@ def add_commands(sub) -> None:
                         "compare priors at equal counts)")
     add_seed(e, "seed of the samples")
     add_tokenizer(e)
+    add_raw_weights(e, " of the prior; its tokenizer's are those the prior was trained on")
     e.set_defaults(func=_cmd_prior_eval)
 
     p = sub.add_parser("study", help="run a codebook study (see kepler.study)", description="Run a codebook study.")
@@ -109,7 +112,7 @@ def _train_summary(m: dict) -> str:
     return (
         f"kepler train: {run}: {m['step']} steps, {m['images_seen']} images in "
         f"{m['train_seconds'] / 60:.1f} min ({m['train_images_per_s']:.1f} img/s)\n"
-        f"  validation ({m['images']} held-out images): PSNR {m['psnr']:.2f} dB "
+        f"  validation ({m['images']} held-out images, {weights_name(m.get('weights', 'trained'))}): PSNR {m['psnr']:.2f} dB "
         f"(mean-colour baseline {m['baseline_psnr']:.2f} dB), SSIM {m['ssim']:.3f}, L1 {m['l1']:.4f}\n"
         f"  codebook: utilization {100 * m['utilization']:.1f}% of {m['codebook_entries']} entries, "
         f"perplexity {m['perplexity']:.1f}\n"
@@ -132,7 +135,7 @@ def _prior_train_summary(m: dict) -> str:
 
 
 def _prior_summary(m: dict) -> str:
-    return (f"  validation ({m['val_maps']} held-out maps): {m['bits_per_token']:.4f} bits/token, "
+    return (f"  validation ({m['val_maps']} held-out maps, {weights_name(m.get('weights', 'trained'))}): {m['bits_per_token']:.4f} bits/token, "
             f"{m['bits_per_position']:.4f} bits/position\n"
             f"  baselines: unigram {m['unigram_bits_per_token']:.4f} bits/token, "
             f"per-position unigram {m['position_unigram_bits_per_token']:.4f} bits/token")
@@ -148,10 +151,11 @@ def _cmd_prior_eval(args) -> int:
     out = output_folder(args.out or str(Path(args.checkpoint).resolve().parent.parent / "eval"))
     metrics = evaluate_prior(args.checkpoint, resolve_device(args.device), args.batch_size,
                              num_samples=args.num_samples, inception_path=args.inception, seed=args.seed,
-                             tokenizer_path=args.tokenizer)
+                             tokenizer_path=args.tokenizer, raw_weights=args.raw_weights)
     path = out / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"kepler prior eval: {args.checkpoint} (step {metrics['step']})\n{_prior_summary(metrics)}\n"
+    print(f"kepler prior eval: {args.checkpoint} (step {metrics['step']}, prior's "
+          f"{weights_name(metrics['weights'])}, tokenizer's {weights_name(metrics['tokenizer_weights'])})\n{_prior_summary(metrics)}\n"
           f"{_sample_metrics_summary(metrics)}\n  wrote {path}")
     return 0
 

@@ -89,6 +89,7 @@ class TrainSection:
     progress: bool = True
     threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default (every core)
     init_from: str | None = None  # start from this model's weights (kepler.load: a checkpoint or a folder)
+    ema_decay: float | None = None  # an EMA of the model's weights, saved beside them and used to evaluate; None = off
 
 
 @dataclass
@@ -97,19 +98,22 @@ class TokenizerSection:
 
 
 class Range(typing.NamedTuple):
-    """Allowed values of a number: ``low <= value`` (``low < value`` if ``low_open``), ``value <= high``."""
+    """Allowed values of a number: ``low <= value`` (``low < value`` if ``low_open``), ``value <= high``
+    (``value < high`` if ``high_open``)."""
 
     low: float
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
 
     def admits(self, value: float) -> bool:
         above = value > self.low if self.low_open else value >= self.low
-        return above and (self.high is None or value <= self.high)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
 
     def __str__(self) -> str:
         low = f"> {self.low}" if self.low_open else f">= {self.low}"
-        return low if self.high is None else f"{low} and <= {self.high}"
+        return low if self.high is None else f"{low} and {'<' if self.high_open else '<='} {self.high}"
 
 
 # Seeds reach torch.manual_seed and numpy's generators: both take 0 <= seed < 2**63.
@@ -132,7 +136,7 @@ RANGES: dict[str, Range] = {
     "optim.min_lr_ratio": Range(0, 1), "optim.grad_clip": AT_LEAST_0, "optim.grad_accum": AT_LEAST_1,
     "train.max_steps": AT_LEAST_1, "train.time_limit_minutes": POSITIVE, "train.eval_every": AT_LEAST_1,
     "train.ckpt_every": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.grid_images": AT_LEAST_0,
-    "train.threads": AT_LEAST_1,
+    "train.threads": AT_LEAST_1, "train.ema_decay": Range(0, 1, low_open=True, high_open=True),
     "seed": Range(0, MAX_SEED),
 }
 CHOICES: dict[str, tuple[str, ...]] = {

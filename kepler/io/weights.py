@@ -255,3 +255,24 @@ def check_state_dict(module: nn.Module, state: Any, what: str) -> None:
             bad_count += bad
     if bad_count:
         raise ValueError(f"{what}: {bad_count} weights are not finite (NaN or inf), the first in {first_bad!r}")
+
+
+def check_ema_weights(module: nn.Module, ema: Any, what: str, weights: Mapping | None = None) -> dict:
+    """The state dict ``weights`` (default: ``module``'s own) with the parameters of ``ema`` (a
+    checkpoint's ``"ema"`` entry: the moving averages by parameter name) in place of the trained
+    ones, checked: ``ema`` names exactly ``module``'s floating-point parameters (no buffer, nothing
+    missing), and the result passes :func:`check_state_dict`. ValueError, one line starting with
+    ``what``, otherwise."""
+    if not isinstance(ema, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in ema.items()):
+        raise ValueError(f"{what}: the weights are not a mapping of names to tensors")
+    names = [name for name, p in module.named_parameters() if p.is_floating_point()]
+    missing = [k for k in names if k not in ema]
+    unexpected = [k for k in ema if k not in set(names)]
+    if missing or unexpected:
+        problems = ([f"{len(missing)} missing ({_names(missing)})"] if missing else []) + (
+            [f"{len(unexpected)} not a floating-point parameter ({_names(unexpected)})"] if unexpected else [])
+        raise ValueError(f"{what}: the averages do not match the model's parameters: keys " + "; ".join(problems))
+    merged = {**(module.state_dict() if weights is None else weights), **ema}
+    check_state_dict(module, merged, what)
+    return merged

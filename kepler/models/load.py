@@ -14,6 +14,12 @@ memory is spent on it: the saved config is checked as a config file is
 are compared with it (:func:`kepler.io.weights.check_state_dict`: keys, shapes, finite values), and
 only then is the real model allocated. Every problem is a one-line error naming the file.
 
+A training checkpoint with an ``"ema"`` entry (``train.ema_decay``: the moving averages of the
+parameters) loads the averaged weights (parameters from ``"ema"``, buffers from ``"model"``; both
+checked) unless ``raw_weights`` asks for the trained ones; :attr:`LoadedModel.weights` says which. An
+exported folder holds one set, the one it was exported with (its ``config.yaml`` says ``ema_decay``
+for averaged weights).
+
 A quantizer backend saved in the config that cannot run where the model is loaded (a model trained
 with ``backend: cuda`` loaded on a CPU machine) is re-chosen for the device (``auto``), with a
 warning saying so. A prior's tokenizer is loaded through the same loader and must be the file the
@@ -36,7 +42,7 @@ from kepler.io.checkpoint import checkpoint_kind, load_checkpoint
 from kepler.io.config import saved_sections
 from kepler.io.files import file_sha256
 from kepler.io.pretrained import WEIGHTS_FILE, read_pretrained
-from kepler.io.weights import check_state_dict, error_line
+from kepler.io.weights import check_ema_weights, check_state_dict, error_line
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import CodeTransformer
 from kepler.models.vqmodel import VQModel
@@ -59,6 +65,7 @@ class LoadedModel(NamedTuple):
         training data says its architecture's resolution as ``data.size``).
     checkpoint: the checkpoint's entries besides the weights (a prior's ``tokenizer`` record and
         ``train_slot_counts``); empty for an exported folder.
+    weights: ``"ema"`` (the moving average of the trained weights) or ``"trained"``.
     """
 
     model: nn.Module
@@ -67,41 +74,47 @@ class LoadedModel(NamedTuple):
     step: int
     config: dict
     checkpoint: dict
+    weights: str = "trained"
 
 
-def load(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
+def load(path: str | os.PathLike, device: torch.device | str | None = None, raw_weights: bool = False) -> nn.Module:
     """The model at ``path`` (any form of the module docstring) in eval mode on ``device`` (default:
-    the CPU): a :class:`VQModel` or a :class:`CodeTransformer`. FileNotFoundError or ValueError, one
-    line naming the file, for anything else."""
-    return load_model(path, device).model
+    the CPU): a :class:`VQModel` or a :class:`CodeTransformer`; the EMA weights of a checkpoint that
+    has them unless ``raw_weights``. FileNotFoundError or ValueError, one line naming the file, for
+    anything else."""
+    return load_model(path, device, raw_weights=raw_weights).model
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               kind: str | None = None) -> LoadedModel:
+               kind: str | None = None, raw_weights: bool = False) -> LoadedModel:
     """:func:`load` with what was read beside the model (:class:`LoadedModel`). ``kind``: the kind the
     caller needs (``"tokenizer"`` or ``"prior"``); a model of the other kind is a ValueError saying
-    what it is."""
+    what it is. ``raw_weights``: the trained weights of a checkpoint with EMA weights (an exported
+    folder of EMA weights has no others: a ValueError)."""
     device = torch.device(device or "cpu")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (a model is a checkpoint file or an exported folder)")
     if path.is_dir():
         if (path / CONVERTED_CHECKPOINT).is_file() and not (path / WEIGHTS_FILE).is_file():
-            return load_model(path / CONVERTED_CHECKPOINT, device, kind)
+            return load_model(path / CONVERTED_CHECKPOINT, device, kind, raw_weights)
         _check_kind("tokenizer", kind, f"pretrained model {path}")
-        return _load_pretrained(path, device)
+        return _load_pretrained(path, device, raw_weights)
     state = load_checkpoint(path)
     source = f"checkpoint {path}"
     found = checkpoint_kind(state)
     _check_kind(found, kind, source)
     weights, config = state.pop("model"), state.pop("config")
+    ema = state.pop("ema", None)
+    ema = None if raw_weights else ema
     sections = saved_sections(config, source, found, ("model", "data"))
     if found == "prior":
-        model = build_prior(state.get("tokenizer"), sections["model"], weights, source)
+        model = build_prior(state.get("tokenizer"), sections["model"], weights, source, ema)
     else:
-        model = build_tokenizer(sections["model"], weights, source, device)
+        model = build_tokenizer(sections["model"], weights, source, device, ema)
     config = {**config, "data": sections["data"]}
-    return LoadedModel(model.to(device).eval(), found, source, int(state.get("step", 0)), config, state)
+    return LoadedModel(model.to(device).eval(), found, source, int(state.get("step", 0)), config, state,
+                       "trained" if ema is None else "ema")
 
 
 def _check_kind(found: str, wanted: str | None, source: str) -> None:
@@ -112,30 +125,37 @@ def _check_kind(found: str, wanted: str | None, source: str) -> None:
                          f"a {found} is for {takes}")
 
 
-def _load_pretrained(directory: Path, device: torch.device) -> LoadedModel:
+def _load_pretrained(directory: Path, device: torch.device, raw_weights: bool = False) -> LoadedModel:
     manifest, weights = read_pretrained(directory)
     source = f"pretrained model {directory}"
+    averaged = manifest.get("ema_decay") is not None
+    if raw_weights and averaged:
+        raise ValueError(f"{source} holds only the EMA weights it was exported with; the trained ones "
+                         "(raw weights) are in the training checkpoint it was exported from")
     # A model saved without its training data section is evaluated at its architecture's resolution.
     has_data = manifest.get("data") is not None
     sections = saved_sections(manifest, source, "tokenizer", ("model", "data") if has_data else ("model",))
     model = build_tokenizer(sections["model"], weights, source, device)
     config = {"model": model.config, "data": sections["data"] if has_data else {"size": model.config["resolution"]}}
-    return LoadedModel(model.to(device).eval(), "tokenizer", source, int(manifest.get("step") or 0), config, {})
+    return LoadedModel(model.to(device).eval(), "tokenizer", source, int(manifest.get("step") or 0), config, {},
+                       "ema" if averaged else "trained")
 
 
-def build_tokenizer(section: dict, weights: Mapping, source: str, device: torch.device | str = "cpu") -> VQModel:
+def build_tokenizer(section: dict, weights: Mapping, source: str, device: torch.device | str = "cpu",
+                    ema: object = None) -> VQModel:
     """A :class:`VQModel` of a checked ``model`` config section (:func:`kepler.io.config.saved_sections`)
-    loaded with ``weights`` (a state dict), in training mode on the CPU, checked as the module
+    loaded with ``weights`` (a state dict; with ``ema``, a checkpoint's ``"ema"`` entry, its
+    parameters replaced by the averages), in training mode on the CPU, checked as the module
     docstring says; a saved quantizer backend that cannot run on ``device`` is re-chosen there.
     ValueError, one line starting with ``source``."""
     section = {**section, "quantizer": _backend_for(section["quantizer"], torch.device(device), source)}
-    return _checked_build(lambda: VQModel.from_config(section), weights, source)
+    return _checked_build(lambda: VQModel.from_config(section), weights, source, ema)
 
 
-def build_prior(record: object, section: dict, weights: Mapping, source: str) -> CodeTransformer:
+def build_prior(record: object, section: dict, weights: Mapping, source: str, ema: object = None) -> CodeTransformer:
     """A :class:`CodeTransformer` of a prior checkpoint's tokenizer ``record`` (its code layout) and
-    checked ``model`` section, loaded with ``weights``, checked as :func:`build_tokenizer` checks a
-    tokenizer."""
+    checked ``model`` section, loaded with ``weights`` (and ``ema``), checked as
+    :func:`build_tokenizer` checks a tokenizer."""
     layout = record.get("layout") if isinstance(record, Mapping) else None
     if not isinstance(layout, Mapping):
         raise ValueError(f"{source}: its tokenizer record has no code layout")
@@ -143,14 +163,19 @@ def build_prior(record: object, section: dict, weights: Mapping, source: str) ->
         layout = CodeLayout(**layout)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: bad code layout {dict(layout)}: {exc}") from None
-    return _checked_build(lambda: CodeTransformer(layout, **section), weights, source)
+    return _checked_build(lambda: CodeTransformer(layout, **section), weights, source, ema)
 
 
-def _checked_build(build: Callable[[], nn.Module], weights: Mapping, source: str) -> nn.Module:
+def _checked_build(build: Callable[[], nn.Module], weights: Mapping, source: str, ema: object = None) -> nn.Module:
     """``build()`` loaded with ``weights``, after they are checked against a ``meta`` skeleton of it
-    (nothing is allocated for weights that do not fit); a value a module refuses on loading (a
-    quantizer's negative code counts) is a ValueError naming ``source`` too."""
-    check_state_dict(meta_skeleton(build, source), weights, source)
+    (nothing is allocated for weights that do not fit); with ``ema`` (not None), the trained weights
+    are checked, then loaded with the averaged parameters in their place, checked too. A value a
+    module refuses on loading (a quantizer's negative code counts) is a ValueError naming ``source``
+    too."""
+    skeleton = meta_skeleton(build, source)
+    check_state_dict(skeleton, weights, source)
+    if ema is not None:
+        weights = check_ema_weights(skeleton, ema, f"{source} (EMA weights)", weights)
     model = build()
     try:
         model.load_state_dict(weights)
@@ -195,6 +220,9 @@ def load_prior_tokenizer(prior: LoadedModel, device: torch.device | str | None =
     be the very file the prior was trained on (its SHA-256, recorded in the checkpoint: so it makes
     the index maps the prior models); without grads, in eval mode on ``device``.
 
+    The tokenizer's weights are the ones the prior was trained on (``weights`` in its record: its
+    EMA weights, or the trained ones), whatever ``raw_weights`` the prior was loaded with.
+
     ``path``: the tokenizer at another path (the prior's records where it was; a moved or copied
     tokenizer is accepted when its SHA-256 is the recorded one). ValueError, one line naming both
     hashes, for another file; FileNotFoundError when it is not there.
@@ -208,4 +236,6 @@ def load_prior_tokenizer(prior: LoadedModel, device: torch.device | str | None =
     if actual != recorded:
         raise ValueError(f"tokenizer {path} has SHA-256 {actual}, but {prior.source} was trained on a tokenizer "
                          f"with SHA-256 {recorded}: its codes would be decoded by another model")
-    return load_model(path, device, kind="tokenizer").model.requires_grad_(False)
+    # The weights whose codes the prior learned (its record says; priors from before EMA: the default).
+    raw = record.get("weights") == "trained"
+    return load_model(path, device, kind="tokenizer", raw_weights=raw).model.requires_grad_(False)

@@ -32,6 +32,7 @@ def save_pretrained(
     step: int | None = None,
     metrics: Mapping | None = None,
     name: str | None = None,
+    ema_decay: float | None = None,
 ) -> Path:
     """Write ``model`` to ``directory`` (created; the three files replaced if there): weights,
     ``config.yaml`` and the model card. Returns the folder.
@@ -42,12 +43,15 @@ def save_pretrained(
         step: training steps behind the weights; None if unknown.
         metrics: a run's ``metrics.json`` (held-out PSNR, SSIM, ...) for the card; None for none.
         name: the model's name in the card (default: the folder's name).
+        ema_decay: the decay of the moving average ``model``'s weights are (``train.ema_decay``);
+            None for trained weights.
     """
     directory = Path(directory)
     manifest = {
         "step": None if step is None else int(step),
         "data": None if data is None else dict(data),
         "model": model_section({"model": model.config}, "the model's config"),
+        **({"ema_decay": float(ema_decay)} if ema_decay is not None else {}),
     }
     name = name or directory.resolve().name
     return write_pretrained(directory, model.state_dict(), manifest,
@@ -71,6 +75,8 @@ def model_card(model: VQModel, name: str, manifest: Mapping, metrics: Mapping | 
         f"- Training data: {data.get('train', 'unknown')}, {data.get('size', '?')}x{data.get('size', '?')} crops"
         if data else "- Training data: unknown",
         f"- Training steps: {manifest['step'] if manifest['step'] is not None else 'unknown'}",
+        f"- Weights: the exponential moving average (decay {manifest['ema_decay']}) of the trained weights"
+        if manifest.get("ema_decay") is not None else "- Weights: the trained weights",
         "",
     ]
     shown = {key: metrics[key] for key in CARD_METRICS if isinstance((metrics or {}).get(key), (int, float))}
@@ -106,16 +112,18 @@ def model_card(model: VQModel, name: str, manifest: Mapping, metrics: Mapping | 
     return "\n".join(lines)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path | None]:
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
+                      raw_weights: bool = False) -> tuple[Path, Path | None]:
     """Write the model of a training checkpoint to the pretrained folder ``out``; returns ``(out,
-    the metrics.json the card took its metrics from, or None)``.
+    the metrics.json the card took its metrics from, or None)``. A checkpoint with EMA weights
+    exports them (``config.yaml`` and the card say so) unless ``raw_weights``.
 
     The card's metrics come from the run's ``metrics.json`` (``<run>/metrics.json`` for a checkpoint
     at ``<run>/checkpoints/<name>.pt``) when there is one and it describes the checkpoint's step; the
     checkpoint is read by :func:`kepler.load`, checked, before anything is written.
     """
     checkpoint = Path(checkpoint)
-    loaded = load_model(checkpoint, kind="tokenizer")
+    loaded = load_model(checkpoint, kind="tokenizer", raw_weights=raw_weights)
     step = loaded.step
     metrics_path = checkpoint.resolve().parent.parent / "metrics.json"
     metrics = None
@@ -124,8 +132,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
             metrics = json.loads(metrics_path.read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"{metrics_path} (the run's metrics for the model card) cannot be read: {exc}") from None
-        if not isinstance(metrics, dict) or metrics.get("step") != step:
+        if not isinstance(metrics, dict) or metrics.get("step") != step or (
+                metrics.get("weights", "trained") != loaded.weights):
             metrics = None  # from another step of the run (or not a run's summary): not this model's figures
+    ema_decay = (loaded.config.get("train") or {}).get("ema_decay") if loaded.weights == "ema" else None
     save_pretrained(loaded.model, out, data=loaded.config.get("data"), step=step, metrics=metrics,
-                    name=loaded.config.get("name"))
+                    name=loaded.config.get("name"), ema_decay=ema_decay)
     return Path(out), metrics_path if metrics is not None else None

@@ -240,7 +240,7 @@ def evaluate_model(
             at every resolution.
 
     Returns:
-        ``{"step", "data", "lpips", "rfid", "resolutions": {res: metrics + "code_counts" (P x K lists)},
+        ``{"step", "weights" (``"ema"`` or ``"trained"``), "data", "lpips", "rfid", "resolutions": {res: metrics + "code_counts" (P x K lists)},
         "packing"}`` (the packing report on the first resolution's latents).
     """
     device = torch.device(device)
@@ -255,6 +255,7 @@ def evaluate_model(
         fid = fid.to(device)
     results: dict = {
         "step": loaded.step,
+        "weights": loaded.weights,
         "data": str(data),
         "lpips": "on" if lpips_model is not None else f"off: {lpips_reason}",
         "rfid": "on" if fid is not None else f"off: {fid_reason}",
@@ -291,16 +292,18 @@ def evaluate(
     out: str | os.PathLike | None = None,
     *,
     device: str = "auto",
+    raw_weights: bool = False,
     **options,
 ) -> dict:
     """:func:`evaluate_model` of the tokenizer at ``checkpoint`` (any form :func:`kepler.load` reads),
     with its path; written to ``<out>/eval.json`` when ``out`` is given.
 
-    ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ...; ``options``: the keyword
+    ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ...; ``raw_weights``: the
+    trained weights of a checkpoint with EMA weights (default: the EMA ones); ``options``: the keyword
     arguments of :func:`evaluate_model`.
     """
     dev = resolve_device(device)
-    loaded = load_model(checkpoint, dev, kind="tokenizer")
+    loaded = load_model(checkpoint, dev, kind="tokenizer", raw_weights=raw_weights)
     results = {"checkpoint": str(checkpoint), **evaluate_model(loaded, data, resolutions, device=dev, **options)}
     if out is not None:
         save_evaluation(results, out)

@@ -124,15 +124,17 @@ def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset
 
 def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "cpu", batch_size: int = 16, *,
                    num_samples: int = 0, inception_path: str | os.PathLike | None = None, seed: int = 0,
-                   tokenizer_path: str | os.PathLike | None = None) -> dict:
+                   tokenizer_path: str | os.PathLike | None = None, raw_weights: bool = False) -> dict:
     """Held-out bits per token and per position of a prior, on its config's validation data encoded by
     its tokenizer, and the two baselines (fitted on its training maps) in bits per token; with
     ``num_samples``, the FID and Inception Score of that many samples (seeded by ``seed``) against the
     held-out images, where the Inception weights are on disk (:func:`sample_metrics`).
-    ``tokenizer_path``: the prior's tokenizer at another path (:func:`kepler.models.load.load_prior_tokenizer`)."""
+    ``tokenizer_path``: the prior's tokenizer at another path (:func:`kepler.models.load.load_prior_tokenizer`).
+    ``raw_weights``: the prior's trained weights when it has EMA ones (``weights`` says which; its
+    tokenizer's, ``tokenizer_weights``, are always those the prior was trained on)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
-    loaded = load_model(checkpoint, device, kind="prior")
+    loaded = load_model(checkpoint, device, kind="prior", raw_weights=raw_weights)
     prior = loaded.model
     tokenizer = load_prior_tokenizer(loaded, device, tokenizer_path)
     data = loaded.config["data"]
@@ -143,6 +145,8 @@ def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "
     return {
         "checkpoint": str(checkpoint),
         "step": loaded.step,
+        "weights": loaded.weights,
+        "tokenizer_weights": loaded.checkpoint["tokenizer"].get("weights", "trained"),
         "tokenizer": str(tokenizer_path or loaded.checkpoint["tokenizer"]["checkpoint"]),
         "val_data": str(data["val"]),
         "val_maps": len(val_codes),

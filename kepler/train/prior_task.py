@@ -3,7 +3,9 @@ of a frozen tokenizer (the second stage; ``kepler prior train``).
 
 The tokenizer (config key ``tokenizer.checkpoint``: a run's checkpoint or an exported folder, read by
 :func:`kepler.load`) encodes the images once into the run's code cache (:mod:`kepler.train.codes`).
-The checkpoint records the tokenizer's absolute path and SHA-256: ``--resume`` refuses a tokenizer
+The tokenizer's EMA weights are used when it has them (``weights`` in the checkpoint's tokenizer record
+says which; :func:`kepler.models.load.load_prior_tokenizer` loads the same). The checkpoint records
+the tokenizer's absolute path and SHA-256: ``--resume`` refuses a tokenizer
 file that changed since (its codes would not be the ones the prior learned), and so do
 ``kepler sample`` and ``kepler prior eval`` (:func:`kepler.models.load.load_prior_tokenizer`).
 Validation is the held-out negative log-likelihood in bits per token (sub-code) and per position,
@@ -59,7 +61,10 @@ class PriorTask:
             self.tokenizer_sha256 = file_sha256(self.tokenizer_path)
             if trainer.resume_state is not None:  # before anything is encoded with another tokenizer
                 self._check_tokenizer(trainer.resume_state["tokenizer"]["sha256"])
-            tokenizer = load_model(self.tokenizer_path, device, kind="tokenizer").model.requires_grad_(False)
+            loaded = load_model(self.tokenizer_path, device, kind="tokenizer")  # its EMA weights when it has them
+            self.tokenizer_weights = loaded.weights
+            tokenizer = loaded.model.requires_grad_(False)
+            del loaded
             self.layout = tokenizer_layout(tokenizer, cfg.data.size)
             cached = cached_codes(tokenizer, self.tokenizer_sha256, cfg.data, self.num_classes, trainer.run_dir,
                                   device, trainer.dist.is_main)
@@ -92,7 +97,7 @@ class PriorTask:
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
             "tokenizer": {"checkpoint": self.tokenizer_path, "sha256": self.tokenizer_sha256,
-                          "layout": asdict(self.layout)},
+                          "layout": asdict(self.layout), "weights": self.tokenizer_weights},
             "train_slot_counts": self.train_counts,
         }
 

@@ -10,8 +10,9 @@ gloo on CPUs).
 Everything a run needs to continue exactly is in ``checkpoints/last.pt``: the task's weights,
 optimizers and schedulers, the grad scaler, every rank's RNG states, the step and the position in the data (epoch and
 batch; augmentations are seeded per sample, see :class:`kepler.data.SeededSampler`), and the
-quantizer's statistics (buffers of the model). SIGINT/SIGTERM finish the current step, save, and
-raise :class:`TrainingInterrupted`.
+quantizer's statistics (buffers of the model) and, with ``train.ema_decay``, the moving average of
+the weights (:mod:`kepler.train.ema`: validation and the final metrics use it). SIGINT/SIGTERM
+finish the current step, save, and raise :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from kepler.io.config import to_dict
 from kepler.io.files import write_atomically
 from kepler.io.weights import check_state_dict
 from kepler.models.load import load_model
+from kepler.train.ema import WeightEMA
 from kepler.train.optim import learning_rate, lr_schedule
 from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
 from kepler.train.vqgan_task import VQGANTask
@@ -154,9 +156,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         if resume:
             self._load(resume)
-            self.resume_state = None
         elif cfg.train.init_from:
             self._init_from(cfg.train.init_from)
+        # From the weights the run starts with (or the resumed average): the same on every rank.
+        self.ema = WeightEMA.for_run(self.task.model, cfg.train.ema_decay, self.resume_state,
+                                     f"--resume checkpoint {resume}")
+        self.resume_state = None
 
         if dist_info.enabled:
             self.task.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
@@ -192,6 +197,7 @@ class Trainer:
         rng = all_gather_objects(capture_rng())
         return {
             **self.task.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "step": self.step,
@@ -237,11 +243,12 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         """The task model's weights from the model at ``path`` (``train.init_from``: any form
         :func:`kepler.load` reads), which must match the configured model."""
-        weights = load_model(path, kind=self.task.kind).model.state_dict()
+        loaded = load_model(path, kind=self.task.kind)
+        weights = loaded.model.state_dict()
         check_state_dict(self.task.model, weights, f"train.init_from {path}")
         self.task.model.load_state_dict(weights)
         if self.dist.is_main:
-            log.info("model weights from %s", path)
+            log.info("model weights from %s (%s weights)", path, loaded.weights)
 
     # ------------------------------------------------------------------ data
 
@@ -285,6 +292,8 @@ class Trainer:
     def train_step(self, batches) -> dict:
         """One optimizer step of the task; its logged values, ``loss`` first."""
         logs = self.task.train_step(batches)
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
         # After the count: the cosine factor reads progress(), which must include this step (as
         # before the task split; stepping first shifted the schedule by one step).
@@ -305,7 +314,10 @@ class Trainer:
                 self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
 
     def validate(self) -> dict:
-        record = {"event": "eval", "step": self.step, **self.task.validate()}
+        """The task's held-out metrics, of the EMA weights when they are on (``weights`` says which)."""
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+            metrics = self.task.validate()
+        record = {"event": "eval", "step": self.step, **metrics, "weights": "trained" if self.ema is None else "ema"}
         self._log(record)
         return record
 
