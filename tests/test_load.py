@@ -57,6 +57,12 @@ def test_what_each_form_reads_beside_the_model():
     assert "opt_ae" in checkpoint.checkpoint and export.checkpoint == {}
     prior = load_model(LEGACY / "prior" / "checkpoints" / "last.pt")
     assert prior.kind == "prior" and set(prior.checkpoint["tokenizer"]) == {"checkpoint", "sha256", "layout"}
+    # Written before train.ema_decay: no "ema" entry, the trained weights, with or without raw_weights.
+    assert checkpoint.weights == export.weights == prior.weights == "trained"
+    raw = load_model(LEGACY / "tok" / "checkpoints" / "last.pt", raw_weights=True)
+    assert raw.weights == "trained"
+    for name, value in raw.model.state_dict().items():
+        assert torch.equal(value, checkpoint.model.state_dict()[name]), name
 
 
 def test_the_wrong_kind_says_what_the_file_is(tmp_path, capsys):

@@ -516,3 +516,40 @@ def test_sampling_any_number_goes_a_batch_at_a_time(prior_run, tmp_path, capsys,
         main(["sample", checkpoint, "--seed", "99999999999999999999999", "--out", str(tmp_path / "c")])
     assert "argument --seed: expected an integer from 0 to 2**63 - 1, got 99999999999999999999999" in \
         capsys.readouterr().err
+
+
+def test_a_prior_with_ema_on_an_ema_tokenizer(tmp_path, capsys):
+    """train.ema_decay on both stages: the prior is trained on the EMA tokenizer's codes and records so;
+    its validation, kepler prior eval and kepler sample use its EMA weights (--raw-weights: its trained
+    ones) and always the tokenizer weights it was trained on."""
+    config = tmp_path / "tok.yaml"
+    config.write_text(TOKENIZER.format(partitions=2))
+    tok_run = tmp_path / "tok"
+    assert main(["train", str(config), f"run_dir={tok_run}", "train.ema_decay=0.5", "optim.base_lr=1e-2"]) == 0
+    tokenizer = tok_run / "checkpoints" / "last.pt"
+    run = tmp_path / "prior"
+    assert main(["prior", "train", str(prior_config(tmp_path, tokenizer, steps=2)), f"run_dir={run}",
+                 "train.ema_decay=0.5"]) == 0
+    assert "held-out maps, EMA weights)" in capsys.readouterr().out
+    checkpoint = run / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["tokenizer"]["weights"] == "ema" and set(state["ema"]) == set(state["model"])
+    tok_state = torch.load(tokenizer, weights_only=True)
+    loaded_tokenizer = load_prior_tokenizer(load_model(checkpoint, raw_weights=True))
+    assert torch.equal(loaded_tokenizer.decoder.conv_out.weight, tok_state["ema"]["decoder.conv_out.weight"])
+
+    trained = json.loads((run / "metrics.json").read_text())
+    assert trained["weights"] == "ema"
+    for flag, weights, printed in (([], "ema", "EMA"), (["--raw-weights"], "trained", "trained")):
+        out = tmp_path / f"eval_{weights}"
+        assert main(["prior", "eval", str(checkpoint), "--device", "cpu", "--out", str(out), "--num-samples", "0",
+                     *flag]) == 0
+        assert f"(step 2, prior's {printed} weights, tokenizer's EMA weights)" in capsys.readouterr().out
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["weights"] == weights and metrics["tokenizer_weights"] == "ema"
+        # The validation in training measured the EMA weights: prior eval of them gives its figures.
+        same = metrics["bits_per_token"] == pytest.approx(trained["bits_per_token"], rel=1e-9)
+        assert same == (weights == "ema"), (metrics["bits_per_token"], trained["bits_per_token"])
+        assert main(["sample", str(checkpoint), "--num", "2", "--device", "cpu", "--out", str(tmp_path / weights),
+                     *flag]) == 0
+        assert f"prior's {printed} weights, tokenizer's EMA weights" in capsys.readouterr().out

@@ -102,8 +102,8 @@ def test_tiny_run_end_to_end_through_the_cli(tmp_path, capsys):
 
 def _flat_state(state: dict) -> dict:
     out = {}
-    for key in ("model", "discriminator"):
-        for name, tensor in state[key].items():
+    for key in ("model", "discriminator", "ema"):
+        for name, tensor in state.get(key, {}).items():
             out[f"{key}.{name}"] = tensor
     for key in ("opt_ae", "opt_disc"):
         for pid, pstate in state[key]["state"].items():
@@ -122,7 +122,11 @@ LOSS_OPTIONS = ["loss.gen_loss=non_saturating", "loss.rec_loss=l2", "loss.lecam_
                 "model.quantizer.entropy_weight=0.1"]
 
 
-@pytest.mark.parametrize("options", [[], LOSS_OPTIONS], ids=["default", "every_loss_option"])
+# The moving average of the weights (train.ema_decay) must resume exactly too.
+EMA_OPTIONS = ["train.ema_decay=0.9"]
+
+
+@pytest.mark.parametrize("options", [[], LOSS_OPTIONS, EMA_OPTIONS], ids=["default", "every_loss_option", "ema"])
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, options):
     config = tiny_config(tmp_path, steps=4, disc_start=1, accum=2)
     overrides = [*DRAWING_OPTIONS, *options]
@@ -154,6 +158,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         assert torch.equal(flat_a[name], flat_b[name]), name
     assert a["sched_ae"]["last_epoch"] == b["sched_ae"]["last_epoch"] == 4
     torch.testing.assert_close(a["rng"][0]["torch"], b["rng"][0]["torch"], rtol=0, atol=0)
+    if options == EMA_OPTIONS:
+        # Compared above, bit for bit: every parameter's average, and it is not the weights themselves.
+        assert {f"ema.{k}" for k in a["model"] if a["model"][k].is_floating_point()} <= flat_a.keys()
+        assert not torch.equal(a["ema"]["encoder.conv_out.weight"], a["model"]["encoder.conv_out.weight"])
+        return
     if options:
         assert (a["lecam_ema"] != 0).all()  # LeCam ran, and its averages resumed exactly (above)
         return
@@ -222,6 +231,46 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert metrics["images"] == 3  # the 3 validation images, sharded over 2 ranks, counted once
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "train" for r in records) == 3  # only rank 0 logs
+
+
+# Run under torchrun: each rank writes the moving average it holds when training ends.
+EMA_PROBE = """
+import sys, torch
+from kepler.cli import main
+from kepler.train.trainer import Trainer
+
+run = Trainer.run
+def run_then_save(self):
+    metrics = run(self)
+    torch.save(self.ema.state_dict(), f"{self.run_dir}/ema_rank{self.dist.rank}.pt")
+    return metrics
+Trainer.run = run_then_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ddp_ema_is_the_same_on_every_rank(tmp_path):
+    """Updated from the DDP-synchronized parameters on every rank, the averages are equal across ranks
+    and are what the checkpoint saves (a rank that skipped an update would hold another)."""
+    config = tiny_config(tmp_path, steps=2, disc_start=100)
+    run = tmp_path / "ddp"
+    probe = tmp_path / "ema_probe.py"
+    probe.write_text(EMA_PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
+         "train", str(config), f"run_dir={run}", "device=cpu", "train.ema_decay=0.5", "train.eval_every=100"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    ranks = [torch.load(run / f"ema_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() == state["ema"].keys()
+    for name in state["ema"]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.equal(ranks[1][name], state["ema"][name]), name
+    assert not torch.equal(state["ema"]["decoder.conv_out.weight"], state["model"]["decoder.conv_out.weight"])
+    assert json.loads((run / "metrics.json").read_text())["weights"] == "ema"
 
 
 def test_corrupt_training_images_are_skipped_and_counted(tmp_path):
