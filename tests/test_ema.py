@@ -70,6 +70,16 @@ def test_averages_that_do_not_match_the_model_are_refused():
         ema.load_state_dict({**state, "linear.bias": torch.tensor([0.0, float("nan")])}, "ckpt")
 
 
+def test_a_shared_parameter_is_averaged_under_each_of_its_names():
+    """Each state-dict key of a parameter has its average: the loader replaces every one of them."""
+    model = Tiny()
+    model.alias = model.linear
+    ema = WeightEMA(model, decay=0.5)
+    assert set(ema.state_dict()) == {k for k in model.state_dict() if k != "counts"} == {
+        "linear.weight", "linear.bias", "alias.weight", "alias.bias"}
+    ema.load_state_dict(ema.state_dict(), "ckpt")
+
+
 @pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
 def test_the_decay_must_be_in_the_open_unit_interval(value):
     with pytest.raises(ValueError, match=rf"^config key 'train.ema_decay' must be > 0 and < 1, got {value}$"):

@@ -266,9 +266,10 @@ def check_ema_weights(module: nn.Module, ema: Any, what: str, weights: Mapping |
     if not isinstance(ema, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in ema.items()):
         raise ValueError(f"{what}: the weights are not a mapping of names to tensors")
-    names = [name for name, p in module.named_parameters() if p.is_floating_point()]
+    names = [name for name, p in module.named_parameters(remove_duplicate=False) if p.is_floating_point()]
+    known = set(names)
     missing = [k for k in names if k not in ema]
-    unexpected = [k for k in ema if k not in set(names)]
+    unexpected = [k for k in ema if k not in known]
     if missing or unexpected:
         problems = ([f"{len(missing)} missing ({_names(missing)})"] if missing else []) + (
             [f"{len(unexpected)} not a floating-point parameter ({_names(unexpected)})"] if unexpected else [])
