@@ -54,6 +54,24 @@ def check_groups(op: str, groups: int) -> None:
         raise ValueError(f"{op}: at most {MAX_GROUPS} groups, got G={groups}")
 
 
+def check_search_shapes(op: str, z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """The checks of a launcher that scores rows against codewords (``nearest_codeword``,
+    ``code_entropy``): z (G, N, D), codebook (1 or G, K >= 1, D) of z's dtype, G on one grid axis."""
+    if z.dim() != 3 or codebook.dim() != 3:
+        raise ValueError(
+            f"{op}: expected z (G, N, D) and codebook (Gc, K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}"
+        )
+    groups, _, dim = z.shape
+    code_groups, codes, code_dim = codebook.shape
+    if code_dim != dim or code_groups not in (1, groups) or codes == 0:
+        raise ValueError(
+            f"{op}: codebook {tuple(codebook.shape)} does not fit z {tuple(z.shape)}: need (1 or G, K >= 1, D)"
+        )
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"{op}: z and codebook must share one dtype, got {z.dtype} and {codebook.dtype}")
+    check_groups(op, groups)
+
+
 def pick_covering(configs: Sequence[Config], size: int, block: str) -> Config:
     """The first of ``configs`` (in ascending ``block``) whose ``block`` field covers ``size``, else the last.
 

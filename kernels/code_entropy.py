@@ -1,55 +1,29 @@
 """Triton code entropy: forward kernels ``_code_entropy_fwd_kernel`` and ``_code_entropy_mass_kernel``,
 backward kernels ``_code_entropy_bwd_rows_kernel`` and ``_code_entropy_bwd_codes_kernel``, and their launchers.
 
-The contract of ``kepler::code_entropy`` as ``kepler.reference.code_entropy.code_entropy_raw_ref``
-(the spec: every numeric rule is there): scores ``c = ||e'||^2 - 2 z'.e'`` with ``z' = z * scale``,
-``e' = e * scale`` (``scale`` loaded from its tensor as the tiles load; no scaled copy, no host
-sync), logits ``-(c - c_min) * alpha``; per row ``(c_min, log l, H)`` and per code
-``code_mass = sum_n p[n, k]``. No N x K tensor exists anywhere: like flash attention, every kernel
-recomputes its (BLOCK_M, BLOCK_N) tile of scores from the inputs, ``tl.dot`` over D in ``BLOCK_D``
-chunks with float32 accumulation (bfloat16/float16 tiles go to the tensor cores as they are, scaled
-in their own dtype: a power of two is exact there), the codes' squared norms summed beside it.
+The contract is ``kepler.reference.code_entropy.code_entropy_raw_ref`` (the spec: every numeric rule,
+and the gradient formulas). No N x K tensor exists: as in flash attention, every kernel recomputes
+its (BLOCK_M, BLOCK_N) tile of scores ``||e'||^2 - 2 z'.e'`` (``tl.dot`` over D in ``BLOCK_D``
+chunks, float32 accumulation; ``scale`` is loaded from its tensor, so no scaled copy and no host
+sync; bfloat16/float16 tiles are scaled in their own dtype, exact for a power of two).
 
-Forward, two kernels:
+* ``_code_entropy_fwd_kernel`` (programs over row blocks): an online minimum and, relative to it,
+  ``l = sum exp(-t)`` and ``S = sum t exp(-t)`` in base 2. When the minimum drops by ``delta``,
+  ``l <- l 2^-delta`` and ``S <- 2^-delta (S + delta l)``, 0 where ``2^-delta`` underflows (never
+  ``0 * inf``); a row with a non-finite score gets NaN ``log l`` and ``H``.
+* ``_code_entropy_mass_kernel`` (programs over code blocks, each over a run of row tiles): the column
+  sums of ``p``. Not atomics from the row programs: each sum is taken in one order fixed by the
+  shapes alone (:func:`row_splits`; the launcher adds the splits' partial sums), so the result is
+  deterministic on every GPU, with bounded extra memory (:data:`TARGET_PROGRAMS`).
+* ``_code_entropy_bwd_rows_kernel`` (row blocks x D chunks): a pass for ``r_n = sum_k p w_k``, then
+  ``G`` tile by tile and ``G @ e'``; writes ``r`` (G, N) for the next kernel.
+* ``_code_entropy_bwd_codes_kernel`` (code blocks x D chunks, over the row tiles of every group that
+  uses the codebook, or a split of them): ``G^T @ z'`` and ``sum_n G``; a shared codebook's group
+  sum is taken in the program (deterministic).
 
-* ``_code_entropy_fwd_kernel``: a program takes ``BLOCK_M`` rows of one group and streams the codes
-  in ``BLOCK_N`` tiles with an online minimum and, relative to it, ``l = sum exp(-t)`` and
-  ``sum t exp(-t)`` (in base 2, for ``exp2``: ``u = t log2(e)``). When the minimum drops by
-  ``delta``, every earlier ``t`` grows by ``delta``: ``l <- l 2^-delta`` and
-  ``S <- 2^-delta (S + delta l)``, 0 where ``2^-delta`` underflows (never ``0 * inf``). A term whose
-  ``exp2(-u)`` is 0 adds exactly 0. A row with a non-finite score gets NaN ``log l`` and ``H``
-  (``c_min`` NaN too where a score is NaN, as ``amin`` gives).
-* ``_code_entropy_mass_kernel``: a program takes ``BLOCK_N`` codes of one group and iterates over
-  a run of the group's row tiles (all of them, or one of :func:`row_splits`' splits when there are
-  few code blocks), summing ``p = exp2(-u - log2 l)`` down the columns; the launcher adds the
-  splits' (G, K) partial sums. Programs over code blocks, not atomics from the row programs: each
-  column sum is taken in one fixed order, set by the shapes alone, so the result is deterministic
-  (run to run, and on every GPU), and the extra memory is splits x (G, K), bounded (see
-  :data:`TARGET_PROGRAMS`). It reads the saved ``log l``, so a NaN row makes its group's masses NaN,
-  as the spec says.
-
-Backward (``kepler/reference/code_entropy.py``, "Gradients"), with ``w_k = log code_mass_k - log N``
-(0 for an unused code: its ``p`` are all 0; NaN for a NaN mass) and the per-group ``g_s / N``,
-``g_b / N`` (O(G + K), launcher), two kernels:
-
-* ``_code_entropy_bwd_rows_kernel``: a program takes ``BLOCK_M`` rows and one ``BLOCK_D`` chunk of
-  grad_z (grid axis 2). A first pass over the code tiles takes ``r_n = sum_k p w_k``; the second
-  recomputes the tiles, forms ``G[n, k] = -(p / N)(g_s (log p + H_n) + g_b (w_k - r_n))`` (0 where
-  ``p == 0``) and accumulates ``G @ e'`` for its chunk. ``r`` (G, N) is written (by the programs of
-  chunk 0) for the next kernel.
-* ``_code_entropy_bwd_codes_kernel``: a program takes ``BLOCK_N`` codes and one ``BLOCK_D`` chunk of
-  grad_codebook and iterates over the row tiles of every group that uses the codebook (all G for a
-  shared codebook: the group sum is taken in the program, deterministic), or over one split of
-  them, accumulating ``G^T @ z'`` and ``sum_n G``. Several splits write float32 partial gradients
-  that the launcher adds (deterministic as the code mass; at most ``TARGET_PROGRAMS x BLOCK_N x
-  BLOCK_D`` floats beyond one gradient).
-
-Then ``grad_z = 2 alpha scale sum_k G e'`` and ``grad_e = 2 alpha scale (sum_n G z' - e' sum_n G)``.
-
-float32 dot precision: IEEE float32 (``"ieee"``) by default; TF32 only on a real GPU when
+float32 dot precision: IEEE by default; TF32 only on a real GPU when
 ``torch.get_float32_matmul_precision()`` is not ``"highest"`` (``kernels._common.fp32_dot_precision``,
-the rule of ``nearest_codeword``): for float32 inputs, the score dots and the gradient dots; for
-bfloat16/float16 inputs the score dots are native and the gradient dots (float32 weights) IEEE.
+the rule of ``nearest_codeword``).
 """
 
 from __future__ import annotations
@@ -61,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kepler.kernels._common import check_groups, check_launchable, fp32_dot_precision, launch, pick_covering
+from kepler.kernels._common import check_launchable, check_search_shapes, fp32_dot_precision, launch, pick_covering
 
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
@@ -370,25 +344,13 @@ def _code_entropy_bwd_codes_kernel(
 def _check_search(
     op: str, z: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, inv_temperature: float
 ) -> None:
-    """What every launcher needs: z (G, N, D), codebook (1 or G, K >= 1, D) of z's dtype, a 0-d
-    scale, G on one grid axis, a finite inv_temperature > 0."""
-    if z.dim() != 3 or codebook.dim() != 3:
-        raise ValueError(
-            f"{op}: expected z (G, N, D) and codebook (Gc, K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}"
-        )
-    G, N, D = z.shape
-    code_groups, K, code_dim = codebook.shape
-    if code_dim != D or code_groups not in (1, G) or K == 0:
-        raise ValueError(
-            f"{op}: codebook {tuple(codebook.shape)} does not fit z {tuple(z.shape)}: need (1 or G, K >= 1, D)"
-        )
-    if codebook.dtype != z.dtype:
-        raise TypeError(f"{op}: z and codebook must share one dtype, got {z.dtype} and {codebook.dtype}")
+    """What every launcher needs: the search shapes (``check_search_shapes``), a 0-d scale and a
+    finite inv_temperature > 0."""
+    check_search_shapes(op, z, codebook)
     if scale.dim() != 0 or not scale.is_floating_point():
         raise ValueError(
             f"{op}: scale must be a 0-d floating-point tensor, got shape {tuple(scale.shape)} and {scale.dtype}"
         )
-    check_groups(op, G)
     if not (math.isfinite(inv_temperature) and inv_temperature > 0):
         raise ValueError(f"{op}: inv_temperature must be finite and > 0, got {inv_temperature}")
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kepler.kernels._common import check_groups, check_launchable, fp32_dot_precision, launch, pick_covering
+from kepler.kernels._common import check_launchable, check_search_shapes, fp32_dot_precision, launch, pick_covering
 
 
 class NearestCodewordConfig(NamedTuple):
@@ -199,19 +199,9 @@ def nearest_codeword_triton(z: torch.Tensor, codebook: torch.Tensor) -> tuple[to
     """
     op = "nearest_codeword_triton"
     check_launchable(op, {"z": z, "codebook": codebook})
-    if z.dim() != 3 or codebook.dim() != 3:
-        raise ValueError(
-            f"{op}: expected z (G, N, D) and codebook (Gc, K, D), got {tuple(z.shape)} and {tuple(codebook.shape)}"
-        )
+    check_search_shapes(op, z, codebook)
     G, N, D = z.shape
-    code_groups, K, code_dim = codebook.shape
-    if code_dim != D or code_groups not in (1, G) or K == 0:
-        raise ValueError(
-            f"{op}: codebook {tuple(codebook.shape)} does not fit z {tuple(z.shape)}: need (1 or G, K >= 1, D)"
-        )
-    if codebook.dtype != z.dtype:
-        raise TypeError(f"{op}: z and codebook must share one dtype, got {z.dtype} and {codebook.dtype}")
-    check_groups(op, G)
+    code_groups, K, _ = codebook.shape
 
     indices = torch.empty(G, N, dtype=torch.int64, device=z.device)
     sq_dist = torch.empty(G, N, dtype=torch.float32, device=z.device)
