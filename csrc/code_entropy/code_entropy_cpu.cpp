@@ -59,7 +59,7 @@ using code_entropy_detail::kInf;
 using code_entropy_detail::Tile;
 using score::kCodeAlign;
 
-constexpr int64_t kMaxRowsPerTask = 256;
+constexpr int64_t kMaxRowsPerTask = 512;  // rows sharing each packing of the codes
 constexpr int64_t kMaxBlockCodes = 256;         // codes per block of the row passes
 constexpr int64_t kMaxCodePassBlockCodes = 128;  // codes per task of the grad_codebook pass
 constexpr int64_t kPanelBudgetFloats = 1 << 16;  // 256 KiB of packed codes: stays in L2
@@ -113,7 +113,7 @@ class CodeEntropyCpu {
                                          static_cast<double>(FLT_MAX)));
     grad_factor_ = 2.0 * alpha_ * scale_;  // float64: 2 alpha may overflow float32 where G is 0
     const int64_t R = kernel_.rows;
-    gemm_rows_ = round_up(R, 4);
+    gemm_rows_ = R;
     dpad_ = round_up(std::max<int64_t>(dim_, 1), epilogues_.lanes);
     block_codes_ = std::clamp(kPanelBudgetFloats / std::max<int64_t>(dim_, 1) / kCodeAlign * kCodeAlign, kCodeAlign,
                               kMaxBlockCodes);
@@ -182,8 +182,7 @@ class CodeEntropyCpu {
   static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
   static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-  // One worker's buffers for the row tasks (forward, and grad_z with `gradient`). The score
-  // buffer has round_up(R, 4) rows, the last ones zero, for the GEMM's blocks of 4 rows.
+  // One worker's buffers for the row tasks (forward, and grad_z with `gradient`).
   struct RowState {
     Buffer z_blocks, panels, norms, scores, mass, e_rows, acc;
     std::vector<float> row_min, row_bad, log_l, entropy, r_n, r_n_lo;
@@ -449,7 +448,7 @@ class CodeEntropyCpu {
   double grad_factor_ = 0.0;
   int64_t dpad_ = 0, block_codes_ = 0, code_pass_block_ = 0, padded_codes_ = 0;
   int64_t rows_per_task_ = 0, tasks_per_group_ = 0;
-  int64_t gemm_rows_ = 0;  // the micro-block height rounded up to the GEMM's blocks of 4 rows
+  int64_t gemm_rows_ = 0;  // rows of the score buffer and of a micro-block's sums: the micro-block height
 };
 
 float read_scale(const at::Tensor& scale, const char* op) {

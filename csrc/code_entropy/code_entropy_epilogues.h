@@ -43,13 +43,6 @@ struct IntVec<score::f32x16> {
 template <typename V>
 using ivec_t = typename IntVec<V>::type;
 
-// float64 vectors of as many lanes.
-template <typename V>
-struct DoubleVec {
-  typedef double type __attribute__((vector_size(2 * sizeof(V))));
-};
-template <typename V>
-using dvec_t = typename DoubleVec<V>::type;
 
 // exp(x) for x <= 0 (larger x is clamped to 0), branch-free (std::exp does not vectorize without
 // -ffast-math): Cephes expf, ~2 ulp; exactly 0 below log(FLT_MIN), so a term that underflows adds
@@ -185,28 +178,39 @@ KEPLER_FORCE_INLINE void gradient_terms(const Tile& t, int64_t r, int64_t k, flo
   g = p == 0.f ? splat<V>(0.f) : g;
 }
 
-// r_n = sum_k p w_k and sum_k p of the tile's rows (p = 0 terms add 0), in float64 lanes with
-// exact products: a nearly one-hot row's small terms must survive next to the winner's w, and the
-// caller takes r_n / sum p (1 up to the rounding of p), so that a row tied between m codes of equal
+// r_n = sum_k p w_k and sum_k p of the tile's rows (p = 0 terms add 0). The codes at the minimum
+// (t = 0, all with the same p0 = exp(-log l)) are summed apart, as sum w and a count, and the rest
+// in float lanes; the caller takes r_n / sum p in float64 (1 up to the rounding of p). So a nearly
+// one-hot row keeps its small terms next to the winner's w, and a row tied between codes of equal
 // w gets w - r_n = 0 and G = 0 exactly, as the reference's softmax gradient does.
 template <typename V>
 KEPLER_FORCE_INLINE void r_sum_pass_body(const Tile& t) {
   constexpr int64_t L = score::kLanes<V>;
-  using D = dvec_t<V>;
   for (int64_t r = 0; r < t.rows; ++r) {
-    D pw_sum = D{} + 0.0, p_sum = D{} + 0.0;
+    const V c_min = splat<V>(t.row_min[r]);
+    V top_w = splat<V>(0.f), top_count = splat<V>(0.f), pw_sum = splat<V>(0.f), p_sum = splat<V>(0.f);
     for (int64_t k = 0; k < t.padded_codes; k += L) {
       V p, g;
       gradient_terms(t, r, k, 0.f, 0.f, p, g);
-      const D p_wide = __builtin_convertvector(p, D);
-      const D w_wide = __builtin_convertvector(load<V>(t.w + k), D);
-      pw_sum += p_wide == 0.0 ? D{} + 0.0 : p_wide * w_wide;
-      p_sum += p_wide;
+      const auto top = load<V>(t.scores + r * t.ld + k) == c_min;  // the padding codes have p = 0
+      const V w = load<V>(t.w + k);
+      const auto counted = top & (p != 0.f);
+      top_w += counted ? w : splat<V>(0.f);
+      top_count += counted ? splat<V>(1.f) : splat<V>(0.f);
+      const auto rest = ~top & (p != 0.f);
+      pw_sum += rest ? p * w : splat<V>(0.f);
+      p_sum += rest ? p : splat<V>(0.f);
     }
+    const double p0 = exp_nonpositive(splat<V>(-t.log_l[r]))[0];  // the p of a code at the minimum
+    double w_total = 0.0, count = 0.0, pw_total = 0.0, p_total = 0.0;
     for (int64_t l = 0; l < L; ++l) {
-      t.r_sum[r] += pw_sum[l];
-      t.row_s[r] += p_sum[l];
+      w_total += top_w[l];
+      count += top_count[l];
+      pw_total += pw_sum[l];
+      p_total += p_sum[l];
     }
+    t.r_sum[r] += p0 * w_total + pw_total;
+    t.row_s[r] += p0 * count + p_total;
   }
 }
 
@@ -226,8 +230,9 @@ KEPLER_FORCE_INLINE void gradient_pass_body(const Tile& t) {
   }
 }
 
-// out[i][0:dpad) += sum_{j < J} C[i * si + j * sj] * M[j * ldm + 0:dpad) for i < I (I a multiple of
-// 4, dpad of the lanes): 4 rows of out x up to 3 vectors in registers per sweep over j.
+// out[i][0:dpad) += sum_{j < J} C[i * si + j * sj] * M[j * ldm + 0:dpad) for i < I (dpad a
+// multiple of the lanes): blocks of 3 rows of out x up to 4 vectors stay in registers (12
+// accumulators, 3 broadcasts and one load of M live: 16 registers) per sweep over j.
 struct Gemm {
   float* out;
   int64_t ldo, I, dpad;
@@ -237,45 +242,53 @@ struct Gemm {
   int64_t ldm, J;
 };
 
-template <typename V, int kVecs>
+template <typename V, typename Broadcast, int kRows, int kVecs>
 KEPLER_FORCE_INLINE void gemm_chunk(const Gemm& g, int64_t i0, int64_t d0) {
   constexpr int64_t L = score::kLanes<V>;
-  V acc[4][kVecs];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
+  V acc[kRows][kVecs];
 #pragma GCC unroll 3
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) acc[i][v] = load<V>(g.out + (i0 + i) * g.ldo + d0 + v * L);
   }
   const float* c = g.C + i0 * g.si;
   for (int64_t j = 0; j < g.J; ++j) {
-    V m[kVecs];
+    V coef[kRows];
 #pragma GCC unroll 3
-    for (int v = 0; v < kVecs; ++v) m[v] = load<V>(g.M + j * g.ldm + d0 + v * L);
+    for (int i = 0; i < kRows; ++i) coef[i] = Broadcast::template load<V>(c + i * g.si + j * g.sj);
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      const V coef = splat<V>(c[i * g.si + j * g.sj]);
+    for (int v = 0; v < kVecs; ++v) {
+      const V m = load<V>(g.M + j * g.ldm + d0 + v * L);
 #pragma GCC unroll 3
-      for (int v = 0; v < kVecs; ++v) acc[i][v] += coef * m[v];
+      for (int i = 0; i < kRows; ++i) acc[i][v] += coef[i] * m;
     }
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
 #pragma GCC unroll 3
+  for (int i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) store<V>(g.out + (i0 + i) * g.ldo + d0 + v * L, acc[i][v]);
   }
 }
 
-template <typename V>
-KEPLER_FORCE_INLINE void gemm_body(const Gemm& g) {
+template <typename V, typename Broadcast, int kRows>
+KEPLER_FORCE_INLINE void gemm_rows(const Gemm& g, int64_t i0) {
   constexpr int64_t L = score::kLanes<V>;
-  for (int64_t i0 = 0; i0 < g.I; i0 += 4) {
-    for (int64_t d0 = 0; d0 < g.dpad; d0 += 3 * L) {
-      const int64_t vecs = std::min<int64_t>(3, (g.dpad - d0) / L);
-      if (vecs == 3) gemm_chunk<V, 3>(g, i0, d0);
-      else if (vecs == 2) gemm_chunk<V, 2>(g, i0, d0);
-      else gemm_chunk<V, 1>(g, i0, d0);
+  for (int64_t d0 = 0; d0 < g.dpad; d0 += 4 * L) {
+    switch (std::min<int64_t>(4, (g.dpad - d0) / L)) {
+      case 4: gemm_chunk<V, Broadcast, kRows, 4>(g, i0, d0); break;
+      case 3: gemm_chunk<V, Broadcast, kRows, 3>(g, i0, d0); break;
+      case 2: gemm_chunk<V, Broadcast, kRows, 2>(g, i0, d0); break;
+      default: gemm_chunk<V, Broadcast, kRows, 1>(g, i0, d0); break;
     }
   }
+}
+
+template <typename V, typename Broadcast>
+KEPLER_FORCE_INLINE void gemm_body(const Gemm& g) {
+  int64_t i0 = 0;
+  for (; i0 + 3 <= g.I; i0 += 3) gemm_rows<V, Broadcast, 3>(g, i0);
+  if (g.I - i0 == 2) gemm_rows<V, Broadcast, 2>(g, i0);
+  if (g.I - i0 == 1) gemm_rows<V, Broadcast, 1>(g, i0);
 }
 
 // The epilogues of one instruction set.
@@ -290,25 +303,25 @@ struct Epilogues {
   void (*gemm)(const Gemm&);
 };
 
-#define KEPLER_CODE_ENTROPY_EPILOGUES(NAME, TARGET, V)                                     \
+#define KEPLER_CODE_ENTROPY_EPILOGUES(NAME, TARGET, V, B)                                  \
   inline TARGET void min_pass_##NAME(const Tile& t) { min_pass_body<V>(t); }                      \
   inline TARGET void stats_pass_##NAME(const Tile& t) { stats_pass_body<V>(t); }                  \
   inline TARGET void mass_pass_##NAME(const Tile& t) { mass_pass_body<V>(t); }                    \
   inline TARGET void r_sum_pass_##NAME(const Tile& t) { r_sum_pass_body<V>(t); }                 \
   inline TARGET void gradient_pass_##NAME(const Tile& t) { gradient_pass_body<V, false>(t); }     \
   inline TARGET void gradient_sums_pass_##NAME(const Tile& t) { gradient_pass_body<V, true>(t); } \
-  inline TARGET void gemm_##NAME(const Gemm& g) { gemm_body<V>(g); }                              \
+  inline TARGET void gemm_##NAME(const Gemm& g) { gemm_body<V, B>(g); }                              \
   constexpr Epilogues kEpilogues_##NAME = {score::kLanes<V>, &min_pass_##NAME,             \
                                            &stats_pass_##NAME, &mass_pass_##NAME,          \
                                            &r_sum_pass_##NAME, &gradient_pass_##NAME,      \
                                            &gradient_sums_pass_##NAME,                     \
                                            &gemm_##NAME};
 
-KEPLER_CODE_ENTROPY_EPILOGUES(portable, , score::f32x4)
+KEPLER_CODE_ENTROPY_EPILOGUES(portable, , score::f32x4, score::PlainBroadcast)
 #if KEPLER_X86
-KEPLER_CODE_ENTROPY_EPILOGUES(avx2, KEPLER_TARGET_AVX2, score::f32x8)
-KEPLER_CODE_ENTROPY_EPILOGUES(avx512, KEPLER_TARGET_AVX512, score::f32x16)
-KEPLER_CODE_ENTROPY_EPILOGUES(avx512_emulated, KEPLER_TARGET_AVX2, score::f32x16)
+KEPLER_CODE_ENTROPY_EPILOGUES(avx2, KEPLER_TARGET_AVX2, score::f32x8, score::AsmBroadcast)
+KEPLER_CODE_ENTROPY_EPILOGUES(avx512, KEPLER_TARGET_AVX512, score::f32x16, score::AsmBroadcast)
+KEPLER_CODE_ENTROPY_EPILOGUES(avx512_emulated, KEPLER_TARGET_AVX2, score::f32x16, score::PlainBroadcast)
 #endif
 #undef KEPLER_CODE_ENTROPY_EPILOGUES
 

@@ -59,10 +59,37 @@ template <typename V>
 KEPLER_FORCE_INLINE void store(float* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
+// x in every lane (not for hot loops: see Broadcast).
 template <typename V>
 KEPLER_FORCE_INLINE V splat(float x) {
   return V{} + x;
 }
+
+// Broadcasts of a float from memory into every lane, for the hot loops. GCC 12 merges the loads of
+// neighbouring z values in the micro-kernel into one vector load and rebuilds each broadcast with
+// shuffles (or through the stack), whatever the spelling in plain C++; an asm statement is opaque
+// to that, so the AVX kernels broadcast with one vbroadcastss each (a load-port operation).
+struct PlainBroadcast {
+  template <typename V>
+  static KEPLER_FORCE_INLINE V load(const float* p) {
+    return V{} + *p;
+  }
+};
+#if KEPLER_X86
+struct AsmBroadcast {  // f32x8 in AVX2 code (a ymm register), f32x16 in AVX-512 code (a zmm one)
+  template <typename V>
+  static KEPLER_FORCE_INLINE V load(const float* p) {
+    V v;
+    if constexpr (sizeof(V) == 64) {
+      asm("vbroadcastss %1, %0" : "=v"(v) : "m"(*p));
+    } else {
+      static_assert(sizeof(V) == 32, "AsmBroadcast is for 8 or 16 floats");
+      asm("vbroadcastss %1, %0" : "=x"(v) : "m"(*p));
+    }
+    return v;
+  }
+};
+#endif
 
 // Scores kRows rows (z_block) against `codes` packed codes (a multiple of kNV * lanes) into
 // out[r * ld + c]. Each step of d loads kNV code vectors and broadcasts kRows values of z, for
@@ -73,7 +100,7 @@ KEPLER_FORCE_INLINE V splat(float x) {
 // than a blocked sgemm at D >= 100.
 constexpr int64_t kDimChunk = 32;
 
-template <typename V, int kRows, int kNV, int kDim>
+template <typename V, typename Broadcast, int kRows, int kNV, int kDim>
 KEPLER_FORCE_INLINE void score_block_body(const float* z_block, int64_t dim, const float* panels, const float* norms,
                                           int64_t codes, float* out, int64_t ld) {
   constexpr int64_t L = kLanes<V>;
@@ -86,7 +113,9 @@ KEPLER_FORCE_INLINE void score_block_body(const float* z_block, int64_t dim, con
       column[j] = panels + (c / kPanelCodes) * D * kPanelCodes + c % kPanelCodes;
     }
     for (int64_t d0 = 0; d0 < D || d0 == 0; d0 += kDimChunk) {
-      const int64_t d1 = std::min(D, d0 + kDimChunk);
+      // A compile-time chunk length for the specialized D, so the d loop unrolls without a remainder.
+      constexpr bool kStaticChunk = kDim > 0 && (kDim <= kDimChunk || kDim % kDimChunk == 0);
+      const int64_t d1 = d0 + (kStaticChunk ? std::min<int64_t>(kDim, kDimChunk) : std::min(kDimChunk, D - d0));
       V acc[kRows][kNV];
 #pragma GCC unroll 16
       for (int r = 0; r < kRows; ++r) {
@@ -100,7 +129,7 @@ KEPLER_FORCE_INLINE void score_block_body(const float* z_block, int64_t dim, con
         for (int j = 0; j < kNV; ++j) code[j] = load<V>(column[j] + d * kPanelCodes);
 #pragma GCC unroll 16
         for (int r = 0; r < kRows; ++r) {
-          const V z_r = splat<V>(z_block[d * kRows + r]);
+          const V z_r = Broadcast::template load<V>(z_block + d * kRows + r);
 #pragma GCC unroll 4
           for (int j = 0; j < kNV; ++j) acc[r][j] += z_r * code[j];
         }
@@ -138,26 +167,26 @@ constexpr int64_t kPortableRows = 4, kAvx2Rows = 6, kAvx512Rows = 12;
 template <int kDim>
 void score_block_portable(const float* z_block, int64_t dim, const float* panels, const float* norms, int64_t codes,
                           float* out, int64_t ld) {
-  score_block_body<f32x4, kPortableRows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
+  score_block_body<f32x4, PlainBroadcast, kPortableRows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
 }
 
 #if KEPLER_X86
 template <int kDim>
 KEPLER_TARGET_AVX2 void score_block_avx2(const float* z_block, int64_t dim, const float* panels, const float* norms,
                                          int64_t codes, float* out, int64_t ld) {
-  score_block_body<f32x8, kAvx2Rows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
+  score_block_body<f32x8, AsmBroadcast, kAvx2Rows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
 }
 
 template <int kDim>
 KEPLER_TARGET_AVX512 void score_block_avx512(const float* z_block, int64_t dim, const float* panels,
                                              const float* norms, int64_t codes, float* out, int64_t ld) {
-  score_block_body<f32x16, kAvx512Rows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
+  score_block_body<f32x16, AsmBroadcast, kAvx512Rows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
 }
 
 template <int kDim>
 KEPLER_TARGET_AVX2 void score_block_avx512_emulated(const float* z_block, int64_t dim, const float* panels,
                                                     const float* norms, int64_t codes, float* out, int64_t ld) {
-  score_block_body<f32x16, kAvx512Rows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
+  score_block_body<f32x16, PlainBroadcast, kAvx512Rows, 2, kDim>(z_block, dim, panels, norms, codes, out, ld);
 }
 
 inline bool cpu_has_avx2_fma() {
