@@ -14,13 +14,16 @@
 // exactly), then the column sums of p into a thread-local K vector, added to a float64 total.
 //
 // Backward, with w_k = log code_mass_k - log N and r_n = sum_k p w_k:
-//   G[n, k] = A[n, k] + (g_b r_n / N) p[n, k],  A = -(p / N)(g_s (log p + H_n) + g_b w_k),
-// so a row task gets r_n, sum_k A e'_k and sum_k p e'_k in one pass over the codes (two small
-// GEMMs of the tile's A and p against the block's codes) and grad_z[n] = 2 alpha scale
-// (sum_k A e' + (g_b r_n / N) sum_k p e'). Then code-block tasks, each over every row of the groups
-// that share its codes, accumulate sum_n G z'_n and sum_n G into a block-sized buffer:
-// grad_e[k] = 2 alpha scale (sum_n G z'_n - e'_k sum_n G). Extra memory: O(threads x (rows per task
-// x D + K)) and O(G (N + K)) for the per-row r_n and the per-code w_k.
+//   G[n, k] = -(p / N)(g_s (log p + H_n) + g_b (w_k - r_n)).
+// A row task makes two passes over the code blocks: r_n, then G tile by tile and the small GEMM
+// sum_k G e'_k, so grad_z[n] = 2 alpha scale sum_k G e'_k. G is formed term by term as in the
+// reference rather than folded into sum_k A e' + (g_b r_n / N) sum_k p e' (one pass less): the
+// fold cancels two O(1) sums where G is tiny, and alpha (up to FLT_MAX for huge inputs) amplifies
+// that into large gradients of rows that are one-hot, whose gradient is exactly 0. Then code-block
+// tasks, each over every row of the groups that share its codes, accumulate sum_n G z'_n and
+// sum_n G into a block-sized buffer: grad_e[k] = 2 alpha scale (sum_n G z'_n - e'_k sum_n G).
+// Extra memory: O(threads x (rows per task x D + K)) and O(G (N + K)) for the per-row r_n and the
+// per-code w_k.
 //
 // The epilogues run in the vector width of the micro-kernel that was picked (score_kernel.h), each
 // compiled once per instruction set from one template.
@@ -113,7 +116,6 @@ class CodeEntropyCpu {
                                          static_cast<double>(FLT_MAX)));
     grad_factor_ = 2.0 * alpha_ * scale_;  // float64: 2 alpha may overflow float32 where G is 0
     const int64_t R = kernel_.rows;
-    gemm_rows_ = R;
     dpad_ = round_up(std::max<int64_t>(dim_, 1), epilogues_.lanes);
     block_codes_ = std::clamp(kPanelBudgetFloats / std::max<int64_t>(dim_, 1) / kCodeAlign * kCodeAlign, kCodeAlign,
                               kMaxBlockCodes);
@@ -192,10 +194,10 @@ class CodeEntropyCpu {
         : z_blocks(op.rows_per_task_ * op.dim_),
           panels(op.block_codes_ * op.dim_),
           norms(op.block_codes_),
-          scores(op.gemm_rows_ * op.block_codes_),
+          scores(op.kernel_.rows * op.block_codes_),
           mass(gradient ? 0 : op.padded_codes_),
           e_rows(gradient ? op.block_codes_ * op.dpad_ : 0),
-          acc(gradient ? op.rows_per_task_ / op.kernel_.rows * op.gemm_rows_ * op.dpad_ : 0),
+          acc(gradient ? op.rows_per_task_ * op.dpad_ : 0),
           row_min(op.rows_per_task_),
           row_bad(op.rows_per_task_),
           log_l(op.rows_per_task_),
@@ -204,9 +206,7 @@ class CodeEntropyCpu {
           r_n_lo(op.rows_per_task_),
           row_l(op.rows_per_task_),
           row_s(op.rows_per_task_),
-          ok(op.rows_per_task_) {
-      std::fill(scores.data, scores.data + op.gemm_rows_ * op.block_codes_, 0.f);
-    }
+          ok(op.rows_per_task_) {}
   };
 
   // One worker's buffers for the code blocks of the grad_codebook pass.
@@ -334,7 +334,7 @@ class CodeEntropyCpu {
     read_row_stats(row_stats, g * rows_ + n0, count, s.row_min.data(), s.log_l.data(), s.entropy.data());
     std::fill(s.row_l.begin(), s.row_l.end(), 0.0);  // sum_k p w
     std::fill(s.row_s.begin(), s.row_s.end(), 0.0);  // sum_k p
-    std::fill(s.acc.data, s.acc.data + rows_per_task_ / R * gemm_rows_ * dpad_, 0.f);
+    std::fill(s.acc.data, s.acc.data + rows_per_task_ * dpad_, 0.f);
     const float gs_n = grad_s / rows_, gb_n = grad_b / rows_;
     auto prepare = [&](Tile& t, int64_t r0, int64_t k0) {
       t.row_min = s.row_min.data() + r0;
@@ -372,11 +372,11 @@ class CodeEntropyCpu {
       t.r_n = s.r_n.data() + r0;
       t.r_n_lo = s.r_n_lo.data() + r0;
       epilogues_.gradient_pass(t);  // the padding rows' sums are never read
-      epilogues_.gemm(Gemm{s.acc.data + r0 / R * gemm_rows_ * dpad_, dpad_, gemm_rows_, dpad_, s.scores.data,
+      epilogues_.gemm(Gemm{s.acc.data + r0 * dpad_, dpad_, R, dpad_, s.scores.data,
                            block_codes_, 1, s.e_rows.data, dpad_, t.padded_codes});
     });
     for (int64_t i = 0; i < count; ++i) {
-      const float* sum = s.acc.data + (i / R * gemm_rows_ + i % R) * dpad_;
+      const float* sum = s.acc.data + i * dpad_;  // sum_k G e'
       scalar_t* out = grad_z + (g * rows_ + n0 + i) * dim_;
       for (int64_t d = 0; d < dim_; ++d) out[d] = static_cast<scalar_t>(static_cast<float>(grad_factor_ * sum[d]));
     }
@@ -448,7 +448,6 @@ class CodeEntropyCpu {
   double grad_factor_ = 0.0;
   int64_t dpad_ = 0, block_codes_ = 0, code_pass_block_ = 0, padded_codes_ = 0;
   int64_t rows_per_task_ = 0, tasks_per_group_ = 0;
-  int64_t gemm_rows_ = 0;  // rows of the score buffer and of a micro-block's sums: the micro-block height
 };
 
 float read_scale(const at::Tensor& scale, const char* op) {
