@@ -153,13 +153,14 @@ class CodeEntropyCpu {
 
   void backward(const float* grad_per_sample, const float* grad_batch, const float* row_stats, const float* code_mass,
                 scalar_t* grad_z, scalar_t* grad_codebook) const {
-    // w_k = log code_mass_k - log N (-inf for an unused code, whose p are all 0; NaN for a group
-    // with a non-finite row, which makes all its gradients NaN, as in the reference), 0 on the padding.
+    // w_k = log code_mass_k - log N (0 for an unused code, whose p are all 0; NaN for a group with
+    // a non-finite row, which makes all its gradients NaN, as in the reference), 0 on the padding.
     std::vector<float> w(groups_ * padded_codes_, 0.f);
     const double log_rows = std::log(static_cast<double>(rows_));
     for (int64_t g = 0; g < groups_; ++g) {
       for (int64_t k = 0; k < codes_; ++k) {
-        w[g * padded_codes_ + k] = static_cast<float>(std::log(static_cast<double>(code_mass[g * codes_ + k])) - log_rows);
+        const double mass = code_mass[g * codes_ + k];
+        w[g * padded_codes_ + k] = mass == 0.0 ? 0.f : static_cast<float>(std::log(mass) - log_rows);
       }
     }
     // r_n = sum_k p w as two floats (float64 precision), from the row pass for the code pass

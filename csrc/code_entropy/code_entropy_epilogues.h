@@ -165,7 +165,7 @@ KEPLER_FORCE_INLINE void mass_pass_body(const Tile& t) {
 
 // p and G of one vector of codes of row r: G = -(p / N)(g_s (log p + H) + g_b (w - r_n)), the
 // reference's formula term by term (a one-hot row gets exactly G = 0), and G = 0 where p = 0
-// (never 0 * inf); NaN stays NaN. The padding codes get p = G = 0. r_n = r_hi + r_lo (float64
+// (never 0 * inf; w_k is 0 for an unused code); NaN stays NaN. The padding codes get p = G = 0. r_n = r_hi + r_lo (float64
 // split in two floats): w - r_n of the winner of a nearly one-hot row is far below float32's
 // rounding of r_n and would otherwise come out 0.
 template <typename V>
@@ -174,8 +174,11 @@ KEPLER_FORCE_INLINE void gradient_terms(const Tile& t, int64_t r, int64_t k, flo
   const V log_p = -shifted - t.log_l[r];
   p = exp_nonpositive(log_p);
   if (k + score::kLanes<V> > t.codes) p = first_lanes<V>(k < t.codes ? t.codes - k : 0) ? p : splat<V>(0.f);
-  g = p * (-t.gs_n * (log_p + t.entropy[r]) - t.gb_n * ((load<V>(t.w + k) - r_hi) - r_lo));
-  g = p == 0.f ? splat<V>(0.f) : g;
+  const V w_minus_r = (load<V>(t.w + k) - r_hi) - r_lo;
+  g = p * (-t.gs_n * (log_p + t.entropy[r]) - t.gb_n * w_minus_r);
+  // p = 0 gives 0, or NaN where w or r_n is (a group whose masses are NaN: the reference's gradient
+  // of its batch entropy is NaN for every code, and its exp backward multiplies that by p = 0).
+  g = p == 0.f ? w_minus_r * 0.f : g;
 }
 
 // r_n = sum_k p w_k and sum_k p of the tile's rows (p = 0 terms add 0). The codes at the minimum
