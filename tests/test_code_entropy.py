@@ -514,3 +514,39 @@ def test_triton_row_splits_change_only_the_summation_order(device, monkeypatch):
     for values in results[1:]:
         for got, one_split in zip(values, results[0]):
             torch.testing.assert_close(got, one_split, rtol=1e-5, atol=1e-6)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return " avx512f" in cpuinfo.read()
+    except OSError:
+        return False
+
+
+SCORE_KERNEL_PATHS = {
+    # environment of each path of csrc/common/score_kernel.h
+    "avx512": {},
+    "avx512_emulated": {"KEPLER_EMULATE_AVX512": "1"},  # the AVX-512 kernel's code, compiled for AVX2
+    "avx2": {"KEPLER_DISABLE_AVX512": "1"},
+    "portable": {"KEPLER_DISABLE_AVX512": "1", "KEPLER_DISABLE_AVX2": "1"},
+}
+
+
+@pytest.mark.skipif(not kepler.HAS_CPU_EXT, reason="kepler._C is not built")
+@pytest.mark.parametrize("path", list(SCORE_KERNEL_PATHS))
+@pytest.mark.parametrize("shape", [(1, 37, 67, 24), (3, 130, 257, 8), (2, 45, 17, 130)], ids=str)
+def test_every_cpu_score_kernel_path_matches_the_reference(path, shape, monkeypatch, poisoned_empty):
+    """The AVX-512, emulated AVX-512, AVX2 and portable micro-kernels each meet the tolerance rule
+    (picked per call from the environment; the real AVX-512 one only where the CPU has it)."""
+    if not _backend.compiled_kernel_registered("code_entropy", "cpu"):
+        pytest.skip("kepler._C has no code_entropy cpu kernel (rebuild it)")
+    if path == "avx512" and not _cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 (avx512_emulated runs the same kernel code on AVX2)")
+    for name in ("KEPLER_EMULATE_AVX512", "KEPLER_DISABLE_AVX512", "KEPLER_DISABLE_AVX2"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in SCORE_KERNEL_PATHS[path].items():
+        monkeypatch.setenv(name, value)
+    z, codebook = _inputs(*shape, False, "cpu")
+    assert_matches_oracle(z, codebook, 0.3, "cpu")
+    assert_matches_oracle(z, codebook[0], 0.05, "cpu")
