@@ -297,7 +297,10 @@ def test_lfq_kepler_entropy_is_the_librarys_loss(dim, codebook_size, num_codeboo
     for ours_grad, lib_param_grad in zip(our_param_grads, lib_param_grads):
         torch.testing.assert_close(ours_grad, lib_param_grad, rtol=1e-4, atol=1e-4)
     assert set(ours.loss_terms) == {"entropy_per_sample", "entropy_batch"}
-    assert ours.eval()(z).loss.item() == 0.0
+    fresh = build_quantizer({**options, "entropy": "kepler"}, dim=dim)
+    fresh.load_state_dict(library.state_dict())
+    assert fresh.eval()(z).loss.item() == 0.0  # eval mode: the library's 0 loss...
+    torch.testing.assert_close(fresh.loss_terms, ours.loss_terms)  # ...and the entropies of this batch
 
 
 @pytest.mark.parametrize("config, message", [

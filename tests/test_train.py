@@ -366,14 +366,22 @@ def test_overrides_may_follow_the_flags(tmp_path, capsys):
     assert "unrecognized arguments: not_an_override" in capsys.readouterr().err
 
 
-def test_the_entropy_loss_is_logged_and_reported(tmp_path):
-    """model.quantizer.entropy_weight: both entropies in every training record and in metrics.json
-    (the validation means), each between 0 and log K."""
+@pytest.mark.parametrize("quantizer", [
+    ["model.quantizer.entropy_weight=0.1"],
+    ["model.quantizer.type=lfq", "model.quantizer.codebook_size=16", "model.quantizer.entropy=kepler"],
+], ids=["kepler", "lfq"])
+def test_the_entropy_loss_is_logged_and_reported(tmp_path, quantizer):
+    """The entropy loss (KeplerQuantizer's entropy_weight, LFQ's entropy: kepler): both entropies in
+    every training record, in metrics.json (the validation means) and in `kepler eval` of the saved
+    model (a fresh model in eval mode), each between 0 and log K."""
     config = tiny_config(tmp_path, steps=2, disc_start=10)
     run = tmp_path / "run"
-    assert main(["train", str(config), f"run_dir={run}", "model.quantizer.entropy_weight=0.1"]) == 0
+    assert main(["train", str(config), f"run_dir={run}", *quantizer]) == 0
+    assert main(["eval", str(run / "checkpoints" / "last.pt"), "--data", str(tmp_path / "val_images"),
+                 "--out", str(tmp_path / "eval")]) == 0
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     metrics = json.loads((run / "metrics.json").read_text())
-    for record in [r for r in records if r["event"] == "train"] + [metrics]:
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["resolutions"]["32"]
+    for record in [r for r in records if r["event"] == "train"] + [metrics, evaluated]:
         for key in ("entropy_per_sample", "entropy_batch"):
             assert 0 <= record[key] <= math.log(16) + 1e-6, (key, record)

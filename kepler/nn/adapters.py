@@ -193,6 +193,9 @@ class LFQQuantizer(_LibraryQuantizer):
     def _library_forward(self, z):
         if self.entropy == "library" or not self.training:
             result = self.library(z)
+            if self.entropy == "kepler":  # eval mode: the loss is 0 (the library's), the entropies reported
+                with torch.no_grad():
+                    self._losses(z)
             return result.quantized, result.indices, result.entropy_aux_loss
         # The library quantizes (its projections, signs and straight-through gradient); a mask that
         # selects no position makes its own entropy and commitment losses cost nothing (they come
