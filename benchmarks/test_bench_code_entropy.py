@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from devices import DEVICES, device_marks
 from memory import peak_step_memory_mb
 from timing import record_rate
 
@@ -56,14 +57,11 @@ def plain_memory_gib(codes: int) -> float:
 
 def _params():
     params = []
-    for device in ("cpu", "cuda"):
-        device_marks = []
-        if device == "cuda":
-            device_marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+    for device in DEVICES:
         implementations = ("plain", "cpu") if device == "cpu" else ("plain", "cuda", "triton", "two_gemms")
         for codes, dim in SHAPES:
             for implementation in implementations:
-                marks = list(device_marks)
+                marks = device_marks(device)
                 if implementation == "plain" and plain_memory_gib(codes) > PLAIN_MEMORY_BUDGET_GIB:
                     reason = (f"plain would need {plain_memory_gib(codes):.0f} GiB ({PLAIN_MATRICES_AT_PEAK} N x K "
                               f"float32 matrices) > {PLAIN_MEMORY_BUDGET_GIB:g} GiB budget")

@@ -27,6 +27,7 @@ import sys
 
 import pytest
 import torch
+from devices import DEVICES, device_marks
 from memory import peak_step_memory_mb
 from timing import record_rate
 
@@ -84,10 +85,8 @@ def peak_memory_mb(implementation: str, device: str, num_cols: int) -> float:
 
 def _params():
     params = []
-    for device in ("cpu", "cuda"):
-        marks = []
-        if device == "cuda":
-            marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+    for device in DEVICES:
+        marks = device_marks(device)
         implementations = ("plain", "cpu") if device == "cpu" else ("plain", "cuda", "triton")
         for num_cols in ROW_LENGTHS:
             for implementation in implementations:

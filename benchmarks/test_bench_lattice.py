@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import DEVICES, device_marks
 from timing import record_rate
 
 from kepler.lattice import get_lattice
@@ -32,10 +33,8 @@ def _memcpy(x: torch.Tensor) -> torch.Tensor:
 
 def _params():
     params = []
-    for device in ("cpu", "cuda"):
-        marks = []
-        if device == "cuda":
-            marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+    for device in DEVICES:
+        marks = device_marks(device)
         kernels = ("cpu",) if device == "cpu" else ("cuda", "triton")
         for threads in (1, 2) if device == "cpu" else (None,):
             for implementation in ("memcpy", "reference", "compiled", *kernels):

@@ -57,6 +57,7 @@ import time
 
 import pytest
 import torch
+from devices import GPU_MARKS, device_marks
 from memory import peak_step_memory_mb
 from timing import record_rate
 
@@ -79,7 +80,6 @@ else:
         for layout in ("shared", "grouped")
     ]
 
-GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 CPU_METHODS = ("kepler-cpu", "faiss", "plain-matmul", "plain-cdist") if QUICK else (
     "kepler-cpu", "kepler-reference", "faiss", "plain-matmul", "plain-cdist"
 )
@@ -133,7 +133,7 @@ def _params():
         plain_bytes = PLAIN_MATRICES * rows * codes * 4
         for device, methods in (("cpu", CPU_METHODS), ("cuda", CUDA_METHODS)):
             for method in methods:
-                marks = list(GPU_MARKS) if device == "cuda" else []
+                marks = device_marks(device)
                 if method.startswith("plain-") and plain_bytes > PLAIN_MEMORY_LIMIT:
                     reason = f"the plain way would hold ~{plain_bytes / 2**30:.0f} GiB of (N, K) float32 matrices"
                     marks.append(pytest.mark.skip(reason=reason))

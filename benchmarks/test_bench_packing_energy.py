@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from devices import DEVICES, device_marks
 from memory import peak_step_memory_mb
 from timing import record_rate
 
@@ -57,15 +58,12 @@ def plain_memory_gib(num_codewords: int) -> float:
 
 def _params():
     params = []
-    for device in ("cpu", "cuda"):
-        device_marks = []
-        if device == "cuda":
-            device_marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+    for device in DEVICES:
         implementations = ("plain", "cpu") if device == "cpu" else ("plain", "cuda", "triton")
         for num_codewords in CODEWORDS:
             for dim in DIMS:
                 for implementation in implementations:
-                    marks = list(device_marks)
+                    marks = device_marks(device)
                     if implementation == "plain" and plain_memory_gib(num_codewords) > PLAIN_MEMORY_BUDGET_GIB:
                         reason = (
                             f"plain would need {plain_memory_gib(num_codewords):.0f} GiB "

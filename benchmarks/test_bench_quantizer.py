@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import GPU_MARKS
 from memory import peak_step_memory_mb
 from timing import record_rate
 
@@ -43,7 +44,7 @@ DEVICES = [
     pytest.param(
         "cuda",
         id="cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+        marks=GPU_MARKS,
     ),
 ]
 

@@ -5,6 +5,7 @@ A bottom module: it imports torch and nothing of kepler, so that ``kepler/refere
 
 * :func:`accumulation_dtype`: the dtype every op sums in and returns float results in.
 * :func:`power_of_two_below`: the exact scale factor that keeps large values from overflowing.
+* :func:`effective_inv_temperature`: the logit factor of scores taken at such a scale.
 * The closest-point lattice families (:data:`LATTICE_FAMILIES`, :data:`FAMILY_ROW_LENGTH`,
   :func:`check_lattice_family`): what ``kepler::closest_lattice_point`` takes as its ``lattice``
   argument on every backend (``csrc/closest_lattice_point/closest_lattice_point_checks.h`` is the
@@ -35,6 +36,16 @@ def power_of_two_below(largest: torch.Tensor, exponent: int) -> torch.Tensor:
     branch, so torch.compile traces it (NaN and inf leave it at 1)."""
     excess = (torch.frexp(largest).exponent - exponent).clamp_min(0)
     return torch.ldexp(torch.ones_like(largest), -excess)
+
+
+def effective_inv_temperature(inv_temperature: float, scale: torch.Tensor) -> torch.Tensor:
+    """``alpha = inv_temperature / scale**2`` as a 0-d float64 tensor, capped at the largest finite
+    value of ``scale``'s dtype: the logit factor of scores taken on inputs multiplied by ``scale`` (a
+    power of two, so the division is exact until the cap), as ``code_entropy`` uses it on every
+    backend. In float64 because ``scale**2`` underflows float32 for inputs past ~1e19; without a
+    branch or a host sync, so torch.compile traces it and a GPU launcher does not wait."""
+    wide = scale.to(torch.float64)
+    return (inv_temperature / (wide * wide)).clamp_max(torch.finfo(scale.dtype).max)
 
 
 def check_lattice_family(op: str, lattice: str, x_shape: tuple[int, ...]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Sequence, TypeVar
+from typing import NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -25,6 +25,22 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_GROUPS = 65535
 
 Config = TypeVar("Config")
+
+
+class TileConfig(NamedTuple):
+    """Block sizes and launch options of a kernel over (BLOCK_M, BLOCK_N) tiles of pairs whose dot
+    products run over D in BLOCK_D chunks (``packing_energy``, ``code_entropy``)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+
+
+# 64 x 64 tiles with the D chunk the smallest of 16/32/64 covering D (64 for larger D).
+D_CHUNK_CONFIGS = tuple(TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
+                        for block_d in (16, 32, 64))
 
 
 def triton_interpreter_on() -> bool:

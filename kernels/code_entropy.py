@@ -29,13 +29,21 @@ the rule of ``nearest_codeword``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kepler.kernels._common import check_launchable, check_search_shapes, fp32_dot_precision, launch, pick_covering
+from kepler._numerics import effective_inv_temperature
+from kepler.kernels._common import (
+    D_CHUNK_CONFIGS,
+    TileConfig,
+    check_launchable,
+    check_search_shapes,
+    fp32_dot_precision,
+    launch,
+    pick_covering,
+)
 
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
@@ -43,23 +51,12 @@ _LN2_IN_KERNEL = tl.constexpr(0.6931471805599453)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-class CodeEntropyConfig(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_D: int
-    num_warps: int
-    num_stages: int
+# The launchers' only choices, by the D chunk, one set for all four kernels and every dtype; the
+# ahead-of-time compile tests build every one of them for each kernel.
+CONFIGS = D_CHUNK_CONFIGS
 
 
-# The launchers' only choices, by the D chunk (the smallest of 16/32/64 covering D, 64 for larger
-# D), one set for all four kernels and every dtype; the ahead-of-time compile tests build every one
-# of them for each kernel.
-CONFIGS = tuple(
-    CodeEntropyConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2) for block_d in (16, 32, 64)
-)
-
-
-def pick_config(D: int) -> CodeEntropyConfig:
+def pick_config(D: int) -> TileConfig:
     """The kernel configuration the launchers use for rows of ``D`` elements."""
     return pick_covering(CONFIGS, D, "BLOCK_D")
 
@@ -356,18 +353,14 @@ def _check_search(
 
 
 def _parameters(scale: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """(3,) float32 on the device: ``scale``, ``alpha log2(e)`` and ``alpha``, with
-    ``alpha = inv_temperature / scale**2`` capped at the largest float32 (the reference's
-    ``effective_inv_temperature``), ``alpha log2(e)`` capped too.
-
-    Tensor ops on the 0-d scale (no host sync), in float64 as the reference's (``scale**2`` of a
-    large input's scale, 2**-70 for values near 1e30, and a small ``inv_temperature`` are no float32
-    numbers; their quotient is), each rounded once to float32. The kernels apply ``alpha`` and
-    ``scale`` to the gradients one after the other, as the reference's autograd does: their product
-    can be a float32 subnormal (1e-39 for values near 1e30), which a GPU may flush to 0."""
-    scale64 = scale.to(torch.float64)
-    alpha = (inv_temperature / (scale64 * scale64)).clamp_max(FLOAT32_MAX)
-    return torch.stack([scale64, (alpha * LOG2E).clamp_max(FLOAT32_MAX), alpha]).to(torch.float32)
+    """(3,) float32 on the device: ``scale``, ``alpha log2(e)`` and ``alpha``
+    (``kepler._numerics.effective_inv_temperature``, the reference's), ``alpha log2(e)`` capped at
+    the largest float32 too; tensor ops, no host sync, each rounded once to float32. The kernels
+    apply ``alpha`` and ``scale`` to the gradients one after the other, as the reference's autograd
+    does: their product can be a float32 subnormal (1e-39 for values near 1e30), which a GPU may
+    flush to 0."""
+    alpha = effective_inv_temperature(inv_temperature, scale)
+    return torch.stack([scale.to(torch.float64), (alpha * LOG2E).clamp_max(FLOAT32_MAX), alpha]).to(torch.float32)
 
 
 def _search_arguments(z: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, inv_temperature: float) -> dict:

@@ -22,36 +22,25 @@ chunk of the output per program (grid axis 2 covers D > BLOCK_D).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kepler.kernels._common import check_groups, check_launchable, launch, pick_covering
+from kepler.kernels._common import D_CHUNK_CONFIGS, TileConfig, check_groups, check_launchable, launch, pick_covering
 
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
 _LN2_IN_KERNEL = tl.constexpr(0.6931471805599453)
 
 
-class PackingEnergyConfig(NamedTuple):
-    BLOCK_M: int
-    BLOCK_N: int
-    BLOCK_D: int
-    num_warps: int
-    num_stages: int
+# The launchers' only choices, by the D chunk; the ahead-of-time compile tests build every one of
+# them for both kernels. Points are float32 in registers whatever the input dtype (shifted by the
+# group mean), so one set serves all.
+CONFIGS = D_CHUNK_CONFIGS
 
 
-# The launchers' only choices, by the D chunk (the smallest of 16/32/64 covering D, 64 for larger
-# D); the ahead-of-time compile tests build every one of them for both kernels. Points are float32
-# in registers whatever the input dtype (shifted by the group mean), so one set serves all.
-CONFIGS = tuple(
-    PackingEnergyConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2) for block_d in (16, 32, 64)
-)
-
-
-def pick_config(D: int) -> PackingEnergyConfig:
+def pick_config(D: int) -> TileConfig:
     """The kernel configuration the launchers use for points of ``D`` elements."""
     return pick_covering(CONFIGS, D, "BLOCK_D")
 

@@ -277,11 +277,8 @@ def _cmd_export(args) -> int:
     from kepler.models.pretrained import export_checkpoint
 
     out = output_folder(args.out)
-    _, metrics = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
-    import yaml
-
-    weights = weights_name("ema" if yaml.safe_load((out / CONFIG_FILE).read_text()).get("ema_decay") else "trained")
-    print(f"kepler export: {weights}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
+    _, metrics, weights = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
+    print(f"kepler export: {weights_name(weights)}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
           + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
     return 0
 

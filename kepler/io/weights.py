@@ -257,6 +257,13 @@ def check_state_dict(module: nn.Module, state: Any, what: str) -> None:
         raise ValueError(f"{what}: {bad_count} weights are not finite (NaN or inf), the first in {first_bad!r}")
 
 
+def averaged_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of what a moving average of ``module``'s weights holds (a checkpoint's
+    ``"ema"`` entry): every floating-point parameter, under every name of a shared one, so that the
+    averages cover each of its state-dict keys; buffers are not averaged."""
+    return [(name, p) for name, p in module.named_parameters(remove_duplicate=False) if p.is_floating_point()]
+
+
 def check_ema_weights(module: nn.Module, ema: Any, what: str, weights: Mapping | None = None) -> dict:
     """The state dict ``weights`` (default: ``module``'s own) with the parameters of ``ema`` (a
     checkpoint's ``"ema"`` entry: the moving averages by parameter name) in place of the trained
@@ -266,7 +273,7 @@ def check_ema_weights(module: nn.Module, ema: Any, what: str, weights: Mapping |
     if not isinstance(ema, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in ema.items()):
         raise ValueError(f"{what}: the weights are not a mapping of names to tensors")
-    names = [name for name, p in module.named_parameters(remove_duplicate=False) if p.is_floating_point()]
+    names = [name for name, _ in averaged_parameters(module)]
     known = set(names)
     missing = [k for k in names if k not in ema]
     unexpected = [k for k in ema if k not in known]

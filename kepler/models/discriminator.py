@@ -59,3 +59,16 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 
 
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The generator's GAN term of taming's VQGAN: ``-mean(D(x_rec))``."""
+    return -logits_fake.mean()
+
+
+def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The non-saturating generator loss: ``mean(softplus(-D(x_rec)))``."""
+    return F.softplus(-logits_fake).mean()
+
+
+G_LOSSES = {"hinge": hinge_g_loss, "non_saturating": non_saturating_g_loss}

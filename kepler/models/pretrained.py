@@ -113,10 +113,11 @@ def model_card(model: VQModel, name: str, manifest: Mapping, metrics: Mapping | 
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
-                      raw_weights: bool = False) -> tuple[Path, Path | None]:
+                      raw_weights: bool = False) -> tuple[Path, Path | None, str]:
     """Write the model of a training checkpoint to the pretrained folder ``out``; returns ``(out,
-    the metrics.json the card took its metrics from, or None)``. A checkpoint with EMA weights
-    exports them (``config.yaml`` and the card say so) unless ``raw_weights``.
+    the metrics.json the card took its metrics from, or None, which weights: "ema" or "trained")``. A
+    checkpoint with EMA weights exports them (``config.yaml`` and the card say so) unless
+    ``raw_weights``.
 
     The card's metrics come from the run's ``metrics.json`` (``<run>/metrics.json`` for a checkpoint
     at ``<run>/checkpoints/<name>.pt``) when there is one and it describes the checkpoint's step; the
@@ -138,4 +139,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike,
     ema_decay = (loaded.config.get("train") or {}).get("ema_decay") if loaded.weights == "ema" else None
     save_pretrained(loaded.model, out, data=loaded.config.get("data"), step=step, metrics=metrics,
                     name=loaded.config.get("name"), ema_decay=ema_decay)
-    return Path(out), metrics_path if metrics is not None else None
+    return Path(out), metrics_path if metrics is not None else None, loaded.weights

@@ -26,7 +26,7 @@ from torch import nn
 
 from kepler.distributed import all_reduce_sum, world_size
 from kepler.io.config import register_section
-from kepler.models.discriminator import D_LOSSES, NLayerDiscriminator
+from kepler.models.discriminator import D_LOSSES, G_LOSSES, NLayerDiscriminator
 from kepler.models.lpips import load_lpips
 
 log = logging.getLogger("kepler")
@@ -92,12 +92,12 @@ class VQGANLoss(nn.Module):
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
         if rec_loss not in REC_LOSSES:
             raise ValueError(f"rec_loss must be one of {', '.join(REC_LOSSES)}, got {rec_loss!r}")
-        if gen_loss not in GEN_LOSSES:
-            raise ValueError(f"gen_loss must be one of {', '.join(GEN_LOSSES)}, got {gen_loss!r}")
+        if gen_loss not in G_LOSSES:
+            raise ValueError(f"gen_loss must be one of {', '.join(G_LOSSES)}, got {gen_loss!r}")
         if not 0 <= lecam_decay < 1:
             raise ValueError(f"lecam_decay must be in [0, 1), got {lecam_decay}")
         self.rec_loss = rec_loss
-        self.gen_loss = gen_loss
+        self.g_loss_fn = G_LOSSES[gen_loss]
         self.lecam_weight = lecam_weight
         self.lecam_decay = lecam_decay
         # (ema_real, ema_fake): LeCam's moving averages of the mean logits, saved with the checkpoint.
@@ -157,7 +157,7 @@ class VQGANLoss(nn.Module):
         logs["quant_loss"] = codebook_loss.detach().mean()
         if self.gan_active(step):
             disc = discriminator if discriminator is not None else self.discriminator
-            g_loss = GEN_LOSSES[self.gen_loss](disc(x_rec).float())
+            g_loss = self.g_loss_fn(disc(x_rec).float())
             if self.training:
                 d_weight = adaptive_generator_weight(nll, g_loss, last_layer, self.disc_weight)
             else:
@@ -205,7 +205,3 @@ def lecam_regularizer(
 
 
 REC_LOSSES = ("l1", "l2")
-GEN_LOSSES = {
-    "hinge": lambda logits_fake: -logits_fake.mean(),
-    "non_saturating": lambda logits_fake: torch.nn.functional.softplus(-logits_fake).mean(),
-}

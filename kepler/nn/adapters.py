@@ -181,7 +181,7 @@ class LFQQuantizer(_LibraryQuantizer):
                              f"got {frac_per_sample_entropy}")
         self.entropy = entropy
         self.backend = check_backend(backend)
-        self.weights = weights
+        self.loss_weights = weights
         self.library = _library_module(
             lambda: LFQ(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, channel_first=True,
                         keep_num_codebooks_dim=True, frac_per_sample_entropy=frac_per_sample_entropy, **weights)
@@ -214,8 +214,8 @@ class LFQQuantizer(_LibraryQuantizer):
         per_sample, batch = code_entropy(rows, codebook, self.LIBRARY_TEMPERATURE, backend=self.backend)
         per_sample, batch = per_sample.mean(), batch.mean()
         self.loss_terms = {"entropy_per_sample": per_sample.detach(), "entropy_batch": batch.detach()}
-        loss = self.weights["entropy_loss_weight"] * (per_sample - self.weights["diversity_gamma"] * batch)
-        if self.weights["commitment_loss_weight"] > 0:
+        loss = self.loss_weights["entropy_loss_weight"] * (per_sample - self.loss_weights["diversity_gamma"] * batch)
+        if self.loss_weights["commitment_loss_weight"] > 0:
             signs = torch.where(rows > 0, 1.0, -1.0).to(rows.dtype) * library.codebook_scale
-            loss = loss + self.weights["commitment_loss_weight"] * torch.nn.functional.mse_loss(rows, signs)
+            loss = loss + self.loss_weights["commitment_loss_weight"] * torch.nn.functional.mse_loss(rows, signs)
         return loss

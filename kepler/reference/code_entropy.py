@@ -47,21 +47,12 @@ import math
 
 import torch
 
-from kepler._numerics import accumulation_dtype
+from kepler._numerics import accumulation_dtype, effective_inv_temperature
 from kepler.reference.nearest_codeword import search_scale
 
 ROW_STATS = ("c_min", "log_l", "entropy")
 """The per-row values the kernel op saves for its backward, in this order along the last axis of
 ``row_stats (G, N, 3)``."""
-
-
-def effective_inv_temperature(inv_temperature: float, scale: torch.Tensor) -> torch.Tensor:
-    """``alpha = inv_temperature / scale**2`` (0-d, ``scale``'s dtype), capped at the dtype's largest
-    finite value. Computed in float64: ``scale**2`` underflows float32 for inputs past ~1e19
-    (``scale`` is a power of two, so the division is exact until the cap)."""
-    largest = torch.finfo(scale.dtype).max
-    wide = scale.to(torch.float64)
-    return (inv_temperature / (wide * wide)).clamp_max(largest).to(scale.dtype)
 
 
 def code_entropy_raw_ref(
@@ -86,7 +77,8 @@ def code_entropy_raw_ref(
     scores = (codes * codes).sum(dim=-1).unsqueeze(-2) - 2.0 * (points @ codes.transpose(-1, -2))  # (G, N, K)
     finite_row = torch.isfinite(scores).all(dim=-1, keepdim=True)
     c_min = scores.detach().amin(dim=-1, keepdim=True)
-    shifted = (scores - c_min) * effective_inv_temperature(inv_temperature, scale)  # t >= 0
+    alpha = effective_inv_temperature(inv_temperature, scale).to(acc_dtype)
+    shifted = (scores - c_min) * alpha  # t >= 0
     weights = torch.exp(-shifted)
     visible = weights > 0
     # t * exp(-t) is exactly 0 where exp(-t) underflows (t may be inf there: never 0 * inf).

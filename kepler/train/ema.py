@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from kepler.io.weights import check_ema_weights
+from kepler.io.weights import averaged_parameters, check_ema_weights
 
 log = logging.getLogger("kepler")
 
@@ -33,8 +33,7 @@ class WeightEMA:
             raise ValueError(f"the EMA decay must be > 0 and < 1, got {decay!r}")
         self.model = model
         self.decay = float(decay)
-        # Every name of a shared parameter too: the checkpoint's "ema" then covers each of its state-dict keys.
-        named = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if p.is_floating_point()]
+        named = averaged_parameters(model)
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.averages = [p.detach().clone() for p in self.params]
