@@ -126,7 +126,7 @@ def test_an_unknown_config_name_lists_the_builtin_names(tmp_path, capsys):
     from kepler.io.config_files import builtin_configs
 
     names = ", ".join(builtin_configs())
-    assert names.startswith("ade20k_f16, celebahq_f16, celebahq_prior, prior_faces_cond, prior_sample, sample")
+    assert names.startswith("ade20k_f16, celebahq_f16, celebahq_prior, imagenet_kepler16, imagenet_vq16, prior_faces_cond, prior_sample, sample")
     with pytest.raises(FileNotFoundError) as error:
         load_config("smaple")
     assert str(error.value) == f"config file smaple does not exist and is not a built-in config name (built-in: {names})"
