@@ -158,3 +158,17 @@ def huge_column_stride_view(values: torch.Tensor) -> torch.Tensor:
     view = buffer.as_strided((rows, dim), (1, HUGE_COLUMN_STRIDE), start)
     view.copy_(values)
     return view
+
+
+@pytest.fixture(scope="session")
+def dino_weights(tmp_path_factory):
+    """A DINOv2 ViT-S/14 weights file with random weights in the release's layout (518-pixel
+    position embedding, the ``mask_token`` timm drops), as ``torch.hub`` caches it."""
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model("vit_small_patch14_dinov2", pretrained=False).state_dict()
+    state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+    path = tmp_path_factory.mktemp("dino") / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    return path

@@ -125,10 +125,18 @@ LOSS_OPTIONS = ["loss.gen_loss=non_saturating", "loss.rec_loss=l2", "loss.lecam_
 # The moving average of the weights (train.ema_decay) must resume exactly too.
 EMA_OPTIONS = ["train.ema_decay=0.9"]
 
+# Every option of the recipe at once: the DINOv2-feature discriminator's heads (spectral norm's
+# power-iteration vectors included) too; its ViT comes from the weights file again.
+EVERY_OPTION = [*LOSS_OPTIONS, *EMA_OPTIONS, "model.quantizer.l2_norm=true", "loss.disc=dino",
+                "loss.dino_weights={dino_weights}", "loss.dino_resolution=28", "loss.dino_layers=[2,11]"]
 
-@pytest.mark.parametrize("options", [[], LOSS_OPTIONS, EMA_OPTIONS], ids=["default", "every_loss_option", "ema"])
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, options):
+
+@pytest.mark.parametrize("options", [[], LOSS_OPTIONS, EMA_OPTIONS, EVERY_OPTION],
+                         ids=["default", "every_loss_option", "ema", "every_option"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, request, options):
     config = tiny_config(tmp_path, steps=4, disc_start=1, accum=2)
+    if options is EVERY_OPTION:
+        options = [o.format(dino_weights=request.getfixturevalue("dino_weights")) for o in options]
     overrides = [*DRAWING_OPTIONS, *options]
     full = train(load_config(config, [f"run_dir={tmp_path / 'full'}", *overrides]))
     original_step = Trainer.train_step
@@ -158,13 +166,15 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
         assert torch.equal(flat_a[name], flat_b[name]), name
     assert a["sched_ae"]["last_epoch"] == b["sched_ae"]["last_epoch"] == 4
     torch.testing.assert_close(a["rng"][0]["torch"], b["rng"][0]["torch"], rtol=0, atol=0)
-    if options == EMA_OPTIONS:
+    if "train.ema_decay=0.9" in options:
         # Compared above, bit for bit: every parameter's average, and it is not the weights themselves.
         assert {f"ema.{k}" for k in a["model"] if a["model"][k].is_floating_point()} <= flat_a.keys()
         assert not torch.equal(a["ema"]["encoder.conv_out.weight"], a["model"]["encoder.conv_out.weight"])
-        return
-    if options:
+    if "loss.lecam_weight=0.1" in options:
         assert (a["lecam_ema"] != 0).all()  # LeCam ran, and its averages resumed exactly (above)
+    if "loss.disc=dino" in options:
+        assert any(name.endswith("_u") for name in a["discriminator"])  # spectral norm's state resumed (above)
+    if options:
         return
     # The steps after the resume point draw from the RNG: without restoring it the run is another.
     monkeypatch.setattr(trainer_module, "restore_rng", lambda state: None)

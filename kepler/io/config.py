@@ -90,6 +90,7 @@ class TrainSection:
     threads: int | None = None  # torch.set_num_threads on CPU; None = torch's default (every core)
     init_from: str | None = None  # start from this model's weights (kepler.load: a checkpoint or a folder)
     ema_decay: float | None = None  # an EMA of the model's weights, saved beside them and used to evaluate; None = off
+    compile: bool = False  # torch.compile the training forwards (tokenizer, discriminator, prior); validation stays eager
 
 
 @dataclass
@@ -127,8 +128,8 @@ RANGES: dict[str, Range] = {
                                               "resolution", "in_channels", "out_ch", "norm_groups", "embed_dim")},
     "model.dropout": Range(0, 1),
     **{f"loss.{key}": AT_LEAST_0 for key in ("disc_start", "codebook_weight", "pixel_weight", "perceptual_weight",
-                                             "disc_weight", "disc_factor", "lecam_weight")},
-    **{f"loss.{key}": AT_LEAST_1 for key in ("disc_num_layers", "disc_ndf", "disc_in_channels")},
+                                             "disc_weight", "disc_factor", "lecam_weight", "dino_layers")},
+    **{f"loss.{key}": AT_LEAST_1 for key in ("disc_num_layers", "disc_ndf", "disc_in_channels", "dino_resolution")},
     "data.size": AT_LEAST_1, "data.resize": AT_LEAST_1, "data.batch_size": AT_LEAST_1,
     "data.num_workers": AT_LEAST_0, "data.samples_per_epoch": AT_LEAST_1, "data.val_batch_size": AT_LEAST_1,
     "data.val_max_images": AT_LEAST_1,

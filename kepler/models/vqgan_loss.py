@@ -1,4 +1,5 @@
-"""VQGAN training objective: L1/L2 (+ LPIPS) reconstruction, PatchGAN GAN losses, quantizer loss.
+"""VQGAN training objective: L1/L2 (+ LPIPS) reconstruction, GAN losses (PatchGAN or a DINOv2-feature
+discriminator), quantizer loss.
 
 Generator loss (taming's ``VQLPIPSWithDiscriminator``, optimizer 0)::
 
@@ -20,12 +21,14 @@ fake logits, updated at every discriminator step with the means over all ranks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from kepler.distributed import all_reduce_sum, world_size
 from kepler.io.config import register_section
+from kepler.models.dino_discriminator import load_dino_discriminator
 from kepler.models.discriminator import D_LOSSES, G_LOSSES, NLayerDiscriminator
 from kepler.models.lpips import load_lpips
 
@@ -46,6 +49,9 @@ def adaptive_generator_weight(
 class VQGANLoss(nn.Module):
     """Owns the discriminator and the (optional, frozen) LPIPS network.
 
+    ``discriminator`` is None when ``disc="dino"`` and its ViT weights are missing: the GAN terms are
+    then off, and :attr:`disc_status` says so with the path.
+
     Its keyword arguments are the ``loss`` section of a training config, defaults included.
 
     Args:
@@ -56,8 +62,18 @@ class VQGANLoss(nn.Module):
             files are missing, see :func:`kepler.models.lpips.load_lpips`.
         disc_weight: the adaptive GAN weight's factor (see :func:`adaptive_generator_weight`).
         disc_factor: the GAN terms' factor once active (0 turns the GAN off).
+        disc: the discriminator, ``"patchgan"`` (taming's) or ``"dino"``
+            (:class:`kepler.models.dino_discriminator.DinoDiscriminator`: trainable heads on the
+            tokens of several blocks of a frozen DINOv2 ViT).
         disc_num_layers, disc_ndf, disc_in_channels: the PatchGAN discriminator's depth, width and
             input channels.
+        dino_model: the DINOv2 ViT (a timm name, e.g. ``vit_small_patch14_dinov2`` (ViT-S/14) or
+            ``vit_base_patch14_dinov2`` (ViT-B/14)).
+        dino_weights: its weights file (dinov2's ``.pth`` or timm's ``.safetensors``); None looks for
+            the release file in ``<torch hub dir>/checkpoints`` (e.g. ``dinov2_vits14_pretrain.pth``).
+            Never downloaded: without the file the GAN is off (logged with the path).
+        dino_layers: the ViT blocks (0-based) whose tokens get a head.
+        dino_resolution: the side images are resized to for the ViT (a multiple of 14).
         disc_loss: the discriminator loss, one of ``kepler.models.discriminator.D_LOSSES``.
         rec_loss: the pixel reconstruction term, ``"l1"`` (taming's) or ``"l2"``.
         gen_loss: the generator's GAN term, ``"hinge"`` (``-mean(D)``, taming's) or
@@ -86,6 +102,11 @@ class VQGANLoss(nn.Module):
         gen_loss: str = "hinge",
         lecam_weight: float = 0.0,
         lecam_decay: float = 0.999,
+        disc: str = "patchgan",
+        dino_model: str = "vit_small_patch14_dinov2",
+        dino_weights: str | None = None,
+        dino_layers: Sequence[int] = (2, 5, 8, 11),
+        dino_resolution: int = 224,
     ):
         super().__init__()
         if disc_loss not in D_LOSSES:
@@ -94,6 +115,8 @@ class VQGANLoss(nn.Module):
             raise ValueError(f"rec_loss must be one of {', '.join(REC_LOSSES)}, got {rec_loss!r}")
         if gen_loss not in G_LOSSES:
             raise ValueError(f"gen_loss must be one of {', '.join(G_LOSSES)}, got {gen_loss!r}")
+        if disc not in DISCRIMINATORS:
+            raise ValueError(f"disc must be one of {', '.join(DISCRIMINATORS)}, got {disc!r}")
         if not 0 <= lecam_decay < 1:
             raise ValueError(f"lecam_decay must be in [0, 1), got {lecam_decay}")
         self.rec_loss = rec_loss
@@ -108,7 +131,16 @@ class VQGANLoss(nn.Module):
         self.disc_weight = disc_weight
         self.disc_factor = disc_factor
         self.d_loss_fn = D_LOSSES[disc_loss]
-        self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers)
+        if disc == "patchgan":
+            self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers)
+            self.disc_status = "patchgan"
+        else:
+            self.discriminator, reason = load_dino_discriminator(dino_weights, dino_model, dino_layers, dino_resolution)
+            if self.discriminator is None:
+                self.disc_status = f"off: {reason}"
+                log.warning("GAN off (loss.disc is dino): %s", reason)
+            else:
+                self.disc_status = f"dino ({dino_model}, blocks {', '.join(map(str, dino_layers))})"
         self.perceptual_weight = perceptual_weight
         self.perceptual = None
         self.perceptual_status = "off (perceptual_weight is 0)"
@@ -123,7 +155,7 @@ class VQGANLoss(nn.Module):
                 self.perceptual_status = "on"
 
     def gan_active(self, step: int) -> bool:
-        return self.disc_factor > 0 and step >= self.disc_start
+        return self.discriminator is not None and self.disc_factor > 0 and step >= self.disc_start
 
     def reconstruction_loss(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
         error = x - x_rec
@@ -205,3 +237,4 @@ def lecam_regularizer(
 
 
 REC_LOSSES = ("l1", "l2")
+DISCRIMINATORS = ("patchgan", "dino")

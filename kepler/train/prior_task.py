@@ -89,6 +89,11 @@ class PriorTask:
     def wrap_ddp(self, device_ids) -> None:
         self.model_ddp = DDP(self.model, device_ids=device_ids)
 
+    def compile(self) -> None:
+        """``train.compile``: the training forward through ``torch.compile`` (one graph without DDP,
+        whose bucketing splits it); the module itself (validation, checkpoints, the EMA) stays eager."""
+        self.model_ddp = torch.compile(self.model_ddp, fullgraph=not self.trainer.dist.enabled)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:

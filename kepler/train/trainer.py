@@ -165,6 +165,8 @@ class Trainer:
 
         if dist_info.enabled:
             self.task.wrap_ddp([self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.task.compile()
 
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

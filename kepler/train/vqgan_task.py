@@ -47,53 +47,78 @@ class VQGANTask:
         self.val_set = held_out_set(cfg.data)
 
         self.opt_ae = build_optimizer(cfg.optim, [p for p in self.model.parameters() if p.requires_grad], lr)
-        self.opt_disc = build_optimizer(cfg.optim, self.loss.discriminator.parameters(), lr)
         self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_factor)
-        # The discriminator only steps from disc_start on; its rate follows the generator's step.
-        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lambda _: lr_factor(trainer.step))
         self.model_ddp = self.model
-        self.disc_ddp = self.loss.discriminator
+        # The discriminator as the generator's step scores with (unwrapped: no DDP forward without a
+        # backward into its weights) and as its own step trains it.
+        self.disc_scorer = self.disc_ddp = disc = self.loss.discriminator
+        self.opt_disc = self.sched_disc = None
+        if disc is not None:  # None: loss.disc is dino and its weights are missing (the GAN is off)
+            self.opt_disc = build_optimizer(cfg.optim, [p for p in disc.parameters() if p.requires_grad], lr)
+            # The discriminator only steps from disc_start on; its rate follows the generator's step.
+            self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lambda _: lr_factor(trainer.step))
 
     @property
     def status(self) -> str:
         """What the run's first log line adds about this task."""
-        return f"perceptual loss {self.loss.perceptual_status}"
+        return f"perceptual loss {self.loss.perceptual_status}, discriminator {self.loss.disc_status}"
 
     def wrap_ddp(self, device_ids) -> None:
         # The quantizer all-reduces its own statistics; broadcasting buffers would overwrite them.
         self.model_ddp = DDP(self.model, device_ids=device_ids, broadcast_buffers=False)
-        self.disc_ddp = DDP(self.loss.discriminator, device_ids=device_ids)
+        if self.loss.discriminator is not None:
+            self.disc_ddp = DDP(self.loss.discriminator, device_ids=device_ids)
+
+    def compile(self) -> None:
+        """``train.compile``: the training forwards through ``torch.compile``; the modules themselves
+        (validation, checkpoints, the EMA) stay eager. The tokenizer's graph breaks where its
+        quantizer runs Python between kernels (data-dependent initialization, code statistics); the
+        discriminator compiles as one graph."""
+        self.model_ddp = torch.compile(self.model_ddp)
+        if self.loss.discriminator is not None:
+            self.disc_scorer = torch.compile(self.disc_scorer, fullgraph=True)
+            self.disc_ddp = torch.compile(self.disc_ddp, fullgraph=not self.trainer.dist.enabled)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
         """This task's entries of the checkpoint (the trainer adds step, RNG, data position, ...)."""
-        return {
+        state = {
             "model": self.model.state_dict(),
-            "discriminator": self.loss.discriminator.state_dict(),
             "lecam_ema": self.loss.lecam_ema.cpu(),
             "opt_ae": self.opt_ae.state_dict(),
-            "opt_disc": self.opt_disc.state_dict(),
             "sched_ae": self.sched_ae.state_dict(),
-            "sched_disc": self.sched_disc.state_dict(),
             "quantizer": {
                 "utilization": self.model.quantize.codebook_utilization().item(),
                 "code_counts": self.model.quantize.code_counts.cpu(),
             },
         }
+        if self.loss.discriminator is not None:
+            state["discriminator"] = self.loss.discriminator.state_dict()
+            state["opt_disc"] = self.opt_disc.state_dict()
+            state["sched_disc"] = self.sched_disc.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, source: str) -> None:
         # A run resumed with a changed model config: one line naming the keys, not load_state_dict's report.
         check_state_dict(self.model, state["model"], source)
-        check_state_dict(self.loss.discriminator, state["discriminator"], f"{source} (discriminator)")
+        disc = self.loss.discriminator
+        if disc is None and "discriminator" in state:  # resuming would drop the trained discriminator
+            raise ValueError(f"{source} has a trained discriminator, but this run's is {self.loss.disc_status}; "
+                             "give loss.dino_weights the ViT's weights file to resume")
+        if disc is not None:
+            if "discriminator" not in state:
+                raise ValueError(f"{source} has no discriminator, but this run trains one ({self.loss.disc_status})")
+            check_state_dict(disc, state["discriminator"], f"{source} (discriminator)")
         self.model.load_state_dict(state["model"])
-        self.loss.discriminator.load_state_dict(state["discriminator"])
         if "lecam_ema" in state:  # checkpoints from before LeCam have none (and never used one)
             self.loss.lecam_ema.copy_(state["lecam_ema"])
         self.opt_ae.load_state_dict(state["opt_ae"])
-        self.opt_disc.load_state_dict(state["opt_disc"])
         self.sched_ae.load_state_dict(state["sched_ae"])
-        self.sched_disc.load_state_dict(state["sched_disc"])
+        if disc is not None:
+            disc.load_state_dict(state["discriminator"])
+            self.opt_disc.load_state_dict(state["opt_disc"])
+            self.sched_disc.load_state_dict(state["sched_disc"])
 
     # ------------------------------------------------------------------ one step
 
@@ -105,6 +130,7 @@ class VQGANTask:
         step = trainer.step
         gan = self.loss.gan_active(step)
         disc = self.loss.discriminator
+        scorer = self.disc_scorer
         totals: dict[str, float] = {}
         micro = []
 
@@ -113,7 +139,8 @@ class VQGANTask:
                 totals[k] = totals.get(k, 0.0) + float(v) / accum
 
         # Generator (autoencoder) update. The discriminator only scores here: no grads into it.
-        disc.requires_grad_(False)
+        if disc is not None:
+            disc.requires_grad_(False)
         self.opt_ae.zero_grad(set_to_none=True)
         for i in range(accum):
             images, skipped = next(batches)
@@ -124,14 +151,15 @@ class VQGANTask:
                 with trainer.autocast():
                     x_rec, q_loss, info = self.model_ddp(x)
                     loss, logs = self.loss.generator_loss(
-                        q_loss, x, x_rec.float(), step, self.model.last_layer, discriminator=disc
+                        q_loss, x, x_rec.float(), step, self.model.last_layer, discriminator=scorer
                     )
                 trainer.scaler.scale(loss / accum).backward()
             logs["perplexity"] = info.perplexity.float().mean()
             logs.update(self.model.quantize.loss_terms)  # the quantizer's regularizers (e.g. entropies)
             add(logs)
             micro.append((x, x_rec.detach()))
-        disc.requires_grad_(True)
+        if disc is not None:
+            disc.requires_grad_(True)
         trainer.clip_and_step(self.opt_ae, self.model.parameters())
 
         if gan:
@@ -143,7 +171,7 @@ class VQGANTask:
                         d_loss, logs = self.loss.discriminator_loss(x, x_rec, step, discriminator=self.disc_ddp)
                     trainer.scaler.scale(d_loss / accum).backward()
                 add(logs)
-            trainer.clip_and_step(self.opt_disc, disc.parameters())
+            trainer.clip_and_step(self.opt_disc, [p for p in disc.parameters() if p.requires_grad])
         trainer.scaler.update()
         self.discriminator_stepped = gan
         totals["utilization"] = float(info.utilization)
@@ -191,4 +219,4 @@ class VQGANTask:
 
     def final_metrics(self) -> dict:
         """What the run's summary adds about this task."""
-        return {"perceptual_loss": self.loss.perceptual_status}
+        return {"perceptual_loss": self.loss.perceptual_status, "discriminator": self.loss.disc_status}
