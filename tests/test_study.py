@@ -344,6 +344,26 @@ def test_equal_bits_study_variants_load_and_spend_their_budget():
     assert types == {"kepler", "fsq", "lfq", "lattice"}
 
 
+def test_recipe_study_variants_spend_12_bits_with_the_weights_ema_on_but_one():
+    import torch
+
+    from kepler.models import VQModel
+    from kepler.io.config import load_config, to_dict
+
+    study = config.load_study_config(ROOT / "kepler" / "configs" / "study_recipe.yaml")
+    without_ema = []
+    for name, variant in study["variants"].items():
+        overrides = [config.override_string(k, v) for k, v in {**study["common"], **variant["set"]}.items()]
+        cfg = to_dict(load_config(study["base"], overrides))
+        with torch.device("meta"):
+            quantizer = VQModel.from_config(cfg["model"]).quantize
+        assert config.quantizer_layout(quantizer, cfg["model"]["quantizer"])["bits"] == 12.0, name
+        assert cfg["model"]["quantizer"]["init"] == "uniform", name  # the start under which plain VQ collapses
+        if cfg["train"]["ema_decay"] is None:
+            without_ema.append(name)
+    assert without_ema == ["plain_vq_no_ema"]
+
+
 # ------------------------------------------------------------------------------ a prior per run
 
 
