@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,11 @@ from kepler.models import CodeTransformer
 from kepler.io.checkpoint import load_checkpoint, save_checkpoint
 from kepler.io.files import file_sha256
 from kepler.io.config import load_prior_config
-from kepler.data import held_out_set, to_unit
+from kepler.data import held_out_set, to_uint8
 from kepler.io.images import save_image_grid
+from kepler.metrics import feature_statistics, frechet_distance
+from kepler.metrics.generative import split_inception_scores
+from kepler.metrics.inception import InceptionFeatures
 from kepler.models.load import load_model, load_prior_tokenizer
 from kepler.models.sampling import sample_images
 from kepler.train import prior_eval
@@ -392,10 +394,8 @@ def test_num_classes_must_match_the_data(tmp_path, tokenizer, capsys):
 
 
 class RecordingFeatures(nn.Module):
-    """A stand-in for the Inception network: keeps what the metric hands it; its features are the
-    images' channel means and spreads (in [0, 1] units, so that as logits none is a certainty)."""
-
-    num_features = 6
+    """A stand-in for the Inception network: keeps what it is handed; its features are the images'
+    channel means and spreads (in [0, 1] units, so that as logits none is a certainty)."""
 
     def __init__(self):
         super().__init__()
@@ -403,34 +403,24 @@ class RecordingFeatures(nn.Module):
 
     def forward(self, images):
         self.seen.append(images.clone())
-        images = images.float() / (255 if images.dtype == torch.uint8 else 1)
-        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+        images = images.float() / 255
+        features = torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+        return InceptionFeatures(pool=features, spatial=features, logits=features)
 
 
 @pytest.fixture
 def stand_in_metrics(monkeypatch, tmp_path):
-    """``load_fid`` and ``load_inception_score`` replaced by torchmetrics' metrics on
-    :class:`RecordingFeatures`; yields the weights path they expect and their feature modules."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.inception import InceptionScore
-
+    """``load_inception_network`` replaced by :class:`RecordingFeatures`; yields the weights path it
+    expects and the networks it made."""
     weights = tmp_path / "inception.pth"
-    made = {"fid": [], "is": []}
+    made = []
 
-    def load(kind, metric):
-        def loader(path):
-            assert path == weights
-            made[kind].append(RecordingFeatures())
-            return metric(feature=made[kind][-1], normalize=True), None
-        return loader
+    def load(path):
+        assert path == weights
+        made.append(RecordingFeatures())
+        return made[-1], None
 
-    monkeypatch.setattr(prior_eval, "load_fid", load("fid", FrechetInceptionDistance))
-    def inception_score(**options):
-        with warnings.catch_warnings():  # torchmetrics' note on its memory use
-            warnings.simplefilter("ignore")
-            return InceptionScore(splits=10, **options)
-
-    monkeypatch.setattr(prior_eval, "load_inception_score", load("is", inception_score))
+    monkeypatch.setattr(prior_eval, "load_inception_network", load)
     return weights, made
 
 
@@ -438,20 +428,24 @@ def test_samples_and_held_out_images_reach_fid_and_inception_score(prior_run, st
     weights, made = stand_in_metrics
     checkpoint = prior_run / "checkpoints" / "last.pt"
     metrics = evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights, seed=1)
-    (fid,), (score,) = made["fid"], made["is"]
-    # The 8 held-out images, then the 12 samples, in batches of 5, as floats in [0, 1] (FID) and as the
-    # uint8 images torchmetrics makes of them (Inception Score: samples only).
-    assert [len(x) for x in fid.seen] == [5, 3, 5, 5, 2] and [len(x) for x in score.seen] == [5, 5, 2]
-    assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
-               for x in fid.seen)
-    assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) for x in score.seen)
+    (network,) = made
+    # The 8 held-out images, then the 12 samples, in batches of 5, as the uint8 images they are saved as.
+    assert [len(x) for x in network.seen] == [5, 3, 5, 5, 2]
+    assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) for x in network.seen)
     loaded = load_model(checkpoint, kind="prior")
     held_out, _ = collate([item for item in held_out_set(loaded.config["data"])])
-    torch.testing.assert_close(torch.cat(fid.seen[:2]), to_unit(held_out))
+
+    def uint8(images):
+        return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
+
+    assert torch.equal(torch.cat(network.seen[:2]), uint8(held_out))
     _, first = sample_images(loaded.model, load_prior_tokenizer(loaded), 5, seed=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(fid.seen[2], to_unit(first))
-    assert torch.equal(score.seen[0], (to_unit(first) * 255).byte())
-    assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0 and len(metrics["inception_score"]) == 2
+    assert torch.equal(network.seen[2], uint8(first))
+    # The metrics are those of kepler.metrics on the stand-in's features.
+    real, fake = (network(torch.cat(seen)).pool for seen in (network.seen[:2], network.seen[2:]))
+    assert metrics["fid"] == pytest.approx(frechet_distance(*feature_statistics(fake), *feature_statistics(real)))
+    scores = split_inception_scores(fake, 10)
+    assert metrics["inception_score"] == pytest.approx([scores.mean(), scores.std(ddof=1)])
     assert metrics["inception_score"][0] >= 1 and "fid_off_reason" not in metrics and "is_off_reason" not in metrics
     again = evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights, seed=1)
     assert (again["fid"], again["inception_score"]) == (metrics["fid"], metrics["inception_score"])
@@ -463,7 +457,7 @@ def test_sample_metrics_say_why_they_are_off(prior_run, stand_in_metrics, tmp_pa
     metrics = evaluate_prior(checkpoint, num_samples=0, inception_path=weights)
     assert metrics["fid_off_reason"] == "num_samples is 0; FID needs at least 2 samples"
     assert metrics["is_off_reason"] == "num_samples is 0; the Inception Score needs at least 10 (one per split)"
-    assert made == {"fid": [], "is": []}  # no weights read, no samples drawn
+    assert made == []  # no weights read, no samples drawn
     metrics = evaluate_prior(checkpoint, num_samples=4, inception_path=weights)
     assert "fid" in metrics and metrics["is_off_reason"].startswith("num_samples is 4;")
     with pytest.raises(ValueError, match="num_samples must be an int >= 0, got -1"):

@@ -1,7 +1,8 @@
 """How good a prior is: held-out bits per token and per position of a frozen tokenizer's index maps,
 next to two baselines fitted on the training maps (add-one smoothed, also in bits per token): one
 code histogram per codebook (unigram) and one per slot ``(h, w, p)`` of the map (per-position
-unigram); and the FID and Inception Score of its samples where the Inception weights are on disk.
+unigram); and the FID and Inception Score of its samples where the Inception weights are on disk,
+computed as ``kepler fid`` computes them (:mod:`kepler.metrics.generative`, the ADM evaluator's).
 ``kepler prior eval`` is :func:`evaluate_prior`; training validates with the same functions.
 """
 
@@ -13,8 +14,14 @@ import os
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kepler.data import collate, held_out_set, to_unit
-from kepler.metrics.inception import INCEPTION_SCORE_SPLITS, load_fid, load_inception_score
+from kepler.data import collate, held_out_set, to_uint8
+from kepler.metrics.generative import (
+    INCEPTION_SCORE_SPLITS,
+    feature_statistics,
+    frechet_distance,
+    split_inception_scores,
+)
+from kepler.metrics.inception import inception_features, load_inception_network
 from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.load import load_model, load_prior_tokenizer
@@ -66,59 +73,56 @@ def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, 
     return {"bits_per_token": bits / layout.flat_length, "bits_per_position": bits / layout.positions}
 
 
+def _uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [-1, 1] as the uint8 ``(B, H, W, 3)`` they are saved as (PNG, .npz)."""
+    return torch.from_numpy(to_uint8(images))
+
+
 @torch.no_grad()
 def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset, held_out_labels: torch.Tensor | None,
                    num_samples: int, inception_path: str | os.PathLike | None, batch_size: int, seed: int) -> dict:
     """FID of ``num_samples`` samples (:func:`kepler.models.sampling.sample_batches` of ``batch_size``
-    seeded with ``seed``) against the ``held_out`` images, and their Inception Score
-    ``[mean, std]``, on the local FID Inception weights (:func:`kepler.metrics.inception.load_fid`); a
-    class-conditional prior's samples take the held-out classes in turn (the same proportions).
-    ``fid_off_reason`` / ``is_off_reason`` instead where a metric cannot run."""
-    # The weights are looked at only where the counts allow a metric (reading them takes seconds).
+    seeded with ``seed``) against the ``held_out`` images, and their Inception Score ``[mean, std]``
+    over :data:`~kepler.metrics.generative.INCEPTION_SCORE_SPLITS` contiguous splits, as ``kepler fid``
+    computes them: on the local FID Inception network
+    (:func:`kepler.metrics.inception.load_inception_network`), of the images as uint8, as they are
+    saved. A class-conditional prior's samples take the held-out classes in turn (the same
+    proportions). ``fid_off_reason`` / ``is_off_reason`` instead where a metric cannot run."""
     if num_samples < 2:
-        fid, fid_reason = None, f"num_samples is {num_samples}; FID needs at least 2 samples"
+        fid_reason = f"num_samples is {num_samples}; FID needs at least 2 samples"
     elif len(held_out) < 2:
-        fid, fid_reason = None, f"the held-out set has {len(held_out)} image(s); FID needs at least 2"
+        fid_reason = f"the held-out set has {len(held_out)} image(s); FID needs at least 2"
     else:
-        fid, fid_reason = load_fid(inception_path)
+        fid_reason = None
+    is_reason = None
     if num_samples < INCEPTION_SCORE_SPLITS:
-        score, is_reason = None, (f"num_samples is {num_samples}; the Inception Score needs at least "
-                                  f"{INCEPTION_SCORE_SPLITS} (one per split)")
-    else:
-        score, is_reason = load_inception_score(inception_path)
-    out = {}
-    if fid is None:
-        out["fid_off_reason"] = fid_reason
-    if score is None:
-        out["is_off_reason"] = is_reason
-    if fid is None and score is None:
+        is_reason = (f"num_samples is {num_samples}; the Inception Score needs at least {INCEPTION_SCORE_SPLITS} "
+                     "(one per split)")
+    network = None
+    # The weights are looked at only where the counts allow a metric (reading them takes seconds).
+    if fid_reason is None or is_reason is None:
+        network, reason = load_inception_network(inception_path)
+        fid_reason, is_reason = fid_reason or reason, is_reason or reason
+    out = {key: reason for key, reason in (("fid_off_reason", fid_reason), ("is_off_reason", is_reason)) if reason}
+    if network is None:
         return out
     device = next(prior.parameters()).device
-    if fid is not None:
-        fid = fid.to(device)
-        for images, _ in DataLoader(held_out, batch_size=batch_size, collate_fn=collate):
-            if images is not None:  # a batch of unreadable files only
-                fid.update(to_unit(images.to(device)), real=True)
-    if score is not None:
-        score = score.to(device)
+    network.to(device)
+    if fid_reason is None:
+        held_out_batches = DataLoader(held_out, batch_size=batch_size, collate_fn=collate)
+        real = inception_features(network, (_uint8(images) for images, _ in held_out_batches
+                                            if images is not None), device)  # None: a batch of unreadable files
     labels = None
     if held_out_labels is not None:
         labels = held_out_labels[torch.arange(num_samples) % len(held_out_labels)].to(device)
-    for _, images in sample_batches(prior, tokenizer, num_samples, labels, batch_size=batch_size, seed=seed):
-        images = to_unit(images)  # (count, 3, H, W) float32 in [0, 1], what both metrics take
-        if fid is not None:
-            fid.update(images, real=False)
-        if score is not None:
-            score.update(images)
-    if fid is not None:
-        out["fid"] = float(fid.compute())
-    if score is not None:
-        # The score shuffles the samples into its splits with the global RNG: seeded, so one seed
-        # gives one score.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            mean, std = score.compute()
-        out["inception_score"] = [float(mean), float(std)]
+    samples = sample_batches(prior, tokenizer, num_samples, labels, batch_size=batch_size, seed=seed)
+    fake = inception_features(network, (_uint8(images) for _, images in samples), device)
+    if fid_reason is None:
+        out["fid"] = frechet_distance(*feature_statistics(fake.pool), *feature_statistics(real.pool))
+    if is_reason is None:
+        scores = split_inception_scores(fake.logits, INCEPTION_SCORE_SPLITS)
+        # The spread over splits unbiased, as torchmetrics' score (kepler's before this) gave it.
+        out["inception_score"] = [float(scores.mean()), float(scores.std(ddof=1))]
     return out
 
 
