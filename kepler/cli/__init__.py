@@ -1,5 +1,5 @@
 """``kepler`` command line: train, eval, reconstruct, encode, decode, export, convert, study, doctor,
-prior (train, eval), sample. The only place in kepler that prints.
+prior (train, eval), sample, fid. The only place in kepler that prints.
 
 Examples::
 
@@ -17,8 +17,10 @@ Examples::
     kepler prior train prior_sample                    # a prior over the demo tokenizer's codes
     kepler prior eval runs/prior_sample/checkpoints/last.pt
     kepler sample runs/prior_sample/checkpoints/last.pt --num 16 --seed 0 --out samples/
+    kepler fid samples.npz reference.npz --save-stats reference_stats.npz   # ADM's FID, sFID, IS, precision, recall
+    kepler fid more_samples.npz reference_stats.npz   # the reference's statistics, saved
 
-One module a group of commands (:mod:`kepler.cli.training`: train, prior train, study;
+One module a group of commands (:mod:`kepler.cli.training`: train, prior train and eval, study, fid;
 :mod:`kepler.cli.models`: the commands that use a model; :mod:`kepler.cli.doctor`), each with an
 ``add_commands(subparsers)``; the arguments several commands share are written once here.
 """
@@ -80,10 +82,10 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
 
 
-def add_inception(parser: argparse.ArgumentParser, what: str) -> None:
+def add_inception(parser: argparse.ArgumentParser, what: str, without: str = "off without them") -> None:
     parser.add_argument("--inception", default=None,
                         help=f"local FID Inception weights (pt_inception-2015-12-05) for {what} (default: torch "
-                             "hub's checkpoints folder; never downloaded: off without them)")
+                             f"hub's checkpoints folder; never downloaded: {without})")
 
 
 def add_raw_weights(parser: argparse.ArgumentParser, note: str = "") -> None:

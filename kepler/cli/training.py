@@ -1,4 +1,5 @@
-"""The commands that train and judge runs: ``kepler train``, ``kepler prior train | eval``, ``kepler study``."""
+"""The commands that train and judge runs: ``kepler train``, ``kepler prior train | eval``, ``kepler study``,
+``kepler fid``."""
 
 from __future__ import annotations
 
@@ -68,6 +69,25 @@ def add_commands(sub) -> None:
                    help="also write the results between the kepler-study markers of this README "
                         "(finished runs are reused, so this is quick after a study)")
     p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("fid", help="FID, sFID, Inception Score, precision and recall of samples against "
+                                   "reference images",
+                       description="Score generated images against reference images as guided-diffusion's ADM "
+                                   "evaluator does (FID and sFID, Inception Score in 10 splits, precision and recall "
+                                   "with k = 3), on the FID Inception network from a local weights file.")
+    image_set = ("an ADM-layout .npz (arr_0: uint8 N x H x W x 3), a folder of images (taken as they are) or a data "
+                 "spec (sample, faces, a list file: its held-out images, cropped to --size)")
+    p.add_argument("samples", help=f"the generated images: {image_set}")
+    p.add_argument("reference",
+                   help="the reference images, given as the samples are, or their statistics (--save-stats)")
+    p.add_argument("--save-stats", default=None, metavar="PATH",
+                   help="write the reference's statistics to the .npz PATH, to give as REFERENCE next time")
+    p.add_argument("--out", default=None, help="folder for fid.json")
+    p.add_argument("--size", type=positive_int, default=256, help="crop side of a data spec's images")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images through the network at a time")
+    add_device(p)
+    add_inception(p, "every metric", without="kepler fid stops without them")
+    p.set_defaults(func=_cmd_fid)
 
 
 def _cmd_train(args) -> int:
@@ -235,3 +255,45 @@ def _cmd_study(args) -> int:
         written.append(update_readme(Path(args.readme), result, command, out))
     print(f"kepler study: done in {result['wall_minutes']:.1f} min; wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _cmd_fid(args) -> int:
+    from tqdm import tqdm
+
+    from kepler.distributed import resolve_device
+    from kepler.metrics.inception import load_inception_network
+    from kepler.train.fid import evaluate_samples, open_image_set
+
+    out = output_folder(args.out) if args.out is not None else None
+    if args.save_stats is not None and not Path(args.save_stats).resolve().parent.is_dir():
+        raise CLIError(f"--save-stats {args.save_stats}: its folder does not exist")
+    samples, reference = open_image_set(args.samples, args.size), open_image_set(args.reference, args.size)
+    network, reason = load_inception_network(args.inception)
+    if network is None:
+        raise CLIError(f"the FID Inception network is needed: {reason} (give its weights with --inception; they are "
+                       "never downloaded)")
+
+    def progress(batches, total: int, what: str):
+        return tqdm(batches, total=total, desc=f"kepler fid: {what}", unit="batch", disable=total <= 1)
+
+    metrics = evaluate_samples(samples, reference, network, batch_size=args.batch_size,
+                               device=resolve_device(args.device), save_stats=args.save_stats, progress=progress)
+    metrics = {"samples": args.samples, "reference": args.reference, **metrics}
+    print(_fid_summary(metrics))
+    if args.save_stats is not None:
+        print(f"  wrote the reference's statistics to {args.save_stats}")
+    if out is not None:
+        path = out / "fid.json"
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"  wrote {path}")
+    return 0
+
+
+def _fid_summary(m: dict) -> str:
+    """What ``kepler fid`` prints: each metric, or why it is off."""
+    score = (f"Inception Score {m['inception_score']:.4f}" if "inception_score" in m
+             else f"Inception Score: off: {m['inception_score_off_reason']}")
+    precision_recall = (f"precision {m['precision']:.4f}, recall {m['recall']:.4f}" if "precision" in m
+                        else f"precision and recall: off: {m['precision_recall_off_reason']}")
+    return (f"kepler fid: {m['num_samples']} samples ({m['samples']}) against {m['num_reference']} reference images "
+            f"({m['reference']})\n  FID {m['fid']:.4f}, sFID {m['sfid']:.4f}\n  {score}\n  {precision_recall}")
