@@ -60,7 +60,8 @@ def test_diagonal_gaussians_give_the_closed_form():
     mu1, mu2 = np.zeros(3), np.array([1.0, 1.0, 1.0])
     # |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2 = 3 + (1 + 1 + 6.25)
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(11.25, rel=1e-12)
-    assert frechet_distance(torch.from_numpy(mu1), torch.from_numpy(np.diag(a)), mu2, np.diag(b)) == pytest.approx(11.25)
+    as_tensors = torch.from_numpy(mu1), torch.from_numpy(np.diag(a))
+    assert frechet_distance(*as_tensors, mu2, np.diag(b)) == pytest.approx(11.25, rel=1e-12)
 
 
 @pytest.mark.parametrize("n, dim", [(400, 3), (300, 7), (20, 40)])  # the last: singular covariances (n < dim)
@@ -93,7 +94,8 @@ def test_covariances_that_are_not_positive_semi_definite_are_refused():
 
 @pytest.mark.parametrize("args, message", [
     ((np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "mu1 and mu2 must have the same length, got 3 and 4"),
-    ((np.zeros(3), np.eye(3), np.zeros(3), np.eye(2)), "sigma2 must be (3, 3) as the means are 3 long, got shape (2, 2)"),
+    ((np.zeros(3), np.eye(3), np.zeros(3), np.eye(2)),
+     "sigma2 must be (3, 3) as the means are 3 long, got shape (2, 2)"),
     ((np.zeros((3, 1)), np.eye(3), np.zeros(3), np.eye(3)), "mu1 must be a vector (D,), got shape (3, 1)"),
     ((np.zeros(3), np.zeros(3), np.zeros(3), np.eye(3)), "sigma1 must be a matrix (D, D), got shape (3,)"),
     ((np.array([0.0, np.nan]), np.eye(2), np.zeros(2), np.eye(2)), "mu1 holds NaN or infinite values"),
