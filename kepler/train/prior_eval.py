@@ -22,11 +22,14 @@ from kepler.models.sampling import sample_batches
 from kepler.train.codes import class_labels, encode_dataset
 
 
-def slot_counts(codes: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
-    """``(H*W*P, K)`` int64: how often each code fills each slot of ``codes (N, H, W, P)``."""
-    slots = codes.reshape(len(codes), -1)
-    counts = torch.zeros(slots.shape[1], layout.codebook_size, dtype=torch.int64)
-    counts.scatter_add_(1, slots.T.contiguous(), torch.ones_like(slots.T))
+def slot_counts(codes: torch.Tensor, layout: CodeLayout, chunk: int = 1024) -> torch.Tensor:
+    """``(H*W*P, K)`` int64: how often each code fills each slot of ``codes (N, H, W, P)``, read
+    ``chunk`` maps at a time (so that codes kept in a narrower dtype or on disk are never all in
+    memory as int64)."""
+    counts = torch.zeros(layout.flat_length, layout.codebook_size, dtype=torch.int64)
+    for start in range(0, len(codes), chunk):
+        slots = codes[start:start + chunk].reshape(-1, layout.flat_length).T.contiguous()
+        counts.scatter_add_(1, slots, torch.ones_like(slots))
     return counts
 
 
