@@ -103,6 +103,17 @@ def test_a_codebook_past_uint32_is_refused():
     assert str(error.value) == "a codebook of 4294967297 codes does not fit uint32 (at most 2**32 codes)"
 
 
+@pytest.mark.parametrize("items, sizes", [
+    (1, [1]), (256, [256]), (257, [256, 1]), (2000, [256] * 7 + [208]), (20000, [625] * 32),
+    (1281167, [8192] * 156 + [3215]),
+])
+def test_a_split_is_cut_into_at_most_8192_items_a_shard_and_32_shards_when_small(items, sizes):
+    shards = codes.plan_shards("train", items)
+    assert [shard.stop - shard.start for shard in shards] == sizes
+    assert [shard.start for shard in shards] == np.cumsum([0] + sizes[:-1]).tolist()
+    assert shards[-1].name == f"train-{len(sizes) - 1:05d}" and shards[-1].stop == items
+
+
 def test_shards_hold_the_tokenizers_maps_flips_and_labels(one_process, tokenizer):
     """The stored maps are the tokenizer's maps of the unaugmented crops, then of their flips, with
     the images' classes: what the in-memory cache held, now uint8 files read memory-mapped."""

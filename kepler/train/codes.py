@@ -10,7 +10,7 @@ data (``faces``; see :func:`kepler.data.dataset_labels`) with exactly that many 
 On disk, in ``codes/<key>/`` of the run folder, ``key`` hashed from the tokenizer file's SHA-256 and
 the data settings (:func:`cache_key`), so a changed tokenizer or data section extracts again:
 
-* each split is cut into shards of ``shard_items`` consecutive items (``train-00000``, ...,
+* each split is cut into shards of consecutive items (:func:`plan_shards`: ``train-00000``, ...,
   ``val-00000``, ...). A shard is ``<name>.npy``, the maps ``(n, H, W, P)`` of its readable items in
   the smallest unsigned dtype that holds the K codes (:func:`code_dtype`); ``<name>.flipped.npy``,
   their flips row for row (training, with ``data.flip``); ``<name>.labels.npy``, their classes
@@ -56,10 +56,14 @@ log = logging.getLogger("kepler")
 
 # The data keys that decide which maps are encoded.
 CACHE_DATA_KEYS = ("train", "val", "size", "resize", "flip", "samples_per_epoch", "val_max_images")
-# Items a shard: ImageNet's 1.28M training images are 157 shards (each mapped file holds a file
-# descriptor while the prior trains), and a shard of 16x16 maps holds 4 MiB of uint16 codes, which
-# is what a rank keeps in memory while it encodes one.
+# Items a shard at most: ImageNet's 1.28M training images are 157 shards (each mapped file holds a
+# file descriptor while the prior trains), and a shard of 16x16 maps holds 4 MiB of uint16 codes,
+# which is what a rank keeps in memory while it encodes one.
 SHARD_ITEMS = 8192
+# A smaller split is still cut into this many shards, so that the ranks share it (but no shard is
+# smaller than MIN_SHARD_ITEMS: a shard's files and record cost a few file operations each).
+SMALL_SPLIT_SHARDS = 32
+MIN_SHARD_ITEMS = 256
 # A shard's files, by kind, after its name.
 SHARD_FILES = {"maps": ".npy", "flipped": ".flipped.npy", "labels": ".labels.npy"}
 
@@ -101,11 +105,13 @@ class Shard(NamedTuple):
         return f"{self.split}-{self.number:05d}"
 
 
-def plan_shards(split: str, items: int, shard_items: int) -> list[Shard]:
-    """The shards of a split of ``items`` items: ``shard_items`` consecutive items each, the last
-    one the rest."""
-    return [Shard(split, number, start, min(start + shard_items, items))
-            for number, start in enumerate(range(0, items, shard_items))]
+def plan_shards(split: str, items: int, shard_items: int = SHARD_ITEMS) -> list[Shard]:
+    """The shards of a split of ``items`` items: consecutive items, as many in each but the last (the
+    rest), at most ``shard_items``, and fewer where that cuts the split into
+    :data:`SMALL_SPLIT_SHARDS` shards of at least :data:`MIN_SHARD_ITEMS`. They depend on the split
+    alone, not on the number of ranks: any number of ranks writes, and resumes, the same shards."""
+    size = min(shard_items, max(MIN_SHARD_ITEMS, -(-items // SMALL_SPLIT_SHARDS)))
+    return [Shard(split, number, start, min(start + size, items)) for number, start in enumerate(range(0, items, size))]
 
 
 @torch.no_grad()
@@ -286,8 +292,9 @@ def extract_codes(tokenizer: VQModel, tokenizer_sha256: str, data: Mapping, num_
     encoded by ``tokenizer`` (the file of SHA-256 ``tokenizer_sha256``, maps of ``layout``) into
     ``run_dir/codes/<key>`` (see the module docstring), or read back when already there.
 
-    Every rank of ``world_size`` calls this: each encodes its share of the shards not yet finished, on
-    ``device``, ``data.val_batch_size`` images at a time. ValueError when the data's classes are not
+    Every rank of ``world_size`` calls this: each encodes its share of the shards not yet finished
+    (:func:`plan_shards` of at most ``shard_items``), on ``device``, ``data.val_batch_size`` images
+    at a time. ValueError when the data's classes are not
     ``num_classes`` (:func:`class_labels`) or a split has no readable image.
     """
     settings = cache_settings(data, num_classes)
@@ -349,7 +356,6 @@ def _extract(tokenizer: VQModel, tokenizer_sha256: str, data: Mapping, num_class
             "map_shape": list(map_shape),
             "codebook_size": layout.codebook_size,
             "dtype": dtype.name,
-            "shard_items": shard_items,
             "splits": {split: {"items": len(datasets[split]), "flipped": flipped[split],
                                "labelled": labels[split] is not None, "shards": records[split]}
                        for split in datasets},
