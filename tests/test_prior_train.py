@@ -29,6 +29,7 @@ from kepler.models.load import load_model, load_prior_tokenizer
 from kepler.models.sampling import sample_images
 from kepler.train import prior_eval
 from kepler.train import trainer as trainer_module
+from kepler.train.codes import open_stored_codes
 from kepler.train.prior_eval import evaluate_prior
 
 TOKENIZER = """
@@ -71,6 +72,11 @@ def prior_config(tmp_path: Path, tokenizer: Path, steps: int = 4) -> Path:
     return path
 
 
+def code_caches(run: Path) -> list[Path]:
+    """The code cache folders of a run (one a tokenizer and data settings)."""
+    return sorted((run / "codes").iterdir())
+
+
 def records(run: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["event"] == event]
 
@@ -94,10 +100,10 @@ def test_training_logs_bits_and_baselines_and_caches_the_codes(prior_run, tokeni
     assert metrics["tokens_per_map"] == 8 * 8 * 2
     # A uniform prior over K=16 codes is 4 bits a token; the histogram baselines fit the data better.
     assert metrics["unigram_bits_per_token"] < 4.0
-    (cache,) = (prior_run / "codes").glob("*.pt")
-    cached = torch.load(cache, weights_only=True)
-    assert cached["train"].shape == (32, 8, 8, 2) and cached["val"].shape == (8, 8, 8, 2)
-    assert cached["train"].dtype == torch.int64
+    (cache,) = code_caches(prior_run)
+    stored = open_stored_codes(cache)
+    assert stored.train[:].shape == (32, 8, 8, 2) and stored.val[:].shape == (8, 8, 8, 2)
+    assert stored.train[:].dtype == torch.int64 and stored.train.shards[0].dtype == np.uint8  # K=16
 
 
 def test_validation_writes_the_sample_grid_of_seed_0(prior_run, tmp_path):
@@ -121,7 +127,7 @@ def test_ddp_two_gloo_processes(tmp_path, tokenizer):
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 4
     assert state["counters"]["images_seen"] == 4 * 4 * 2  # steps x batch x ranks
-    assert len(list((run / "codes").glob("*.pt"))) == 1  # encoded once, by rank 0
+    assert len(code_caches(run)) == 1  # one extraction, the ranks sharing it
     assert sum(r["event"] == "train" for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())) == 4
     assert (run / "samples.png").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
@@ -136,7 +142,7 @@ def test_a_changed_tokenizer_file_or_data_section_encodes_again(tmp_path, tokeni
     assert main(["prior", "train", config, f"run_dir={run}"]) == 0
     first = json.loads((run / "metrics.json").read_text())
     assert main(["prior", "train", config, f"run_dir={run}", "--overwrite"]) == 0
-    assert len(list((run / "codes").glob("*.pt"))) == 1  # the same tokenizer and data: read back
+    assert len(code_caches(run)) == 1  # the same tokenizer and data: read back
     # Encoding does not draw from the seeded RNG: the rerun from the cache is the same run.
     assert json.loads((run / "metrics.json").read_text())["bits_per_token"] == first["bits_per_token"]
     state = load_checkpoint(copy)
@@ -144,7 +150,7 @@ def test_a_changed_tokenizer_file_or_data_section_encodes_again(tmp_path, tokeni
     save_checkpoint(state, copy)
     assert main(["prior", "train", config, f"run_dir={run}", "--overwrite"]) == 0
     assert main(["prior", "train", config, f"run_dir={run}", "data.val_max_images=4", "--overwrite"]) == 0
-    assert len(list((run / "codes").glob("*.pt"))) == 3
+    assert len(code_caches(run)) == 3
 
 
 def test_resume_continues_exactly(tmp_path, tokenizer, monkeypatch):
@@ -269,7 +275,7 @@ def test_a_prior_finds_its_tokenizer_by_absolute_path_and_hash(tmp_path, tokeniz
         f"{file_sha256(tokenizer)}, but tokenizer.checkpoint {moved} has SHA-256 {file_sha256(other)}: resuming "
         "would train the prior on another tokenizer's codes\n"
     )
-    assert len(list((run / "codes").glob("*.pt"))) == 1
+    assert len(code_caches(run)) == 1
 
 
 def test_builtin_prior_configs_load_and_default_to_adamw(tokenizer):
@@ -302,10 +308,11 @@ def conditional_runs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
 
 def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditional_runs):
     straight, halves = conditional_runs
-    (cache,) = (straight / "codes").glob("*.pt")
-    cached = torch.load(cache, weights_only=True)
-    assert cached["train"].shape == (360, 8, 8, 2)  # 180 patches and their flips
-    assert cached["train_labels"].tolist() == ([1] * 90 + [0] * 90) * 2 and cached["val_labels"].tolist() == [1] * 10 + [0] * 10
+    (cache,) = code_caches(straight)
+    stored = open_stored_codes(cache)
+    assert stored.train[:].shape == (360, 8, 8, 2)  # 180 patches and their flips
+    assert stored.train_labels[:].tolist() == ([1] * 90 + [0] * 90) * 2
+    assert stored.val_labels[:].tolist() == [1] * 10 + [0] * 10
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
     b = load_checkpoint(halves / "checkpoints" / "last.pt")
     assert a["model"]["start_embedding.weight"].shape == (2, 32)
@@ -348,8 +355,9 @@ def test_conditional_prior_samples_a_class_and_evaluates_with_the_labels(conditi
     assert all(np.array_equal(x, y) for x, y in zip(face, again))
     # The trained prior tells the classes apart: the held-out maps are likelier under their own labels.
     prior = load_model(checkpoint, kind="prior").model
-    val = torch.load(next((straight / "codes").glob("*.pt")), weights_only=True)
-    own, swapped = (prior.nll(val["val"], labels).sum() for labels in (val["val_labels"], 1 - val["val_labels"]))
+    stored = open_stored_codes(code_caches(straight)[0])
+    val, val_labels = stored.val[:], stored.val_labels[:]
+    own, swapped = (prior.nll(val, labels).sum() for labels in (val_labels, 1 - val_labels))
     assert own < swapped
     assert main(["prior", "eval", checkpoint, "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -369,11 +377,11 @@ def test_labels_change_the_cache_and_an_unconditional_prior_ignores_them(tmp_pat
     run = tmp_path / "run"
     config = str(prior_config(tmp_path, tokenizer, steps=1))
     assert main(["prior", "train", config, f"run_dir={run}", *FACES]) == 0
-    (unconditional,) = (run / "codes").glob("*.pt")
-    assert "train_labels" not in torch.load(unconditional, weights_only=True)
+    (unconditional,) = code_caches(run)
+    assert open_stored_codes(unconditional).train_labels is None
     assert main(["prior", "train", config, f"run_dir={run}", *CONDITIONAL, "--overwrite"]) == 0
-    (conditional,) = set((run / "codes").glob("*.pt")) - {unconditional}
-    assert torch.load(conditional, weights_only=True)["train_labels"].shape == (360,)
+    (conditional,) = set(code_caches(run)) - {unconditional}
+    assert open_stored_codes(conditional).train_labels[:].shape == (360,)
 
 
 def test_num_classes_must_match_the_data(tmp_path, tokenizer, capsys):

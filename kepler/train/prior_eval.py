@@ -26,18 +26,22 @@ from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.load import load_model, load_prior_tokenizer
 from kepler.models.sampling import sample_batches
-from kepler.train.codes import class_labels, encode_dataset
+from kepler.train.codes import ShardedArray, class_labels, encode_dataset
 
 
-def slot_counts(codes: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
-    """``(H*W*P, K)`` int64: how often each code fills each slot of ``codes (N, H, W, P)``."""
-    slots = codes.reshape(len(codes), -1)
-    counts = torch.zeros(slots.shape[1], layout.codebook_size, dtype=torch.int64)
-    counts.scatter_add_(1, slots.T.contiguous(), torch.ones_like(slots.T))
+def slot_counts(codes: torch.Tensor | ShardedArray, layout: CodeLayout, chunk: int = 1024) -> torch.Tensor:
+    """``(H*W*P, K)`` int64: how often each code fills each slot of ``codes (N, H, W, P)``, read
+    ``chunk`` maps at a time (so that codes kept in a narrower dtype or on disk are never all in
+    memory as int64)."""
+    counts = torch.zeros(layout.flat_length, layout.codebook_size, dtype=torch.int64)
+    for start in range(0, len(codes), chunk):
+        slots = codes[start:start + chunk].reshape(-1, layout.flat_length).T.contiguous()
+        counts.scatter_add_(1, slots, torch.ones_like(slots))
     return counts
 
 
-def baseline_bits(train_counts: torch.Tensor, val_codes: torch.Tensor, layout: CodeLayout) -> dict[str, float]:
+def baseline_bits(train_counts: torch.Tensor, val_codes: torch.Tensor | ShardedArray,
+                  layout: CodeLayout) -> dict[str, float]:
     """Held-out bits per token of ``val_codes`` under the two baselines fitted on ``train_counts``
     (:func:`slot_counts` of the training maps), add-one smoothed."""
     val_counts = slot_counts(val_codes, layout).double()
@@ -56,10 +60,10 @@ def baseline_bits(train_counts: torch.Tensor, val_codes: torch.Tensor, layout: C
 
 
 @torch.no_grad()
-def held_out_bits(model: CodeTransformer, codes: torch.Tensor, batch_size: int, device: torch.device,
-                  labels: torch.Tensor | None = None) -> dict:
+def held_out_bits(model: CodeTransformer, codes: torch.Tensor | ShardedArray, batch_size: int, device: torch.device,
+                  labels: torch.Tensor | ShardedArray | None = None) -> dict:
     """``bits_per_token`` and ``bits_per_position`` of ``codes (N, H, W, P)`` under ``model`` (given
-    their classes ``labels (N,)`` for a class-conditional one)."""
+    their classes ``labels (N,)`` for a class-conditional one), ``batch_size`` maps at a time."""
     nats = 0.0
     was_training = model.training
     model.eval()

@@ -2,7 +2,9 @@
 of a frozen tokenizer (the second stage; ``kepler prior train``).
 
 The tokenizer (config key ``tokenizer.checkpoint``: a run's checkpoint or an exported folder, read by
-:func:`kepler.load`) encodes the images once into the run's code cache (:mod:`kepler.train.codes`).
+:func:`kepler.load`) encodes the images once, every rank its share, into the run's code cache
+(:mod:`kepler.train.codes`), which the prior then reads memory-mapped: its memory does not grow with
+the data set.
 The tokenizer's EMA weights are used when it has them (``weights`` in the checkpoint's tokenizer record
 says which; :func:`kepler.models.load.load_prior_tokenizer` loads the same). The checkpoint records
 the tokenizer's absolute path and SHA-256: ``--resume`` refuses a tokenizer
@@ -37,7 +39,7 @@ from kepler.models import CodeTransformer
 from kepler.models.code_transformer import token_cross_entropy
 from kepler.models.load import load_model, tokenizer_layout
 from kepler.models.sampling import sample_images
-from kepler.train.codes import CodeMaps, cached_codes
+from kepler.train.codes import CodeMaps, extract_codes
 from kepler.train.optim import build_optimizer
 from kepler.train.prior_eval import baseline_bits, held_out_bits, slot_counts
 
@@ -66,14 +68,14 @@ class PriorTask:
             tokenizer = loaded.model.requires_grad_(False)
             del loaded
             self.layout = tokenizer_layout(tokenizer, cfg.data.size)
-            cached = cached_codes(tokenizer, self.tokenizer_sha256, cfg.data, self.num_classes, trainer.run_dir,
-                                  device, trainer.dist.is_main)
+            stored = extract_codes(tokenizer, self.tokenizer_sha256, cfg.data, self.num_classes, self.layout,
+                                   trainer.run_dir, device, trainer.dist.rank, trainer.dist.world_size)
         # Kept where validation draws sample grids (rank 0); else freed.
         self.tokenizer = tokenizer if trainer.dist.is_main and cfg.train.grid_images else None
         del tokenizer
-        self.val_codes, self.val_labels = cached["val"], cached.get("val_labels")
-        self.train_counts = slot_counts(cached["train"], self.layout)
-        self.train_set = CodeMaps(cached["train"], cached.get("train_labels"))
+        self.val_codes, self.val_labels = stored.val, stored.val_labels
+        self.train_counts = slot_counts(stored.train, self.layout)
+        self.train_set = CodeMaps(stored.train, stored.train_labels)
 
         self.model = CodeTransformer(self.layout, **to_dict(cfg.model)).to(device)
         self.opt = build_optimizer(cfg.optim, self.model.parameters(), lr)
