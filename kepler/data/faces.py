@@ -28,6 +28,7 @@ class LFWFaces(Dataset):
     """
 
     num_classes = 2
+    classes = ("non-face", "face")
 
     def __init__(self, split: str, size: int, resize: int | None = None, flip: bool = True):
         import skimage.data

@@ -146,6 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "model.quantizer.backend": ("auto", *_backend.BACKENDS),
     "model.order": ("flat", "factorized"),
+    "data.labels": ("auto", "none"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
