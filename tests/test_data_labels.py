@@ -1,6 +1,7 @@
 """Class labels from the files' layout: class folders (ImageNet's layout), list files of
 path<TAB>label lines, the run's fixed class ids, and a class-conditional prior on a labelled folder."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from kepler.cli import main
 from kepler.data import build_dataset, dataset_labels, first_items, run_classes
+from kepler.io.checkpoint import load_checkpoint
 
 
 def write_png(path: Path, value: int) -> Path:
@@ -125,3 +128,46 @@ def test_an_empty_class_folder_is_an_error(tmp_path):
                                          f"read {root} as unlabelled images$"):
         build_dataset({"size": 16}, "train", spec=root)
     assert len(build_dataset({"size": 16, "labels": "none"}, "train", spec=root)) == 2
+
+
+# ------------------------------------------------------------------ a prior on a labelled folder
+
+
+def labelled_photos(root: Path, classes: dict[str, int], seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (24, 28, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_conditional_prior_trains_on_a_labelled_folder_and_keeps_its_class_ids(tmp_path, capsys):
+    from test_prior_train import prior_config, train_tokenizer
+
+    tokenizer = train_tokenizer(tmp_path, partitions=2)
+    train_root = labelled_photos(tmp_path / "train", {"cat": 3, "dog": 2, "eel": 3}, seed=0)
+    val_root = labelled_photos(tmp_path / "val", {"cat": 1, "dog": 1, "eel": 1}, seed=1)
+    run = tmp_path / "prior"
+    data = [f"data.train={train_root}", f"data.val={val_root}", "data.val_max_images=null"]
+    config = str(prior_config(tmp_path, tokenizer, steps=2))
+    assert main(["prior", "train", config, f"run_dir={tmp_path / 'mismatch'}", *data, "model.num_classes=2"]) == 2
+    assert capsys.readouterr().err == (f"kepler prior: error: config key 'model.num_classes' is 2, but data.train "
+                                       f"'{train_root}' has 3 classes\n")
+    assert main(["prior", "train", config, f"run_dir={run}", *data, "model.num_classes=3"]) == 0
+    (cache,) = (run / "codes").glob("*.pt")
+    cached = torch.load(cache, weights_only=True)
+    assert cached["train_labels"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2] * 2  # the maps, then their flips
+    assert cached["val_labels"].tolist() == [0, 1, 2]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["config"]["data"]["classes"] == ["cat", "dog", "eel"] and state["step"] == 2
+    assert state["model"]["start_embedding.weight"].shape[0] == 3
+
+    # A class folder added since sorts first; the resumed run keeps its ids, and says so.
+    labelled_photos(train_root, {"ant": 2}, seed=2)
+    config = str(prior_config(tmp_path, tokenizer, steps=3))
+    with pytest.warns(UserWarning, match=r"has other classes than the 3 the run recorded \(added: ant; gone: none\)"):
+        assert main(["prior", "train", config, f"run_dir={run}", *data, "model.num_classes=3", "--resume"]) == 0
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["config"]["data"]["classes"] == ["cat", "dog", "eel"] and state["step"] == 3
+    assert json.loads((run / "metrics.json").read_text())["train_maps"] == 16

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from kepler.data import SeededSampler, collate
+from kepler.data import SeededSampler, collate, run_classes
 from kepler.distributed import (
     DistInfo,
     all_gather_objects,
@@ -144,6 +144,9 @@ class Trainer:
         # Read before the task is built, so that the task can refuse a checkpoint it cannot continue
         # (a prior whose tokenizer changed) before it does any work.
         self.resume_state = load_checkpoint(resume) if resume else None
+        # Class ids fixed before any data set is built: a resumed run keeps those it recorded.
+        recorded = self.resume_state["config"]["data"].get("classes") if resume else None
+        cfg.data.classes = run_classes(cfg.data, recorded)
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
         self.task = task_class(self, self.lr, lr_schedule(cfg, self.progress))
         self.sampler = SeededSampler(self.task.train_set, cfg.seed, dist_info.rank, dist_info.world_size)
