@@ -8,6 +8,7 @@ labelled when its lines are ``path<TAB>label``). Items are ``(image, skipped pat
 where a data set has them, are not in the items: a labelled data set declares ``num_classes``,
 its ``classes`` and its items' ``labels``, read through :func:`dataset_labels` (the
 class-conditional prior is their one user); a run fixes its class ids (:mod:`kepler.data.classes`).
+The trainer reads batches through :class:`EpochLoader`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kepler.data import sample, faces, folder, list_file  # noqa: F401  isort: s
 from kepler.data.classes import dataset_labels, run_classes
 from kepler.data.faces import LFWFaces
 from kepler.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, ImagePaths
+from kepler.data.loader import EpochLoader
 from kepler.data.sample import SamplePhotos
 from kepler.data.sampler import SeededSampler, collate
 from kepler.data.sources import SOURCES, DataSection, build_dataset, register_source
@@ -42,6 +44,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SOURCES",
     "DataSection",
+    "EpochLoader",
     "ImagePaths",
     "ImageTransform",
     "UNREADABLE_IMAGE_ERRORS",
