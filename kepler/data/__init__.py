@@ -2,7 +2,8 @@
 (:mod:`kepler.data.sources`; one file a source), seeded augmentation and resumable sampling.
 
 Sources: ``sample`` (embedded photos, :mod:`kepler.data.sample`), ``faces`` (embedded LFW patches,
-labelled, :mod:`kepler.data.faces`), a folder of images (:mod:`kepler.data.folder`;
+labelled, :mod:`kepler.data.faces`), webdataset shards written by ``kepler data shard``
+(:mod:`kepler.data.shards`, streamed in training), a folder of images (:mod:`kepler.data.folder`;
 labelled when it holds class folders) and a list file of image paths (:mod:`kepler.data.list_file`;
 labelled when its lines are ``path<TAB>label``). Items are ``(image, skipped paths)``. Class labels,
 where a data set has them, are not in the items: a labelled data set declares ``num_classes``,
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset, Subset
 
-# The sources register themselves when imported, in this order (named sources before paths).
-from kepler.data import sample, faces, folder, list_file  # noqa: F401  isort: skip
+# The sources register themselves when imported, in this order (named sources, shards, then other
+# folders and files).
+from kepler.data import sample, faces, shards, folder, list_file  # noqa: F401  isort: skip
 from kepler.data.classes import dataset_labels, run_classes
 from kepler.data.faces import LFWFaces
 from kepler.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, ImagePaths
 from kepler.data.loader import EpochLoader
 from kepler.data.sample import SamplePhotos
 from kepler.data.sampler import SeededSampler, collate
+from kepler.data.shards import ImageShards
 from kepler.data.sources import SOURCES, DataSection, build_dataset, register_source
 from kepler.data.transforms import ImageTransform, to_rgb, to_tensor, to_uint8, to_unit
 
@@ -46,6 +49,7 @@ __all__ = [
     "DataSection",
     "EpochLoader",
     "ImagePaths",
+    "ImageShards",
     "ImageTransform",
     "UNREADABLE_IMAGE_ERRORS",
     "LFWFaces",

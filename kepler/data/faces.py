@@ -54,6 +54,10 @@ class LFWFaces(Dataset):
         index, rng = split_key(key)
         return self.transform(self.images[index], rng), ()
 
+    def image(self, index: int) -> Image.Image:
+        """Item ``index``'s patch before its crop and flip (upsampled), a copy (the caller closes it)."""
+        return self.images[index].copy()
+
 
 @register_source("faces", "the embedded faces 'faces'")
 def build_faces(spec: str, split: str, data) -> LFWFaces:

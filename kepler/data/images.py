@@ -207,6 +207,11 @@ class ImagePaths(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def image(self, index: int) -> Image.Image:
+        """Item ``index``'s image before its crop and flip: the file opened, not yet decoded (load
+        and close it); raises one of :data:`UNREADABLE_IMAGE_ERRORS`."""
+        return Image.open(self.paths[index])
+
     def check_readable(self) -> None:
         """Raise ValueError unless at least one file decodes (usually the first, so this is cheap):
         a data set of only unreadable files would otherwise fail inside a DataLoader worker."""

@@ -7,13 +7,14 @@ takes the ``data`` config section itself (:class:`DataSection`: crop ``size``, `
 ``random_crop``, ``flip``, ``samples_per_epoch``, ...) and asks the sources in registration order
 (named sources before paths); a new data option is a key of the section, read by the sources that
 use it, not a new positional argument at every call site. A source whose data carry classes (class
-folders, a list file's labels) also registers ``classes(spec, data)``, which names them
+folders, a list file's labels, shards) also registers ``classes(spec, data)``, which names them
 without building the data set (:func:`source_classes`; see :mod:`kepler.data.classes`).
 
 Items are ``(image (3, size, size) float32 in [-1, 1], skipped paths)``: a source of files names the
 unreadable ones it skipped, which the trainer counts and evaluation leaves out. Class labels, where a
-source has them (``faces``, class folders, list files with labels), are not in the items: see
-:func:`kepler.data.dataset_labels`.
+source has them (``faces``, class folders, list files with labels, shards), are not in the items:
+see :func:`kepler.data.dataset_labels`. A data set's ``image(index)`` is item ``index``'s image
+before its crop and flip, a PIL image the caller closes: what ``kepler data shard`` writes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ SPLITS = ("train", "val")
 class DataSection:
     """The ``data`` section of a config (its keys, defaults and types; :mod:`kepler.io.config`)."""
 
-    train: str = "sample"  # a data source (kepler.data.SOURCES): sample | faces | a folder of images | a list file
+    train: str = "sample"  # a data source (kepler.data.SOURCES): sample | faces | shards | a folder | a list file
     val: str = "sample"
     labels: str = "auto"  # auto: class labels where the data have them (class folders, path<TAB>label lists) | none
     classes: Sequence[str] | None = None  # class names in id order; default: data.train's (a run records its own)
@@ -45,6 +46,7 @@ class DataSection:
     samples_per_epoch: int = 1024  # length of an epoch of the embedded "sample" set
     val_batch_size: int = 16
     val_max_images: int | None = None
+    shuffle_buffer: int = 1000  # samples each stream of shards mixes (webdataset's shuffle buffer)
 
 
 # build(spec, split, data section with every key) -> the data set
@@ -104,7 +106,7 @@ def build_dataset(data: Mapping, split: str, spec: str | None = None) -> Dataset
 
 def source_classes(data: Mapping) -> list[str] | None:
     """The class names, in id order, of the ``data`` section's ``train`` data, read without building
-    the data set (a folder's class folders, a list file's ids); None for data without
+    the data set (a folder's class folders, the classes in a shard index); None for data without
     classes or with ``data.labels: none``."""
     section = with_defaults(data)
     spec = str(section["train"])
