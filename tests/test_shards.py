@@ -71,7 +71,7 @@ def test_shard_round_trip_through_the_command(tmp_path, capsys):
     assert (out / "shard-000001.tar").read_bytes().count(Path(root / "dog" / "photo.jpg").read_bytes()) == 1
 
 
-def test_the_embedded_sets_shard_resized_with_their_classes(tmp_path):
+def test_resized_images_are_re_encoded_and_the_embedded_sets_keep_their_classes(tmp_path):
     faces = build_dataset({"size": 16, "resize": 16}, "val", spec="faces")
     index = write_shards(faces, tmp_path / "faces", shard_size=8, resize=20)
     assert index["count"] == 20 and index["classes"] == ["non-face", "face"]
@@ -80,6 +80,13 @@ def test_the_embedded_sets_shard_resized_with_their_classes(tmp_path):
     with tarfile.open(tmp_path / "faces" / "shard-000000.tar") as tar:
         image = Image.open(tar.extractfile("000000000.png"))
         assert image.size == (20, 20) and image.mode == "RGB"  # the 16 px patch, resized to 20 and re-encoded
+    (tmp_path / "jpegs").mkdir()
+    Image.fromarray(np.full((30, 40), 90, np.uint8)).save(tmp_path / "jpegs" / "grey.jpg")  # a greyscale JPEG
+    write_shards(build_dataset({"size": 16}, "val", spec=tmp_path / "jpegs"), tmp_path / "resized", resize=24)
+    with tarfile.open(tmp_path / "resized" / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["000000000.jpg"]
+        image = Image.open(tar.extractfile("000000000.jpg"))
+        assert image.format == "JPEG" and image.size == (32, 24) and image.mode == "RGB"
 
 
 def test_every_sample_once_an_epoch_across_2_processes_of_2_workers(tmp_path):
