@@ -16,7 +16,8 @@ from kepler.cli.models import memory_size
 from kepler.io.config import load_config
 from kepler.train.trainer import train
 
-COMMANDS = ["train", "prior", "study", "fid", "eval", "reconstruct", "encode", "decode", "export", "convert", "sample", "doctor"]
+COMMANDS = ["train", "prior", "study", "fid", "eval", "reconstruct", "encode", "decode", "export", "convert", "sample",
+            "data", "doctor"]
 
 
 def test_the_commands_are_these():

@@ -129,8 +129,9 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="empty dataset: list file .* names no images"):
         build_dataset({"size": 16}, "train", spec=empty_list)
     with pytest.raises(ValueError, match=r"data '.*missing' is not a data source: expected the embedded photos "
-                                         r"'sample', the embedded faces 'faces', a folder of images or a list file "
-                                         r"of image paths \(no such file or folder\)"):
+                                         r"'sample', the embedded faces 'faces', a folder of webdataset shards "
+                                         r"\(kepler data shard\), a folder of images or a list file of image paths "
+                                         r"\(no such file or folder\)"):
         build_dataset({"size": 16}, "train", spec=tmp_path / "missing")
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         build_dataset({"size": 16}, "test")

@@ -1,5 +1,5 @@
 """``kepler`` command line: train, eval, reconstruct, encode, decode, export, convert, study, doctor,
-prior (train, eval), sample, fid. The only place in kepler that prints.
+prior (train, eval), sample, fid, data (shard). The only place in kepler that prints.
 
 Examples::
 
@@ -19,9 +19,11 @@ Examples::
     kepler sample runs/prior_sample/checkpoints/last.pt --num 16 --seed 0 --out samples/
     kepler fid samples.npz reference.npz --save-stats reference_stats.npz   # ADM's FID, sFID, IS, precision, recall
     kepler fid more_samples.npz reference_stats.npz   # the reference's statistics, saved
+    kepler data shard imagenet/train --out shards/train --resize 288   # then data.train=shards/train
 
 One module a group of commands (:mod:`kepler.cli.training`: train, prior train and eval, study, fid;
-:mod:`kepler.cli.models`: the commands that use a model; :mod:`kepler.cli.doctor`), each with an
+:mod:`kepler.cli.models`: the commands that use a model; :mod:`kepler.cli.data`: data shard;
+:mod:`kepler.cli.doctor`), each with an
 ``add_commands(subparsers)``; the arguments several commands share are written once here.
 """
 
@@ -57,6 +59,7 @@ def _int_type(low: int, high: int | None, expected: str):
 
 
 positive_int = _int_type(1, None, "a positive integer")
+non_negative_int = _int_type(0, None, "an integer >= 0")
 seed = _int_type(0, MAX_SEED, "an integer from 0 to 2**63 - 1")
 
 
@@ -120,7 +123,7 @@ def add_run(parser: argparse.ArgumentParser, config_help: str, optional_config: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kepler.cli import doctor, models, training
+    from kepler.cli import data, doctor, models, training
 
     parser = argparse.ArgumentParser(
         prog="kepler", description="Train, evaluate and use Kepler image tokenizers and their priors.",
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     training.add_commands(sub)
     models.add_commands(sub)
+    data.add_commands(sub)
     doctor.add_commands(sub)
     return parser
 

@@ -2,24 +2,30 @@
 (:mod:`kepler.data.sources`; one file a source), seeded augmentation and resumable sampling.
 
 Sources: ``sample`` (embedded photos, :mod:`kepler.data.sample`), ``faces`` (embedded LFW patches,
-labelled, :mod:`kepler.data.faces`), a folder of images (:mod:`kepler.data.folder`), a list file of
-image paths (:mod:`kepler.data.list_file`). Items are ``(image, skipped paths)``. Class labels,
-where a data set has them, are not in the items: a labelled data set declares ``num_classes`` and
-its items' ``labels``, read through :func:`dataset_labels` (the class-conditional prior is their one
-user).
+labelled, :mod:`kepler.data.faces`), webdataset shards written by ``kepler data shard``
+(:mod:`kepler.data.shards`, streamed in training), a folder of images (:mod:`kepler.data.folder`;
+labelled when it holds class folders) and a list file of image paths (:mod:`kepler.data.list_file`;
+labelled when its lines are ``path<TAB>label``). Items are ``(image, skipped paths)``. Class labels,
+where a data set has them, are not in the items: a labelled data set declares ``num_classes``,
+its ``classes`` and its items' ``labels``, read through :func:`dataset_labels` (the
+class-conditional prior is their one user); a run fixes its class ids (:mod:`kepler.data.classes`).
+The trainer reads batches through :class:`EpochLoader`.
 """
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data import Dataset, Subset
 
-# The sources register themselves when imported, in this order (named sources before paths).
-from kepler.data import sample, faces, folder, list_file  # noqa: F401  isort: skip
+# The sources register themselves when imported, in this order (named sources, shards, then other
+# folders and files).
+from kepler.data import sample, faces, shards, folder, list_file  # noqa: F401  isort: skip
+from kepler.data.classes import dataset_labels, run_classes
 from kepler.data.faces import LFWFaces
 from kepler.data.images import IMAGE_EXTENSIONS, UNREADABLE_IMAGE_ERRORS, ImagePaths
+from kepler.data.loader import EpochLoader
 from kepler.data.sample import SamplePhotos
 from kepler.data.sampler import SeededSampler, collate
+from kepler.data.shards import ImageShards
 from kepler.data.sources import SOURCES, DataSection, build_dataset, register_source
 from kepler.data.transforms import ImageTransform, to_rgb, to_tensor, to_uint8, to_unit
 
@@ -37,26 +43,13 @@ def held_out_set(data) -> Dataset:
     return first_items(build_dataset(data, "val"), data.get("val_max_images"))
 
 
-def dataset_labels(dataset: Dataset) -> tuple[int, torch.Tensor | None]:
-    """The class labels of ``dataset``'s items: ``(num_classes, labels (len(dataset),) int64 in
-    [0, num_classes))``, or ``(0, None)`` for a data set without classes.
-
-    A labelled data set has two attributes: ``num_classes`` (an int >= 1) and ``labels``, its items'
-    classes in item order; any other data set is unlabelled. A :class:`~torch.utils.data.Subset`
-    (:func:`first_items`) has the labels of the items it keeps.
-    """
-    if isinstance(dataset, Subset):
-        num_classes, labels = dataset_labels(dataset.dataset)
-        return num_classes, None if labels is None else labels[list(dataset.indices)]
-    num_classes = getattr(dataset, "num_classes", 0)
-    return (num_classes, dataset.labels) if num_classes else (0, None)
-
-
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SOURCES",
     "DataSection",
+    "EpochLoader",
     "ImagePaths",
+    "ImageShards",
     "ImageTransform",
     "UNREADABLE_IMAGE_ERRORS",
     "LFWFaces",
@@ -68,6 +61,7 @@ __all__ = [
     "first_items",
     "held_out_set",
     "register_source",
+    "run_classes",
     "to_rgb",
     "to_tensor",
     "to_uint8",

@@ -28,6 +28,7 @@ class LFWFaces(Dataset):
     """
 
     num_classes = 2
+    classes = ("non-face", "face")
 
     def __init__(self, split: str, size: int, resize: int | None = None, flip: bool = True):
         import skimage.data
@@ -52,6 +53,10 @@ class LFWFaces(Dataset):
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, tuple[str, ...]]:
         index, rng = split_key(key)
         return self.transform(self.images[index], rng), ()
+
+    def image(self, index: int) -> Image.Image:
+        """Item ``index``'s patch before its crop and flip (upsampled), a copy (the caller closes it)."""
+        return self.images[index].copy()
 
 
 @register_source("faces", "the embedded faces 'faces'")

@@ -97,10 +97,16 @@ class SamplePhotos(Dataset):
             shorter = int(rng.integers(self.transform.resize, 2 * self.transform.resize + 1))
             scaled = ImageTransform(self.transform.size, shorter, random_crop=True, flip=self.transform.flip)
             return scaled(self.photos[index % len(self.photos)], rng), ()
+        return to_tensor(np.asarray(self.image(index), dtype=np.float32)), ()
+
+    def image(self, index: int) -> Image.Image:
+        """Item ``index``'s image before its crop and flip, a copy (the caller closes it): the training
+        photo it is cropped from, or the fixed held-out crop."""
+        if self.split == "train":
+            return self.photos[index % len(self.photos)].copy()
         p, x, y = self.crops[index]
         s = self.transform.size
-        crop = self.photos[p].crop((x, y, x + s, y + s))  # the photo is already resized
-        return to_tensor(np.asarray(crop, dtype=np.float32)), ()
+        return self.photos[p].crop((x, y, x + s, y + s))  # the photo is already resized
 
 
 @register_source("sample", "the embedded photos 'sample'")

@@ -6,17 +6,21 @@ file by what the path is), and ``build(spec, split, data) -> Dataset``. :func:`b
 takes the ``data`` config section itself (:class:`DataSection`: crop ``size``, ``resize``,
 ``random_crop``, ``flip``, ``samples_per_epoch``, ...) and asks the sources in registration order
 (named sources before paths); a new data option is a key of the section, read by the sources that
-use it, not a new positional argument at every call site.
+use it, not a new positional argument at every call site. A source whose data carry classes (class
+folders, a list file's labels, shards) also registers ``classes(spec, data)``, which names them
+without building the data set (:func:`source_classes`; see :mod:`kepler.data.classes`).
 
 Items are ``(image (3, size, size) float32 in [-1, 1], skipped paths)``: a source of files names the
 unreadable ones it skipped, which the trainer counts and evaluation leaves out. Class labels, where a
-source has them (``faces``), are not in the items: see :func:`kepler.data.dataset_labels`.
+source has them (``faces``, class folders, list files with labels, shards), are not in the items:
+see :func:`kepler.data.dataset_labels`. A data set's ``image(index)`` is item ``index``'s image
+before its crop and flip, a PIL image the caller closes: what ``kepler data shard`` writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,8 +33,10 @@ SPLITS = ("train", "val")
 class DataSection:
     """The ``data`` section of a config (its keys, defaults and types; :mod:`kepler.io.config`)."""
 
-    train: str = "sample"  # a data source (kepler.data.SOURCES): sample | faces | a folder of images | a list file
+    train: str = "sample"  # a data source (kepler.data.SOURCES): sample | faces | shards | a folder | a list file
     val: str = "sample"
+    labels: str = "auto"  # auto: class labels where the data have them (class folders, path<TAB>label lists) | none
+    classes: Sequence[str] | None = None  # class names in id order; default: data.train's (a run records its own)
     size: int = 256
     resize: int | None = None  # shorter side before cropping; default size (2 * size for "sample")
     random_crop: bool = True
@@ -40,10 +46,13 @@ class DataSection:
     samples_per_epoch: int = 1024  # length of an epoch of the embedded "sample" set
     val_batch_size: int = 16
     val_max_images: int | None = None
+    shuffle_buffer: int = 1000  # samples each stream of shards mixes (webdataset's shuffle buffer)
 
 
 # build(spec, split, data section with every key) -> the data set
 Builder = Callable[[str, str, Mapping], Dataset]
+# classes(spec, data section) -> the class names of the data in id order, or None (no names)
+ClassNames = Callable[[str, Mapping], list[str] | None]
 
 
 class Source(NamedTuple):
@@ -51,19 +60,36 @@ class Source(NamedTuple):
     what: str  # how an error message names it, e.g. "a folder of images"
     matches: Callable[[str], bool]
     build: Builder
+    classes: ClassNames | None = None
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, what: str, matches: Callable[[str], bool] | None = None):
+def register_source(name: str, what: str, matches: Callable[[str], bool] | None = None,
+                    classes: ClassNames | None = None):
     """Decorator on a :data:`Builder`: registers it as the source ``name``, which builds the data
-    sets of the specs ``matches`` accepts (default: the spec equal to ``name``)."""
+    sets of the specs ``matches`` accepts (default: the spec equal to ``name``); ``classes`` names
+    the classes of a spec's data without building it (:func:`source_classes`)."""
     def register(build: Builder) -> Builder:
-        SOURCES[name] = Source(name, what, matches or (lambda spec: spec == name), build)
+        SOURCES[name] = Source(name, what, matches or (lambda spec: spec == name), build, classes)
         return build
 
     return register
+
+
+def with_defaults(data: Mapping) -> dict:
+    """The ``data`` section with :class:`DataSection`'s defaults for the keys it lacks."""
+    return {**dataclasses.asdict(DataSection()), **data}
+
+
+def _source_of(spec: str) -> Source:
+    for source in SOURCES.values():
+        if source.matches(spec):
+            return source
+    kinds = [source.what for source in SOURCES.values()]
+    raise ValueError(f"data {spec!r} is not a data source: expected {', '.join(kinds[:-1])} or {kinds[-1]} "
+                     "(no such file or folder)")
 
 
 def build_dataset(data: Mapping, split: str, spec: str | None = None) -> Dataset:
@@ -73,11 +99,18 @@ def build_dataset(data: Mapping, split: str, spec: str | None = None) -> Dataset
     held-out part of the embedded sets."""
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    section = {**dataclasses.asdict(DataSection()), **data}
+    section = with_defaults(data)
     spec = str(section[split] if spec is None else spec)
-    for source in SOURCES.values():
-        if source.matches(spec):
-            return source.build(spec, split, section)
-    kinds = [source.what for source in SOURCES.values()]
-    raise ValueError(f"data {spec!r} is not a data source: expected {', '.join(kinds[:-1])} or {kinds[-1]} "
-                     "(no such file or folder)")
+    return _source_of(spec).build(spec, split, section)
+
+
+def source_classes(data: Mapping) -> list[str] | None:
+    """The class names, in id order, of the ``data`` section's ``train`` data, read without building
+    the data set (a folder's class folders, the classes in a shard index); None for data without
+    classes or with ``data.labels: none``."""
+    section = with_defaults(data)
+    spec = str(section["train"])
+    source = _source_of(spec)
+    if section["labels"] == "none" or source.classes is None:
+        return None
+    return source.classes(spec, section)

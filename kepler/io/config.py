@@ -132,7 +132,7 @@ RANGES: dict[str, Range] = {
     **{f"loss.{key}": AT_LEAST_1 for key in ("disc_num_layers", "disc_ndf", "disc_in_channels", "dino_resolution")},
     "data.size": AT_LEAST_1, "data.resize": AT_LEAST_1, "data.batch_size": AT_LEAST_1,
     "data.num_workers": AT_LEAST_0, "data.samples_per_epoch": AT_LEAST_1, "data.val_batch_size": AT_LEAST_1,
-    "data.val_max_images": AT_LEAST_1,
+    "data.val_max_images": AT_LEAST_1, "data.shuffle_buffer": AT_LEAST_1,
     "optim.base_lr": POSITIVE, "optim.weight_decay": AT_LEAST_0, "optim.warmup_steps": AT_LEAST_0,
     "optim.min_lr_ratio": Range(0, 1), "optim.grad_clip": AT_LEAST_0, "optim.grad_accum": AT_LEAST_1,
     "train.max_steps": AT_LEAST_1, "train.time_limit_minutes": POSITIVE, "train.eval_every": AT_LEAST_1,
@@ -146,6 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "model.quantizer.backend": ("auto", *_backend.BACKENDS),
     "model.order": ("flat", "factorized"),
+    "data.labels": ("auto", "none"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 

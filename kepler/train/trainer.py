@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
-from kepler.data import SeededSampler, collate
+from kepler.data import EpochLoader, run_classes
 from kepler.distributed import (
     DistInfo,
     all_gather_objects,
@@ -144,10 +143,14 @@ class Trainer:
         # Read before the task is built, so that the task can refuse a checkpoint it cannot continue
         # (a prior whose tokenizer changed) before it does any work.
         self.resume_state = load_checkpoint(resume) if resume else None
+        # Class ids fixed before any data set is built: a resumed run keeps those it recorded.
+        recorded = self.resume_state["config"]["data"].get("classes") if resume else None
+        cfg.data.classes = run_classes(cfg.data, recorded)
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
         self.task = task_class(self, self.lr, lr_schedule(cfg, self.progress))
-        self.sampler = SeededSampler(self.task.train_set, cfg.seed, dist_info.rank, dist_info.world_size)
-        self.batches_per_epoch = len(self.sampler) // cfg.data.batch_size
+        self.loader = EpochLoader(self.task.train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.seed,
+                                  dist_info.rank, dist_info.world_size, pin_memory=self.device.type == "cuda")
+        self.batches_per_epoch = self.loader.batches_per_epoch
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the training set has {len(self.task.train_set)} items, fewer than one batch of "
@@ -256,22 +259,8 @@ class Trainer:
 
     def _batches(self):
         """Training batches forever, from the saved position; keeps ``epoch``/``batch_in_epoch``."""
-        cfg = self.cfg.data
         while True:
-            self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * cfg.batch_size)
-            loader = DataLoader(
-                self.task.train_set,
-                batch_size=cfg.batch_size,
-                sampler=self.sampler,
-                collate_fn=collate,
-                num_workers=cfg.num_workers,
-                drop_last=True,
-                pin_memory=self.device.type == "cuda",
-                # Its own generator: creating an iterator must not draw from the global RNG, or a
-                # resumed run (one more iterator) would diverge.
-                generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + self.epoch),
-            )
-            for batch in loader:
+            for batch in self.loader.epoch(self.epoch, self.batch_in_epoch):
                 self.batch_in_epoch += 1
                 yield batch
             self.epoch += 1
