@@ -204,6 +204,10 @@ def test_the_key_is_the_tokenizer_and_the_data_settings():
     same = {"batch_size": 64, "num_workers": 4, "random_crop": False, "val_batch_size": 2}
     assert cache_key("abc", cache_settings({**DATA, **same}, 0)) == cache_key("abc", settings)
     assert cache_key("abc", cache_settings(DATA, 2)) != cache_key("abc", settings)
+    # A class-conditional prior's codes are extracted again when the class ids name other classes.
+    labelled = cache_key("abc", cache_settings({**DATA, "classes": ["cat", "dog"]}, 2))
+    assert cache_key("abc", cache_settings({**DATA, "classes": ["dog", "cat"]}, 2)) != labelled
+    assert cache_key("abc", cache_settings({**DATA, "classes": ["dog", "cat"]}, 0)) == cache_key("abc", settings)
 
 
 def test_a_changed_tokenizer_or_data_setting_extracts_again(tmp_path, tokenizer, one_process, written):

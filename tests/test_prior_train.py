@@ -391,8 +391,9 @@ def test_num_classes_must_match_the_data(tmp_path, tokenizer, capsys):
                                        "'faces' has 2 classes\n")
     assert main(["prior", "train", config, f"run_dir={tmp_path / 'b'}", "model.num_classes=2"]) == 2
     assert capsys.readouterr().err == ("kepler prior: error: config key 'model.num_classes' is 2, but data.train "
-                                       "'sample' has no class labels (labelled data: faces); use "
-                                       "model.num_classes=0 for an unconditional prior\n")
+                                       "'sample' has no class labels (labelled data: faces, a folder of class folders or a list "
+                                       "file of path<TAB>label lines); use model.num_classes=0 for an unconditional "
+                                       "prior\n")
     assert main(["prior", "train", config, f"run_dir={tmp_path / 'c'}", "data.train=faces", "model.num_classes=2"]) == 2
     assert capsys.readouterr().err.startswith("kepler prior: error: config key 'model.num_classes' is 2, but "
                                               "data.val 'sample' has no class labels")

@@ -78,11 +78,14 @@ def code_dtype(codebook_size: int) -> np.dtype:
 
 
 def cache_settings(data: Mapping, num_classes: int) -> dict:
-    """The settings that decide the maps: the data keys :data:`CACHE_DATA_KEYS`, and ``num_classes``
-    for a class-conditional prior (an unconditional prior's key is the same as before labels)."""
+    """The settings that decide the maps: the data keys :data:`CACHE_DATA_KEYS`, and for a
+    class-conditional prior ``num_classes``, ``labels`` and ``classes`` (so relabelled data are
+    extracted again; an unconditional prior's key is the same as before labels)."""
     settings = {key: data[key] for key in CACHE_DATA_KEYS}
     if num_classes:
         settings["num_classes"] = num_classes
+        classes = data.get("classes")
+        settings.update(labels=data.get("labels"), classes=None if classes is None else [str(c) for c in classes])
     return settings
 
 
@@ -224,7 +227,8 @@ def class_labels(dataset: Dataset, num_classes: int, where: str) -> torch.Tensor
     found, labels = dataset_labels(dataset)
     if found == 0:
         raise ValueError(f"config key 'model.num_classes' is {num_classes}, but {where} has no class labels "
-                         "(labelled data: faces); use model.num_classes=0 for an unconditional prior")
+                         "(labelled data: faces, a folder of class folders or a list file of path<TAB>label lines); use "
+                         "model.num_classes=0 for an unconditional prior")
     if found != num_classes:
         raise ValueError(f"config key 'model.num_classes' is {num_classes}, but {where} has {found} classes")
     return labels
