@@ -172,3 +172,20 @@ def dino_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("dino") / "dinov2_vits14_pretrain.pth"
     torch.save(state, path)
     return path
+
+
+def random_inception_weights() -> dict:
+    """The state dict of torch-fidelity's FID Inception network with its random initialization (the
+    real weights are a local file this machine may not have)."""
+    import io
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state):  # keep the random initialization
+            pass
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    return Unloaded("inception", ["2048"], feature_extractor_weights_path=empty).state_dict()

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from test_prior_train import prior_config, train_tokenizer
+from test_quantizer_ddp import free_port
 from test_train import random_images
 
 from kepler.data import DataSection, build_dataset, collate, held_out_set
@@ -317,12 +317,6 @@ def _extract_as_rank(rank: int, port: int, tokenizer_path: str, run_dir: str, ou
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"written": written, "folder": str(stored.folder)}))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Evaluation: metrics, the Frechet distance against scipy, evaluate() on a tiny checkpoint."""
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import random_inception_weights
 from test_train import tiny_config
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -122,16 +122,7 @@ def test_hostile_inception_weights_are_never_unpickled(tmp_path, monkeypatch):
 
 
 def test_checked_inception_weights_reach_the_network(tmp_path, monkeypatch):
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state):  # keep the random initialization
-            pass
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    weights = Unloaded("inception", ["2048"], feature_extractor_weights_path=empty).state_dict()
+    weights = random_inception_weights()
     path = tmp_path / INCEPTION_FILENAME
     torch.save(weights, path)
     monkeypatch.setattr(inception_module, "INCEPTION_SHA256_PREFIX", hashlib.sha256(path.read_bytes()).hexdigest()[:8])

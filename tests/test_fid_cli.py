@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from conftest import random_inception_weights
 from torch import nn
 
 from kepler.cli import main
@@ -26,17 +27,8 @@ from kepler.train.fid import FolderImages
 def random_inception(tmp_path_factory):
     """torch-fidelity's FID Inception network with its random initialization, saved as a weights
     file: ``(path, its SHA-256 prefix, its state dict)``."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state):  # keep the random initialization
-            pass
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
     torch.manual_seed(0)
-    weights = Unloaded("inception", ["2048"], feature_extractor_weights_path=empty).state_dict()
+    weights = random_inception_weights()
     path = tmp_path_factory.mktemp("inception") / INCEPTION_FILENAME
     torch.save(weights, path)
     return path, hashlib.sha256(path.read_bytes()).hexdigest()[:8], weights
