@@ -107,7 +107,12 @@ def _cmd_train(args) -> int:
 
 def _run_training(args, cfg, command: str, summary, **train_options) -> int:
     """What ``kepler train`` and ``kepler prior train`` share: the --resume checks, the trainer,
-    a signal's exit code, the summary printed by rank 0."""
+    a signal's exit code, the summary printed by rank 0.
+
+    A scheduler's stop signal (SIGTERM, SIGUSR1) exits 0 once the checkpoint is saved: the job
+    ended as planned, so torchrun reports success and a job script goes on to requeue it. Ctrl-C
+    (SIGINT) exits 130, as the shell's convention for an interrupted command, so ``kepler train
+    && kepler eval`` does not evaluate a run that a person stopped."""
     from kepler.train.trainer import TrainingInterrupted, train
 
     resume = args.resume
@@ -116,12 +121,14 @@ def _run_training(args, cfg, command: str, summary, **train_options) -> int:
                        "(an exported model holds no optimizer state)")
     if isinstance(resume, str) and not Path(resume).is_file():
         raise CLIError(f"--resume: checkpoint {resume} does not exist")
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         metrics = train(cfg, resume=resume, overwrite=args.overwrite, **train_options)
     except TrainingInterrupted as stop:
-        print(f"{command}: {stop}; continue with --resume", file=sys.stderr)
-        return 128 + stop.signum
-    if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank0:  # every rank stopped at the same step; one line says so
+            print(f"{command}: {stop}; continue with --resume", file=sys.stderr)
+        return 0 if stop.preempted else 128 + stop.signum
+    if is_rank0:
         print(summary(metrics))
     return 0
 

@@ -11,8 +11,10 @@ Everything a run needs to continue exactly is in ``checkpoints/last.pt``: the ta
 optimizers and schedulers, the grad scaler, every rank's RNG states, the step and the position in the data (epoch and
 batch; augmentations are seeded per sample, see :class:`kepler.data.SeededSampler`), and the
 quantizer's statistics (buffers of the model) and, with ``train.ema_decay``, the moving average of
-the weights (:mod:`kepler.train.ema`: validation and the final metrics use it). SIGINT/SIGTERM
-finish the current step, save, and raise :class:`TrainingInterrupted`.
+the weights (:mod:`kepler.train.ema`: validation and the final metrics use it). A stop signal
+(:data:`STOP_SIGNALS`: Ctrl-C's SIGINT, or a scheduler's SIGTERM / SIGUSR1 before its time limit) to
+any rank finishes the current step on every rank, saves one checkpoint, and raises
+:class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -51,14 +53,25 @@ from kepler.train.vqgan_task import VQGANTask
 log = logging.getLogger("kepler")
 
 
+# The signals that stop a run after its current step, with a checkpoint: Ctrl-C, and what a scheduler
+# sends before it ends a job (SLURM: SIGTERM at the time limit, `--signal=USR1@<seconds>` before it).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 class TrainingInterrupted(KeyboardInterrupt):
-    """Raised after a SIGINT/SIGTERM stopped a run and its checkpoint was saved."""
+    """Raised after a stop signal (:data:`STOP_SIGNALS`) stopped a run and its checkpoint was saved."""
 
     def __init__(self, signum: int, checkpoint: Path, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
         self.signum = signum
         self.checkpoint = checkpoint
         self.step = step
+
+    @property
+    def preempted(self) -> bool:
+        """A scheduler's signal (SIGTERM, SIGUSR1), not a person's Ctrl-C: the job ends as planned and
+        continues with ``--resume``."""
+        return self.signum != signal.SIGINT
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -72,7 +85,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+    """Turns the stop signals (:data:`STOP_SIGNALS`) into a flag checked between steps (main thread only)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -80,13 +93,17 @@ class _StopSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: the person wants it to stop now, unsaved
+                raise KeyboardInterrupt
+            # A scheduler's signal again: under SLURM every process of the job gets it and torchrun
+            # forwards its own copy, so a rank sees it twice; the checkpoint is under way.
+            return
         self.signum = signum
         log.warning("%s received: saving a checkpoint after this step", signal.Signals(signum).name)
 
@@ -370,7 +387,7 @@ class Trainer:
                     path = self.save()
                     self._log({"event": "interrupted", "step": self.step})
                     self._close()
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path, self.step)
+                    raise TrainingInterrupted(stop.signum, path, self.step)
         bar.close()
         metrics = self.final_metrics(self.validate())
         self.save()
@@ -380,13 +397,18 @@ class Trainer:
         return metrics
 
     def _should_stop(self, stop: _StopSignal) -> bool:
-        """Every rank stops at the same step when any rank got a signal."""
-        flag = torch.tensor([0.0 if stop.signum is None else float(stop.signum)])
+        """Every rank stops at the same step when any rank got a stop signal; a rank that got none
+        takes the first of :data:`STOP_SIGNALS` that one did (so Ctrl-C on one rank is Ctrl-C on all)."""
+        received = torch.tensor([float(stop.signum == sig) for sig in STOP_SIGNALS])
         if self.dist.enabled:
-            flag = all_reduce_sum(flag.to(self.device)).cpu()
-            if stop.signum is None and flag.item() > 0:
-                stop.signum = signal.SIGTERM
-        return flag.item() > 0
+            # The verdict is the summed flags, never this rank's own: a signal landing after the sum
+            # must not make one rank stop a step before the others (it counts at the next step).
+            received = all_reduce_sum(received.to(self.device)).cpu()
+        if not received.any():
+            return False
+        if stop.signum is None:
+            stop.signum = STOP_SIGNALS[int(received.nonzero()[0])]
+        return True
 
     def final_metrics(self, final: dict) -> dict:
         """The run's summary: the final validation record and the training counters."""
@@ -427,7 +449,7 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
     Raises:
         RunDirError: another training holds the run folder, or a fresh start would replace a
             previous run without ``overwrite`` (see :mod:`kepler.train.run_dir`).
-        TrainingInterrupted: after SIGINT/SIGTERM, once the checkpoint is saved.
+        TrainingInterrupted: after a stop signal (:data:`STOP_SIGNALS`), once the checkpoint is saved.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
