@@ -1,12 +1,14 @@
 """``torch.distributed`` in one place: process-group setup from ``torchrun``'s environment (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and the collectives the quantizers, the trainer and evaluation
-share. Every collective is a no-op in a single process (no process group, or a group of one)."""
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), the collectives the quantizers, the trainer and evaluation
+share, and what a failed collective says about the other ranks (:func:`lost_rank_reason`). Every
+collective is a no-op in a single process (no process group, or a group of one)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +67,10 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def init_distributed(requested_device: str = "auto") -> DistInfo:
+def init_distributed(requested_device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group when launched by ``torchrun`` with WORLD_SIZE > 1 (NCCL on GPUs, gloo on
-    CPUs); a plain single process otherwise."""
+    CPUs); a plain single process otherwise. A collective that waits longer than ``timeout_minutes``
+    for another rank fails (see :func:`lost_rank_reason`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,9 +80,33 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
             torch.cuda.set_device(device)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+class RankLostError(RuntimeError):
+    """A collective failed because another rank of the run is gone (killed, crashed) or did not
+    answer within the process group's timeout."""
+
+
+# gloo raises its transport failures as plain RuntimeErrors whose text starts with their place in
+# gloo's sources, "[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer ...", "[...
+# /gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 12000ms for recv operation to complete";
+# NCCL and the rendezvous store raise torch.distributed.DistError.
+_GLOO_TRANSPORT = "gloo/transport/"
+_SOURCE_PLACE = re.compile(r"^\[[^\]]*\]\s*")
+
+
+def lost_rank_reason(error: BaseException) -> str | None:
+    """The backend's reason in one line when ``error`` is a collective failing because another rank
+    is gone or silent past the timeout (``Connection closed by peer [127.0.0.1]:55964``), else None."""
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and _GLOO_TRANSPORT in str(error))):
+        return None
+    text = _SOURCE_PLACE.sub("", str(error).strip())
+    # The first sentence: gloo goes on with advice ("This is typically caused by ..."), NCCL with
+    # versions and environment variables on further lines.
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
 
 
 def cleanup_distributed() -> None:

@@ -1,8 +1,10 @@
 """Training past one process, as a cluster runs it: preemption signals under torchrun, a rank that
 dies or hangs, and two node ranks of torchrun on this machine (gloo, CPU)."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from test_quantizer_ddp import free_port
 from test_train import DRAWING_OPTIONS, _flat_state, tiny_config
 
 from kepler.io.checkpoint import load_checkpoint
+from kepler.io.config import load_config
 
 # One thread a process: the ranks share two busy cores.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -116,3 +119,64 @@ def test_preemption_under_torchrun_saves_once_exits_0_and_resumes_exactly(tmp_pa
         assert torch.equal(flat_a[name], flat_b[name]), name
     for rank in (0, 1):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"]), rank
+
+
+def two_nodes(port: int, *command: str, **popen) -> list[subprocess.Popen]:
+    """torchrun twice, node ranks 0 and 1 of one process each, meeting at 127.0.0.1:``port``: what
+    two machines of a cluster run, one line each."""
+    return [subprocess.Popen(torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                                      "--master_addr", "127.0.0.1", "--master_port", str(port), *command),
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+            for node in (0, 1)]
+
+
+def test_dist_timeout_must_be_positive():
+    with pytest.raises(ValueError, match=r"^config key 'train.dist_timeout_minutes' must be > 0, got 0$"):
+        load_config(None, ["train.dist_timeout_minutes=0"])
+    assert load_config(None, ["train.dist_timeout_minutes=0.2"]).train.dist_timeout_minutes == 0.2
+
+
+# Seconds for the second node's rank to be noticed gone: the timeout (0.2 minutes), and what two busy
+# cores need to raise, print and exit.
+TIMEOUT_MINUTES = 0.2
+NOTICED_WITHIN_S = 60 * TIMEOUT_MINUTES + 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_rank_stops_the_other_with_one_line_within_the_timeout(tmp_path, fault):
+    """The rank of node 1 killed outright (its connections close) or stopped (they stay open: only the
+    timeout ends the wait) mid-run: the rank of node 0 stops with one line naming the cause, exit 1,
+    instead of waiting out the default 30 minutes. Two torchruns, as two nodes: one torchrun would
+    itself end its other workers when one dies."""
+    config = tiny_config(tmp_path, steps=100000, disc_start=1)
+    run = tmp_path / "run"
+    nodes = two_nodes(free_port(), "-m", "kepler", "train", str(config), f"run_dir={run}", "device=cpu",
+                      "train.eval_every=100000", "train.ckpt_every=100000",
+                      f"train.dist_timeout_minutes={TIMEOUT_MINUTES}", cwd=tmp_path)
+    (survivor,), (victim,) = (worker_pids(node, 1).values() for node in nodes)
+    try:
+        wait_for_steps(run / "log.jsonl", 2, nodes)
+        os.kill(victim, fault)
+        lost = time.monotonic()
+        stderr = finish(nodes[0], NOTICED_WITHIN_S)
+        waited = time.monotonic() - lost
+    finally:
+        for pid in (survivor, victim):  # what is left when the test failed, or the stopped one
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in nodes:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    assert nodes[0].returncode == 1, stderr[-4000:]
+    # gloo's words for a closed connection depend on what rank 0 was doing: reading, writing, waiting.
+    reason = {signal.SIGKILL: r".*(Connection closed by peer|Connection reset by peer|Broken pipe).*",
+              signal.SIGSTOP: r"Timed out waiting 12000ms for recv operation to complete"}[fault]
+    lines = [line for line in stderr.splitlines() if line.startswith("kepler train: ")]
+    assert len(lines) == 1, stderr[-4000:]
+    assert re.fullmatch(r"kepler train: error: rank 0 of 2 stopped: another rank died or did not answer within "
+                        rf"train.dist_timeout_minutes \(0.2\): {reason}", lines[0]), lines[0]
+    assert "[rank0]" not in stderr, stderr[-4000:]  # no traceback of the worker (torchrun adds its own report)
+    if fault == signal.SIGSTOP:
+        assert waited >= 60 * TIMEOUT_MINUTES - 1  # the timeout ended it, and nothing sooner

@@ -107,12 +107,13 @@ def _cmd_train(args) -> int:
 
 def _run_training(args, cfg, command: str, summary, **train_options) -> int:
     """What ``kepler train`` and ``kepler prior train`` share: the --resume checks, the trainer,
-    a signal's exit code, the summary printed by rank 0.
+    a signal's exit code, a lost rank's one line, the summary printed by rank 0.
 
     A scheduler's stop signal (SIGTERM, SIGUSR1) exits 0 once the checkpoint is saved: the job
     ended as planned, so torchrun reports success and a job script goes on to requeue it. Ctrl-C
     (SIGINT) exits 130, as the shell's convention for an interrupted command, so ``kepler train
     && kepler eval`` does not evaluate a run that a person stopped."""
+    from kepler.distributed import RankLostError
     from kepler.train.trainer import TrainingInterrupted, train
 
     resume = args.resume
@@ -128,6 +129,11 @@ def _run_training(args, cfg, command: str, summary, **train_options) -> int:
         if is_rank0:  # every rank stopped at the same step; one line says so
             print(f"{command}: {stop}; continue with --resume", file=sys.stderr)
         return 0 if stop.preempted else 128 + stop.signum
+    except RankLostError as error:  # not the user's mistake (2): the run failed, each rank says where
+        if args.verbose:
+            raise
+        print(f"{command}: error: {error}", file=sys.stderr)
+        return 1
     if is_rank0:
         print(summary(metrics))
     return 0

@@ -91,6 +91,9 @@ class TrainSection:
     init_from: str | None = None  # start from this model's weights (kepler.load: a checkpoint or a folder)
     ema_decay: float | None = None  # an EMA of the model's weights, saved beside them and used to evaluate; None = off
     compile: bool = False  # torch.compile the training forwards (tokenizer, discriminator, prior); validation stays eager
+    # How long a rank waits for the others in a collective before it stops with an error (another
+    # rank died or hangs): more than any work one rank does alone (rank 0 encoding a prior's codes).
+    dist_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -138,6 +141,7 @@ RANGES: dict[str, Range] = {
     "train.max_steps": AT_LEAST_1, "train.time_limit_minutes": POSITIVE, "train.eval_every": AT_LEAST_1,
     "train.ckpt_every": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.grid_images": AT_LEAST_0,
     "train.threads": AT_LEAST_1, "train.ema_decay": Range(0, 1, low_open=True, high_open=True),
+    "train.dist_timeout_minutes": POSITIVE,
     "seed": Range(0, MAX_SEED),
 }
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -33,12 +33,14 @@ from omegaconf import DictConfig
 from kepler.data import EpochLoader, run_classes
 from kepler.distributed import (
     DistInfo,
+    RankLostError,
     all_gather_objects,
     all_reduce_sum,
     barrier,
     broadcast_from_rank0,
     cleanup_distributed,
     init_distributed,
+    lost_rank_reason,
 )
 from kepler.io.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from kepler.io.config import to_dict
@@ -450,10 +452,13 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
         RunDirError: another training holds the run folder, or a fresh start would replace a
             previous run without ``overwrite`` (see :mod:`kepler.train.run_dir`).
         TrainingInterrupted: after a stop signal (:data:`STOP_SIGNALS`), once the checkpoint is saved.
+        RankLostError: under torchrun, another rank died or did not answer within
+            ``train.dist_timeout_minutes``; one line, naming this rank.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
-    dist_info = init_distributed(cfg.device)
+    timeout = cfg.train.dist_timeout_minutes
+    dist_info = init_distributed(cfg.device, timeout)
     run_dir = run_dir_of(cfg)
     lock = RunDirLock(run_dir)
     try:
@@ -473,6 +478,12 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
             raise RunDirError(refusal)
         trainer = Trainer(cfg, dist_info, resume=resume or None, task_class=task_class)
         return trainer.run()
+    except Exception as error:
+        reason = lost_rank_reason(error) if dist_info.enabled else None
+        if reason is None:
+            raise
+        raise RankLostError(f"rank {dist_info.rank} of {dist_info.world_size} stopped: another rank died or did "
+                            f"not answer within train.dist_timeout_minutes ({timeout:g}): {reason}") from error
     finally:
         lock.release()
         cleanup_distributed()
