@@ -1,5 +1,6 @@
 """Training end to end: outputs, exact resume, signals, DDP on 2 gloo processes, config errors."""
 
+import errno
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from PIL import Image
 
 from kepler.cli import main
 from kepler.io.checkpoint import load_checkpoint, save_checkpoint
+from kepler.io import files as files_module
 from kepler.io.config import load_config
 from kepler.train.optim import learning_rate
 from kepler.train import trainer as trainer_module
@@ -365,6 +367,53 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+class FullDisk:
+    """A file on a disk that fills after ``room`` more bytes: the write that passes it writes what
+    fits and raises ENOSPC, as ``write(2)`` does."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """The step-4 checkpoint meets a full disk halfway (torch's writer turns the OSError into an
+    opaque RuntimeError; the line names the OSError): the step-2 one stays, nothing half-written is left."""
+    config = tiny_config(tmp_path, steps=6, disc_start=100)  # checkpoints at steps 2, 4, 6
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "last.pt"
+    opened = []
+
+    def open_until_the_disk_is_full(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        opened.append(path)
+        return FullDisk(file, room=4096) if len(opened) == 2 else file
+
+    monkeypatch.setattr(files_module, "open", open_until_the_disk_is_full, raising=False)
+    assert main(["train", str(config), f"run_dir={run}"]) == 1
+    assert capsys.readouterr().err == (f"kepler train: error: checkpoint of step 4 not written: No space left on "
+                                       f"device; {checkpoint} still holds step 2\n")
+    assert [p.name for p in opened] == [".last.pt.tmp" + str(os.getpid())] * 2
+    assert load_checkpoint(checkpoint)["step"] == 2
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["last.pt"]
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):

@@ -107,14 +107,15 @@ def _cmd_train(args) -> int:
 
 def _run_training(args, cfg, command: str, summary, **train_options) -> int:
     """What ``kepler train`` and ``kepler prior train`` share: the --resume checks, the trainer,
-    a signal's exit code, a lost rank's one line, the summary printed by rank 0.
+    a signal's exit code, the one line of a lost rank or an unwritable checkpoint, the summary
+    printed by rank 0.
 
     A scheduler's stop signal (SIGTERM, SIGUSR1) exits 0 once the checkpoint is saved: the job
     ended as planned, so torchrun reports success and a job script goes on to requeue it. Ctrl-C
     (SIGINT) exits 130, as the shell's convention for an interrupted command, so ``kepler train
     && kepler eval`` does not evaluate a run that a person stopped."""
     from kepler.distributed import RankLostError
-    from kepler.train.trainer import TrainingInterrupted, train
+    from kepler.train.trainer import CheckpointWriteError, TrainingInterrupted, train
 
     resume = args.resume
     if isinstance(resume, str) and Path(resume).is_dir():
@@ -129,10 +130,12 @@ def _run_training(args, cfg, command: str, summary, **train_options) -> int:
         if is_rank0:  # every rank stopped at the same step; one line says so
             print(f"{command}: {stop}; continue with --resume", file=sys.stderr)
         return 0 if stop.preempted else 128 + stop.signum
-    except RankLostError as error:  # not the user's mistake (2): the run failed, each rank says where
+    except (RankLostError, CheckpointWriteError) as error:  # the run failed, not the user (2)
         if args.verbose:
             raise
-        print(f"{command}: error: {error}", file=sys.stderr)
+        # Each rank that lost another says so (its line names it); rank 0's failed write, once for all.
+        if is_rank0 or isinstance(error, RankLostError):
+            print(f"{command}: error: {error}", file=sys.stderr)
         return 1
     if is_rank0:
         print(summary(metrics))

@@ -17,9 +17,17 @@ import torch
 from kepler.io.files import write_atomically
 from kepler.io.weights import load_weights
 
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`write_atomically`."""
-    return write_atomically(path, lambda f: torch.save(state, f))
+    """``torch.save`` through :func:`write_atomically`: a failed write leaves the file at ``path`` as
+    it was. Raises the OSError of the write (a full disk: ENOSPC), not the RuntimeError that
+    torch's zip writer makes of it ("unexpected pos 704 vs 598", the OSError only its context)."""
+    try:
+        return write_atomically(path, lambda f: torch.save(state, f))
+    except RuntimeError as error:
+        if isinstance(error.__context__, OSError):
+            raise error.__context__ from None
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -36,7 +36,6 @@ from kepler.distributed import (
     RankLostError,
     all_gather_objects,
     all_reduce_sum,
-    barrier,
     broadcast_from_rank0,
     cleanup_distributed,
     init_distributed,
@@ -74,6 +73,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         """A scheduler's signal (SIGTERM, SIGUSR1), not a person's Ctrl-C: the job ends as planned and
         continues with ``--resume``."""
         return self.signum != signal.SIGINT
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the previous one is intact."""
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -165,6 +168,10 @@ class Trainer:
         # Class ids fixed before any data set is built: a resumed run keeps those it recorded.
         recorded = self.resume_state["config"]["data"].get("classes") if resume else None
         cfg.data.classes = run_classes(cfg.data, recorded)
+        # The step of the checkpoint at ckpt_path, as far as this run knows (for a failed write's message).
+        self.saved_step = None
+        if resume and Path(resume).resolve() == self.ckpt_path.resolve():
+            self.saved_step = int(self.resume_state["step"])
         torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights and codebook
         self.task = task_class(self, self.lr, lr_schedule(cfg, self.progress))
         self.loader = EpochLoader(self.task.train_set, cfg.data.batch_size, cfg.data.num_workers, cfg.seed,
@@ -236,10 +243,25 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write ``checkpoints/last.pt`` (rank 0; every rank calls this). Raises
+        :class:`CheckpointWriteError` on every rank when the write fails, saying what the file still
+        holds (:func:`kepler.io.checkpoint.save_checkpoint` leaves it as it was)."""
         state = self.state_dict()  # collective (RNG gather): every rank calls it
+        failure = None
         if self.dist.is_main:
-            save_checkpoint(state, self.ckpt_path)
-        barrier()
+            try:
+                save_checkpoint(state, self.ckpt_path)
+            except OSError as error:
+                previous = (f"{self.ckpt_path} still holds step {self.saved_step}" if self.saved_step is not None
+                            else f"{self.ckpt_path} is as it was" if self.ckpt_path.is_file()
+                            else f"there is no earlier checkpoint at {self.ckpt_path}")
+                failure = f"checkpoint of step {self.step} not written: {error.strerror or error}; {previous}"
+        # Rank 0's verdict, to every rank (it is the barrier too): the others must stop with it, not
+        # train on without checkpoints or wait for one.
+        failure = all_gather_objects(failure)[0]
+        if failure is not None:
+            raise CheckpointWriteError(failure)
+        self.saved_step = self.step
         return self.ckpt_path
 
     def _load(self, path: str) -> None:
@@ -454,6 +476,7 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
         TrainingInterrupted: after a stop signal (:data:`STOP_SIGNALS`), once the checkpoint is saved.
         RankLostError: under torchrun, another rank died or did not answer within
             ``train.dist_timeout_minutes``; one line, naming this rank.
+        CheckpointWriteError: a checkpoint could not be written (a full disk); the previous one is intact.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it over")
