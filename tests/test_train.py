@@ -21,6 +21,7 @@ from kepler.io import files as files_module
 from kepler.io.config import load_config
 from kepler.train.optim import learning_rate
 from kepler.train import trainer as trainer_module
+from kepler.train.stop_signals import StopSignal
 from kepler.train.trainer import Trainer, TrainingInterrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +233,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum, exit_code
 def test_a_repeated_scheduler_signal_is_ignored_and_a_second_ctrl_c_stops_at_once():
     """Under SLURM a rank gets the warning twice (sent to every process, and forwarded by torchrun):
     the second must not abort the checkpoint under way. Ctrl-C twice is a person insisting."""
-    with trainer_module._StopSignal() as stop:
+    with StopSignal() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -12,9 +12,9 @@ optimizers and schedulers, the grad scaler, every rank's RNG states, the step an
 batch; augmentations are seeded per sample, see :class:`kepler.data.SeededSampler`), and the
 quantizer's statistics (buffers of the model) and, with ``train.ema_decay``, the moving average of
 the weights (:mod:`kepler.train.ema`: validation and the final metrics use it). A stop signal
-(:data:`STOP_SIGNALS`: Ctrl-C's SIGINT, or a scheduler's SIGTERM / SIGUSR1 before its time limit) to
-any rank finishes the current step on every rank, saves one checkpoint, and raises
-:class:`TrainingInterrupted`.
+(Ctrl-C's SIGINT, or a scheduler's SIGTERM / SIGUSR1 before its time limit; see
+:mod:`kepler.train.stop_signals`) to any rank finishes the current step on every rank, saves one
+checkpoint, and raises :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +33,6 @@ from kepler.distributed import (
     DistInfo,
     RankLostError,
     all_gather_objects,
-    all_reduce_sum,
     broadcast_from_rank0,
     cleanup_distributed,
     init_distributed,
@@ -49,30 +46,10 @@ from kepler.models.load import load_model
 from kepler.train.ema import WeightEMA
 from kepler.train.optim import learning_rate, lr_schedule
 from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
+from kepler.train.stop_signals import StopSignal, TrainingInterrupted
 from kepler.train.vqgan_task import VQGANTask
 
 log = logging.getLogger("kepler")
-
-
-# The signals that stop a run after its current step, with a checkpoint: Ctrl-C, and what a scheduler
-# sends before it ends a job (SLURM: SIGTERM at the time limit, `--signal=USR1@<seconds>` before it).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Raised after a stop signal (:data:`STOP_SIGNALS`) stopped a run and its checkpoint was saved."""
-
-    def __init__(self, signum: int, checkpoint: Path, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
-        self.step = step
-
-    @property
-    def preempted(self) -> bool:
-        """A scheduler's signal (SIGTERM, SIGUSR1), not a person's Ctrl-C: the job ends as planned and
-        continues with ``--resume``."""
-        return self.signum != signal.SIGINT
 
 
 class CheckpointWriteError(OSError):
@@ -87,35 +64,6 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-class _StopSignal:
-    """Turns the stop signals (:data:`STOP_SIGNALS`) into a flag checked between steps (main thread only)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            if signum == signal.SIGINT:  # Ctrl-C again: the person wants it to stop now, unsaved
-                raise KeyboardInterrupt
-            # A scheduler's signal again: under SLURM every process of the job gets it and torchrun
-            # forwards its own copy, so a rank sees it twice; the checkpoint is under way.
-            return
-        self.signum = signum
-        log.warning("%s received: saving a checkpoint after this step", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 def _drop_records_after(log: Path, step: int) -> None:
@@ -374,7 +322,7 @@ class Trainer:
         batches = self._batches()
         window_images, window_start = 0, time.perf_counter()
         record: dict = {}
-        with _StopSignal() as stop:
+        with StopSignal() as stop:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 logs = self.train_step(batches)
@@ -406,7 +354,7 @@ class Trainer:
                 if self.out_of_time():
                     log.info("time limit of %s minutes reached at step %d", cfg.time_limit_minutes, self.step)
                     break
-                if self._should_stop(stop):
+                if stop.agreed(self.device, self.dist.enabled):
                     bar.close()
                     path = self.save()
                     self._log({"event": "interrupted", "step": self.step})
@@ -419,20 +367,6 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         self._close()
         return metrics
-
-    def _should_stop(self, stop: _StopSignal) -> bool:
-        """Every rank stops at the same step when any rank got a stop signal; a rank that got none
-        takes the first of :data:`STOP_SIGNALS` that one did (so Ctrl-C on one rank is Ctrl-C on all)."""
-        received = torch.tensor([float(stop.signum == sig) for sig in STOP_SIGNALS])
-        if self.dist.enabled:
-            # The verdict is the summed flags, never this rank's own: a signal landing after the sum
-            # must not make one rank stop a step before the others (it counts at the next step).
-            received = all_reduce_sum(received.to(self.device)).cpu()
-        if not received.any():
-            return False
-        if stop.signum is None:
-            stop.signum = STOP_SIGNALS[int(received.nonzero()[0])]
-        return True
 
     def final_metrics(self, final: dict) -> dict:
         """The run's summary: the final validation record and the training counters."""
@@ -473,7 +407,7 @@ def train(cfg: DictConfig, resume: str | bool | None = None, overwrite: bool = F
     Raises:
         RunDirError: another training holds the run folder, or a fresh start would replace a
             previous run without ``overwrite`` (see :mod:`kepler.train.run_dir`).
-        TrainingInterrupted: after a stop signal (:data:`STOP_SIGNALS`), once the checkpoint is saved.
+        TrainingInterrupted: after a stop signal (SIGINT, SIGTERM, SIGUSR1), once the checkpoint is saved.
         RankLostError: under torchrun, another rank died or did not answer within
             ``train.dist_timeout_minutes``; one line, naming this rank.
         CheckpointWriteError: a checkpoint could not be written (a full disk); the previous one is intact.
