@@ -88,3 +88,11 @@ def test_only_the_command_line_prints():
 def test_no_module_is_over_500_lines():
     long = {str(path.relative_to(REPO)): n for _, path in MODULES if (n := len(path.read_text().splitlines())) > 500}
     assert not long
+
+
+def test_progress_is_shown_in_one_place():
+    """Bar or plain lines is decided once (kepler.progress): a tqdm bar elsewhere would redraw into
+    cluster log files again."""
+    users = sorted(str(path.relative_to(REPO)) for name, path in MODULES
+                   if any(_inside(module, "tqdm") for module in _imports(name, path)))
+    assert users == ["kepler/progress.py"]

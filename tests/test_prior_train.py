@@ -1,7 +1,9 @@
 """The prior (second stage) end to end: kepler prior train / prior eval / sample on a tiny tokenizer."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -473,6 +475,23 @@ def test_sample_metrics_say_why_they_are_off(prior_run, stand_in_metrics, tmp_pa
         evaluate_prior(checkpoint, num_samples=-1)
     assert main(["prior", "eval", str(checkpoint), "--num-samples", "-1", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "kepler prior: error: --num-samples must be >= 0, got -1\n"
+
+
+def test_off_a_terminal_sampling_shows_progress_as_plain_lines(prior_run, stand_in_metrics, tmp_path, capsys, caplog):
+    """stderr is no terminal under pytest, as in a cluster's log: kepler sample and the samples of
+    kepler prior eval report progress in plain lines (about ten over the loop), no bar."""
+    caplog.set_level(logging.INFO, logger="kepler")
+    weights, _ = stand_in_metrics
+    checkpoint = prior_run / "checkpoints" / "last.pt"
+    assert main(["sample", str(checkpoint), "--num", "5", "--batch-size", "2", "--out", str(tmp_path / "s")]) == 0
+    evaluate_prior(checkpoint, batch_size=5, num_samples=12, inception_path=weights)
+    assert "\r" not in capsys.readouterr().err
+    shown = [m for m in caplog.messages if " samples, " in m]
+    pattern = (r"(kepler sample|prior eval: samples for FID and IS): (\d+)/(\d+) samples, "
+               r"\d+\.\d (samples/s|s/sample), ETA \d+:\d\d:\d\d")
+    assert all(re.fullmatch(pattern, m) for m in shown), shown
+    assert [re.fullmatch(pattern, m).group(2, 3) for m in shown] == [
+        ("2", "5"), ("4", "5"), ("5", "5"), ("5", "12"), ("10", "12"), ("12", "12")]
 
 
 def test_conditional_samples_take_the_held_out_classes_in_turn(conditional_runs, stand_in_metrics, generated_classes):

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -560,6 +561,24 @@ def test_pool_workers_die_with_a_killed_study(tmp_path):
     assert not alive, "the busy worker outlived the killed study"
 
 
+def test_in_process_each_run_is_handed_over_as_it_ends(monkeypatch):
+    """jobs: 1 ran every run first and printed their lines after (with an ETA that meant nothing)."""
+    events = []
+    monkeypatch.setattr(runner, "run_one", lambda job: events.append(("ran", job)) or {"job": job})
+    with runner._Runner(1, on_result=lambda result: events.append(("handed over", result["job"]))) as pool:
+        results = [pool.result(pool.submit(job)) for job in (1, 2)]
+    assert events == [("ran", 1), ("handed over", 1), ("ran", 2), ("handed over", 2)]
+    assert results == [{"job": 1}, {"job": 2}]
+
+
+def test_planned_runs_counts_the_sweep_and_every_variant_and_seed():
+    study = config.load_study_config(STUDY_CONFIG, quick=True)
+    sweep = len(runner.sweep_jobs(study, Path("runs")))
+    assert sweep > 0
+    assert runner.planned_runs(study) == sweep + len(study["variants"]) * len(study["seeds"])
+    assert runner.planned_runs(study, sweep_only=True) == sweep
+
+
 def test_an_interrupted_study_starts_no_further_runs():
     with pytest.raises(KeyboardInterrupt), runner._Runner(2) as pool:
         futures = [pool.pool.submit(time.sleep, 0.5) for _ in range(8)]
@@ -598,6 +617,10 @@ def test_variants_option_errors(extra, message, tmp_path, capsys):
 
 def test_a_study_of_some_variants_trains_their_runs_for_the_full_study(tmp_path, capsys):
     assert main(["study", str(STUDY_CONFIG), "--quick", "--out", str(tmp_path), "--variants", "kepler_e8"]) == 0
+    # A line per run as it ends, with the count, the time per run and the ETA (plain on a terminal too).
+    done = re.findall(r"^kepler study: kepler(?:_e8)? seed \d: PSNR .* in \d+\.\d min; (\d)/4 runs, "
+                      r"\d+\.\d (?:runs/s|s/run), ETA \d+:\d\d:\d\d$", capsys.readouterr().out, re.MULTILINE)
+    assert done == ["1", "2", "3", "4"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["kepler", "kepler_e8"]
     report = json.loads((tmp_path / "variants_kepler_e8" / "study.json").read_text())
     assert list(report["variants"]) == ["kepler", "kepler_e8"] and report["sweep"] is None

@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,6 +243,22 @@ def test_a_repeated_scheduler_signal_is_ignored_and_a_second_ctrl_c_stops_at_onc
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs at the next bytecode; this is not reached
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers before it are back
+
+
+def test_off_a_terminal_training_progress_is_plain_lines(tmp_path):
+    """stderr to a file, as in a SLURM log: one line per log_every with the step, the rate, the loss
+    and the ETA, and none of a redrawn bar's carriage returns (a demo's log held about 2000)."""
+    config = tiny_config(tmp_path, steps=4, disc_start=100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kepler", "train", str(config), f"run_dir={tmp_path / 'run'}", "train.progress=true",
+         "train.log_every=2"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    steps = re.findall(r"^tiny: (\d)/4 steps, \d+\.\d (?:steps/s|s/step), loss=\d+\.\d{4}, util=\d\.\d\d, "
+                       r"img_s=\d+\.\d, ETA \d+:\d\d:\d\d$", proc.stderr, re.MULTILINE)
+    assert steps == ["2", "4"], proc.stderr
 
 
 def test_ddp_two_gloo_processes(tmp_path):

@@ -302,12 +302,12 @@ GRID_SAMPLES = 64
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
-    from tqdm import tqdm
 
     from kepler.distributed import resolve_device
     from kepler.io.images import save_image, save_image_grid
     from kepler.models.load import load_model, load_prior_tokenizer
     from kepler.models.sampling import sample_batches
+    from kepler.progress import Progress
 
     out = output_folder(args.out)
     device = resolve_device(args.device)
@@ -318,16 +318,18 @@ def _cmd_sample(args) -> int:
     grid, index = [], 0
     batches = sample_batches(prior.model, tokenizer, args.num, args.class_label, batch_size=args.batch_size,
                              seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    with tqdm(total=args.num, desc="kepler sample", unit="sample", disable=args.num <= args.batch_size) as bar:
-        for codes, images in batches:
-            images = images.cpu()
-            if index < GRID_SAMPLES:
-                grid.append(images[: GRID_SAMPLES - index])
-            for code_map, image in zip(codes.cpu().numpy(), images):
-                np.save(out / f"sample{index:0{digits}d}.npy", code_map)
-                save_image(image, out / f"sample{index:0{digits}d}.png")
-                index += 1
-            bar.update(len(codes))
+    # One batch needs no progress; more get a bar, or about ten lines in a log file.
+    progress = Progress(args.num, "kepler sample", "sample", lines=10, enabled=args.num > args.batch_size)
+    for codes, images in batches:
+        images = images.cpu()
+        if index < GRID_SAMPLES:
+            grid.append(images[: GRID_SAMPLES - index])
+        for code_map, image in zip(codes.cpu().numpy(), images):
+            np.save(out / f"sample{index:0{digits}d}.npy", code_map)
+            save_image(image, out / f"sample{index:0{digits}d}.png")
+            index += 1
+        progress.update(len(codes))
+    progress.close()
     path = save_image_grid(torch.cat(grid), out / "grid.png")
     print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {path.name} (the first "
           f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy; prior's {weights_name(prior.weights)}, "

@@ -215,8 +215,9 @@ def _study_command(args) -> str:
     return " ".join(words)
 
 
-def _print_study_run(result: dict) -> None:
-    """One line per finished run of a study, as the study collects them."""
+def _print_study_run(result: dict, progress: str) -> None:
+    """One line per finished run of a study, as the study collects them, ending with ``progress``
+    (:meth:`kepler.progress.Progress.status`: runs done, time per run, ETA)."""
     m, prior = result["metrics"], result.get("prior")
     if result.get("reused"):
         note = " (reused)"
@@ -226,13 +227,14 @@ def _print_study_run(result: dict) -> None:
         note = f" in {(result['wall_s'] + (prior['wall_s'] if prior else 0.0)) / 60:.1f} min"
     bits = f", prior {m['prior_bits_per_image']:.1f} bits/image" if prior else ""
     print(f"kepler study: {result['variant']} seed {result['seed']}: PSNR {m['psnr']:.2f} dB, "
-          f"utilization {m['utilization']:.3f}{bits}{note}", flush=True)
+          f"utilization {m['utilization']:.3f}{bits}{note}; {progress}", flush=True)
 
 
 def _cmd_study(args) -> int:
+    from kepler.progress import Progress
     from kepler.study.config import load_study_config, select_variants
     from kepler.study.report import attribute_to_training_study, update_readme, write_outputs, write_sweep_outputs
-    from kepler.study.runner import run_study, run_sweep_only
+    from kepler.study.runner import planned_runs, run_study, run_sweep_only
 
     study = load_study_config(args.config, quick=args.quick)
     report_dir = None
@@ -256,14 +258,22 @@ def _cmd_study(args) -> int:
           + (" + a weight sweep" if study["sweep"] else "") + (" + a prior per run" if study["prior"] else "")
           + f", {study['jobs']} run(s) at a time -> {out}",
           flush=True)
+    # Runs end minutes apart: a line each, on a terminal as in a log file, with the count and the
+    # ETA (Progress draws nothing itself). A reused run took no time: counted, not in the rate.
+    progress = Progress(planned_runs(study, args.sweep_only), "kepler study", "run", enabled=False)
+
+    def on_result(result: dict) -> None:
+        (progress.skip if result.get("reused") else progress.update)()
+        _print_study_run(result, progress.status())
+
     if args.sweep_only:
-        summary = run_sweep_only(study, out, on_result=_print_study_run)
+        summary = run_sweep_only(study, out, on_result=on_result)
         written = write_sweep_outputs(summary, study["name"], out, f"{command} --sweep-only")
         for key, param in summary["params"].items():
             print(f"kepler study: {key} = {param['weight']:g} ({param['rule']})")
         print("kepler study: wrote " + ", ".join(str(p) for p in written))
         return 0
-    result = run_study(study, out, on_result=_print_study_run)
+    result = run_study(study, out, on_result=on_result)
     if report_dir is None:
         command = attribute_to_training_study(result, out, command)
     written = write_outputs(result, out / report_dir if report_dir else out, command)
@@ -274,10 +284,9 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_fid(args) -> int:
-    from tqdm import tqdm
-
     from kepler.distributed import resolve_device
     from kepler.metrics.inception import load_inception_network
+    from kepler.progress import Progress
     from kepler.train.fid import evaluate_samples, open_image_set
 
     out = output_folder(args.out) if args.out is not None else None
@@ -289,8 +298,8 @@ def _cmd_fid(args) -> int:
         raise CLIError(f"the FID Inception network is needed: {reason} (give its weights with --inception; they are "
                        "never downloaded)")
 
-    def progress(batches, total: int, what: str):
-        return tqdm(batches, total=total, desc=f"kepler fid: {what}", unit="batch", disable=total <= 1)
+    def progress(batches, total: int, what: str):  # a bar, or about ten lines in a log file
+        return Progress(total, f"kepler fid: {what}", "batch", lines=10, enabled=total > 1).track(batches)
 
     metrics = evaluate_samples(samples, reference, network, batch_size=args.batch_size,
                                device=resolve_device(args.device), save_stats=args.save_stats, progress=progress)

@@ -299,13 +299,20 @@ class _Runner:
             return self.pool.submit(run_one, job)
         done = Future()
         done.set_result(run_one(job))
+        # In-process, a run is collected as it ends (the order is the same: submission's), not with
+        # the runs after it: the study's lines and their ETA come when the runs finish.
+        self._hand_over(done.result())
         return done
 
     def result(self, future: Future) -> dict:
         result = future.result()
+        if self.pool is not None:
+            self._hand_over(result)
+        return result
+
+    def _hand_over(self, result: dict) -> None:
         if self.on_result is not None:
             self.on_result(result)
-        return result
 
 
 def sweep_jobs(study: dict, run_root: Path) -> list[tuple[str, float, dict]]:
@@ -328,6 +335,13 @@ def sweep_jobs(study: dict, run_root: Path) -> list[tuple[str, float, dict]]:
             name = f"{short}={weight:g}"
             jobs += [(key, float(weight), job) for job in _jobs_for(study, name, settings, seeds, run_root / "sweep", extra)]
     return jobs
+
+
+def planned_runs(study: dict, sweep_only: bool = False) -> int:
+    """How many results :func:`run_study` (:func:`run_sweep_only` with ``sweep_only``) hands to
+    ``on_result``: the sweep's runs, then one per variant and seed."""
+    sweep = len(sweep_jobs(study, Path("runs"))) if study["sweep"] is not None else 0
+    return sweep if sweep_only else sweep + len(study["variants"]) * len(study["seeds"])
 
 
 def run_sweep_only(study: dict, out: Path, on_result: OnResult | None = None) -> dict:

@@ -26,6 +26,7 @@ from kepler.models import CodeTransformer, VQModel
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.load import load_model, load_prior_tokenizer
 from kepler.models.sampling import sample_batches
+from kepler.progress import Progress
 from kepler.train.codes import ShardedArray, class_labels, encode_dataset
 
 
@@ -120,7 +121,10 @@ def sample_metrics(prior: CodeTransformer, tokenizer: VQModel, held_out: Dataset
     if held_out_labels is not None:
         labels = held_out_labels[torch.arange(num_samples) % len(held_out_labels)].to(device)
     samples = sample_batches(prior, tokenizer, num_samples, labels, batch_size=batch_size, seed=seed)
-    fake = inception_features(network, (_uint8(images) for _, images in samples), device)
+    # Sampling is what takes long: a bar, or about ten lines in a log file.
+    progress = Progress(num_samples, "prior eval: samples for FID and IS", "sample", lines=10,
+                        enabled=num_samples > batch_size)
+    fake = inception_features(network, progress.track((_uint8(images) for _, images in samples), len), device)
     if fid_reason is None:
         out["fid"] = frechet_distance(*feature_statistics(fake.pool), *feature_statistics(real.pool))
     if is_reason is None:

@@ -3,9 +3,9 @@
 A task builds what is trained and owns one optimizer step and the validation: a tokenizer
 (:class:`kepler.train.vqgan_task.VQGANTask`, the default: a :class:`kepler.models.VQModel` and its
 GAN loss) or a prior over a frozen tokenizer's codes (:mod:`kepler.train.prior_task`). The trainer
-owns the rest: data order, learning-rate schedule, progress bar, TensorBoard and JSONL logs,
-checkpoints, exact resume, signals. Runs on one CPU/GPU or under ``torchrun`` (DDP; NCCL on GPUs,
-gloo on CPUs).
+owns the rest: data order, learning-rate schedule, progress (:mod:`kepler.progress`), TensorBoard
+and JSONL logs, checkpoints, exact resume, signals. Runs on one CPU/GPU or under ``torchrun`` (DDP;
+NCCL on GPUs, gloo on CPUs).
 
 Everything a run needs to continue exactly is in ``checkpoints/last.pt``: the task's weights,
 optimizers and schedulers, the grad scaler, every rank's RNG states, the step and the position in the data (epoch and
@@ -43,6 +43,7 @@ from kepler.io.config import to_dict
 from kepler.io.files import write_atomically
 from kepler.io.weights import check_state_dict
 from kepler.models.load import load_model
+from kepler.progress import Progress
 from kepler.train.ema import WeightEMA
 from kepler.train.optim import learning_rate, lr_schedule
 from kepler.train.run_dir import RunDirError, RunDirLock, prepare_run_dir
@@ -313,12 +314,8 @@ class Trainer:
                 "training %s: %d steps, lr %.3g, %d process(es) on %s, %s",
                 self.run_dir, cfg.max_steps, self.lr, self.dist.world_size, self.device, self.task.status,
             )
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=cfg.max_steps, initial=self.step, disable=not (is_main and cfg.progress),
-            desc=self.cfg.name, dynamic_ncols=True,
-        )
+        # A bar on a terminal; in a log file, one line per log_every (report() below).
+        progress = Progress(cfg.max_steps, self.cfg.name, "step", initial=self.step, enabled=is_main and cfg.progress)
         batches = self._batches()
         window_images, window_start = 0, time.perf_counter()
         record: dict = {}
@@ -328,7 +325,7 @@ class Trainer:
                 logs = self.train_step(batches)
                 self.train_seconds += time.perf_counter() - t0
                 window_images += self.cfg.optim.grad_accum * self.cfg.data.batch_size * self.dist.world_size
-                bar.update(1)
+                progress.update()
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - window_start
                     record = {
@@ -341,7 +338,7 @@ class Trainer:
                         "skipped_images": self.skipped_images,
                     }
                     self._log(record)
-                    bar.set_postfix(
+                    progress.report(
                         loss=f"{record['loss']:.4f}", **self.task.progress_fields(record),
                         img_s=f"{record['images_per_s']:.1f}",
                     )
@@ -355,12 +352,12 @@ class Trainer:
                     log.info("time limit of %s minutes reached at step %d", cfg.time_limit_minutes, self.step)
                     break
                 if stop.agreed(self.device, self.dist.enabled):
-                    bar.close()
+                    progress.close()
                     path = self.save()
                     self._log({"event": "interrupted", "step": self.step})
                     self._close()
                     raise TrainingInterrupted(stop.signum, path, self.step)
-        bar.close()
+        progress.close()
         metrics = self.final_metrics(self.validate())
         self.save()
         if is_main:
