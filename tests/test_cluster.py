@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_prior_train import TOKENIZER, prior_config
 from test_quantizer_ddp import free_port
 from test_train import DRAWING_OPTIONS, _flat_state, tiny_config
 
@@ -180,3 +181,51 @@ def test_a_lost_rank_stops_the_other_with_one_line_within_the_timeout(tmp_path, 
     assert "[rank0]" not in stderr, stderr[-4000:]  # no traceback of the worker (torchrun adds its own report)
     if fault == signal.SIGSTOP:
         assert waited >= 60 * TIMEOUT_MINUTES - 1  # the timeout ended it, and nothing sooner
+
+
+# Run by each rank under torchrun: the weights it holds when training ends, beside the checkpoint.
+WEIGHTS_PROBE = """
+import sys, torch
+from kepler.cli import main
+from kepler.train.trainer import Trainer
+
+run = Trainer.run
+def run_then_save(self):
+    metrics = run(self)
+    torch.save(self.task.model.state_dict(), f"{self.run_dir}/weights_rank{self.dist.rank}.pt")
+    return metrics
+Trainer.run = run_then_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_train_a_tokenizer_then_a_prior(tmp_path):
+    """torchrun on two node ranks (one process each, rendezvous on 127.0.0.1, gloo) trains the tiny
+    tokenizer, then the tiny prior over its codes: both nodes finish, rank 0 writes the one
+    checkpoint, and both ranks end with the weights it holds."""
+    probe = tmp_path / "weights_probe.py"
+    probe.write_text(WEIGHTS_PROBE)
+    tokenizer_config = tmp_path / "tok.yaml"
+    tokenizer_config.write_text(TOKENIZER.format(partitions=2))
+    tokenizer_run, prior_run = tmp_path / "tok", tmp_path / "prior"
+    commands = [
+        ("train", str(tokenizer_config), f"run_dir={tokenizer_run}", "train.max_steps=3", "train.eval_every=100"),
+        ("prior", "train", str(prior_config(tmp_path, tokenizer_run / "checkpoints" / "last.pt", steps=3)),
+         f"run_dir={prior_run}", "train.eval_every=100", "train.grid_images=0"),
+    ]
+    for command, run in zip(commands, (tokenizer_run, prior_run)):
+        nodes = two_nodes(free_port(), str(probe), *command, "device=cpu", cwd=tmp_path)
+        for node, proc in enumerate(nodes):
+            stderr = finish(proc)
+            assert proc.returncode == 0, f"node {node}: {stderr[-4000:]}"
+        assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]
+        state = load_checkpoint(run / "checkpoints" / "last.pt")
+        assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 3
+        assert state["counters"]["images_seen"] == 3 * 2 * (4 if command[0] == "prior" else 2)  # steps x ranks x batch
+        ranks = [torch.load(run / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys() == state["model"].keys()
+        for name in state["model"]:
+            assert torch.equal(ranks[0][name], ranks[1][name]), name
+            assert torch.equal(ranks[1][name], state["model"][name]), name
+        assert sum(r["event"] == "train" for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())) == 3
