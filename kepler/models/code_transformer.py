@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,87 +36,8 @@ from torch import nn
 
 from kepler.io.config import register_section
 from kepler.models.code_sequence import ORDERS, CodeLayout
-
-# choose(logits (B, K) float32 (float64 model: float64), token index in raster order) -> (B,) int64 codes
-ChooseFn = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer of a stack, one ``(B, heads, steps, head_dim)`` tensor each,
-    filled one step at a time by :meth:`CodeTransformer.decode_step`."""
-
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-
-
-class _CachedStep(NamedTuple):
-    """What one layer's attention needs for a cached step: its cache, the step's position (0-d
-    int64) and which cache entries it sees (``(1, steps)`` bool, up to ``position``)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    position: torch.Tensor
-    visible: torch.Tensor
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, step: _CachedStep | None = None) -> torch.Tensor:
-        """``x: (B, T, d)`` -> ``(B, T, d)``, causal. With ``step`` (one cached step), ``T`` is 1: its
-        key and value are written into the layer's cache at ``step.position`` and the query attends
-        to the cache up to there."""
-        batch, steps, width = x.shape
-        q, k, v = self.qkv(x).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if step is None:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            step.keys.index_copy_(2, step.position.view(1), k.to(step.keys.dtype))
-            step.values.index_copy_(2, step.position.view(1), v.to(step.values.dtype))
-            y = F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=step.visible)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, steps, width)))
-
-
-class _Block(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        hidden = round(d_model * mlp_ratio)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attn = _SelfAttention(d_model, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), nn.Dropout(dropout)
-        )
-
-    def forward(self, x, step: _CachedStep | None = None):
-        x = x + self.attn(self.norm1(x), step)
-        return x + self.mlp(self.norm2(x))
-
-
-class _Stack(nn.Module):
-    """Pre-norm blocks and the final LayerNorm: ``(B, T, d) -> (B, T, d)``."""
-
-    def __init__(self, d_model: int, num_layers: int, num_heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block(d_model, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, x, cache: KVCache | None = None, position: torch.Tensor | None = None):
-        """With ``cache`` and ``position`` (0-d int64): one cached step, ``x: (B, 1, d)``."""
-        if cache is not None:
-            # The whole cache under a mask rather than a slice up to `position`: one shape at every step.
-            visible = (torch.arange(cache.keys[0].shape[2], device=x.device) <= position).view(1, -1)
-        for layer, block in enumerate(self.blocks):
-            step = None if cache is None else _CachedStep(cache.keys[layer], cache.values[layer], position, visible)
-            x = block(x, step)
-        return self.norm(x)
+from kepler.models.logits import ChooseFn, check_sampling, filter_logits
+from kepler.models.transformer import KVCache, TransformerStack
 
 
 class _SubCodeReadout(nn.Module):
@@ -154,7 +73,7 @@ class _SubCodeHead(nn.Module):
         tokens, codes = layout.tokens_per_position, layout.codebook_size
         self.previous_code = nn.Embedding((tokens - 1) * codes, d_model) if tokens > 1 else None
         self.sub_code_embedding = nn.Parameter(torch.empty(tokens, d_model))
-        self.stack = _Stack(d_model, num_layers, num_heads, mlp_ratio, dropout)
+        self.stack = TransformerStack(d_model, num_layers, num_heads, mlp_ratio, dropout)
         self.readout = _SubCodeReadout(1 if layout.shared_codebook else tokens, codes, d_model)
         self.register_buffer("offsets", layout.partition_offsets()[:-1], persistent=False)
 
@@ -183,24 +102,6 @@ class _SubCodeHead(nn.Module):
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or float64 if it is (a float64 model is the reference in tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """``logits: (B, K)`` with every code outside the sampling support set to ``-inf``.
-
-    top_k: keep the ``top_k`` largest logits (ties at the boundary all kept). top_p: keep the
-    smallest set of most likely codes whose probability reaches ``top_p`` (nucleus sampling; the most
-    likely code is always kept). Both: the intersection. None: no restriction."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
-        # A code is dropped when the codes more likely than it already reach top_p.
-        dropped = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(dropped.scatter(-1, order, dropped), float("-inf"))
-    return logits
 
 
 def token_cross_entropy(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -277,7 +178,7 @@ class CodeTransformer(nn.Module):
         self.token_embedding = nn.Embedding(vocab, d_model)
         self.position_embedding = nn.Parameter(torch.empty(self.steps, d_model))
         self.register_buffer("token_offsets", layout.token_offsets(order), persistent=False)
-        self.trunk = _Stack(d_model, num_layers, num_heads, mlp_ratio, dropout)
+        self.trunk = TransformerStack(d_model, num_layers, num_heads, mlp_ratio, dropout)
         if order == "flat":
             self.readout = _SubCodeReadout(1 if layout.shared_codebook else tokens, layout.codebook_size, d_model)
         else:
@@ -448,15 +349,7 @@ class CodeTransformer(nn.Module):
         global generator), so a seeded generator gives the same maps every time on one device.
         ``class_labels``: one int or ``(num,)``, required by a class-conditional prior, refused by an
         unconditional one."""
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not (math.isfinite(temperature) and temperature > 0)):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        codebook_size = self.layout.codebook_size
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 (at most K={codebook_size} matters), got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0 < top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        check_sampling(temperature, top_k, top_p, self.layout.codebook_size)
 
         def sample(logits: torch.Tensor, token: int) -> torch.Tensor:
             probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
