@@ -306,7 +306,7 @@ def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditiona
     assert cached["train_labels"].tolist() == ([1] * 90 + [0] * 90) * 2 and cached["val_labels"].tolist() == [1] * 10 + [0] * 10
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
     b = load_checkpoint(halves / "checkpoints" / "last.pt")
-    assert a["model"]["start_embedding.weight"].shape == (2, 32)
+    assert a["model"]["start_embedding.weight"].shape == (3, 32)  # the two classes, then the null class
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
@@ -314,7 +314,7 @@ def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditiona
     # (AdamW's decay is outside it).
     names = [name for name, _ in load_model(straight / "checkpoints" / "last.pt").model.named_parameters()]
     first_moment = a["opt"]["state"][names.index("start_embedding.weight")]["exp_avg"]
-    assert first_moment.shape == (2, 32) and all(row.abs().sum() > 0 for row in first_moment)
+    assert first_moment.shape == (3, 32) and all(row.abs().sum() > 0 for row in first_moment)
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["val_maps"] == 20 and np.isfinite(metrics["bits_per_token"])
 

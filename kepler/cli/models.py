@@ -18,6 +18,8 @@ from kepler.cli import (
     weights_name,
 )
 
+# kepler.models.logits.CFG_SCHEDULES, written out: the parser is built without importing torch.
+CFG_SCHEDULES = ("constant", "linear")
 TOKENIZER_HELP = ("a tokenizer: a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt), an "
                   "exported folder (kepler export) or kepler convert's output")
 
@@ -107,6 +109,12 @@ def add_commands(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help="classifier-free guidance: logits uncond + S * (cond - uncond) (1: the conditional "
+                        "samples, 0: the null class's); needs a prior trained with model.class_dropout > 0")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="the guidance scale throughout (constant, the default) or rising linearly to S over the "
+                        "sequence (linear)")
     add_seed(p, "the same seed gives the same samples on one device")
     add_device(p)
     add_tokenizer(p)
@@ -309,6 +317,8 @@ def _cmd_sample(args) -> int:
     from kepler.models.load import load_model, load_prior_tokenizer
     from kepler.models.sampling import sample_batches
 
+    if args.cfg_schedule is not None and args.cfg_scale is None:
+        raise CLIError("--cfg-schedule needs --cfg-scale")
     out = output_folder(args.out)
     device = resolve_device(args.device)
     prior = load_model(args.checkpoint, device, kind="prior", raw_weights=args.raw_weights)
@@ -317,7 +327,8 @@ def _cmd_sample(args) -> int:
     digits = max(4, len(str(args.num - 1)))
     grid, index = [], 0
     batches = sample_batches(prior.model, tokenizer, args.num, args.class_label, batch_size=args.batch_size,
-                             seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                             seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule or "constant")
     with tqdm(total=args.num, desc="kepler sample", unit="sample", disable=args.num <= args.batch_size) as bar:
         for codes, images in batches:
             images = images.cpu()
@@ -329,7 +340,14 @@ def _cmd_sample(args) -> int:
                 index += 1
             bar.update(len(codes))
     path = save_image_grid(torch.cat(grid), out / "grid.png")
-    print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {path.name} (the first "
+    print(f"kepler sample: {args.num} samples (seed {args.seed}{_guidance(args)}) in {out}: {path.name} (the first "
           f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy; prior's {weights_name(prior.weights)}, "
           f"tokenizer's {weights_name(tokenizer_weights)}")
     return 0
+
+
+def _guidance(args) -> str:
+    """How the summary line names the guidance of ``args``."""
+    if args.cfg_scale is None:
+        return ""
+    return f", guidance scale {args.cfg_scale:g}" + (" linear" if args.cfg_schedule == "linear" else "")

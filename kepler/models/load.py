@@ -24,6 +24,10 @@ A quantizer backend saved in the config that cannot run where the model is loade
 with ``backend: cuda`` loaded on a CPU machine) is re-chosen for the device (``auto``), with a
 warning saying so. A prior's tokenizer is loaded through the same loader and must be the file the
 prior was trained on: :func:`load_prior_tokenizer` compares SHA-256s.
+
+A prior saved before ``model.class_dropout`` existed was trained without class dropout and has no
+null class: its config's missing key reads as 0, not as today's default (which would want a null
+class row its weights do not have).
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     weights, config = state.pop("model"), state.pop("config")
     ema = state.pop("ema", None)
     ema = None if raw_weights else ema
+    if found == "prior":
+        config = _with_class_dropout_of_its_time(config)
     sections = saved_sections(config, source, found, ("model", "data"))
     if found == "prior":
         model = build_prior(state.get("tokenizer"), sections["model"], weights, source, ema)
@@ -123,6 +129,15 @@ def _check_kind(found: str, wanted: str | None, source: str) -> None:
                  "prior": "kepler sample and kepler prior eval"}[found]
         raise ValueError(f"{source} is a {found} ({MODEL_CLASSES[found].__name__}), not a {wanted}; "
                          f"a {found} is for {takes}")
+
+
+def _with_class_dropout_of_its_time(config: object) -> object:
+    """A prior's saved ``config`` with ``model.class_dropout: 0`` where it has no such key (see the
+    module docstring)."""
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if isinstance(model, Mapping) and "class_dropout" not in model:
+        return {**config, "model": {**model, "class_dropout": 0.0}}
+    return config
 
 
 def _load_pretrained(directory: Path, device: torch.device, raw_weights: bool = False) -> LoadedModel:

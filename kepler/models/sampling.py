@@ -15,12 +15,13 @@ from kepler.models.vqmodel import VQModel
 @torch.no_grad()
 def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int,
                   class_label: int | torch.Tensor | None = None, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  seed: int | torch.Generator = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_k: int | None = None, top_p: float | None = None, cfg_scale: float | None = None,
+                  cfg_schedule: str = "constant", seed: int | torch.Generator = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` samples: ``(index maps (num, H, W, P) int64, images (num, 3, H*f, W*f) float32 in [-1, 1])``,
     the same for the same ``seed`` on one device (a generator on the prior's device: drawn from, so
     that batches drawn one after another differ). ``class_label``: the class of every sample, or one
-    per sample ``(num,)``; required by a class-conditional prior and refused by an unconditional one."""
+    per sample ``(num,)``; required by a class-conditional prior and refused by an unconditional one.
+    ``cfg_scale``, ``cfg_schedule``: classifier-free guidance (:meth:`CodeTransformer.generate`)."""
     num_classes = prior.num_classes
     if class_label is not None and num_classes == 0:
         raise ValueError(f"a class ({class_label}) was given, but the prior is unconditional (model.num_classes=0)")
@@ -32,7 +33,8 @@ def sample_images(prior: CodeTransformer, tokenizer: VQModel, num: int,
                          f"0 to {num_classes - 1}")
     device = next(prior.parameters()).device
     generator = seed if isinstance(seed, torch.Generator) else torch.Generator(device).manual_seed(seed)
-    codes = prior.generate(num, class_label, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    codes = prior.generate(num, class_label, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                           cfg_scale=cfg_scale, cfg_schedule=cfg_schedule)
     return codes, tokenizer.decode_indices(codes).float().clamp(-1, 1)
 
 
@@ -43,7 +45,7 @@ def sample_batches(prior: CodeTransformer, tokenizer: VQModel, num: int,
     seeded with ``seed``: yields ``(index maps, images)`` of each batch, so memory does not grow
     with ``num``. The same ``seed`` and ``batch_size`` give the same samples on one device.
     ``class_label``: one class, or one per sample ``(num,)``; ``sampling``: ``temperature``,
-    ``top_k``, ``top_p``."""
+    ``top_k``, ``top_p``, ``cfg_scale``, ``cfg_schedule``."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     generator = torch.Generator(next(prior.parameters()).device).manual_seed(seed)
