@@ -24,7 +24,7 @@ from kepler.io.config import load_prior_config
 from kepler.data import held_out_set, to_unit
 from kepler.io.images import save_image_grid
 from kepler.models.load import load_model, load_prior_tokenizer
-from kepler.models.sampling import sample_images
+from kepler.models.sampling import sample_batch, sample_images
 from kepler.train import prior_eval
 from kepler.train import trainer as trainer_module
 from kepler.train.prior_eval import evaluate_prior
@@ -448,7 +448,7 @@ def test_samples_and_held_out_images_reach_fid_and_inception_score(prior_run, st
     loaded = load_model(checkpoint, kind="prior")
     held_out, _ = collate([item for item in held_out_set(loaded.config["data"])])
     torch.testing.assert_close(torch.cat(fid.seen[:2]), to_unit(held_out))
-    _, first = sample_images(loaded.model, load_prior_tokenizer(loaded), 5, seed=torch.Generator().manual_seed(1))
+    _, first, _ = sample_batch(loaded.model, load_prior_tokenizer(loaded), 0, 12, batch_size=5, seed=1)
     torch.testing.assert_close(fid.seen[2], to_unit(first))
     assert torch.equal(score.seen[0], (to_unit(first) * 255).byte())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] >= 0 and len(metrics["inception_score"]) == 2

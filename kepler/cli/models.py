@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kepler.cli import (
@@ -99,13 +100,24 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("sample", help="sample images from a prior (PNG grid, PNGs and .npy code maps)",
-                       description="Sample index maps from a prior and decode them with its tokenizer.")
+    p = sub.add_parser("sample", help="sample images from a prior (PNGs and .npy code maps, or one .npz)",
+                       description="Sample index maps from a prior and decode them with its tokenizer: PNGs, .npy "
+                                   "code maps and a grid into a folder (--out), or one .npz of every image in the "
+                                   "layout of guided-diffusion's evaluator (--npz; under torchrun every process draws "
+                                   "its share; an interrupted run resumes from its finished chunks).")
     p.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
-    p.add_argument("--num", type=positive_int, default=16, help="samples to draw")
+    # --num-samples too: torchrun (torch 2.14) reads a --num anywhere on its command line as its own
+    # --numa-binding and stops ("ambiguous option").
+    p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=16,
+                   help="samples to draw (under torchrun: --num-samples)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="samples drawn at a time (memory; the same --seed and --batch-size give the same samples)")
-    p.add_argument("--class", dest="class_label", type=int, default=None, help="class of a class-conditional prior")
+    classes = p.add_mutually_exclusive_group()
+    classes.add_argument("--class", dest="class_label", type=int, default=None,
+                         help="class of every sample of a class-conditional prior")
+    classes.add_argument("--class-balanced", action="store_true",
+                         help="classes in turn, each equally often (to one); with --npz and neither option: "
+                              "uniform random classes")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -115,11 +127,15 @@ def add_commands(sub) -> None:
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
                    help="the guidance scale throughout (constant, the default) or rising linearly to S over the "
                         "sequence (linear)")
-    add_seed(p, "the same seed gives the same samples on one device")
+    add_seed(p, "the same seed and --batch-size give the same samples on one kind of device, in any number of "
+                "processes")
     add_device(p)
     add_tokenizer(p)
     add_raw_weights(p, " of the prior; its tokenizer's are those the prior was trained on")
-    p.add_argument("--out", required=True, help="output folder")
+    outputs = p.add_mutually_exclusive_group(required=True)
+    outputs.add_argument("--out", help="output folder (PNGs, .npy code maps, grid.png)")
+    outputs.add_argument("--npz", help="output .npz: arr_0 the images (N, H, W, 3) uint8, arr_1 their classes "
+                                       "(class-conditional priors)")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -312,37 +328,47 @@ def _cmd_sample(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from kepler.distributed import resolve_device
+    from kepler.distributed import cleanup_distributed, init_distributed, resolve_device
     from kepler.io.images import save_image, save_image_grid
     from kepler.models.load import load_model, load_prior_tokenizer
     from kepler.models.sampling import sample_batches
 
     if args.cfg_schedule is not None and args.cfg_scale is None:
         raise CLIError("--cfg-schedule needs --cfg-scale")
-    out = output_folder(args.out)
-    device = resolve_device(args.device)
-    prior = load_model(args.checkpoint, device, kind="prior", raw_weights=args.raw_weights)
-    tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
-    tokenizer_weights = prior.checkpoint["tokenizer"].get("weights", "trained")
-    digits = max(4, len(str(args.num - 1)))
-    grid, index = [], 0
-    batches = sample_batches(prior.model, tokenizer, args.num, args.class_label, batch_size=args.batch_size,
-                             seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule or "constant")
-    with tqdm(total=args.num, desc="kepler sample", unit="sample", disable=args.num <= args.batch_size) as bar:
-        for codes, images in batches:
-            images = images.cpu()
-            if index < GRID_SAMPLES:
-                grid.append(images[: GRID_SAMPLES - index])
-            for code_map, image in zip(codes.cpu().numpy(), images):
-                np.save(out / f"sample{index:0{digits}d}.npy", code_map)
-                save_image(image, out / f"sample{index:0{digits}d}.png")
-                index += 1
-            bar.update(len(codes))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.out is not None and processes > 1:
+        raise CLIError(f"{processes} processes would write the same files into --out: sample into one .npz with --npz")
+    out = output_folder(args.out) if args.out is not None else _npz_path(args.npz)
+    ranks = init_distributed(args.device) if args.npz is not None else None
+    device = ranks.device if ranks is not None else resolve_device(args.device)
+    try:
+        prior = load_model(args.checkpoint, device, kind="prior", raw_weights=args.raw_weights)
+        tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
+        classes = "balanced" if args.class_balanced else args.class_label
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                        cfg_schedule=args.cfg_schedule or "constant")
+        if ranks is not None:
+            return _sample_npz(args, prior, tokenizer, out, classes, sampling, ranks.is_main)
+        digits = max(4, len(str(args.num - 1)))
+        grid, index = [], 0
+        batches = sample_batches(prior.model, tokenizer, args.num, classes, batch_size=args.batch_size,
+                                 seed=args.seed, **sampling)
+        with tqdm(total=args.num, desc="kepler sample", unit="sample", disable=args.num <= args.batch_size) as bar:
+            for codes, images in batches:
+                images = images.cpu()
+                if index < GRID_SAMPLES:
+                    grid.append(images[: GRID_SAMPLES - index])
+                for code_map, image in zip(codes.cpu().numpy(), images):
+                    np.save(out / f"sample{index:0{digits}d}.npy", code_map)
+                    save_image(image, out / f"sample{index:0{digits}d}.png")
+                    index += 1
+                bar.update(len(codes))
+    finally:
+        cleanup_distributed()
     path = save_image_grid(torch.cat(grid), out / "grid.png")
     print(f"kepler sample: {args.num} samples (seed {args.seed}{_guidance(args)}) in {out}: {path.name} (the first "
           f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy; prior's {weights_name(prior.weights)}, "
-          f"tokenizer's {weights_name(tokenizer_weights)}")
+          f"tokenizer's {weights_name(_tokenizer_weights(prior))}")
     return 0
 
 
@@ -351,3 +377,52 @@ def _guidance(args) -> str:
     if args.cfg_scale is None:
         return ""
     return f", guidance scale {args.cfg_scale:g}" + (" linear" if args.cfg_schedule == "linear" else "")
+
+
+def _tokenizer_weights(prior) -> str:
+    return prior.checkpoint["tokenizer"].get("weights", "trained")
+
+
+def _npz_path(path: str) -> Path:
+    """``--npz PATH``: a ``.npz`` file whose folder can be made, checked before any work is done."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise CLIError(f"--npz {path}: the file name must end in .npz")
+    if path.is_dir():
+        raise CLIError(f"--npz {path} is a folder, not a file")
+    output_folder(str(path.parent), "--npz")
+    return path
+
+
+def _sample_npz(args, prior, tokenizer, out: Path, classes, sampling: dict, is_main: bool) -> int:
+    """``kepler sample --npz``: :func:`kepler.models.sampling.sample_npz`, with a progress bar (and its
+    ETA) on rank 0."""
+    from tqdm import tqdm
+
+    from kepler.io.files import file_sha256
+    from kepler.models.sampling import sample_npz
+
+    if classes is None and prior.model.num_classes:
+        classes = "random"
+    # What else decides the samples: a resumed run must draw from the same prior and tokenizer.
+    run = {"prior_sha256": file_sha256(args.checkpoint), "prior_weights": prior.weights,
+           "tokenizer_sha256": prior.checkpoint["tokenizer"]["sha256"]}
+    bars = []
+
+    def progress(done: int, share: int) -> None:
+        if not bars:  # the first call: the chunks found start the bar, and stay out of its rate
+            bars.append(tqdm(total=share, initial=done, desc="kepler sample", unit="sample", disable=not is_main))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        written = sample_npz(prior.model, tokenizer, out, args.num, classes, batch_size=args.batch_size,
+                             seed=args.seed, run=run, progress=progress, **sampling)
+    finally:
+        for bar in bars:
+            bar.close()
+    if written is not None:
+        labels = {None: "", "random": ", random classes", "balanced": ", classes balanced"}.get(
+            classes, f", class {classes}")
+        print(f"kepler sample: {args.num} samples (seed {args.seed}{_guidance(args)}{labels}) in {written}; prior's "
+              f"{weights_name(prior.weights)}, tokenizer's {weights_name(_tokenizer_weights(prior))}")
+    return 0
