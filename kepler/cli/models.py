@@ -76,9 +76,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint's model as a folder to share (safetensors, config, card)",
                        description="Write the model of a training checkpoint as a pretrained folder: "
                                    "model.safetensors, config.yaml (with the weights' SHA-256) and a README.md model "
-                                   "card (metrics from the run's metrics.json). Every command that takes a checkpoint "
-                                   "takes the folder; in Python, kepler.load(folder).")
-    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+                                   "card (metrics from the run's metrics.json); a prior's folder also holds its "
+                                   "tokenizer, in tokenizer/. Every command that takes a checkpoint takes the "
+                                   "folder; in Python, kepler.load(folder).")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train or kepler prior train (e.g. "
+                                      "runs/NAME/checkpoints/last.pt)")
     p.add_argument("--out", required=True, help="output folder")
     add_raw_weights(p)
     p.set_defaults(func=_cmd_export)
@@ -105,7 +107,7 @@ def add_commands(sub) -> None:
                                    "code maps and a grid into a folder (--out), or one .npz of every image in the "
                                    "layout of guided-diffusion's evaluator (--npz; under torchrun every process draws "
                                    "its share; an interrupted run resumes from its finished chunks).")
-    p.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler prior train, or a prior exported by kepler export")
     # --num-samples too: torchrun (torch 2.14) reads a --num anywhere on its command line as its own
     # --numa-binding and stops ("ambiguous option").
     p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=16,
@@ -297,13 +299,15 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from kepler.io.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+    from kepler.io.pretrained import CARD_FILE, CONFIG_FILE, PRIOR_TOKENIZER, WEIGHTS_FILE
     from kepler.models.pretrained import export_checkpoint
 
     out = output_folder(args.out)
-    _, metrics, weights = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
-    print(f"kepler export: {weights_name(weights)}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
-          + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
+    exported = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
+    tokenizer = f", {out / PRIOR_TOKENIZER}/ (its tokenizer)" if exported.kind == "prior" else ""
+    print(f"kepler export: {weights_name(exported.weights)}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, "
+          f"{out / CARD_FILE}{tokenizer} " + (f"(metrics from {exported.metrics})" if exported.metrics
+                                              else "(no metrics.json of this step found: the card has none)"))
     return 0
 
 

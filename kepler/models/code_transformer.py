@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -425,3 +427,21 @@ class CodeTransformer(nn.Module):
 
         return self.decode(sample, num, class_labels, use_cache=use_cache, cfg_scale=cfg_scale,
                            cfg_schedule=cfg_schedule)
+
+    # ------------------------------------------------------------------------------ exported folders
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer, **card) -> Path:
+        """Write this prior and ``tokenizer`` (the :class:`~kepler.models.VQModel` whose index maps it
+        models) to ``directory`` for others: see :func:`kepler.models.pretrained.save_pretrained`
+        (``card``: its keyword arguments)."""
+        from kepler.models.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer=tokenizer, **card)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> CodeTransformer:
+        """A prior written by :meth:`save_pretrained` (or ``kepler export``), in eval mode on ``device``,
+        every file checked (:func:`kepler.load`); its tokenizer is the folder's ``tokenizer/``."""
+        from kepler.models.load import load_model
+
+        return load_model(directory, device, kind="prior").model
