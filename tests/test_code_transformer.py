@@ -93,7 +93,7 @@ def test_layout_errors_name_the_bad_value():
 @pytest.mark.parametrize("order", ORDERS)
 def test_kv_cache_gives_the_logits_of_full_recomputation(order, tokens, shared):
     layout = CodeLayout(2, 3, tokens, 5, shared)
-    model = tiny_prior(layout, order, num_classes=3).double()
+    model = tiny_prior(layout, order, num_classes=3).double().eval()  # no class dropout: the labels as given
     indices, labels = random_indices(layout), torch.tensor([2, 0])
     full = model(indices, labels)  # (B, N, P, K), one causal pass
     assert full.shape == (2, 6, tokens, 5) and full.dtype == torch.float64
@@ -179,7 +179,7 @@ def test_top_k_and_top_p_restrict_what_is_sampled(order):
 
 def test_class_conditioning():
     layout = CodeLayout(2, 2, 2, 6, True)
-    conditional = tiny_prior(layout, "flat", num_classes=4)
+    conditional = tiny_prior(layout, "flat", num_classes=4).eval()  # no class dropout: the labels as given
     indices = random_indices(layout)
     assert not torch.allclose(conditional(indices, torch.tensor([0, 0])), conditional(indices, torch.tensor([3, 3])))
     # One int stands for the whole batch.
@@ -189,8 +189,8 @@ def test_class_conditioning():
     required = r"class_labels are required: this CodeTransformer is class-conditional \(num_classes=4\)"
     with pytest.raises(ValueError, match=required):
         conditional.generate(1)
-    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 4\), got \[0, 4\]"):
-        conditional(indices, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 4\) or 4 \(the null class\), got \[0, 5\]"):
+        conditional(indices, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"class_labels must be \(2,\), got shape \(3,\)"):
         conditional(indices, torch.tensor([0, 1, 2]))
     unconditional = tiny_prior(layout, "flat")
@@ -268,9 +268,12 @@ def test_training_forward_compiles_without_graph_breaks(order):
     model = tiny_prior(layout, order, num_classes=3)
     indices, labels = random_indices(layout), torch.tensor([1, 2])
     compiled = torch.compile(model, fullgraph=True)
+    torch.manual_seed(0)  # the class dropout's draws: the same in both runs (inductor's own RNG off)
     eager = model(indices, labels).detach()
     tolerance = 1e3 * torch.finfo(torch.float32).eps * float(eager.abs().max())
-    torch.testing.assert_close(compiled(indices, labels).detach(), eager, rtol=0, atol=tolerance)
+    torch.manual_seed(0)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.testing.assert_close(compiled(indices, labels).detach(), eager, rtol=0, atol=tolerance)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from kepler.metrics import feature_statistics, frechet_distance
 from kepler.metrics.generative import split_inception_scores
 from kepler.metrics.inception import InceptionFeatures
 from kepler.models.load import load_model, load_prior_tokenizer
-from kepler.models.sampling import sample_images
+from kepler.models.sampling import sample_batch, sample_images
 from kepler.train import prior_eval
 from kepler.train import trainer as trainer_module
 from kepler.train.codes import open_stored_codes
@@ -317,7 +317,7 @@ def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditiona
     assert stored.val_labels[:].tolist() == [1] * 10 + [0] * 10
     a = load_checkpoint(straight / "checkpoints" / "last.pt")
     b = load_checkpoint(halves / "checkpoints" / "last.pt")
-    assert a["model"]["start_embedding.weight"].shape == (2, 32)
+    assert a["model"]["start_embedding.weight"].shape == (3, 32)  # the two classes, then the null class
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert [r["loss"] for r in records(straight, "train")] == [r["loss"] for r in records(halves, "train")]
@@ -325,7 +325,7 @@ def test_conditional_prior_trains_on_both_classes_and_resumes_exactly(conditiona
     # (AdamW's decay is outside it).
     names = [name for name, _ in load_model(straight / "checkpoints" / "last.pt").model.named_parameters()]
     first_moment = a["opt"]["state"][names.index("start_embedding.weight")]["exp_avg"]
-    assert first_moment.shape == (2, 32) and all(row.abs().sum() > 0 for row in first_moment)
+    assert first_moment.shape == (3, 32) and all(row.abs().sum() > 0 for row in first_moment)
     metrics = json.loads((straight / "metrics.json").read_text())
     assert metrics["val_maps"] == 20 and np.isfinite(metrics["bits_per_token"])
 
@@ -450,7 +450,7 @@ def test_samples_and_held_out_images_reach_fid_and_inception_score(prior_run, st
         return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
 
     assert torch.equal(torch.cat(network.seen[:2]), uint8(held_out))
-    _, first = sample_images(loaded.model, load_prior_tokenizer(loaded), 5, seed=torch.Generator().manual_seed(1))
+    _, first, _ = sample_batch(loaded.model, load_prior_tokenizer(loaded), 0, 12, batch_size=5, seed=1)
     assert torch.equal(network.seen[2], uint8(first))
     # The metrics are those of kepler.metrics on the stand-in's features.
     real, fake = (network(torch.cat(seen)).pool for seen in (network.seen[:2], network.seen[2:]))

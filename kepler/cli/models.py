@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kepler.cli import (
@@ -18,6 +19,8 @@ from kepler.cli import (
     weights_name,
 )
 
+# kepler.models.logits.CFG_SCHEDULES, written out: the parser is built without importing torch.
+CFG_SCHEDULES = ("constant", "linear")
 TOKENIZER_HELP = ("a tokenizer: a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt), an "
                   "exported folder (kepler export) or kepler convert's output")
 
@@ -73,9 +76,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint's model as a folder to share (safetensors, config, card)",
                        description="Write the model of a training checkpoint as a pretrained folder: "
                                    "model.safetensors, config.yaml (with the weights' SHA-256) and a README.md model "
-                                   "card (metrics from the run's metrics.json). Every command that takes a checkpoint "
-                                   "takes the folder; in Python, kepler.load(folder).")
-    p.add_argument("checkpoint", help="a checkpoint written by kepler train (e.g. runs/NAME/checkpoints/last.pt)")
+                                   "card (metrics from the run's metrics.json); a prior's folder also holds its "
+                                   "tokenizer, in tokenizer/. Every command that takes a checkpoint takes the "
+                                   "folder; in Python, kepler.load(folder).")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler train or kepler prior train (e.g. "
+                                      "runs/NAME/checkpoints/last.pt)")
     p.add_argument("--out", required=True, help="output folder")
     add_raw_weights(p)
     p.set_defaults(func=_cmd_export)
@@ -97,21 +102,42 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in OUT")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("sample", help="sample images from a prior (PNG grid, PNGs and .npy code maps)",
-                       description="Sample index maps from a prior and decode them with its tokenizer.")
-    p.add_argument("checkpoint", help="a checkpoint written by kepler prior train")
-    p.add_argument("--num", type=positive_int, default=16, help="samples to draw")
+    p = sub.add_parser("sample", help="sample images from a prior (PNGs and .npy code maps, or one .npz)",
+                       description="Sample index maps from a prior and decode them with its tokenizer: PNGs, .npy "
+                                   "code maps and a grid into a folder (--out), or one .npz of every image in the "
+                                   "layout of guided-diffusion's evaluator (--npz; under torchrun every process draws "
+                                   "its share; an interrupted run resumes from its finished chunks).")
+    p.add_argument("checkpoint", help="a checkpoint written by kepler prior train, or a prior exported by kepler export")
+    # --num-samples too: torchrun (torch 2.14) reads a --num anywhere on its command line as its own
+    # --numa-binding and stops ("ambiguous option").
+    p.add_argument("--num", "--num-samples", dest="num", type=positive_int, default=16,
+                   help="samples to draw (under torchrun: --num-samples)")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="samples drawn at a time (memory; the same --seed and --batch-size give the same samples)")
-    p.add_argument("--class", dest="class_label", type=int, default=None, help="class of a class-conditional prior")
+    classes = p.add_mutually_exclusive_group()
+    classes.add_argument("--class", dest="class_label", type=int, default=None,
+                         help="class of every sample of a class-conditional prior")
+    classes.add_argument("--class-balanced", action="store_true",
+                         help="classes in turn, each equally often (to one); with --npz and neither option: "
+                              "uniform random classes")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    add_seed(p, "the same seed gives the same samples on one device")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help="classifier-free guidance: logits uncond + S * (cond - uncond) (1: the conditional "
+                        "samples, 0: the null class's); needs a prior trained with model.class_dropout > 0")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
+                   help="the guidance scale throughout (constant, the default) or rising linearly to S over the "
+                        "sequence (linear)")
+    add_seed(p, "the same seed and --batch-size give the same samples on one kind of device, in any number of "
+                "processes")
     add_device(p)
     add_tokenizer(p)
     add_raw_weights(p, " of the prior; its tokenizer's are those the prior was trained on")
-    p.add_argument("--out", required=True, help="output folder")
+    outputs = p.add_mutually_exclusive_group(required=True)
+    outputs.add_argument("--out", help="output folder (PNGs, .npy code maps, grid.png)")
+    outputs.add_argument("--npz", help="output .npz: arr_0 the images (N, H, W, 3) uint8, arr_1 their classes "
+                                       "(class-conditional priors)")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -273,13 +299,15 @@ def _cmd_decode(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from kepler.io.pretrained import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+    from kepler.io.pretrained import CARD_FILE, CONFIG_FILE, PRIOR_TOKENIZER, WEIGHTS_FILE
     from kepler.models.pretrained import export_checkpoint
 
     out = output_folder(args.out)
-    _, metrics, weights = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
-    print(f"kepler export: {weights_name(weights)}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / CARD_FILE} "
-          + (f"(metrics from {metrics})" if metrics else "(no metrics.json of this step found: the card has none)"))
+    exported = export_checkpoint(args.checkpoint, out, raw_weights=args.raw_weights)
+    tokenizer = f", {out / PRIOR_TOKENIZER}/ (its tokenizer)" if exported.kind == "prior" else ""
+    print(f"kepler export: {weights_name(exported.weights)}; wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, "
+          f"{out / CARD_FILE}{tokenizer} " + (f"(metrics from {exported.metrics})" if exported.metrics
+                                              else "(no metrics.json of this step found: the card has none)"))
     return 0
 
 
@@ -303,35 +331,103 @@ def _cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from kepler.distributed import resolve_device
+    from kepler.distributed import cleanup_distributed, init_distributed, resolve_device
     from kepler.io.images import save_image, save_image_grid
     from kepler.models.load import load_model, load_prior_tokenizer
     from kepler.models.sampling import sample_batches
     from kepler.progress import Progress
 
-    out = output_folder(args.out)
-    device = resolve_device(args.device)
-    prior = load_model(args.checkpoint, device, kind="prior", raw_weights=args.raw_weights)
-    tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
-    tokenizer_weights = prior.checkpoint["tokenizer"].get("weights", "trained")
-    digits = max(4, len(str(args.num - 1)))
-    grid, index = [], 0
-    batches = sample_batches(prior.model, tokenizer, args.num, args.class_label, batch_size=args.batch_size,
-                             seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    # One batch needs no progress; more get a bar, or about ten lines in a log file.
-    progress = Progress(args.num, "kepler sample", "sample", lines=10, enabled=args.num > args.batch_size)
-    for codes, images in batches:
-        images = images.cpu()
-        if index < GRID_SAMPLES:
-            grid.append(images[: GRID_SAMPLES - index])
-        for code_map, image in zip(codes.cpu().numpy(), images):
-            np.save(out / f"sample{index:0{digits}d}.npy", code_map)
-            save_image(image, out / f"sample{index:0{digits}d}.png")
-            index += 1
-        progress.update(len(codes))
-    progress.close()
+    if args.cfg_schedule is not None and args.cfg_scale is None:
+        raise CLIError("--cfg-schedule needs --cfg-scale")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.out is not None and processes > 1:
+        raise CLIError(f"{processes} processes would write the same files into --out: sample into one .npz with --npz")
+    out = output_folder(args.out) if args.out is not None else _npz_path(args.npz)
+    ranks = init_distributed(args.device) if args.npz is not None else None
+    device = ranks.device if ranks is not None else resolve_device(args.device)
+    try:
+        prior = load_model(args.checkpoint, device, kind="prior", raw_weights=args.raw_weights)
+        tokenizer = load_prior_tokenizer(prior, device, args.tokenizer)
+        classes = "balanced" if args.class_balanced else args.class_label
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                        cfg_schedule=args.cfg_schedule or "constant")
+        if ranks is not None:
+            return _sample_npz(args, prior, tokenizer, out, classes, sampling, ranks.is_main)
+        digits = max(4, len(str(args.num - 1)))
+        grid, index = [], 0
+        batches = sample_batches(prior.model, tokenizer, args.num, classes, batch_size=args.batch_size,
+                                 seed=args.seed, **sampling)
+        # One batch needs no progress; more get a bar, or about ten lines in a log file.
+        progress = Progress(args.num, "kepler sample", "sample", lines=10, enabled=args.num > args.batch_size)
+        for codes, images in batches:
+            images = images.cpu()
+            if index < GRID_SAMPLES:
+                grid.append(images[: GRID_SAMPLES - index])
+            for code_map, image in zip(codes.cpu().numpy(), images):
+                np.save(out / f"sample{index:0{digits}d}.npy", code_map)
+                save_image(image, out / f"sample{index:0{digits}d}.png")
+                index += 1
+            progress.update(len(codes))
+        progress.close()
+    finally:
+        cleanup_distributed()
     path = save_image_grid(torch.cat(grid), out / "grid.png")
-    print(f"kepler sample: {args.num} samples (seed {args.seed}) in {out}: {path.name} (the first "
+    print(f"kepler sample: {args.num} samples (seed {args.seed}{_guidance(args)}) in {out}: {path.name} (the first "
           f"{min(args.num, GRID_SAMPLES)}), sample*.png, sample*.npy; prior's {weights_name(prior.weights)}, "
-          f"tokenizer's {weights_name(tokenizer_weights)}")
+          f"tokenizer's {weights_name(_tokenizer_weights(prior))}")
+    return 0
+
+
+def _guidance(args) -> str:
+    """How the summary line names the guidance of ``args``."""
+    if args.cfg_scale is None:
+        return ""
+    return f", guidance scale {args.cfg_scale:g}" + (" linear" if args.cfg_schedule == "linear" else "")
+
+
+def _tokenizer_weights(prior) -> str:
+    return prior.checkpoint["tokenizer"].get("weights", "trained")
+
+
+def _npz_path(path: str) -> Path:
+    """``--npz PATH``: a ``.npz`` file whose folder can be made, checked before any work is done."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise CLIError(f"--npz {path}: the file name must end in .npz")
+    if path.is_dir():
+        raise CLIError(f"--npz {path} is a folder, not a file")
+    output_folder(str(path.parent), "--npz")
+    return path
+
+
+def _sample_npz(args, prior, tokenizer, out: Path, classes, sampling: dict, is_main: bool) -> int:
+    """``kepler sample --npz``: :func:`kepler.models.sampling.sample_npz`, with a progress bar (and its
+    ETA) on rank 0."""
+    from kepler.io.files import file_sha256
+    from kepler.models.sampling import sample_npz
+    from kepler.progress import Progress
+
+    if classes is None and prior.model.num_classes:
+        classes = "random"
+    # What else decides the samples: a resumed run must draw from the same prior and tokenizer.
+    run = {"prior_sha256": file_sha256(args.checkpoint), "prior_weights": prior.weights,
+           "tokenizer_sha256": prior.checkpoint["tokenizer"]["sha256"]}
+    bars = []
+
+    def progress(done: int, share: int) -> None:
+        if not bars:  # the first call: the chunks found start the bar, and stay out of its rate
+            bars.append(Progress(share, "kepler sample", "sample", initial=done, lines=10, enabled=is_main))
+        bars[0].update(done - bars[0].done)
+
+    try:
+        written = sample_npz(prior.model, tokenizer, out, args.num, classes, batch_size=args.batch_size,
+                             seed=args.seed, run=run, progress=progress, **sampling)
+    finally:
+        for bar in bars:
+            bar.close()
+    if written is not None:
+        labels = {None: "", "random": ", random classes", "balanced": ", classes balanced"}.get(
+            classes, f", class {classes}")
+        print(f"kepler sample: {args.num} samples (seed {args.seed}{_guidance(args)}{labels}) in {written}; prior's "
+              f"{weights_name(prior.weights)}, tokenizer's {weights_name(_tokenizer_weights(prior))}")
     return 0

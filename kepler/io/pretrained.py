@@ -1,12 +1,18 @@
 """The exported-folder format: what inference needs, in files that cannot run code.
 
-A pretrained folder (written by ``kepler export``, :meth:`kepler.models.VQModel.save_pretrained`)
-holds three files::
+A pretrained folder (written by ``kepler export``, :meth:`kepler.models.VQModel.save_pretrained`,
+:meth:`kepler.models.CodeTransformer.save_pretrained`) holds three files::
 
     model.safetensors   the state dict (safetensors: tensors and a JSON header, nothing executable)
-    config.yaml         format, the weights' file name and SHA-256, training step, the ``model`` config
-                        section (as training checkpoints carry it) and the training ``data`` section
+    config.yaml         format, the model's kind, the weights' file name and SHA-256, training step,
+                        the ``model`` config section (as training checkpoints carry it) and the
+                        training ``data`` section; a prior's also its tokenizer's record
     README.md           the model card: architecture, data, steps, held-out metrics
+
+A prior's folder also holds its tokenizer, exported into ``tokenizer/`` (:data:`PRIOR_TOKENIZER`), so
+that the folder samples on its own; its record (SHA-256, code layout, weights) says which tokenizer
+the prior's codes are, as a prior's checkpoint does. ``kind`` is ``tokenizer`` where it is missing
+(folders written before priors were exported).
 
 :func:`write_pretrained` writes the files, :func:`read_pretrained` reads them back checked, in this
 order, each with a one-line error naming the file: the files exist, ``config.yaml`` is a kepler
@@ -32,12 +38,15 @@ FORMAT = "kepler-pretrained/1"
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
+KINDS = ("tokenizer", "prior")
+# An exported prior's tokenizer: a pretrained folder inside the prior's.
+PRIOR_TOKENIZER = "tokenizer"
 
 
 def write_pretrained(directory: str | os.PathLike, weights: Mapping[str, torch.Tensor], manifest: Mapping,
                      card: Callable[[Mapping], str]) -> Path:
-    """Write ``weights`` (a state dict), ``config.yaml`` (``manifest``: ``step``, ``data``, ``model``,
-    plus the format and the weights' name and SHA-256 added here) and the model card, ``card(the
+    """Write ``weights`` (a state dict), ``config.yaml`` (``manifest``: ``kind``, ``step``, ``data``,
+    ``model``, a prior's ``tokenizer``, plus the format and the weights' name and SHA-256 added here) and the model card, ``card(the
     full manifest)``, into ``directory`` (created; the three files replaced if there, each
     atomically). Returns the folder."""
     from safetensors.torch import save
@@ -55,8 +64,10 @@ def write_pretrained(directory: str | os.PathLike, weights: Mapping[str, torch.T
     return directory
 
 
-def _read_manifest(directory: Path) -> dict:
-    """``config.yaml`` of a pretrained folder, checked for the keys :func:`read_pretrained` needs."""
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """``config.yaml`` of a pretrained folder, checked for the keys :func:`read_pretrained` needs (its
+    ``kind`` filled in); the weights are not read."""
+    directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"pretrained model {directory}: {CONFIG_FILE} is missing")
@@ -72,6 +83,9 @@ def _read_manifest(directory: Path) -> dict:
         raise ValueError(f"{path}: 'weights' must map 'file' and 'sha256' to strings, got {weights!r}")
     if Path(weights["file"]).name != weights["file"]:
         raise ValueError(f"{path}: weights.file must be a file name in the same folder, got {weights['file']!r}")
+    manifest.setdefault("kind", "tokenizer")
+    if manifest["kind"] not in KINDS:
+        raise ValueError(f"{path}: 'kind' must be one of {', '.join(KINDS)}, got {manifest['kind']!r}")
     return manifest
 
 
@@ -82,7 +96,7 @@ def read_pretrained(directory: str | os.PathLike) -> tuple[dict, dict[str, torch
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"pretrained model folder {directory} does not exist")
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     weights_path = directory / manifest["weights"]["file"]
     if not weights_path.is_file():
         raise FileNotFoundError(f"pretrained model {directory}: {weights_path.name} is missing")

@@ -4,7 +4,9 @@ its PatchGAN discriminator and the LPIPS perceptual loss; the code prior over it
 
 from kepler.models.autoencoder import Decoder, Encoder
 from kepler.models.code_sequence import CodeLayout
-from kepler.models.code_transformer import CodeTransformer, KVCache, filter_logits
+from kepler.models.code_transformer import CodeTransformer
+from kepler.models.transformer import KVCache
+from kepler.models.logits import filter_logits, guide
 from kepler.models.discriminator import NLayerDiscriminator, hinge_d_loss
 from kepler.models.vqgan_loss import VQGANLoss, adaptive_generator_weight
 from kepler.models.lpips import LPIPS, load_lpips
@@ -22,6 +24,7 @@ __all__ = [
     "VQModel",
     "adaptive_generator_weight",
     "filter_logits",
+    "guide",
     "hinge_d_loss",
     "load_lpips",
 ]

@@ -23,14 +23,23 @@ one token through the stack and attends to the cache under a mask, so the step h
 at every position and compiles whole (``torch.compile(model.decode_step, fullgraph=True)``).
 ``use_cache=False`` recomputes the whole prefix at every step instead: the reference the cache is
 tested and benchmarked against.
+
+Classifier-free guidance (Ho & Salimans 2022, as LlamaGen samples its class-conditional priors): a
+class-conditional prior trained with ``class_dropout > 0`` has one more start token, the learned
+null class (row ``num_classes``), which replaces each label with probability ``class_dropout`` in
+training. Sampling with ``cfg_scale=S`` runs the conditional rows and their null-class twins as one
+batch through one cache and draws each code from ``uncond + S * (cond - uncond)``; ``cfg_schedule=
+"linear"`` raises the scale linearly over the sequence, from about 1 to ``S`` at the last sub-code
+(MAR's and Muse's schedule; LlamaGen's sampler keeps it constant). :mod:`kepler.models.logits` holds
+the arithmetic.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,87 +47,11 @@ from torch import nn
 
 from kepler.io.config import register_section
 from kepler.models.code_sequence import ORDERS, CodeLayout
+from kepler.models.logits import ChooseFn, check_guidance, check_sampling, filter_logits, guided
+from kepler.models.transformer import KVCache, TransformerStack
 
-# choose(logits (B, K) float32 (float64 model: float64), token index in raster order) -> (B,) int64 codes
-ChooseFn = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer of a stack, one ``(B, heads, steps, head_dim)`` tensor each,
-    filled one step at a time by :meth:`CodeTransformer.decode_step`."""
-
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-
-
-class _CachedStep(NamedTuple):
-    """What one layer's attention needs for a cached step: its cache, the step's position (0-d
-    int64) and which cache entries it sees (``(1, steps)`` bool, up to ``position``)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    position: torch.Tensor
-    visible: torch.Tensor
-
-
-class _SelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, step: _CachedStep | None = None) -> torch.Tensor:
-        """``x: (B, T, d)`` -> ``(B, T, d)``, causal. With ``step`` (one cached step), ``T`` is 1: its
-        key and value are written into the layer's cache at ``step.position`` and the query attends
-        to the cache up to there."""
-        batch, steps, width = x.shape
-        q, k, v = self.qkv(x).view(batch, steps, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if step is None:
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            step.keys.index_copy_(2, step.position.view(1), k.to(step.keys.dtype))
-            step.values.index_copy_(2, step.position.view(1), v.to(step.values.dtype))
-            y = F.scaled_dot_product_attention(q, step.keys, step.values, attn_mask=step.visible)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, steps, width)))
-
-
-class _Block(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        hidden = round(d_model * mlp_ratio)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attn = _SelfAttention(d_model, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model), nn.Dropout(dropout)
-        )
-
-    def forward(self, x, step: _CachedStep | None = None):
-        x = x + self.attn(self.norm1(x), step)
-        return x + self.mlp(self.norm2(x))
-
-
-class _Stack(nn.Module):
-    """Pre-norm blocks and the final LayerNorm: ``(B, T, d) -> (B, T, d)``."""
-
-    def __init__(self, d_model: int, num_layers: int, num_heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block(d_model, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(d_model)
-
-    def forward(self, x, cache: KVCache | None = None, position: torch.Tensor | None = None):
-        """With ``cache`` and ``position`` (0-d int64): one cached step, ``x: (B, 1, d)``."""
-        if cache is not None:
-            # The whole cache under a mask rather than a slice up to `position`: one shape at every step.
-            visible = (torch.arange(cache.keys[0].shape[2], device=x.device) <= position).view(1, -1)
-        for layer, block in enumerate(self.blocks):
-            step = None if cache is None else _CachedStep(cache.keys[layer], cache.values[layer], position, visible)
-            x = block(x, step)
-        return self.norm(x)
+# LlamaGen's class dropout: what model.class_dropout: null means for a class-conditional prior.
+DEFAULT_CLASS_DROPOUT = 0.1
 
 
 class _SubCodeReadout(nn.Module):
@@ -154,7 +87,7 @@ class _SubCodeHead(nn.Module):
         tokens, codes = layout.tokens_per_position, layout.codebook_size
         self.previous_code = nn.Embedding((tokens - 1) * codes, d_model) if tokens > 1 else None
         self.sub_code_embedding = nn.Parameter(torch.empty(tokens, d_model))
-        self.stack = _Stack(d_model, num_layers, num_heads, mlp_ratio, dropout)
+        self.stack = TransformerStack(d_model, num_layers, num_heads, mlp_ratio, dropout)
         self.readout = _SubCodeReadout(1 if layout.shared_codebook else tokens, codes, d_model)
         self.register_buffer("offsets", layout.partition_offsets()[:-1], persistent=False)
 
@@ -185,24 +118,6 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """``logits: (B, K)`` with every code outside the sampling support set to ``-inf``.
-
-    top_k: keep the ``top_k`` largest logits (ties at the boundary all kept). top_p: keep the
-    smallest set of most likely codes whose probability reaches ``top_p`` (nucleus sampling; the most
-    likely code is always kept). Both: the intersection. None: no restriction."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
-        # A code is dropped when the codes more likely than it already reach top_p.
-        dropped = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(dropped.scatter(-1, order, dropped), float("-inf"))
-    return logits
-
-
 def token_cross_entropy(logits: torch.Tensor, indices: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy in nats of each sub-code of ``indices: (B, H, W, P)`` under ``logits: (B, H*W,
     P, K)`` (what :class:`CodeTransformer` returns): the training objective, 0-d with ``"mean"``,
@@ -223,6 +138,10 @@ class CodeTransformer(nn.Module):
             small head for its ``P`` sub-codes); see the module docstring.
         num_classes: 0 for an unconditional prior; otherwise class labels in ``[0, num_classes)``
             condition it (the class embedding is the first input).
+        class_dropout: the probability that a training label is replaced by the learned null class
+            (label ``num_classes``), which classifier-free guidance needs; in ``[0, 1)``. None: 0.1
+            (:data:`DEFAULT_CLASS_DROPOUT`) for a class-conditional prior, 0 for an unconditional
+            one. With 0 the prior has no null class (and cannot be guided).
         d_model: width of the residual stream; a multiple of ``num_heads``.
         num_layers: transformer blocks of the trunk.
         num_heads: attention heads (trunk and sub-code head).
@@ -231,7 +150,8 @@ class CodeTransformer(nn.Module):
         head_layers: blocks of the factorized order's sub-code head (unused by ``flat``).
         bf16_on_gpu: run forward, scoring and sampling under bf16 autocast on CUDA devices.
 
-    Index maps are ``(B, H, W, P)`` int64 with codes in ``[0, K)``; class labels ``(B,)`` int64.
+    Index maps are ``(B, H, W, P)`` int64 with codes in ``[0, K)``; class labels ``(B,)`` int64 in
+    ``[0, num_classes)``, or :attr:`null_class` (the unconditional start token) where there is one.
     """
 
     def __init__(
@@ -240,6 +160,7 @@ class CodeTransformer(nn.Module):
         *,
         order: str = "flat",
         num_classes: int = 0,
+        class_dropout: float | None = None,
         d_model: int = 256,
         num_layers: int = 8,
         num_heads: int = 8,
@@ -264,20 +185,35 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if class_dropout is None:
+            class_dropout = DEFAULT_CLASS_DROPOUT if num_classes else 0.0
+        if (isinstance(class_dropout, bool) or not isinstance(class_dropout, (int, float))
+                or not 0 <= class_dropout < 1):
+            raise ValueError(f"class_dropout must be null or a number in [0, 1), got {class_dropout!r}")
+        if class_dropout and not num_classes:
+            raise ValueError(f"class_dropout={class_dropout} drops class labels, but this CodeTransformer is "
+                             "unconditional (num_classes=0)")
         self.layout = layout
         self.order = order
         self.num_classes = num_classes
+        self.class_dropout = float(class_dropout)
+        # The ``model`` config section of this prior, class_dropout resolved (a saved copy means what it did).
+        self.config = dict(order=order, num_classes=num_classes, class_dropout=self.class_dropout, d_model=d_model,
+                           num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout,
+                           head_layers=head_layers, bf16_on_gpu=bool(bf16_on_gpu))
+        # The start-token row of "no class": what a dropped label becomes, the unconditional half of guidance.
+        self.null_class = num_classes if self.class_dropout else None
         self.num_heads = num_heads
         self.bf16_on_gpu = bool(bf16_on_gpu)
         tokens = layout.tokens_per_position
         self.steps = layout.flat_length if order == "flat" else layout.positions
         vocab = layout.flat_vocab_size if order == "flat" else layout.position_vocab_size
-        # Unconditional priors use row 0 as their learned start token.
-        self.start_embedding = nn.Embedding(max(num_classes, 1), d_model)
+        # Unconditional priors use row 0 as their learned start token; the null class is the last row.
+        self.start_embedding = nn.Embedding(max(num_classes, 1) + (self.null_class is not None), d_model)
         self.token_embedding = nn.Embedding(vocab, d_model)
         self.position_embedding = nn.Parameter(torch.empty(self.steps, d_model))
         self.register_buffer("token_offsets", layout.token_offsets(order), persistent=False)
-        self.trunk = _Stack(d_model, num_layers, num_heads, mlp_ratio, dropout)
+        self.trunk = TransformerStack(d_model, num_layers, num_heads, mlp_ratio, dropout)
         if order == "flat":
             self.readout = _SubCodeReadout(1 if layout.shared_codebook else tokens, layout.codebook_size, d_model)
         else:
@@ -305,7 +241,7 @@ class CodeTransformer(nn.Module):
     def class_labels_for(self, batch: int, class_labels: torch.Tensor | int | None,
                          device: torch.device | None = None) -> torch.Tensor:
         """``(batch,)`` int64 rows of the start-token table: ``class_labels`` checked (a tensor
-        ``(batch,)`` or one int for all), zeros for an unconditional prior."""
+        ``(batch,)`` or one int for all; :attr:`null_class` allowed), zeros for an unconditional prior."""
         if self.num_classes == 0:
             if class_labels is not None:
                 raise ValueError("class_labels given to an unconditional CodeTransformer (num_classes=0); "
@@ -322,8 +258,9 @@ class CodeTransformer(nn.Module):
             raise ValueError(f"class_labels must be ({batch},), got shape {tuple(class_labels.shape)}")
         if not torch.compiler.is_compiling() and batch:
             low, high = int(class_labels.min()), int(class_labels.max())
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(f"class_labels must be in [0, {self.num_classes}), got [{low}, {high}]")
+            if low < 0 or high >= self.start_embedding.num_embeddings:
+                null = "" if self.null_class is None else f" or {self.null_class} (the null class)"
+                raise ValueError(f"class_labels must be in [0, {self.num_classes}){null}, got [{low}, {high}]")
         return class_labels.to(device=device, dtype=torch.int64)
 
     def _step_embedding(self, codes: torch.Tensor) -> torch.Tensor:
@@ -345,10 +282,14 @@ class CodeTransformer(nn.Module):
     def forward(self, indices: torch.Tensor, class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
         """Teacher-forced logits of every sub-code: ``indices: (B, H, W, P)`` -> ``(B, H*W, P, K)``
         float32 (float64 for a float64 model), entry ``[b, n, p]`` the distribution of sub-code ``p``
-        of position ``n`` (raster order) given everything before it."""
+        of position ``n`` (raster order) given everything before it. In training mode each label
+        becomes the null class with probability ``class_dropout`` (drawn from torch's global RNG)."""
         self.layout.check_indices(indices)
         batch = indices.shape[0]
         labels = self.class_labels_for(batch, class_labels, indices.device)
+        if self.training and self.class_dropout:
+            dropped = torch.rand(batch, device=indices.device) < self.class_dropout
+            labels = labels.masked_fill(dropped, self.null_class)
         codes = indices.to(torch.int64).reshape(batch, self.layout.positions, self.layout.tokens_per_position)
         with self._autocast(indices.device):
             hidden = self.trunk(self._inputs(labels, codes, self.steps))
@@ -392,18 +333,36 @@ class CodeTransformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, choose: ChooseFn, num: int, class_labels: torch.Tensor | int | None = None, *,
-               use_cache: bool = True) -> torch.Tensor:
+               use_cache: bool = True, cfg_scale: float | None = None, cfg_schedule: str = "constant") -> torch.Tensor:
         """Index maps ``(num, H, W, P)`` int64 made one sub-code at a time in raster order:
         ``choose(logits (num, K) float32 or float64, token)`` picks the ``(num,)`` codes of sub-code ``token``
         (``n * P + p``). ``use_cache=False`` recomputes the prefix at every step (the reference for
-        the cache). Runs in eval mode (dropout off), then restores the mode."""
+        the cache). Runs in eval mode (dropout off), then restores the mode.
+
+        ``cfg_scale``: classifier-free guidance (see the module docstring; None: none). The ``num``
+        conditional rows and their null-class twins run as one batch of ``2 * num``, and ``choose``
+        sees the guided logits (:func:`kepler.models.logits.guide`); ``cfg_schedule``: ``"constant"``
+        or ``"linear"`` (:func:`kepler.models.logits.guidance_scale`). Scale 1 runs the conditional
+        rows alone, a constant 0 the null class's: exactly the logits of no guidance and of the null
+        class."""
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"num must be an int >= 1, got {num!r}")
         device = self.position_embedding.device
         labels = self.class_labels_for(num, class_labels, device)
+        if cfg_scale is not None:
+            self._check_guidance(cfg_scale, cfg_schedule)
+            # A batch of 2B rounds its rows unlike one of B (matrix products block by batch size): where
+            # the scale is 1 throughout, or a constant 0, only the half it weighs runs, so that these are
+            # exactly the conditional and the null-class samples (at half the cost).
+            if cfg_scale == 0 and cfg_schedule == "constant":
+                labels = torch.full_like(labels, self.null_class)
+            elif cfg_scale != 1:
+                labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+                choose = guided(choose, cfg_scale, cfg_schedule, self.layout.flat_length)
+        rows = len(labels)
         tokens = self.layout.tokens_per_position
-        codes = torch.zeros(num, self.layout.positions, tokens, dtype=torch.int64, device=device)
-        cache = self.new_cache(num) if use_cache else None
+        codes = torch.zeros(rows, self.layout.positions, tokens, dtype=torch.int64, device=device)
+        cache = self.new_cache(rows) if use_cache else None
         positions = torch.arange(self.steps, device=device)  # one 0-d index per step, made once
         was_training = self.training
         self.eval()
@@ -421,7 +380,16 @@ class CodeTransformer(nn.Module):
                             codes[:, step, token] = choose(_at_least_float32(logits), step * tokens + token)
         finally:
             self.train(was_training)
-        return codes.view(num, self.layout.height, self.layout.width, tokens)
+        return codes[:num].view(num, self.layout.height, self.layout.width, tokens)
+
+    def _check_guidance(self, cfg_scale: float, cfg_schedule: str) -> None:
+        check_guidance(cfg_scale, cfg_schedule)
+        if self.num_classes == 0:
+            raise ValueError("classifier-free guidance needs a class-conditional prior; this CodeTransformer is "
+                             "unconditional (num_classes=0)")
+        if self.null_class is None:
+            raise ValueError("classifier-free guidance needs the null class, which a prior trained with "
+                             "class_dropout=0 does not have (train with model.class_dropout > 0)")
 
     def _step_hidden(self, labels: torch.Tensor, codes: torch.Tensor, step: int, step_index: torch.Tensor,
                      cache: KVCache | None):
@@ -440,26 +408,40 @@ class CodeTransformer(nn.Module):
 
     def generate(self, num: int, class_labels: torch.Tensor | int | None = None, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, cfg_scale: float | None = None, cfg_schedule: str = "constant") -> torch.Tensor:
         """Sample ``num`` index maps ``(num, H, W, P)`` int64.
 
         Each code is drawn from ``softmax(logits / temperature)`` restricted by ``top_k`` / ``top_p``
         (:func:`filter_logits`). The draws use ``generator`` (on the model's device; None: torch's
         global generator), so a seeded generator gives the same maps every time on one device.
         ``class_labels``: one int or ``(num,)``, required by a class-conditional prior, refused by an
-        unconditional one."""
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not (math.isfinite(temperature) and temperature > 0)):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        codebook_size = self.layout.codebook_size
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 (at most K={codebook_size} matters), got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0 < top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        unconditional one. ``cfg_scale``, ``cfg_schedule``: classifier-free guidance
+        (:meth:`decode`); the logits are guided before the temperature and the filters, and the
+        draws are the same as without guidance, so scale 1 gives the conditional samples of the
+        same generator and scale 0 those of the null class."""
+        check_sampling(temperature, top_k, top_p, self.layout.codebook_size)
 
         def sample(logits: torch.Tensor, token: int) -> torch.Tensor:
             probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
             return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-        return self.decode(sample, num, class_labels, use_cache=use_cache)
+        return self.decode(sample, num, class_labels, use_cache=use_cache, cfg_scale=cfg_scale,
+                           cfg_schedule=cfg_schedule)
+
+    # ------------------------------------------------------------------------------ exported folders
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer, **card) -> Path:
+        """Write this prior and ``tokenizer`` (the :class:`~kepler.models.VQModel` whose index maps it
+        models) to ``directory`` for others: see :func:`kepler.models.pretrained.save_pretrained`
+        (``card``: its keyword arguments)."""
+        from kepler.models.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer=tokenizer, **card)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> CodeTransformer:
+        """A prior written by :meth:`save_pretrained` (or ``kepler export``), in eval mode on ``device``,
+        every file checked (:func:`kepler.load`); its tokenizer is the folder's ``tokenizer/``."""
+        from kepler.models.load import load_model
+
+        return load_model(directory, device, kind="prior").model

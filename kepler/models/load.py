@@ -4,7 +4,8 @@ Forms (:func:`load_model` tells them apart by what the path holds):
 
 * a training checkpoint (``kepler train``'s ``checkpoints/*.pt``): a :class:`~kepler.models.VQModel`;
 * a prior's checkpoint (``kepler prior train``): a :class:`~kepler.models.CodeTransformer`;
-* an exported folder (``kepler export``, ``VQModel.save_pretrained``): a ``VQModel``;
+* an exported folder (``kepler export``, ``save_pretrained``): a ``VQModel`` or a ``CodeTransformer``
+  (its ``config.yaml`` says which), a prior's with its tokenizer inside;
 * a converted released checkpoint (``kepler convert``'s ``OUT/model.pt``, or the folder ``OUT``):
   a ``VQModel``.
 
@@ -24,6 +25,10 @@ A quantizer backend saved in the config that cannot run where the model is loade
 with ``backend: cuda`` loaded on a CPU machine) is re-chosen for the device (``auto``), with a
 warning saying so. A prior's tokenizer is loaded through the same loader and must be the file the
 prior was trained on: :func:`load_prior_tokenizer` compares SHA-256s.
+
+A prior saved before ``model.class_dropout`` existed was trained without class dropout and has no
+null class: its config's missing key reads as 0, not as today's default (which would want a null
+class row its weights do not have).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from kepler import _backend
 from kepler.io.checkpoint import checkpoint_kind, load_checkpoint
 from kepler.io.config import saved_sections
 from kepler.io.files import file_sha256
-from kepler.io.pretrained import WEIGHTS_FILE, read_pretrained
+from kepler.io.pretrained import PRIOR_TOKENIZER, WEIGHTS_FILE, read_manifest, read_pretrained
 from kepler.io.weights import check_ema_weights, check_state_dict, error_line
 from kepler.models.code_sequence import CodeLayout
 from kepler.models.code_transformer import CodeTransformer
@@ -61,10 +66,11 @@ class LoadedModel(NamedTuple):
     kind: ``"tokenizer"`` or ``"prior"``.
     source: how errors name it, e.g. ``"checkpoint runs/sample/checkpoints/last.pt"``.
     step: training steps behind the weights (0 where unknown).
-    config: the saved config; at least ``model`` and ``data`` (an exported folder saved without its
-        training data says its architecture's resolution as ``data.size``).
+    config: the saved config; at least ``model`` and ``data`` (an exported tokenizer saved without its
+        training data says its architecture's resolution as ``data.size``, an exported prior nothing).
     checkpoint: the checkpoint's entries besides the weights (a prior's ``tokenizer`` record and
-        ``train_slot_counts``); empty for an exported folder.
+        ``train_slot_counts``); an exported prior's ``tokenizer`` record (its path: the folder's
+        ``tokenizer/``); empty for an exported tokenizer.
     weights: ``"ema"`` (the moving average of the trained weights) or ``"trained"``.
     """
 
@@ -98,7 +104,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     if path.is_dir():
         if (path / CONVERTED_CHECKPOINT).is_file() and not (path / WEIGHTS_FILE).is_file():
             return load_model(path / CONVERTED_CHECKPOINT, device, kind, raw_weights)
-        _check_kind("tokenizer", kind, f"pretrained model {path}")
+        _check_kind(read_manifest(path)["kind"], kind, f"pretrained model {path}")
         return _load_pretrained(path, device, raw_weights)
     state = load_checkpoint(path)
     source = f"checkpoint {path}"
@@ -107,6 +113,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     weights, config = state.pop("model"), state.pop("config")
     ema = state.pop("ema", None)
     ema = None if raw_weights else ema
+    if found == "prior":
+        config = _with_class_dropout_of_its_time(config)
     sections = saved_sections(config, source, found, ("model", "data"))
     if found == "prior":
         model = build_prior(state.get("tokenizer"), sections["model"], weights, source, ema)
@@ -125,20 +133,47 @@ def _check_kind(found: str, wanted: str | None, source: str) -> None:
                          f"a {found} is for {takes}")
 
 
+def _with_class_dropout_of_its_time(config: object) -> object:
+    """A prior's saved ``config`` with ``model.class_dropout: 0`` where it has no such key (see the
+    module docstring)."""
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if isinstance(model, Mapping) and "class_dropout" not in model:
+        return {**config, "model": {**model, "class_dropout": 0.0}}
+    return config
+
+
 def _load_pretrained(directory: Path, device: torch.device, raw_weights: bool = False) -> LoadedModel:
     manifest, weights = read_pretrained(directory)
     source = f"pretrained model {directory}"
+    kind = manifest["kind"]
     averaged = manifest.get("ema_decay") is not None
     if raw_weights and averaged:
         raise ValueError(f"{source} holds only the EMA weights it was exported with; the trained ones "
                          "(raw weights) are in the training checkpoint it was exported from")
-    # A model saved without its training data section is evaluated at its architecture's resolution.
+    # A tokenizer saved without its training data section is evaluated at its architecture's resolution.
     has_data = manifest.get("data") is not None
-    sections = saved_sections(manifest, source, "tokenizer", ("model", "data") if has_data else ("model",))
-    model = build_tokenizer(sections["model"], weights, source, device)
-    config = {"model": model.config, "data": sections["data"] if has_data else {"size": model.config["resolution"]}}
-    return LoadedModel(model.to(device).eval(), "tokenizer", source, int(manifest.get("step") or 0), config, {},
+    sections = saved_sections(manifest, source, kind, ("model", "data") if has_data else ("model",))
+    record = {}
+    if kind == "prior":
+        record = {"tokenizer": _exported_tokenizer_record(manifest.get("tokenizer"), directory, source)}
+        model = build_prior(record["tokenizer"], sections["model"], weights, source)
+        config = {"model": sections["model"], "data": sections["data"] if has_data else {}}
+    else:
+        model = build_tokenizer(sections["model"], weights, source, device)
+        config = {"model": model.config, "data": sections["data"] if has_data else {"size": model.config["resolution"]}}
+    if averaged:  # where a checkpoint's config says it: what an export of this model writes again
+        config["train"] = {"ema_decay": manifest["ema_decay"]}
+    return LoadedModel(model.to(device).eval(), kind, source, int(manifest.get("step") or 0), config, record,
                        "ema" if averaged else "trained")
+
+
+def _exported_tokenizer_record(record: object, directory: Path, source: str) -> dict:
+    """An exported prior's tokenizer record, checked, its tokenizer at the folder's ``tokenizer/``."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("sha256"), str) or (
+            record.get("weights") not in ("ema", "trained")):
+        raise ValueError(f"{source}: config.yaml's 'tokenizer' must record the tokenizer's sha256, layout and "
+                         f"weights (ema or trained), got {record!r}")
+    return {**record, "checkpoint": str(directory / PRIOR_TOKENIZER)}
 
 
 def build_tokenizer(section: dict, weights: Mapping, source: str, device: torch.device | str = "cpu",
@@ -216,9 +251,15 @@ def tokenizer_layout(tokenizer: VQModel, size: int) -> CodeLayout:
 
 def load_prior_tokenizer(prior: LoadedModel, device: torch.device | str | None = None,
                          path: str | os.PathLike | None = None) -> VQModel:
-    """The frozen tokenizer of a loaded prior (:func:`load_model` with ``kind="prior"``), checked to
+    """The model of :func:`load_prior_tokenizer_model`, without grads."""
+    return load_prior_tokenizer_model(prior, device, path).model.requires_grad_(False)
+
+
+def load_prior_tokenizer_model(prior: LoadedModel, device: torch.device | str | None = None,
+                               path: str | os.PathLike | None = None) -> LoadedModel:
+    """The tokenizer of a loaded prior (:func:`load_model` with ``kind="prior"``), checked to
     be the very file the prior was trained on (its SHA-256, recorded in the checkpoint: so it makes
-    the index maps the prior models); without grads, in eval mode on ``device``.
+    the index maps the prior models), in eval mode on ``device``, with what was read beside it.
 
     The tokenizer's weights are the ones the prior was trained on (``weights`` in its record: its
     EMA weights, or the trained ones), whatever ``raw_weights`` the prior was loaded with.
@@ -238,4 +279,4 @@ def load_prior_tokenizer(prior: LoadedModel, device: torch.device | str | None =
                          f"with SHA-256 {recorded}: its codes would be decoded by another model")
     # The weights whose codes the prior learned (its record says; priors from before EMA: the default).
     raw = record.get("weights") == "trained"
-    return load_model(path, device, kind="tokenizer", raw_weights=raw).model.requires_grad_(False)
+    return load_model(path, device, kind="tokenizer", raw_weights=raw)

@@ -147,6 +147,9 @@ def evaluate_prior(checkpoint: str | os.PathLike, device: torch.device | str = "
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
     loaded = load_model(checkpoint, device, kind="prior", raw_weights=raw_weights)
+    if "train_slot_counts" not in loaded.checkpoint:  # the baselines are fitted on the training maps' codes
+        raise ValueError(f"{loaded.source} is an exported prior: kepler prior eval takes the training checkpoint "
+                         "it was exported from (its baselines need the training maps' code counts)")
     prior = loaded.model
     tokenizer = load_prior_tokenizer(loaded, device, tokenizer_path)
     data = loaded.config["data"]
