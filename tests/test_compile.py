@@ -9,7 +9,7 @@ import torch._dynamo
 
 from kepler.cli import main
 from test_prior_train import prior_config, train_tokenizer
-from test_train import LOSS_OPTIONS, tiny_config
+from test_train import EVERY_OPTION, tiny_config
 
 STEPS = 5
 
@@ -31,23 +31,28 @@ def compiled_graphs() -> int:
 
 
 def assert_same_losses(eager: list[dict], compiled: list[dict]) -> None:
+    """The first step's losses within float32 rounding (1e-6 relative); the later steps' within that
+    rounding as four optimizer steps amplify it (1e-4 relative; measured: up to 1.5e-5)."""
     assert len(eager) == len(compiled) == STEPS
     for step, (a, b) in enumerate(zip(eager, compiled), start=1):
         assert a.keys() == b.keys(), step
+        rel = 1e-6 if step == 1 else 1e-4
         for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key)
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-7), (step, key)
 
 
-def test_compiled_tokenizer_training_matches_eager(tmp_path):
-    # The GAN from step 0 and every loss option: the discriminator's two compiled forwards, LeCam,
-    # the entropy op and the adaptive weight's gradients through the compiled generator.
+def test_compiled_tokenizer_training_matches_eager(tmp_path, dino_weights):
+    # Every option at once, the GAN from step 0: the DINO discriminator's two compiled forwards,
+    # LeCam, the entropy op, l2-normalized codes, the weights' EMA and the adaptive weight's
+    # gradients through the compiled generator.
     config = tiny_config(tmp_path, steps=STEPS, disc_start=0)
+    options = [option.format(dino_weights=dino_weights) for option in EVERY_OPTION]
     runs = {}
     fresh_dynamo()
     for compiled in (False, True):
         assert compiled_graphs() == 0  # the eager run compiled nothing
         runs[compiled] = tmp_path / f"compile_{compiled}"
-        assert main(["train", str(config), f"run_dir={runs[compiled]}", *LOSS_OPTIONS, "train.eval_every=5",
+        assert main(["train", str(config), f"run_dir={runs[compiled]}", *options, "train.eval_every=5",
                      f"train.compile={compiled}"]) == 0
     assert compiled_graphs() >= 3  # the tokenizer (in pieces where it breaks) and both discriminator forwards
     eager, compiled = train_losses(runs[False]), train_losses(runs[True])

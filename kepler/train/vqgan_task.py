@@ -76,8 +76,10 @@ class VQGANTask:
         discriminator compiles as one graph."""
         self.model_ddp = torch.compile(self.model_ddp)
         if self.loss.discriminator is not None:
-            self.disc_scorer = torch.compile(self.disc_scorer, fullgraph=True)
-            self.disc_ddp = torch.compile(self.disc_ddp, fullgraph=not self.trainer.dist.enabled)
+            # Static shapes: the training batches keep theirs, and the DINO heads' batch groups are
+            # worked out from the batch size in Python.
+            self.disc_scorer = torch.compile(self.disc_scorer, fullgraph=True, dynamic=False)
+            self.disc_ddp = torch.compile(self.disc_ddp, fullgraph=not self.trainer.dist.enabled, dynamic=False)
 
     # ------------------------------------------------------------------ checkpoints
 
