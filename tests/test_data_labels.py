@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kepler.cli import main
@@ -143,7 +142,9 @@ def labelled_photos(root: Path, classes: dict[str, int], seed: int) -> Path:
 
 
 def test_a_conditional_prior_trains_on_a_labelled_folder_and_keeps_its_class_ids(tmp_path, capsys):
-    from test_prior_train import prior_config, train_tokenizer
+    from test_prior_train import code_caches, prior_config, train_tokenizer
+
+    from kepler.train.codes import open_stored_codes
 
     tokenizer = train_tokenizer(tmp_path, partitions=2)
     train_root = labelled_photos(tmp_path / "train", {"cat": 3, "dog": 2, "eel": 3}, seed=0)
@@ -155,13 +156,13 @@ def test_a_conditional_prior_trains_on_a_labelled_folder_and_keeps_its_class_ids
     assert capsys.readouterr().err == (f"kepler prior: error: config key 'model.num_classes' is 2, but data.train "
                                        f"'{train_root}' has 3 classes\n")
     assert main(["prior", "train", config, f"run_dir={run}", *data, "model.num_classes=3"]) == 0
-    (cache,) = (run / "codes").glob("*.pt")
-    cached = torch.load(cache, weights_only=True)
-    assert cached["train_labels"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2] * 2  # the maps, then their flips
-    assert cached["val_labels"].tolist() == [0, 2, 2]
+    (cache,) = code_caches(run)
+    stored = open_stored_codes(cache)
+    assert stored.train_labels[:].tolist() == [0, 0, 0, 1, 1, 2, 2, 2] * 2  # the maps, then their flips
+    assert stored.val_labels[:].tolist() == [0, 2, 2]
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["config"]["data"]["classes"] == ["cat", "dog", "eel"] and state["step"] == 2
-    assert state["model"]["start_embedding.weight"].shape[0] == 3
+    assert state["model"]["start_embedding.weight"].shape[0] == 3 + 1  # the classes, then the null class
 
     # A class folder added since sorts first; the resumed run keeps its ids, and says so.
     labelled_photos(train_root, {"ant": 2}, seed=2)
