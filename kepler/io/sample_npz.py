@@ -10,6 +10,9 @@ one ``chunk<index>.npz`` a chunk (the same two arrays), each written atomically,
 whole chunk, and ``run.json``, the settings that decide the samples. A run that finds the folder
 takes up its chunks when the settings are the same and refuses otherwise; :meth:`SampleChunks.assemble`
 writes the output from the chunks, in order, and removes the folder.
+
+:class:`NpzImages` reads such a file back (``kepler fid``), checked and a batch at a time: the
+format's reader beside its writer.
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from kepler.io.files import write_atomically
+
+# What an image set of the ADM evaluator is, for the error messages of the reader below.
+ADM_LAYOUT = "arr_0: uint8 (N, H, W, 3)"
 
 RUN_FILE = "run.json"
 
@@ -124,3 +132,63 @@ class SampleChunks:
         write_samples_npz(self.out, (self.load(index) for index in range(count)), num, image_shape)
         shutil.rmtree(self.folder)
         return self.out
+
+
+# ------------------------------------------------------------------ reading (kepler fid)
+
+def npz_members(path: Path) -> list[str]:
+    """The member names of the ``.npz`` (zip) ``path``; ValueError if it is not a zip archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not an .npz file (not a zip archive)") from None
+
+
+@contextmanager
+def _open_arr_0(path: Path) -> Iterator[BinaryIO]:
+    """``arr_0.npy`` of the ``.npz`` ``path``, open, at the start of its ``.npy`` header."""
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as array:
+        yield array
+
+
+class NpzImages:
+    """The images of an ADM-layout ``.npz`` at ``path``, ``count`` of them; checked when opened (a
+    zip holding ``arr_0.npy``, uint8, ``(N, H, W, 3)``, C order), read a batch at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if "arr_0.npy" not in npz_members(self.path):
+            raise ValueError(f"{self.path} holds no arr_0: image sets are ADM's layout, {ADM_LAYOUT}")
+        with _open_arr_0(self.path) as array:
+            self.shape = _npy_shape(array, self.path)
+        self.count = self.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """uint8 ``(B, H, W, 3)`` arrays of ``batch_size`` images (fewer in the last)."""
+        image_bytes = int(np.prod(self.shape[1:]))
+        with _open_arr_0(self.path) as array:
+            _npy_shape(array, self.path)  # past the header
+            for start in range(0, self.count, batch_size):
+                batch = np.empty((min(batch_size, self.count - start), *self.shape[1:]), dtype=np.uint8)
+                read = array.readinto(memoryview(batch).cast("B"))
+                if read != batch.nbytes:
+                    raise ValueError(f"{self.path}: arr_0 ends after {start + read // image_bytes} of its "
+                                     f"{self.count} images")
+                yield batch
+
+
+def _npy_shape(array, path: Path) -> tuple[int, ...]:
+    """The shape in the ``.npy`` header at the start of ``array`` (a file object), checked to be ADM's
+    layout; the file is left at the start of the data."""
+    version = np.lib.format.read_magic(array)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{path}: arr_0 is an .npy of format version {version}, not 1.0 or 2.0")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(array)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order:
+        order = " in Fortran order" if fortran_order else ""
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}{order}; image sets are ADM's layout, {ADM_LAYOUT}")
+    if shape[0] == 0:
+        raise ValueError(f"{path}: arr_0 holds no images")
+    return shape

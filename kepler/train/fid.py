@@ -20,11 +20,9 @@ holds statistics too (ADM's reference batches: the statistics are recomputed on 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from kepler.data import UNREADABLE_IMAGE_ERRORS, ImagePaths, build_dataset, collate, to_rgb, to_uint8
 from kepler.io.files import write_atomically
+from kepler.io.sample_npz import NpzImages, npz_members
 from kepler.metrics.generative import (
     INCEPTION_SCORE_SPLITS,
     PRECISION_RECALL_K,
@@ -43,68 +42,10 @@ from kepler.metrics.generative import (
 )
 from kepler.metrics.inception import InceptionFeatures, inception_features
 
-ADM_LAYOUT = "arr_0: uint8 (N, H, W, 3)"
 STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool_features")
 
 # progress(batches, total batches, what) -> the same batches, e.g. tqdm's signature.
 Progress = Callable[[Iterable, int, str], Iterable]
-
-
-def _npz_members(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except zipfile.BadZipFile:
-        raise ValueError(f"{path} is not an .npz file (not a zip archive)") from None
-
-
-@contextmanager
-def _open_arr_0(path: Path) -> Iterator[BinaryIO]:
-    """``arr_0.npy`` of the ``.npz`` ``path``, open, at the start of its ``.npy`` header."""
-    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as array:
-        yield array
-
-
-class NpzImages:
-    """The images of an ADM-layout ``.npz`` at ``path``, ``count`` of them; checked when opened (a
-    zip holding ``arr_0.npy``, uint8, ``(N, H, W, 3)``, C order), read a batch at a time."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if "arr_0.npy" not in _npz_members(self.path):
-            raise ValueError(f"{self.path} holds no arr_0: image sets are ADM's layout, {ADM_LAYOUT}")
-        with _open_arr_0(self.path) as array:
-            self.shape = _npy_shape(array, self.path)
-        self.count = self.shape[0]
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """uint8 ``(B, H, W, 3)`` arrays of ``batch_size`` images (fewer in the last)."""
-        image_bytes = int(np.prod(self.shape[1:]))
-        with _open_arr_0(self.path) as array:
-            _npy_shape(array, self.path)  # past the header
-            for start in range(0, self.count, batch_size):
-                batch = np.empty((min(batch_size, self.count - start), *self.shape[1:]), dtype=np.uint8)
-                read = array.readinto(memoryview(batch).cast("B"))
-                if read != batch.nbytes:
-                    raise ValueError(f"{self.path}: arr_0 ends after {start + read // image_bytes} of its "
-                                     f"{self.count} images")
-                yield batch
-
-
-def _npy_shape(array, path: Path) -> tuple[int, ...]:
-    """The shape in the ``.npy`` header at the start of ``array`` (a file object), checked to be ADM's
-    layout; the file is left at the start of the data."""
-    version = np.lib.format.read_magic(array)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"{path}: arr_0 is an .npy of format version {version}, not 1.0 or 2.0")
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(array)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order:
-        order = " in Fortran order" if fortran_order else ""
-        raise ValueError(f"{path}: arr_0 is {dtype} {shape}{order}; image sets are ADM's layout, {ADM_LAYOUT}")
-    if shape[0] == 0:
-        raise ValueError(f"{path}: arr_0 holds no images")
-    return shape
 
 
 class FolderImages:
@@ -192,7 +133,7 @@ def open_image_set(spec: str, size: int):
     (one that holds ``mu`` but no ``arr_0``)."""
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():
-        members = _npz_members(path)
+        members = npz_members(path)
         if "arr_0.npy" not in members and "mu.npy" in members:
             return load_statistics(path)
         return NpzImages(path)
