@@ -10,7 +10,7 @@ from kepler._ext import HAS_CPU_EXT, HAS_CUDA_EXT
 from kepler.ops.closest_lattice_point import closest_lattice_point
 from kepler.ops.nearest_codeword import nearest_codeword
 from kepler import lattice, metrics
-from kepler.nn import KeplerQuantizer, LatticeQuantizer
+from kepler.nn import KeplerQuantizer, LatticeQuantizer, ResidualQuantizer
 from kepler.models.load import load
 # The function shadows its module as the attribute kepler.doctor; `from kepler.doctor import ...`
 # still reaches the module (format_report, DoctorReport).
@@ -22,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "KeplerQuantizer",
     "LatticeQuantizer",
+    "ResidualQuantizer",
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",
     "available_backends",

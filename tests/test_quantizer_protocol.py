@@ -162,6 +162,9 @@ PROTOCOL_CASES = {
     "lattice_leech": ({"type": "lattice", "lattice": "Leech"}, 1, 196560),
     "fsq": ({"type": "fsq", "levels": [8, 5, 5], "num_codebooks": 2}, 2, 200),
     "lfq": ({"type": "lfq", "codebook_size": 64, "num_codebooks": 2}, 2, 64),
+    "residual": ({"type": "residual", "num_quantizers": 3, "num_codes": 16}, 3, 16),
+    "residual_kepler_shared": ({"type": "residual", "num_quantizers": 2, "num_codes": 16, "partitions": 4,
+                                "shared_stages": True}, 8, 16),
 }
 
 
@@ -206,7 +209,7 @@ def test_every_quantizer_type_follows_the_protocol(case):
     assert int(quantizer.code_counts.sum()) == 0
 
 
-@pytest.mark.parametrize("case", ["lattice_e8", "lattice_leech", "fsq", "lfq"])
+@pytest.mark.parametrize("case", ["lattice_e8", "lattice_leech", "fsq", "lfq", "residual"])
 def test_new_quantizer_types_train_through_the_cli(tmp_path, case):
     config, tokens, codes = PROTOCOL_CASES[case]
     path = tiny_config(tmp_path, steps=2, disc_start=2)

@@ -342,7 +342,9 @@ def test_equal_bits_study_variants_load_and_spend_their_budget():
         budget = int(name.rsplit("_", 1)[1])
         # Equal bits where the code allows it (FSQ 8,8,8,5,5,5 is 15.97); the Leech shell's single code is 17.6 bits.
         assert budget - 0.05 <= layout["bits"] <= budget + (1.6 if name.startswith("leech") else 0.7), name
-    assert types == {"kepler", "fsq", "lfq", "lattice"}
+        if layout["type"] == "residual":  # stages of the whole 32-d latent, P = 1 each
+            assert layout["sub_dim"] == 32 and layout["stages"] == layout["partitions"] > 1, name
+    assert types == {"kepler", "fsq", "lfq", "lattice", "residual"}
 
 
 def test_recipe_study_variants_spend_12_bits_with_the_weights_ema_on_but_one():

@@ -13,7 +13,9 @@ What a quantizer provides:
   gradient to ``z`` (:func:`straight_through`). A forward calls :meth:`Quantizer.count_codes` once
   with its indices.
 * ``indices_to_latents(indices (B, H, W, P)) -> (B, C, H, W)``: exactly the forward's ``z_q`` for the
-  indices it returned; ``get_codebook_entry(indices, shape)`` is taming's spelling of it.
+  indices it returned (the one exception: a residual quantizer's training forward with quantize
+  dropout, whose samples keep a prefix of the stages); ``get_codebook_entry(indices, shape)`` is
+  taming's spelling of it.
 * ``dim`` (``C``), ``codebook_size`` (``K``), ``tokens_per_position`` (``P``) and ``shared_codebook``
   (True: the ``P`` tokens of a position index one codebook of ``K`` entries; False: token ``p``
   indexes codebook ``p``, ``P * K`` entries in all).

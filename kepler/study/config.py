@@ -191,10 +191,13 @@ def quantizer_layout(quantizer: Quantizer, quantizer_config: Mapping) -> dict:
     the codewords' width, shared or not, bits per position) and its config section (init and the two
     regularizers' weights, for the report; ``"-"`` and 0 for a quantizer type without them)."""
     codewords = quantizer.codewords()
-    sub_dim = codewords.shape[-1] if codewords is not None else quantizer.dim // quantizer.tokens_per_position
+    # A residual quantizer's tokens are its stages' partitions: each stage quantizes the whole latent.
+    stages = int(getattr(quantizer, "num_quantizers", 1))
+    sub_dim = codewords.shape[-1] if codewords is not None else quantizer.dim * stages // quantizer.tokens_per_position
     return {
         "type": str(quantizer_config.get("type", DEFAULT_TYPE)),
         "partitions": quantizer.tokens_per_position,
+        "stages": stages,
         "num_codes": quantizer.codebook_size,
         "sub_dim": int(sub_dim),
         "shared_codebook": quantizer.shared_codebook,

@@ -53,6 +53,10 @@ def _fmt(summary: Mapping | None, digits: int) -> str:
 
 
 def _layout_text(layout: Mapping) -> str:
+    stages = layout.get("stages", 1)  # absent from studies run before residual quantizers
+    if stages > 1:
+        kind = "one codebook" if layout["shared_codebook"] else "per stage"
+        return f"{stages} stages of {layout['partitions'] // stages} x {layout['sub_dim']}-d, K={layout['num_codes']} ({kind})"
     kind = "shared" if layout["shared_codebook"] or layout["partitions"] == 1 else "per-partition"
     return f"{layout['partitions']} x {layout['sub_dim']}-d, K={layout['num_codes']} ({kind})"
 
