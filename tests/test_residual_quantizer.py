@@ -13,6 +13,7 @@ from PIL import Image
 from skimage import data as skimage_data
 from test_train import random_images, tiny_config
 
+import kepler
 from kepler.cli import main
 from kepler.nn import ResidualQuantizer, build_quantizer
 
@@ -242,12 +243,20 @@ def test_a_residual_tokenizer_trains_encodes_and_decodes_through_the_cli(tmp_pat
     assert codes.shape == (20, 24, 6) and 0 <= codes.min() and codes.max() < 16
     assert main(["decode", str(checkpoint), str(tmp_path / "codes" / "img0.npy"), "--out", str(tmp_path / "dec")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "dec" / "img0.png")), pair[:, 48:])
+    # Exported and loaded back, it decodes the same codes to the same latents, stage by stage.
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    exported, trained = kepler.load(tmp_path / "exported"), kepler.load(checkpoint)
+    assert isinstance(exported.quantize, ResidualQuantizer) and exported.quantize.num_quantizers == 3
+    indices = torch.from_numpy(codes).unsqueeze(0)
+    for stages in (1, 3):
+        assert torch.equal(exported.quantize.indices_to_latents(indices, num_stages=stages),
+                           trained.quantize.indices_to_latents(indices, num_stages=stages))
 
 
 PRIOR = """
 name: prior
 tokenizer: {{checkpoint: {tokenizer}}}
-model: {{d_model: 32, num_layers: 2, num_heads: 2}}
+model: {{d_model: 32, num_layers: 2, num_heads: 2, order: {order}}}
 data: {{train: {train}, val: {val}, size: 16, resize: 24, batch_size: 2, samples_per_epoch: 8, val_batch_size: 4,
         val_max_images: 4}}
 optim: {{name: adamw, base_lr: 1.0e-3, scale_lr: false}}
@@ -255,12 +264,15 @@ train: {{max_steps: 3, eval_every: 3, ckpt_every: 3, log_every: 1, progress: fal
 """
 
 
-def test_a_prior_trains_on_residual_codes_and_samples(tmp_path):
-    """The stages of a position are its sub-codes, coarse to fine: kepler prior train works unchanged."""
+@pytest.mark.parametrize("order", ["factorized", "flat"])
+def test_a_prior_trains_on_residual_codes_and_samples(tmp_path, order):
+    """The stages of a position are its sub-codes, coarse to fine: kepler prior train works unchanged,
+    in the factorized order (RQ-Transformer's: one step a position, its stages predicted one after
+    another by the sub-code head) and in the flat one."""
     run, _ = residual_tokenizer(tmp_path)
     config = tmp_path / "prior.yaml"
     config.write_text(PRIOR.format(tokenizer=run / "checkpoints" / "last.pt", train=tmp_path / "train_images",
-                                   val=tmp_path / "val_images"))
+                                   val=tmp_path / "val_images", order=order))
     prior = tmp_path / "prior"
     assert main(["prior", "train", str(config), f"run_dir={prior}"]) == 0
     metrics = json.loads((prior / "metrics.json").read_text())
