@@ -26,7 +26,7 @@ import pytest
 import torch
 from devices import GPU_MARKS
 from memory import peak_step_memory_mb
-from timing import record_rate
+from timing import record_rate, synchronized
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_quantizer import released_forward  # noqa: E402  (the transcription the tests trust)
@@ -99,13 +99,7 @@ def build_step(implementation: str, num_codes: int, device: str):
 def test_quantizer_forward_backward(benchmark, implementation, num_codes, device):
     benchmark.group = f"quantizer fwd+bwd K={num_codes} {device}"
     step = build_step(implementation, num_codes, device)
-    if device == "cuda":
-        def timed():
-            step()
-            torch.cuda.synchronize()
-    else:
-        timed = step
-    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(synchronized(step, device), rounds=ROUNDS, warmup_rounds=1)
     rows = BATCH * SIDE * SIDE * PARTITIONS
     search_gflop = 2 * rows * num_codes * SUB_DIM / 1e9
     record_rate(benchmark, "search_gflop_per_s", search_gflop)

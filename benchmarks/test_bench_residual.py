@@ -25,7 +25,7 @@ import pytest
 import torch
 from devices import DEVICES, device_marks
 from memory import peak_step_memory_mb
-from timing import record_rate
+from timing import record_rate, synchronized
 
 from kepler.nn import ResidualQuantizer
 
@@ -107,12 +107,6 @@ def build_step(implementation: str, dim: int, device: str):
 def test_residual_quantizer_forward_backward(benchmark, device, dim, implementation):
     benchmark.group = f"residual VQ fwd+bwd {STAGES}x{CODES} D={dim} B={BATCH}x{SIDE}x{SIDE} {device}"
     step = build_step(implementation, dim, device)
-    if device == "cuda":
-        def timed():
-            step()
-            torch.cuda.synchronize()
-    else:
-        timed = step
-    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(synchronized(step, device), rounds=ROUNDS, warmup_rounds=1)
     record_rate(benchmark, "search_gflop_per_s", 2 * BATCH * SIDE * SIDE * CODES * dim * STAGES / 1e9)
     benchmark.extra_info["peak_memory_mb"] = peak_step_memory_mb(step, device)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import backend_params
 from PIL import Image
 from skimage import data as skimage_data
+from test_quantizer import compiled_training_matches_eager
 from test_train import random_images, tiny_config
 
 import kepler
@@ -165,21 +166,7 @@ def test_torch_compile_fullgraph_training_matches_eager(options):
     torch.manual_seed(0)
     eager = ResidualQuantizer(num_quantizers=3, num_codes=8, dim=8, partitions=2, **options)
     traced = ResidualQuantizer(num_quantizers=3, num_codes=8, dim=8, partitions=2, **options)
-    traced.load_state_dict(eager.state_dict())
-    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
-    for step in range(3):
-        z = torch.randn(4, 8, 3, 3)
-        torch.manual_seed(step)
-        expected = eager(z.clone().requires_grad_(True))
-        torch.manual_seed(step)
-        z_compiled = z.clone().requires_grad_(True)
-        out = compiled(z_compiled)
-        assert torch.equal(out.indices, expected.indices) and torch.equal(out.z_q, expected.z_q)
-        torch.testing.assert_close(out.loss, expected.loss)
-        (out.loss + out.z_q.sum()).backward()
-        assert z_compiled.grad is not None
-    for name, value in eager.state_dict().items():
-        torch.testing.assert_close(traced.state_dict()[name], value, msg=name)
+    compiled_training_matches_eager(eager, traced, (4, 8, 3, 3))
 
 
 @pytest.mark.parametrize("options, error, match", [

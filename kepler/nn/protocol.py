@@ -221,18 +221,21 @@ class Quantizer(nn.Module):
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices ``(B, H, W, P)`` (int32/int64 in ``[0, K)``) -> latents ``(B, C, H, W)``,
         contiguous: exactly the forward's ``z_q`` for the indices it returned."""
-        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError("indices must be an int32 or int64 torch.Tensor")
+        check_index_type(indices)
         if indices.dim() != 4 or indices.shape[-1] != self.tokens_per_position:
             raise ValueError(
                 f"indices must be (B, H, W, P={self.tokens_per_position}), got shape {tuple(indices.shape)}"
             )
+        self.check_code_range(indices)
+        # Contiguous as the forward's z_q is: a decoder's convolutions round differently on other strides.
+        return self._indices_to_latents(indices.to(torch.int64)).contiguous()
+
+    def check_code_range(self, indices: torch.Tensor) -> None:
+        """ValueError unless every index is in ``[0, K)``."""
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(
                 f"indices must be in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
             )
-        # Contiguous as the forward's z_q is: a decoder's convolutions round differently on other strides.
-        return self._indices_to_latents(indices.to(torch.int64)).contiguous()
 
     def _indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """Checked int64 ``(B, H, W, P)`` indices -> ``(B, C, H, W)``."""
@@ -272,6 +275,12 @@ class Quantizer(nn.Module):
     def sub_vectors(self, z: torch.Tensor) -> torch.Tensor | None:
         """The vectors of ``z: (B, C, H, W)`` matched against :meth:`codewords`: ``(G, N, d)``, or None."""
         return None
+
+
+def check_index_type(indices) -> None:
+    """TypeError unless ``indices`` is an int32 or int64 tensor."""
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError("indices must be an int32 or int64 torch.Tensor")
 
 
 def check_first_batch_finite(rows: torch.Tensor, what: str, consequence: str) -> None:

@@ -34,6 +34,7 @@ from kepler.nn.protocol import (
     Quantizer,
     QuantizerInfo,
     QuantizerOutput,
+    check_index_type,
     check_int,
     check_number,
     register_quantizer,
@@ -222,18 +223,14 @@ class ResidualQuantizer(Quantizer):
         stages = self.num_quantizers if num_stages is None else check_int("num_stages", num_stages, 1)
         if stages > self.num_quantizers:
             raise ValueError(f"num_stages={num_stages} is more than the quantizer's {self.num_quantizers} stages")
-        if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError("indices must be an int32 or int64 torch.Tensor")
+        check_index_type(indices)
         tokens = {self.tokens_per_position, stages * self.partitions}
         if indices.dim() != 4 or indices.shape[-1] not in tokens:
             raise ValueError(f"indices must be (B, H, W, S*P={self.tokens_per_position})"
                              + (f" or (B, H, W, {stages * self.partitions}) for {stages} stages"
                                 if len(tokens) > 1 else "") + f", got shape {tuple(indices.shape)}")
         used = indices[..., : stages * self.partitions].to(torch.int64)
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.codebook_size):
-            raise ValueError(
-                f"indices must be in [0, {self.codebook_size}), got [{int(used.min())}, {int(used.max())}]"
-            )
+        self.check_code_range(used)
         batch, height, width, _ = indices.shape
         latents = torch.zeros(batch, self.dim, height, width, dtype=self.stages[0].codebook.dtype,
                               device=indices.device)
