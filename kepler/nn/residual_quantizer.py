@@ -120,7 +120,7 @@ class ResidualQuantizer(Quantizer):
         self.partitions = partitions
         self.shared_stages = shared_stages
 
-        def stage() -> KeplerQuantizer:
+        def make_stage() -> KeplerQuantizer:
             return KeplerQuantizer(
                 num_codes=num_codes, dim=dim, partitions=partitions, partition=partition,
                 shared_codebook=shared_codebook, beta=beta, legacy=legacy, init=init, ema_decay=ema_decay,
@@ -130,7 +130,7 @@ class ResidualQuantizer(Quantizer):
                 backend=backend,
             )
 
-        self.stages = nn.ModuleList([stage() for _ in range(1 if shared_stages else num_quantizers)])
+        self.stages = nn.ModuleList([make_stage() for _ in range(1 if shared_stages else num_quantizers)])
         # Which codebook each token indexes (token s * P + p): the utilization counts codebook entries.
         stage_books = 1 if shared_codebook else partitions
         token_stage = torch.arange(num_quantizers).repeat_interleave(partitions) * (0 if shared_stages else 1)
@@ -162,7 +162,7 @@ class ResidualQuantizer(Quantizer):
         with torch.autocast(device_type=z.device.type, enabled=False):
             residual = z.to(self.stages[0].codebook.dtype)
             stages_used = self._stages_used(z.shape[0], z.device)
-            z_q = torch.zeros_like(residual, requires_grad=False)
+            z_q = torch.zeros_like(residual)
             loss = residual.new_zeros(())
             indices, terms = [], []
             for index in range(self.num_quantizers):
