@@ -119,6 +119,13 @@ def test_reconstruct_encode_decode_round_trip(tmp_path, checkpoint, capsys):
     assert np.load(tmp_path / "c32" / "img0.npy").shape == (16, 16, 4)
 
 
+def test_decode_stages_needs_a_residual_tokenizer(tmp_path, checkpoint, capsys):
+    codes = tmp_path / "codes.npy"
+    np.save(codes, np.zeros((4, 4, 4), dtype=np.int64))
+    err = _error(["decode", str(checkpoint), str(codes), "--stages", "1", "--out", str(tmp_path / "o")], capsys)
+    assert "kepler decode: error: --stages needs a residual tokenizer (type: residual); this one's quantizer is 'kepler'" in err
+
+
 def test_an_image_over_the_memory_budget_is_refused_before_it_runs(tmp_path, checkpoint, capsys):
     """A 1260x900 photo asked 20 GB of a machine and met the OOM killer: every command that takes
     images now estimates its peak first and refuses one over --max-memory (default: what the device

@@ -16,6 +16,7 @@ from test_train import random_images, tiny_config
 
 import kepler
 from kepler.cli import main
+from kepler.io.images import save_image
 from kepler.nn import ResidualQuantizer, build_quantizer
 
 
@@ -218,7 +219,7 @@ def residual_tokenizer(tmp_path) -> tuple:
     return run, json.loads((run / "metrics.json").read_text())
 
 
-def test_a_residual_tokenizer_trains_encodes_and_decodes_through_the_cli(tmp_path):
+def test_a_residual_tokenizer_trains_encodes_and_decodes_through_the_cli(tmp_path, capsys):
     run, metrics = residual_tokenizer(tmp_path)
     assert metrics["step"] == 2 and np.isfinite(metrics["psnr"]) and metrics["codebook_entries"] == 3 * 16
     checkpoint = run / "checkpoints" / "last.pt"
@@ -230,6 +231,16 @@ def test_a_residual_tokenizer_trains_encodes_and_decodes_through_the_cli(tmp_pat
     assert codes.shape == (20, 24, 6) and 0 <= codes.min() and codes.max() < 16
     assert main(["decode", str(checkpoint), str(tmp_path / "codes" / "img0.npy"), "--out", str(tmp_path / "dec")]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "dec" / "img0.png")), pair[:, 48:])
+    # --stages: all 3 is the full decode; the first stage alone is another, coarser image.
+    code_file = str(tmp_path / "codes" / "img0.npy")
+    for stages in (3, 1):
+        assert main(["decode", str(checkpoint), code_file, "--stages", str(stages), "--out", str(tmp_path / f"s{stages}")]) == 0
+    assert (tmp_path / "s3" / "img0.png").read_bytes() == (tmp_path / "dec" / "img0.png").read_bytes()
+    coarse = kepler.load(checkpoint).decode_indices(torch.from_numpy(codes)[None], num_stages=1)
+    assert (tmp_path / "s1" / "img0.png").read_bytes() == save_image(coarse[0], tmp_path / "coarse.png").read_bytes()
+    assert (tmp_path / "s1" / "img0.png").read_bytes() != (tmp_path / "s3" / "img0.png").read_bytes()
+    assert main(["decode", str(checkpoint), code_file, "--stages", "4", "--out", str(tmp_path / "s4")]) == 2
+    assert "--stages must be in [1, 3] (the tokenizer's stages), got 4" in capsys.readouterr().err
     # Exported and loaded back, it decodes the same codes to the same latents, stage by stage.
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
     exported, trained = kepler.load(tmp_path / "exported"), kepler.load(checkpoint)

@@ -70,6 +70,8 @@ def add_commands(sub) -> None:
                                "Turn .npy code-index maps (from kepler encode) back into PNG images.")
     p.add_argument("codes", nargs="+", help=".npy files of (H, W, P) int code indices")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stages", type=int, default=None, metavar="S",
+                   help="a residual tokenizer (type: residual): decode from its first S stages only")
     _add_max_memory(p)
     p.set_defaults(func=_cmd_decode)
 
@@ -279,6 +281,12 @@ def _cmd_decode(args) -> int:
     model, device = _tokenizer(args)
     budget = memory_budget(args.max_memory, device)
     q = model.quantize
+    stages = getattr(q, "num_quantizers", None)
+    if args.stages is not None and stages is None:
+        raise CLIError(f"--stages needs a residual tokenizer (type: residual); this one's quantizer is {q.type_name!r}")
+    if args.stages is not None and not 1 <= args.stages <= stages:
+        raise CLIError(f"--stages must be in [1, {stages}] (the tokenizer's stages), got {args.stages}")
+    decoding = {} if args.stages is None else {"num_stages": args.stages}
     for path in args.codes:
         try:
             codes = np.load(path)
@@ -293,7 +301,8 @@ def _cmd_decode(args) -> int:
             raise CLIError(f"{path}: code indices must be in [0, {q.codebook_size}), got [{codes.min()}, {codes.max()}]")
         factor = model.downsample_factor
         check_memory(model, codes.shape[0] * factor, codes.shape[1] * factor, budget, f"code map {path}")
-        image = model.decode_indices(torch.from_numpy(codes.astype(np.int64))[None].to(device))[0].cpu()
+        indices = torch.from_numpy(codes.astype(np.int64))[None].to(device)
+        image = model.decode_indices(indices, **decoding)[0].cpu()
         print(save_image(image, out / f"{Path(path).stem}.png"))
     return 0
 

@@ -122,9 +122,12 @@ class VQModel(nn.Module):
         return info[2]
 
     @torch.no_grad()
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w, P) int64 in [0, K) -> image (B, out_ch, h * f, w * f)."""
-        return self.decode(self.quantize.indices_to_latents(indices))
+    def decode_indices(self, indices: torch.Tensor, **decoding) -> torch.Tensor:
+        """Code indices (B, h, w, P) int64 in [0, K) -> image (B, out_ch, h * f, w * f).
+
+        ``decoding``: keyword arguments of the quantizer's ``indices_to_latents`` (``num_stages=s``
+        decodes a residual quantizer's first ``s`` stages)."""
+        return self.decode(self.quantize.indices_to_latents(indices, **decoding))
 
     # The peak of a forward without grads over the largest feature map it holds, measured on the CPU:
     # 6.5-7x for f16 models of 64 and 128 channels at 448x640, 8x for the demo model at 1260x900.
