@@ -124,6 +124,8 @@ def test_decode_stages_needs_a_residual_tokenizer(tmp_path, checkpoint, capsys):
     np.save(codes, np.zeros((4, 4, 4), dtype=np.int64))
     err = _error(["decode", str(checkpoint), str(codes), "--stages", "1", "--out", str(tmp_path / "o")], capsys)
     assert "kepler decode: error: --stages needs a residual tokenizer (type: residual); this one's quantizer is 'kepler'" in err
+    err = _error(["eval", str(checkpoint), "--data", str(random_images(tmp_path / "v", count=1)), "--stages", "1"], capsys)
+    assert "kepler eval: error: stages needs a residual tokenizer (type: residual); this one's quantizer is 'kepler'" in err
 
 
 def test_an_image_over_the_memory_budget_is_refused_before_it_runs(tmp_path, checkpoint, capsys):

@@ -16,6 +16,8 @@ from test_train import random_images, tiny_config
 
 import kepler
 from kepler.cli import main
+from kepler.data import build_dataset, collate, to_unit
+from kepler.metrics import psnr
 from kepler.io.images import save_image
 from kepler.nn import ResidualQuantizer, build_quantizer
 
@@ -118,6 +120,22 @@ def test_quantize_dropout_decodes_every_prefix():
     # Eval mode, or no dropout: every sample decodes from every stage.
     full = quantizer.eval()(z)
     assert torch.equal(full.z_q, quantizer.indices_to_latents(full.indices))
+
+
+def test_eval_stages_decode_a_prefix_in_eval_mode_only():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(num_quantizers=3, num_codes=8, dim=4)
+    z = torch.randn(2, 4, 3, 3)
+    quantizer.eval()(z)  # k-means on this batch
+    quantizer.set_eval_stages(2)
+    out = quantizer(z)
+    assert out.indices.shape[-1] == 3  # every stage is still searched and returned
+    assert torch.equal(out.z_q, quantizer.indices_to_latents(out.indices, num_stages=2))
+    assert torch.equal(quantizer.train()(z).z_q, quantizer.indices_to_latents(out.indices))  # training: all
+    quantizer.set_eval_stages(None)
+    assert torch.equal(quantizer.eval()(z).z_q, quantizer.indices_to_latents(out.indices))
+    with pytest.raises(ValueError, match="num_stages=4 is more than the quantizer's 3 stages"):
+        quantizer.set_eval_stages(4)
 
 
 def test_quantize_dropout_fraction_and_minimum():
@@ -241,6 +259,20 @@ def test_a_residual_tokenizer_trains_encodes_and_decodes_through_the_cli(tmp_pat
     assert (tmp_path / "s1" / "img0.png").read_bytes() != (tmp_path / "s3" / "img0.png").read_bytes()
     assert main(["decode", str(checkpoint), code_file, "--stages", "4", "--out", str(tmp_path / "s4")]) == 2
     assert "--stages must be in [1, 3] (the tokenizer's stages), got 4" in capsys.readouterr().err
+    # kepler eval --stages S: the held-out PSNR of the first S stages' reconstruction.
+    model = kepler.load(checkpoint).eval()
+    held_out = build_dataset({"size": 32, "resize": 40}, "val", spec=str(tmp_path / "val_images"))
+    images, _ = collate([held_out[i] for i in range(len(held_out))])
+    for stages in (1, 3):
+        assert main(["eval", str(checkpoint), "--data", str(tmp_path / "val_images"), "--stages", str(stages),
+                     "--out", str(tmp_path / f"eval{stages}")]) == 0
+        result = json.loads((tmp_path / f"eval{stages}" / "eval.json").read_text())
+        assert result["stages"] == stages
+        with torch.no_grad():
+            latents = model.quantize.indices_to_latents(model.encode_to_indices(images), num_stages=stages)
+            expected = psnr(to_unit(images), to_unit(model.decode(latents).float())).mean().item()
+        assert result["resolutions"]["32"]["psnr"] == pytest.approx(expected, rel=1e-5)
+    assert "first 3 stage(s)" in capsys.readouterr().out
     # Exported and loaded back, it decodes the same codes to the same latents, stage by stage.
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
     exported, trained = kepler.load(tmp_path / "exported"), kepler.load(checkpoint)

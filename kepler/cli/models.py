@@ -51,6 +51,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-images", type=positive_int, default=None)
     p.add_argument("--lpips-vgg", default=None, help="local VGG16 weights (torchvision layout) for LPIPS")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-layer weights (lpips v0.1 vgg.pth)")
+    p.add_argument("--stages", type=positive_int, default=None, metavar="S",
+                   help="a residual tokenizer (type: residual): reconstruct from its first S stages only")
     add_inception(p, "rFID")
     p.set_defaults(func=_cmd_eval)
 
@@ -164,9 +166,10 @@ def _cmd_eval(args) -> int:
     results = evaluate(
         args.checkpoint, data=args.data, resolutions=resolutions, out=args.out, batch_size=args.batch_size,
         device=args.device, lpips_vgg_path=args.lpips_vgg, lpips_lin_path=args.lpips_lin,
-        inception_path=args.inception, max_images=args.max_images, raw_weights=args.raw_weights,
+        inception_path=args.inception, max_images=args.max_images, raw_weights=args.raw_weights, stages=args.stages,
     )
-    print(f"kepler eval: {args.checkpoint} (step {results['step']}, {weights_name(results['weights'])})")
+    prefix = "" if args.stages is None else f", first {args.stages} stage(s)"
+    print(f"kepler eval: {args.checkpoint} (step {results['step']}, {weights_name(results['weights'])}{prefix})")
     print(format_table(results))
     print(f"LPIPS {results['lpips']}; rFID {results['rfid']}")
     packing = results["packing"]

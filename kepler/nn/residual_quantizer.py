@@ -137,6 +137,16 @@ class ResidualQuantizer(Quantizer):
         token_partition = torch.arange(partitions).repeat(num_quantizers) * (0 if shared_codebook else 1)
         self.register_buffer("token_codebook", token_stage * stage_books + token_partition, persistent=False)
         self.codebooks = len(self.stages) * stage_books
+        self.eval_stages: int | None = None
+
+    def set_eval_stages(self, num_stages: int | None) -> None:
+        """Make eval-mode forwards decode from the first ``num_stages`` stages only (None: all), to
+        measure what a prefix reconstructs; the indices still hold every stage. Not saved."""
+        if num_stages is not None:
+            check_int("num_stages", num_stages, 1)
+            if num_stages > self.num_quantizers:
+                raise ValueError(f"num_stages={num_stages} is more than the quantizer's {self.num_quantizers} stages")
+        self.eval_stages = num_stages
 
     def extra_repr(self) -> str:
         parts = [f"num_quantizers={self.num_quantizers}", f"shared_stages={self.shared_stages}"]
@@ -185,9 +195,11 @@ class ResidualQuantizer(Quantizer):
         return QuantizerOutput(straight_through(z, z_q), loss, info)
 
     def _stages_used(self, batch: int, device: torch.device) -> torch.Tensor | None:
-        """``(B,)`` int64: how many stages each sample decodes in this training forward, or None
-        (every stage: eval mode or no quantize dropout)."""
-        if not self.training or self.quantize_dropout == 0:
+        """``(B,)`` int64: how many stages each sample decodes in this forward, or None (every
+        stage): in training the quantize dropout's draw, in eval mode :attr:`eval_stages`."""
+        if not self.training:
+            return None if self.eval_stages is None else torch.full((batch,), self.eval_stages, device=device)
+        if self.quantize_dropout == 0:
             return None
         low = self.quantize_dropout_min_stages
         prefix = torch.randint(low, self.num_quantizers + 1, (batch,), device=device)

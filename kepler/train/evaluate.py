@@ -26,6 +26,7 @@ from kepler.metrics import mean_colour, packing_report, psnr, ssim
 from kepler.metrics.inception import load_fid
 from kepler.models import VQModel, load_lpips
 from kepler.models.load import LoadedModel, load_model
+from kepler.nn import ResidualQuantizer
 
 
 class _Sums:
@@ -293,18 +294,27 @@ def evaluate(
     *,
     device: str = "auto",
     raw_weights: bool = False,
+    stages: int | None = None,
     **options,
 ) -> dict:
     """:func:`evaluate_model` of the tokenizer at ``checkpoint`` (any form :func:`kepler.load` reads),
     with its path; written to ``<out>/eval.json`` when ``out`` is given.
 
     ``device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ...; ``raw_weights``: the
-    trained weights of a checkpoint with EMA weights (default: the EMA ones); ``options``: the keyword
+    trained weights of a checkpoint with EMA weights (default: the EMA ones); ``stages``: a residual
+    tokenizer reconstructs from its first ``stages`` stages only (None: all); ``options``: the keyword
     arguments of :func:`evaluate_model`.
     """
     dev = resolve_device(device)
     loaded = load_model(checkpoint, dev, kind="tokenizer", raw_weights=raw_weights)
-    results = {"checkpoint": str(checkpoint), **evaluate_model(loaded, data, resolutions, device=dev, **options)}
+    if stages is not None:
+        quantizer = loaded.model.quantize
+        if not isinstance(quantizer, ResidualQuantizer):
+            raise ValueError(f"stages needs a residual tokenizer (type: residual); this one's quantizer is "
+                             f"{quantizer.type_name!r}")
+        quantizer.set_eval_stages(stages)
+    results = {"checkpoint": str(checkpoint), "stages": stages,
+               **evaluate_model(loaded, data, resolutions, device=dev, **options)}
     if out is not None:
         save_evaluation(results, out)
     return results
