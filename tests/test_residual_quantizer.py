@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_params
+from conftest import device_backend_params
 from PIL import Image
 from skimage import data as skimage_data
 from test_quantizer import compiled_training_matches_eager
@@ -50,13 +50,13 @@ STAGE_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("device, backend", device_backend_params())
 @pytest.mark.parametrize("layout", sorted(STAGE_LAYOUTS))
-def test_each_stage_takes_the_nearest_code_of_its_residual(layout, backend):
+def test_each_stage_takes_the_nearest_code_of_its_residual(layout, device, backend):
     torch.manual_seed(0)
     quantizer = ResidualQuantizer(num_quantizers=3, num_codes=16, dim=8, backend=backend,
-                                  **STAGE_LAYOUTS[layout]).eval()
-    z = torch.randn(3, 8, 5, 7)
+                                  **STAGE_LAYOUTS[layout]).to(device).eval()
+    z = torch.randn(3, 8, 5, 7, device=device)
     out = quantizer(z)  # eval mode: each stage's k-means runs before its search, nothing changes after
     expected = brute_force_stages(quantizer, z)
     parts = quantizer.partitions
