@@ -1,4 +1,5 @@
-"""KeplerQuantizer under torch.distributed: two CPU processes (gloo) keep identical codebooks.
+"""KeplerQuantizer and ResidualQuantizer under torch.distributed: two CPU processes (gloo) keep identical
+codebooks.
 
 Each rank quantizes its own half of a batch and uses its own RNG stream, so every statistic and
 every random pick must go through the collectives for the ranks to agree.
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kepler.nn import KeplerQuantizer
+from kepler.nn import KeplerQuantizer, ResidualQuantizer
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -27,6 +28,9 @@ RANDOM_CONFIG = dict(
 )
 # Deterministic given the data: under DDP it must equal one process seeing the whole batch.
 EMA_CONFIG = dict(num_codes=16, dim=8, partitions=2, ema_decay=0.8)
+# Residual stages with all the random upkeep, and quantize dropout drawn on each rank's own stream.
+RESIDUAL_CONFIG = dict(num_quantizers=2, num_codes=16, dim=8, partitions=2, init="kmeans", ema_decay=0.9,
+                       dead_code_threshold=1, quantize_dropout=0.5)
 
 
 def batches():
@@ -36,7 +40,7 @@ def batches():
 
 def build(config):
     torch.manual_seed(0)  # identical construction on every rank and in the single process
-    return KeplerQuantizer(**config)
+    return ResidualQuantizer(**config) if "num_quantizers" in config else KeplerQuantizer(**config)
 
 
 def run_steps(quantizer, batches_for_me):
@@ -63,11 +67,13 @@ def _worker(rank, port, out_dir):
     try:
         random_quantizer = build(RANDOM_CONFIG)
         ema_quantizer = build(EMA_CONFIG)
+        residual_quantizer = build(RESIDUAL_CONFIG)
         torch.manual_seed(100 + rank)  # different picks on every rank: rank 0's must win
         halves = [z.chunk(WORLD_SIZE)[rank] for z in batches()]
         result = {
             "random": state_of(random_quantizer, run_steps(random_quantizer, halves)),
             "ema": state_of(ema_quantizer, run_steps(ema_quantizer, halves)),
+            "residual": state_of(residual_quantizer, run_steps(residual_quantizer, halves)),
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -95,7 +101,7 @@ def ranks(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("config", ["random", "ema"])
+@pytest.mark.parametrize("config", ["random", "ema", "residual"])
 def test_ranks_keep_identical_state(ranks, config):
     first, second = ranks[0][config], ranks[1][config]
     assert first.keys() == second.keys()
@@ -107,6 +113,15 @@ def test_ranks_keep_identical_state(ranks, config):
 def test_code_counts_cover_both_ranks(ranks, config):
     counts = ranks[0][config]["code_counts"]
     assert int(counts.sum()) == STEPS * (2 * WORLD_SIZE) * 3 * 3 * 2
+
+
+def test_residual_stages_count_both_ranks_and_moved(ranks):
+    state = ranks[0]["residual"]
+    assert int(state["code_counts"].sum()) == STEPS * (2 * WORLD_SIZE) * 3 * 3 * 4  # 2 stages x 2 partitions
+    untouched = build(RESIDUAL_CONFIG)
+    for stage in range(2):
+        assert bool(state[f"stages.{stage}.upkeep.initialized"])
+        assert not torch.equal(state[f"stages.{stage}.codebook"], untouched.stage(stage).codebook)
 
 
 def test_random_config_actually_initialized_and_moved(ranks):
