@@ -142,11 +142,14 @@ class ResidualQuantizer(Quantizer):
     def set_eval_stages(self, num_stages: int | None) -> None:
         """Make eval-mode forwards decode from the first ``num_stages`` stages only (None: all), to
         measure what a prefix reconstructs; the indices still hold every stage. Not saved."""
-        if num_stages is not None:
-            check_int("num_stages", num_stages, 1)
-            if num_stages > self.num_quantizers:
-                raise ValueError(f"num_stages={num_stages} is more than the quantizer's {self.num_quantizers} stages")
-        self.eval_stages = num_stages
+        self.eval_stages = None if num_stages is None else self._checked_stages(num_stages)
+
+    def _checked_stages(self, num_stages) -> int:
+        """``num_stages`` if it is an int in ``[1, S]``; TypeError/ValueError naming it otherwise."""
+        check_int("num_stages", num_stages, 1)
+        if num_stages > self.num_quantizers:
+            raise ValueError(f"num_stages={num_stages} is more than the quantizer's {self.num_quantizers} stages")
+        return num_stages
 
     def extra_repr(self) -> str:
         parts = [f"num_quantizers={self.num_quantizers}", f"shared_stages={self.shared_stages}"]
@@ -232,9 +235,7 @@ class ResidualQuantizer(Quantizer):
         indices: ``(B, H, W, S * P)`` (all stages; the ones past ``num_stages`` are ignored) or
         ``(B, H, W, num_stages * P)``, int32/int64 in ``[0, K)``.
         """
-        stages = self.num_quantizers if num_stages is None else check_int("num_stages", num_stages, 1)
-        if stages > self.num_quantizers:
-            raise ValueError(f"num_stages={num_stages} is more than the quantizer's {self.num_quantizers} stages")
+        stages = self.num_quantizers if num_stages is None else self._checked_stages(num_stages)
         check_index_type(indices)
         tokens = {self.tokens_per_position, stages * self.partitions}
         if indices.dim() != 4 or indices.shape[-1] not in tokens:
