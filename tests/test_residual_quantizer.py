@@ -19,7 +19,7 @@ from kepler.cli import main
 from kepler.data import build_dataset, collate, to_unit
 from kepler.metrics import psnr
 from kepler.io.images import save_image
-from kepler.nn import ResidualQuantizer, build_quantizer
+from kepler.nn import KeplerQuantizer, ResidualQuantizer, build_quantizer
 
 
 def brute_force_stages(quantizer: ResidualQuantizer, z: torch.Tensor) -> list[torch.Tensor]:
@@ -64,6 +64,33 @@ def test_each_stage_takes_the_nearest_code_of_its_residual(layout, device, backe
     for index, stage_indices in enumerate(expected):
         assert torch.equal(out.indices[..., index * parts : (index + 1) * parts], stage_indices), index
     assert torch.equal(quantizer.indices_to_latents(out.indices), out.z_q)
+
+
+@pytest.mark.parametrize("partition", ["group", "custom", "layer"])
+def test_the_stages_give_what_they_give_on_the_latent_map_by_hand(partition):
+    """The residual quantizer hands group/custom stages each position as a (C, 1, 1) latent of its
+    own (one layout copy a forward): codes, z_q, losses and the upkeep's random picks must be those of
+    its stages run one by one on the (B, C, H, W) map itself."""
+    options = dict(num_codes=8, dim=16, partitions=4, partition=partition, ema_decay=0.9, dead_code_threshold=1)
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(num_quantizers=3, **options).train()
+    by_hand = [KeplerQuantizer(**options, legacy=False, init="kmeans").train() for _ in range(3)]
+    for stage, twin in zip(quantizer.stages, by_hand):
+        twin.load_state_dict(stage.state_dict())
+    for step in range(3):
+        z = torch.randn(2, 16, 4, 4)
+        torch.manual_seed(step)
+        out = quantizer(z)
+        torch.manual_seed(step)
+        residual, z_q, loss, indices = z, torch.zeros_like(z), 0.0, []
+        for twin in by_hand:
+            stage_out = twin(residual)
+            z_q, residual = z_q + stage_out.z_q, residual - stage_out.z_q
+            loss, indices = loss + stage_out.loss, indices + [stage_out.indices]
+        assert torch.equal(out.indices, torch.cat(indices, dim=-1)) and torch.equal(out.z_q, z_q)
+        torch.testing.assert_close(out.loss, loss, rtol=1e-6, atol=0)
+        for stage, twin in zip(quantizer.stages, by_hand):
+            assert torch.equal(stage.codebook, twin.codebook)
 
 
 def test_later_stages_are_initialized_on_their_own_residuals():

@@ -172,9 +172,12 @@ class ResidualQuantizer(Quantizer):
         straight-through gradient, ``loss`` is the sum of the stages' losses.
         """
         self.check_latent(z)
+        batch, channels, height, width = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            residual = z.to(self.stages[0].codebook.dtype)
-            stages_used = self._stages_used(z.shape[0], z.device)
+            residual = self._stage_layout(z.to(self.stages[0].codebook.dtype))
+            stages_used = self._stages_used(batch, z.device)
+            if stages_used is not None and residual.shape[0] != batch:
+                stages_used = stages_used.repeat_interleave(height * width)
             z_q = torch.zeros_like(residual)
             loss = residual.new_zeros(())
             indices, terms = [], []
@@ -188,14 +191,25 @@ class ResidualQuantizer(Quantizer):
                 # The stage's loss already holds its commitment gradient to this residual.
                 residual = residual - codes
                 loss = loss + out.loss
-                indices.append(out.indices)
+                indices.append(out.indices.reshape(batch, height, width, self.partitions))
                 terms.append(self.stage(index).loss_terms)
+            z_q = z_q.reshape(batch, height, width, channels).permute(0, 3, 1, 2) if z_q.shape != z.shape else z_q
         index_map = torch.cat(indices, dim=-1)
         if terms[0]:
             self.loss_terms = {name: torch.stack([t[name] for t in terms]).mean() for name in terms[0]}
         batch_counts = self.count_codes(index_map)
         info = QuantizerInfo(self.perplexity_of(batch_counts), None, index_map, self.codebook_utilization())
         return QuantizerOutput(straight_through(z, z_q), loss, info)
+
+    def _stage_layout(self, z: torch.Tensor) -> torch.Tensor:
+        """The latents as the stages take them. A partition within each position (``group``,
+        ``custom``) sees each position as a ``(C, 1, 1)`` latent of its own: ``(B*H*W, C, 1, 1)``,
+        one copy here instead of a layout copy in and out of every stage. Its search rows come in
+        the same order, so the codes, losses and random picks are those of the ``(B, C, H, W)`` map.
+        ``layer`` partitions cut across positions and take the map itself."""
+        if self.stages[0].partition.name == "layer":
+            return z
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1], 1, 1)
 
     def _stages_used(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """``(B,)`` int64: how many stages each sample decodes in this forward, or None (every
