@@ -563,11 +563,67 @@ def test_pool_workers_die_with_a_killed_study(tmp_path):
     assert not alive, "the busy worker outlived the killed study"
 
 
+def _write_pid_and_stop_on_sigterm(pid_file: str) -> str:
+    """A stand-in run that stops on SIGTERM and returns, restoring the handler before it, as the
+    trainer does: records its worker's pid (one line a run), then waits for the signal."""
+    stopped = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    try:
+        with open(pid_file, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        deadline = time.monotonic() + 120
+        while not stopped and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return pid_file
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers follow the study's death on Linux only")
+def test_workers_whose_runs_stop_on_sigterm_end_with_a_killed_study(tmp_path):
+    """The death signal comes as each thread of the study ends, while getppid() still names it: a
+    worker whose run stopped on the first one took the job the executor had queued for it and trained
+    it to the end as an orphan, or waited idle for good. Both workers must end."""
+    pid_file = tmp_path / "runs.pid"
+    study_script = tmp_path / "study.py"
+    study_script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        if __name__ == "__main__":
+            from test_study import _write_pid_and_stop_on_sigterm
+            from kepler.study import runner
+            with runner._Runner(2, work=_write_pid_and_stop_on_sigterm) as pool:
+                for _ in range(6):
+                    pool.submit({str(pid_file)!r})
+                time.sleep(120)
+    """))
+    study = subprocess.Popen([sys.executable, str(study_script)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file() or len(set(pid_file.read_text().split())) < 2:
+            assert time.monotonic() < deadline, "the two workers never started"
+            time.sleep(0.1)
+        workers = sorted(set(int(pid) for pid in pid_file.read_text().split()))
+    finally:
+        study.kill()
+        study.wait()
+    deadline = time.monotonic() + 30
+    while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if _pid_alive(w)]
+    for worker in alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed study; runs started: {pid_file.read_text().split()}"
+
+
 def test_in_process_each_run_is_handed_over_as_it_ends(monkeypatch):
     """jobs: 1 ran every run first and printed their lines after (with an ETA that meant nothing)."""
     events = []
-    monkeypatch.setattr(runner, "run_one", lambda job: events.append(("ran", job)) or {"job": job})
-    with runner._Runner(1, on_result=lambda result: events.append(("handed over", result["job"]))) as pool:
+    def work(job):
+        events.append(("ran", job))
+        return {"job": job}
+
+    with runner._Runner(1, on_result=lambda result: events.append(("handed over", result["job"])), work=work) as pool:
         results = [pool.result(pool.submit(job)) for job in (1, 2)]
     assert events == [("ran", 1), ("handed over", 1), ("ran", 2), ("handed over", 2)]
     assert results == [{"job": 1}, {"job": 2}]

@@ -19,6 +19,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -261,16 +262,61 @@ def _jobs_for(study: dict, variant: str, settings: Mapping, seeds: Iterable[int]
     ]
 
 
+# A pool worker's study process (set by _stop_with_parent), and how long a run may take to save and
+# stop once that process is gone before the worker ends anyway.
+_STUDY_PID: int | None = None
+ORPHAN_GRACE_S = 120.0
+
+
 def _stop_with_parent(parent_pid: int) -> None:
-    """Pool worker initializer: on Linux the kernel sends this worker SIGTERM when the study process
-    dies, however it dies (SIGKILL included), so a run stops after its current step (the trainer
-    saves and stops on SIGTERM) instead of training on as an orphan. Elsewhere a no-op."""
+    """Pool worker initializer: on Linux the worker stops with the study process, however it dies
+    (SIGKILL included), instead of training on as an orphan. Elsewhere a no-op.
+
+    The kernel's death signal (``PR_SET_PDEATHSIG``) comes when the *thread* that started the worker
+    ends, and again as each other thread of the study ends, while ``getppid()`` still names the study:
+    a worker could finish its run on the first signal and start the job the executor had already
+    queued for it, which then trained to the end (a killed study's two workers trained on for half
+    an hour), or wait idle for a job that never comes. So a watcher thread also polls the study
+    process itself (:func:`_watch_study`), and :func:`_run_pooled` starts no job once it is gone."""
+    global _STUDY_PID
+    _STUDY_PID = parent_pid
     if not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1  # <linux/prctl.h>
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
     if os.getppid() != parent_pid:  # the study died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=_watch_study, name="kepler-study-watch", daemon=True).start()
+
+
+def _study_alive() -> bool:
+    """Whether the study process of this pool worker still runs (Linux: once its last thread has ended
+    it is a zombie, then gone); True outside a pool worker and off Linux."""
+    if _STUDY_PID is None or not sys.platform.startswith("linux"):
+        return True
+    try:
+        state = Path(f"/proc/{_STUDY_PID}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _watch_study() -> None:
+    """Worker thread: once the study process is gone, SIGTERM this worker (a run under way saves after
+    its step and stops; an idle worker ends), then end it after :data:`ORPHAN_GRACE_S` whatever it does."""
+    while _study_alive():
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(ORPHAN_GRACE_S)
+    os._exit(1)
+
+
+def _run_pooled(work: Callable[[dict], dict], job: dict) -> dict:
+    """``work(job)`` in a pool worker, unless the study process is gone (then the worker ends: nobody
+    collects its results any more)."""
+    if not _study_alive():
+        os._exit(1)
+    return work(job)
 
 
 class _Runner:
@@ -280,7 +326,8 @@ class _Runner:
     the workers' trainers got the SIGINT too and stop after their step) also cancels the runs not
     yet started, which would otherwise all still run. Workers die with the study process."""
 
-    def __init__(self, jobs: int, on_result: OnResult | None = None):
+    def __init__(self, jobs: int, on_result: OnResult | None = None, work: Callable[[dict], dict] | None = None):
+        self.work = run_one if work is None else work  # what a job runs (tests give a stand-in)
         self.pool = None
         if jobs > 1:
             self.pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
@@ -296,9 +343,9 @@ class _Runner:
 
     def submit(self, job: dict):
         if self.pool is not None:
-            return self.pool.submit(run_one, job)
+            return self.pool.submit(_run_pooled, self.work, job)
         done = Future()
-        done.set_result(run_one(job))
+        done.set_result(self.work(job))
         # In-process, a run is collected as it ends (the order is the same: submission's), not with
         # the runs after it: the study's lines and their ETA come when the runs finish.
         self._hand_over(done.result())
